@@ -1,0 +1,20 @@
+"""The psana-ipc client SDK: runs in any Python environment, never imports psana.
+
+`Client` is plain numpy; `IPCRemotePsanaDataset` and `BatchLoader` need
+torch and are imported on first use, so the SDK works without torch.
+"""
+from typing import Any
+
+from psana_ipc.protocol.errors import ServerError
+
+from .connection import Client, Frame
+
+__all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "BatchLoader"]
+_LAZY = {"IPCRemotePsanaDataset": ".dataset", "BatchLoader": ".batch_loader"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,55 @@
+"""Attaching to the server's segments, read-only, without Python's resource
+tracker.
+
+The standard library's SharedMemory registers every attach with the
+resource tracker (before 3.13), which then warns about "leaked" segments or
+unlinks them when the attaching process exits: wrong for a segment the
+server owns. Opening /dev/shm directly, as shm_open does on Linux, involves
+no tracker on any Python version. The attacher only ever closes; the server
+unlinks.
+"""
+import mmap
+import os
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.shm_names import segment_path
+
+
+def attach(name: str) -> mmap.mmap:
+    """Map a segment read-only; the mapping outlives the name's unlink."""
+    fd = os.open(segment_path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+class SlotMaps:
+    """Mappings of one connection's slots, reused for every frame in a slot."""
+
+    def __init__(self) -> None:
+        self._maps: Dict[int, Tuple[str, mmap.mmap]] = {}
+
+    def view(self, slot: int, name: str, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """A read-only array over a slot; valid until the slot is released."""
+        held = self._maps.get(slot)
+        if held is None or held[0] != name:
+            if held is not None:
+                _close(held[1])
+            held = (name, attach(name))
+            self._maps[slot] = held
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=held[1])
+
+    def close(self) -> None:
+        for _, m in self._maps.values():
+            _close(m)
+        self._maps.clear()
+
+
+def _close(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:
+        pass  # a zero-copy view still uses it; the mapping goes when that view does

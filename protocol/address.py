@@ -1,0 +1,45 @@
+"""Server addresses as users write them: `host:port`, `:port`, or a UNIX
+socket path (anything with a `/`, or `unix:PATH`)."""
+import os
+import socket
+from typing import Tuple, Union
+
+Address = Union[Tuple[str, int], str]
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+ENV_ADDRESS = "PSANA_IPC_ADDRESS"
+
+
+def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
+    """A (host, port) tuple for TCP or a path string for a UNIX socket."""
+    if isinstance(text, (tuple, list)):
+        host, port = text
+        return (str(host), int(port))
+    if text.startswith("unix:"):
+        return text[len("unix:"):]
+    if "/" in text:
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"address {text!r} is neither host:port nor a socket path")
+    return (host.strip("[]") or DEFAULT_HOST, int(port))
+
+
+def format_address(address: Address) -> str:
+    if isinstance(address, str):
+        return f"unix:{address}"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def socket_family(address: Address) -> int:
+    if isinstance(address, str):
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+
+def resolve_address(address=None) -> Address:
+    """An explicit address, else $PSANA_IPC_ADDRESS, else 127.0.0.1:5000."""
+    if address is None:
+        address = os.environ.get(ENV_ADDRESS) or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+    return parse_address(address)

@@ -1,0 +1,81 @@
+"""The btx dialect: one JSON request per connection, no framing.
+
+An old client sends `{exp, run, access_mode, detector_name, event, mode}`
+with one `sendall` and reads the reply with one `recv(4096)`; `DONE` stops
+the server and `ACK` confirms a segment was read. With no length prefix the
+only way to know a request is complete is that it parses, so the server
+buffers up to `MAX_LEGACY_REQUEST` bytes until it does.
+"""
+import json
+from typing import Any, Dict, Optional, Tuple, Union
+
+from .errors import BAD_JSON, BAD_REQUEST, HEADER_TOO_LARGE, ProtocolError
+from .messages import Get, RunKey, check_event
+
+DONE = b"DONE"
+ACK = b"ACK"
+MAX_LEGACY_REQUEST = 4096
+
+
+class Done:
+    """The shutdown word of the old protocol."""
+
+
+def is_v1(first_byte: int) -> bool:
+    """v1 starts with a length prefix below 16 MiB, so its first byte is 0;
+    a legacy request starts with `{` or `DONE`."""
+    return first_byte == 0
+
+
+def parse_legacy(buf: bytes) -> Optional[Union[Get, Done]]:
+    """A complete legacy request from the bytes so far, or None if incomplete."""
+    text = buf.strip()
+    if text == DONE:
+        return Done()
+    if DONE.startswith(text):
+        return None
+    if len(buf) > MAX_LEGACY_REQUEST:
+        raise ProtocolError(HEADER_TOO_LARGE, f"legacy request over {MAX_LEGACY_REQUEST} bytes")
+    try:
+        text_str = buf.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(BAD_JSON, "request is not UTF-8") from e
+    try:
+        obj = json.loads(text_str)
+    except RecursionError as e:
+        raise ProtocolError(BAD_JSON, "request nests too deeply") from e
+    except json.JSONDecodeError as e:
+        if e.pos >= len(text_str.rstrip()) or e.msg.startswith("Unterminated string"):
+            return None      # the text so far is a prefix of valid JSON: wait for more
+        raise ProtocolError(BAD_JSON, f"request is not JSON: {e.msg}") from None
+    return legacy_get(obj)
+
+
+def legacy_get(obj: Any) -> Get:
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_REQUEST, "request must be a JSON object")
+    try:
+        exp, run, det = obj["exp"], obj["run"], obj["detector_name"]
+    except KeyError as e:
+        raise ProtocolError(BAD_REQUEST, f"missing field {e.args[0]!r}") from None
+    if isinstance(run, str) and run.isdigit():
+        run = int(run)
+    if not isinstance(exp, str) or not isinstance(det, str) or not isinstance(run, int) \
+            or isinstance(run, bool):
+        raise ProtocolError(BAD_REQUEST, "exp and detector_name must be strings, run an integer")
+    access = obj.get("access_mode") or "idx"
+    mode = obj.get("mode") or "calib"
+    if not isinstance(access, str) or not isinstance(mode, str):
+        raise ProtocolError(BAD_REQUEST, "access_mode and mode must be strings")
+    return Get(RunKey(exp, run, det, access), mode, (check_event(obj.get("event")),))
+
+
+def legacy_reply(name: str, shape: Tuple[int, ...], dtype: str, **extra: Any) -> bytes:
+    """What an old client `json.loads` from its single recv."""
+    reply: Dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype}
+    reply.update(extra)
+    return json.dumps(reply).encode("utf-8")
+
+
+def legacy_error(code: str, message: str) -> bytes:
+    return json.dumps({"error": code, "code": code, "message": message}).encode("utf-8")

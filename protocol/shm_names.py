@@ -1,0 +1,50 @@
+"""Names of the shared-memory segments a server creates.
+
+`psipc_<server pid>_<worker pid>_<serial>`: the server pid lets
+`psana-ipc cleanup` find what a dead server left, the worker pid lets the
+master remove what a dead worker left, without probing other users' files.
+"""
+import os
+import re
+from typing import Iterator, NamedTuple, Optional
+
+PREFIX = "psipc"
+SHM_DIR = "/dev/shm"
+_NAME = re.compile(rf"^{PREFIX}_(\d+)_(\d+)_(\w+)$")
+
+
+class SegmentName(NamedTuple):
+    server_pid: int
+    worker_pid: int
+    serial: str
+
+
+def segment_name(server_pid: int, worker_pid: int, serial: str) -> str:
+    return f"{PREFIX}_{server_pid}_{worker_pid}_{serial}"
+
+
+def parse_segment_name(name: str) -> Optional[SegmentName]:
+    m = _NAME.match(name.lstrip("/"))
+    return SegmentName(int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def segment_path(name: str) -> str:
+    return os.path.join(SHM_DIR, name.lstrip("/"))
+
+
+def our_segments(server_pid: Optional[int] = None,
+                 worker_pid: Optional[int] = None) -> Iterator[str]:
+    """Names in /dev/shm that a psana-ipc server made (optionally one server or worker)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return
+    for name in names:
+        parsed = parse_segment_name(name)
+        if parsed is None:
+            continue
+        if server_pid is not None and parsed.server_pid != server_pid:
+            continue
+        if worker_pid is not None and parsed.worker_pid != worker_pid:
+            continue
+        yield name

@@ -1,0 +1,114 @@
+"""The one interface every data source implements.
+
+A source is one detector of one run: it knows how many events it has, the
+shape/dtype each mode yields, and reads an event into memory the server
+provides. Sources raise `SourceError` with a protocol error code for
+anything a user can cause (unknown detector, event out of range, missing
+constants); any other exception is reported as `read_failed`.
+"""
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.errors import OUT_OF_RANGE, UNKNOWN_MODE, ProtocolError
+from psana_ipc.protocol.messages import RunKey
+
+# Gives the memory a frame is written into: (shape, dtype) -> writable array.
+Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
+
+
+class SourceError(ProtocolError):
+    """A failure a user can act on, with the protocol code to reply with."""
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """What one mode yields: shape and dtype, and whether it is calibrated."""
+    shape: Tuple[int, ...]
+    dtype: str
+    calibrated: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "calibrated": self.calibrated}
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """What a reply says about a frame besides its bytes."""
+    timestamp: Optional[Dict[str, int]] = None
+    calibrated: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Source:
+    """One detector of one run. Subclasses implement `__len__`, `specs` and `read`."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def specs(self) -> Dict[str, FrameSpec]:
+        """Mode -> FrameSpec for every mode this source can serve."""
+        raise NotImplementedError
+
+    def modes(self) -> Tuple[str, ...]:
+        """Modes a request may ask for; cheaper than `specs` where shapes need a read."""
+        return tuple(self.specs())
+
+    def read(self, index: int, mode: str) -> Tuple[np.ndarray, FrameMeta]:
+        """The frame of event `index` in `mode` (already range- and mode-checked)."""
+        raise NotImplementedError
+
+    def read_into(self, index: int, mode: str, allocate: Allocator) -> Tuple[np.ndarray, FrameMeta]:
+        """Write the frame into memory from `allocate`; sources that can produce a
+        frame in place override this to skip the intermediate array."""
+        self.check(index, mode)
+        data, meta = self.read(index, mode)
+        out = allocate(data.shape, data.dtype)
+        np.copyto(out, data, casting="no")
+        return out, meta
+
+    def check(self, index: int, mode: str) -> None:
+        """Raise the error a user should see for a mode or event this source lacks."""
+        modes = self.modes()
+        if mode not in modes:
+            raise SourceError(UNKNOWN_MODE, f"mode {mode!r} is not available here; "
+                                            f"available: {', '.join(sorted(modes))}")
+        if not 0 <= index < len(self):
+            raise SourceError(OUT_OF_RANGE, f"event {index} is out of range: the run has "
+                                            f"{len(self)} events")
+
+    def info(self) -> Dict[str, Any]:
+        return {"events": len(self), "modes": {m: s.to_json() for m, s in self.specs().items()}}
+
+    def close(self) -> None:
+        """Release files and handles; called when the cache evicts the source."""
+
+
+class SourceFactory:
+    """Opens sources of one kind, configured once from the command line.
+
+    Each source module defines a subclass named `Factory`. Importing the
+    module must not import psana or h5py: do that in `open`.
+    """
+
+    name = ""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this source's options to the iserver command line."""
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+
+    def open(self, key: RunKey) -> Source:
+        raise NotImplementedError
+
+    def detectors(self, exp: str, run: int) -> Dict[str, Any]:
+        """Detector name -> per-detector info for `info` without a detector."""
+        raise NotImplementedError

@@ -1,0 +1,116 @@
+"""What psana1 and psana2 sources share: the seed's rules for turning psana's
+per-event reads into frames.
+
+- constants missing: a warning once, and calib gives raw, flagged
+  `calibrated: false` (epix10k raw with its two gain bits masked, `& 0x3fff`);
+- image needs constants (NO_CALIBRATION) and a geometry (NO_GEOMETRY);
+- opal and rayonix are never assembled: their image is their calib frame;
+- psana returning None is an error naming the event, never a fake array.
+
+A flavour subclasses `PsanaDetectorSource` and supplies the event lookup and
+the four per-event reads; everything else is decided here, once.
+"""
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.errors import NO_CALIBRATION, NO_GEOMETRY, READ_FAILED
+from psana_ipc.protocol.messages import MODES
+
+from .base import FrameMeta, FrameSpec, Source, SourceError
+
+log = logging.getLogger(__name__)
+GAIN_BITS_MASK = 0x3FFF
+
+
+def never_assembled(detector: str) -> bool:
+    """Single-panel cameras whose frame already is the image."""
+    name = detector.lower()
+    return "opal" in name or "rayonix" in name
+
+
+def uncalibrated(detector: str, raw: np.ndarray) -> np.ndarray:
+    """Raw data as served when constants are missing (epix10k: gain bits masked)."""
+    if detector.lower().startswith("epix10k"):
+        return raw & GAIN_BITS_MASK
+    return raw
+
+
+class PsanaDetectorSource(Source):
+    """Seed semantics over a psana flavour's per-event reads."""
+
+    def __init__(self, detector: str, calibrated: bool, has_geometry: bool) -> None:
+        self.detector = detector
+        self.calibrated = calibrated
+        self.has_geometry = has_geometry
+        self._specs: Optional[Dict[str, FrameSpec]] = None
+        if not calibrated:
+            log.warning("calibration data unavailable for %s: serving uncalibrated raw data "
+                        "for calib", detector)
+
+    # -- what a flavour supplies -------------------------------------------------
+    def event(self, index: int) -> Any:
+        """psana's event object for an index, or None if it cannot be had."""
+        raise NotImplementedError
+
+    def timestamp(self, index: int, evt: Any) -> Dict[str, int]:
+        raise NotImplementedError
+
+    def raw(self, evt: Any) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def calib(self, evt: Any) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def image(self, evt: Any) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def mask(self, evt: Any) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    # -- decided here ----------------------------------------------------------------
+    def modes(self) -> Tuple[str, ...]:
+        return MODES
+
+    def specs(self) -> Dict[str, FrameSpec]:
+        """Shapes come from reading the first event once in every mode that works."""
+        if self._specs is None:
+            specs = {}
+            for mode in MODES:
+                try:
+                    data, meta = self.read(0, mode)
+                except SourceError:
+                    continue
+                specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
+            self._specs = specs
+        return self._specs
+
+    def read(self, index: int, mode: str) -> Tuple[np.ndarray, FrameMeta]:
+        evt = self.event(index)
+        if evt is None:
+            raise SourceError(READ_FAILED, f"event {index} of {self.detector} could not be read")
+        calibrated = True
+        if mode == "raw":
+            frame = self.raw(evt)
+        elif mode == "mask":
+            frame = self.mask(evt)
+        elif not self.calibrated:
+            if mode == "image" and not never_assembled(self.detector):
+                raise SourceError(NO_CALIBRATION, f"calibration data not found for "
+                                                  f"{self.detector}: cannot assemble an image")
+            raw = self.raw(evt)
+            frame = None if raw is None else uncalibrated(self.detector, raw)
+            calibrated = False
+        elif mode == "image" and not never_assembled(self.detector):
+            if not self.has_geometry:
+                raise SourceError(NO_GEOMETRY, f"no geometry for {self.detector}: cannot "
+                                               f"assemble an image")
+            frame = self.image(evt)
+        else:
+            frame = self.calib(evt)
+        if frame is None:
+            raise SourceError(READ_FAILED, f"psana returned no {mode} data for event {index} "
+                                           f"of {self.detector}")
+        return np.asarray(frame), FrameMeta(timestamp=self.timestamp(index, evt),
+                                            calibrated=calibrated)

@@ -1,0 +1,186 @@
+"""A pre-forked worker: one event loop over the shared listening socket and
+every connection it accepted.
+
+Each pass reads what arrived, then does one unit of work (one frame) per
+connection that has some, round-robin, so many clients share a worker
+fairly. A worker accepts only while no other ready worker has fewer
+connections (or once a connection has waited `ACCEPT_GRACE`), which spreads
+a client's parallel connections over the workers.
+
+Set-up that is per process (signal handlers, the wakeup pipe, logging)
+happens here, after the fork, never in the master.
+"""
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from typing import Dict, Optional
+
+from psana_ipc.protocol.legacy import is_v1
+
+from .channel import Channel
+from .context import WorkerContext
+from .legacy_connection import LegacyConnection
+from .shared_state import COL, SharedState
+from .v1_connection import V1Connection
+from .wakeup import drain, wakeup_pipe
+
+log = logging.getLogger(__name__)
+ACCEPT_GRACE = 0.05
+PARENT_CHECK = 1.0
+
+
+class Worker:
+    def __init__(self, listener: socket.socket, state: SharedState, slot: int,
+                 ctx: WorkerContext, master_pid: int) -> None:
+        self.listener = listener
+        self.state = state
+        self.slot = slot
+        self.ctx = ctx
+        self.master_pid = master_pid
+        self.row = state.row(slot)
+        self.conns: Dict[int, Channel] = {}
+        self.unsorted: Dict[int, socket.socket] = {}   # accepted, dialect not known yet
+        self.accepted_at: Dict[int, float] = {}
+        self.stopping = False
+        self.sel = selectors.DefaultSelector()
+        self.pending_since: Optional[float] = None
+
+    def run(self) -> int:
+        wake_r, _ = wakeup_pipe()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_stop_signal)
+        self.ctx.allocator.on_pressure = self._trim_idle
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.sel.register(wake_r, selectors.EVENT_READ, "wake")
+        self.row[COL["pid"]] = os.getpid()
+        self.row[COL["ready"]] = 1
+        try:
+            self._loop(wake_r)
+        finally:
+            self.row[COL["ready"]] = 0
+            for conn in list(self.conns.values()):
+                conn.close()
+            for sock in self.unsorted.values():
+                sock.close()
+            self.ctx.reader.cache.close()
+        return 0
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _loop(self, wake_r: int) -> None:
+        last_parent_check = time.monotonic()
+        while not self.stopping:
+            busy = any(c.has_work() for c in self.conns.values())
+            timeout = 0 if busy else self._next_deadline()
+            for key, mask in self.sel.select(timeout):
+                if key.data == "listen":
+                    self._maybe_accept()
+                elif key.data == "wake":
+                    drain(wake_r)
+                elif key.data == "new":
+                    self._sort(key.fileobj)
+                else:
+                    self._io(key.data, mask)
+            self._work_round()
+            now = time.monotonic()
+            self._tick(now)
+            if now - last_parent_check > PARENT_CHECK:
+                last_parent_check = now
+                if os.getppid() != self.master_pid:
+                    log.warning("master is gone: worker exiting")
+                    return
+
+    def _next_deadline(self) -> float:
+        if self.pending_since is not None:
+            return ACCEPT_GRACE / 5
+        return PARENT_CHECK
+
+    # -- connections --------------------------------------------------------------------
+    def _maybe_accept(self) -> None:
+        now = time.monotonic()
+        if not self.state.least_loaded(self.slot):
+            if self.pending_since is None:
+                self.pending_since = now
+            if now - self.pending_since < ACCEPT_GRACE:
+                return
+        self.pending_since = None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("accept failed: %s", e)
+            return
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.unsorted[sock.fileno()] = sock
+        self.accepted_at[sock.fileno()] = now
+        self.row[COL["connections"]] += 1
+        self.sel.register(sock, selectors.EVENT_READ, "new")
+
+    def _sort(self, sock: socket.socket) -> None:
+        """Tell the dialect from the first byte, without consuming it."""
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            first = b""
+        fd = sock.fileno()
+        self.sel.unregister(sock)
+        del self.unsorted[fd], self.accepted_at[fd]
+        if not first:
+            sock.close()
+            self.row[COL["connections"]] -= 1
+            return
+        cls = V1Connection if is_v1(first[0]) else LegacyConnection
+        conn = cls(sock, self.ctx)
+        self.conns[fd] = conn
+        self.sel.register(fd, selectors.EVENT_READ, conn)
+
+    def _io(self, conn: Channel, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            conn.on_readable()
+        if mask & selectors.EVENT_WRITE and not conn.closed:
+            conn.on_writable()
+        self._update(conn)
+
+    def _work_round(self) -> None:
+        for conn in list(self.conns.values()):
+            if conn.has_work():
+                conn.work()
+                self._update(conn)
+
+    def _tick(self, now: float) -> None:
+        for conn in list(self.conns.values()):
+            conn.tick(now)
+            self._update(conn)
+        for fd, at in list(self.accepted_at.items()):
+            if now - at > self.ctx.idle_timeout:
+                sock = self.unsorted.pop(fd)
+                del self.accepted_at[fd]
+                self.sel.unregister(sock)
+                sock.close()
+                self.row[COL["connections"]] -= 1
+
+    def _update(self, conn: Channel) -> None:
+        """Keep the selector in line with the connection; forget it once closed.
+        Runs right after every call that may close, before any new accept can
+        reuse the descriptor number."""
+        if conn.closed:
+            if self.conns.pop(conn.fd, None) is not None:
+                self.sel.unregister(conn.fd)
+                self.row[COL["connections"]] -= 1
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        if self.sel.get_key(conn.fd).events != events:
+            self.sel.modify(conn.fd, events, conn)
+
+    def _trim_idle(self) -> int:
+        return sum(c.pool.trim() for c in self.conns.values()
+                   if isinstance(c, V1Connection) and c.pool is not None)

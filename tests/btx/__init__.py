@@ -1,0 +1,1 @@
+"""The old btx server and client, as btx writes them, for compatibility tests."""

@@ -1,0 +1,50 @@
+"""IPCRemotePsanaDataset in real DataLoaders (worker processes included)."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from psana_ipc.client import IPCRemotePsanaDataset, ServerError
+from psana_ipc.server.sources.synthetic import expected
+
+
+def _requests(det, events):
+    return [("xpptut15", 14, "idx", det, e) for e in events]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_dataloader_over_v1(server, num_workers):
+    events = [5, 3, 8, 1, 0, 9, 2]
+    ds = IPCRemotePsanaDataset(server_address=server.address,
+                               requests_list=_requests("epix10k2M", events))
+    loader = DataLoader(ds, batch_size=3, num_workers=num_workers)
+    got = torch.cat(list(loader)).numpy()
+    assert np.array_equal(got, np.stack([expected("epix10k2M", "calib", e) for e in events]))
+
+
+def test_tuple_address_and_mode_as_btx_scripts_pass_them(server):
+    host, port = server.address.rsplit(":", 1)
+    ds = IPCRemotePsanaDataset((host, int(port)), _requests("jungfrau4M", [4]), mode="raw")
+    assert len(ds) == 1
+    assert np.array_equal(ds[0], expected("jungfrau4M", "raw", 4))
+    assert ds.protocol == "v1"
+
+
+def test_dataloader_with_shuffle_and_mixed_detectors(server):
+    requests = _requests("epix100", range(6)) + _requests("opal", range(3))
+    ds = IPCRemotePsanaDataset(server.address, requests, mode="raw")
+    seen = {}
+    for batch_idx, batch in enumerate(DataLoader(ds, batch_size=1, shuffle=True, num_workers=2)):
+        frame = batch[0].numpy()
+        for k, (_, _, _, det, e) in enumerate(requests):
+            ref = expected(det, "raw", e)
+            if frame.shape == ref.shape and np.array_equal(frame, ref):
+                seen[k] = True
+    assert len(seen) == len(requests)
+
+
+def test_errors_surface_as_server_errors(server):
+    ds = IPCRemotePsanaDataset(server.address, _requests("epix100", [10**6]))
+    with pytest.raises(ServerError) as e:
+        next(iter(DataLoader(ds, batch_size=1)))
+    assert e.value.code == "out_of_range"

@@ -1,0 +1,171 @@
+"""Starting, stopping and surviving: real processes, real signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from psana_ipc.client import Client
+from psana_ipc.protocol.shm_names import our_segments
+from psana_ipc.server.sources.synthetic import expected
+
+from conftest import pid_alive, worker_pids
+
+
+def _psana_ipc(*args):
+    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ready_file_names_a_serving_address_and_goes_away(server):
+    assert server.ready["pid"] == server.pid and len(server.ready["workers"]) == 2
+    with Client(server.address) as c:
+        assert c.ping()
+    assert server.stop() == 0
+    assert not server.ready_file.exists()
+
+
+def test_psana_ipc_stop_stops_every_worker(server):
+    workers = server.workers
+    result = _psana_ipc("stop", "--address", server.address)
+    assert result.returncode == 0, result.stderr
+    assert server.proc.wait(30) == 0
+    assert workers and not any(pid_alive(p) for p in workers)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly_while_frames_are_held(server, sig):
+    c = Client(server.address)
+    held = c.view("x", 1, "epix10k2M", 1, "calib")
+    assert list(our_segments(server.pid))
+    workers = server.workers
+    assert server.stop(sig) == 0
+    assert not list(our_segments(server.pid))
+    assert not any(pid_alive(p) for p in workers)
+    del held
+    c.close()
+
+
+def test_a_killed_worker_is_replaced_and_others_keep_serving(start_server):
+    server = start_server(["--workers", "2"])
+    with Client(server.address) as survivor:
+        assert survivor.ping()
+        mine = survivor.server
+        victim_conn = Client(server.address)
+        victim_conn.view("x", 1, "epix100", 1, "raw")
+        workers = set(server.workers)
+        for pid in workers:   # kill a worker that is not holding the survivor's connection
+            os.kill(pid, 0)
+        victim = _worker_of(server, victim_conn, workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(set(server.workers) - {victim}) < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        assert victim not in server.workers
+        with pytest.raises((ConnectionError, OSError)):
+            victim_conn.get("x", 1, "epix100", 2, "raw")
+        victim_conn.close()
+        deadline = time.monotonic() + 10
+        while any(f"_{victim}_" in n for n in our_segments(server.pid)):
+            assert time.monotonic() < deadline, "dead worker's segments were not removed"
+            time.sleep(0.05)
+        if mine:
+            assert np.array_equal(survivor.get("x", 1, "epix100", 3, "raw"),
+                                  expected("epix100", "raw", 3))
+    assert "died" in server.log()
+
+
+def _worker_of(server, client, workers):
+    """The worker holding a connection: the one whose segments the client maps."""
+    names = list(our_segments(server.pid))
+    for pid in workers:
+        if any(f"_{pid}_" in n for n in names):
+            return pid
+    raise AssertionError(f"no worker holds a segment: {names}")
+
+
+def test_cleanup_removes_what_a_killed_master_left(start_server):
+    server = start_server(["--workers", "1"])
+    c = Client(server.address)
+    c.view("x", 1, "epix100", 0, "raw")
+    workers = server.workers
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in workers):     # orphans notice the master is gone
+        assert time.monotonic() < deadline, "workers outlived their master"
+        time.sleep(0.1)
+    c.close()
+    left = list(our_segments(server.pid))
+    result = _psana_ipc("cleanup")
+    assert result.returncode == 0, result.stderr
+    assert not list(our_segments(server.pid))
+    assert f"removed {len(left)}" in result.stdout
+
+
+def test_cleanup_keeps_segments_of_a_running_server(server):
+    with Client(server.address) as c, c.view("x", 1, "epix100", 0, "raw") as frame:
+        result = _psana_ipc("cleanup")
+        assert result.returncode == 0
+        assert frame.desc["name"] in set(our_segments(server.pid))
+
+
+def test_a_worker_that_cannot_boot_stops_the_server(tmp_path):
+    ready = tmp_path / "ready.json"
+    proc = subprocess.run([sys.executable, "-m", "psana_ipc.server", "--port", "0",
+                           "--workers", "1", "--ready-file", str(ready), "--window", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--window" in proc.stderr
+    assert not ready.exists()
+
+
+def test_busy_port_is_a_clear_error(server):
+    port = server.address.rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, "-m", "psana_ipc.server", "--port", port],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "cannot listen" in proc.stderr
+
+
+def test_iserver_help_explains():
+    out = subprocess.run([sys.executable, "-m", "psana_ipc.server", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for option in ("--workers", "--source", "--ready-file", "--shm-budget", "--unix"):
+        assert option in out
+
+
+def test_stats_json_from_the_cli(server):
+    with Client(server.address) as c:
+        c.get("x", 1, "epix100", 1, "raw")
+    result = _psana_ipc("stats", "--address", server.address)
+    stats = json.loads(result.stdout)
+    assert stats["events"] >= 1 and "shm_bytes" in stats and "inflight_slots" in stats
+
+
+def test_cli_get_saves_npy_and_png(server, tmp_path):
+    out, png = tmp_path / "f.npy", tmp_path / "f.png"
+    result = _psana_ipc("get", "x", "1", "epix10k2M", "5", "--mode", "raw", "--out", str(out),
+                        "--png", str(png), "--address", server.address)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(out), expected("epix10k2M", "raw", 5))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_server_errors_with_their_code(server):
+    result = _psana_ipc("get", "x", "1", "nope", "5", "--address", server.address)
+    assert result.returncode == 2 and "unknown_detector" in result.stderr
+
+
+def test_orphaned_workers_exit(start_server):
+    server = start_server(["--workers", "2"])
+    workers = worker_pids(server.pid)
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in workers):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

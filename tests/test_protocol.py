@@ -1,0 +1,152 @@
+"""The wire format as plain unit tests: no sockets (the protocol is sans-I/O)."""
+import json
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from psana_ipc.protocol import errors
+from psana_ipc.protocol.address import format_address, parse_address
+from psana_ipc.protocol.errors import ProtocolError
+from psana_ipc.protocol.framing import MAX_HEADER, FrameDecoder, encode_frame
+from psana_ipc.protocol.legacy import Done, is_v1, parse_legacy
+from psana_ipc.protocol.messages import Get, Hello, Release, parse_request
+from psana_ipc.protocol.shm_names import parse_segment_name, segment_name
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=20)
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=10), json_values, max_size=5), min_size=1,
+                max_size=5), st.integers(1, 64))
+def test_frames_survive_any_split(headers, chunk):
+    stream = b"".join(encode_frame(h) for h in headers)
+    decoder = FrameDecoder()
+    got = []
+    for i in range(0, len(stream), chunk):
+        decoder.receive_data(stream[i:i + chunk])
+        while True:
+            frame = decoder.next_frame()
+            if frame is None:
+                break
+            got.append(frame.header)
+    assert got == headers
+
+
+def test_frame_split_at_every_byte_yields_nothing_until_complete():
+    data = encode_frame({"op": "ping", "id": 1})
+    decoder = FrameDecoder()
+    for b in data[:-1]:
+        decoder.receive_data(bytes([b]))
+        assert decoder.next_frame() is None
+    decoder.receive_data(data[-1:])
+    assert decoder.next_frame().header == {"op": "ping", "id": 1}
+
+
+def test_header_over_the_cap_is_refused_before_buffering():
+    decoder = FrameDecoder()
+    decoder.receive_data(struct.pack(">I", MAX_HEADER + 1))
+    with pytest.raises(ProtocolError) as e:
+        decoder.next_frame()
+    assert e.value.code == errors.HEADER_TOO_LARGE
+    with pytest.raises(ProtocolError):     # the decoder stays broken
+        decoder.next_frame()
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{not json", errors.BAD_JSON),
+    (b"\xff\xfe", errors.BAD_JSON),
+    (b"[1, 2]", errors.BAD_JSON),
+    (b"[" * 100 + b"]" * 100, errors.BAD_JSON),
+    (json.dumps({"a": {"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}})
+     .encode(), errors.BAD_JSON),
+])
+def test_bad_headers_have_codes(body, code):
+    decoder = FrameDecoder()
+    decoder.receive_data(struct.pack(">I", len(body)) + body)
+    with pytest.raises(ProtocolError) as e:
+        decoder.next_frame()
+    assert e.value.code == code
+
+
+def test_payload_from_a_client_is_refused():
+    decoder = FrameDecoder(max_payload=0)
+    decoder.receive_data(encode_frame({"op": "ping", "id": 1, "nbytes": 10}) + b"x" * 10)
+    with pytest.raises(ProtocolError) as e:
+        decoder.next_frame()
+    assert e.value.code == errors.BAD_FRAME
+
+
+def test_requests_are_validated():
+    rid, get = parse_request({"op": "get", "id": 7, "exp": "xpptut15", "run": 14,
+                              "detector": "epix10k2M", "events": [1, 2], "mode": "raw"})
+    assert rid == 7 and isinstance(get, Get) and get.events == (1, 2) and get.key.run == 14
+    assert parse_request({"op": "release", "id": 1, "slots": [0, 3]})[1] == Release((0, 3))
+    assert isinstance(parse_request({"op": "hello", "id": 0, "version": 1})[1], Hello)
+
+
+@pytest.mark.parametrize("header, code", [
+    ({"op": "fly", "id": 1}, errors.UNKNOWN_OP),
+    ({"id": 1}, errors.UNKNOWN_OP),
+    ({"op": "ping"}, errors.BAD_REQUEST),
+    ({"op": "ping", "id": True}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": "14", "detector": "d", "events": [1]},
+     errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [-1]},
+     errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": []},
+     errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1.5]},
+     errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1], "mode": "x"},
+     errors.UNKNOWN_MODE),
+    ({"op": "get", "id": 1, "exp": 3, "run": 1, "detector": "d", "events": [1]},
+     errors.BAD_REQUEST),
+    ({"op": "hello", "id": 1, "version": 1, "transport": "pigeon"}, errors.BAD_REQUEST),
+    ({"op": "release", "id": 1, "slots": ["a"]}, errors.BAD_REQUEST),
+])
+def test_bad_requests_have_codes(header, code):
+    with pytest.raises(ProtocolError) as e:
+        parse_request(header)
+    assert e.value.code == code
+
+
+def test_legacy_requests_parse_when_complete():
+    req = json.dumps({"exp": "xpptut15", "run": 14, "access_mode": "idx",
+                      "detector_name": "epix10k2M", "event": 3, "mode": "calib"}).encode()
+    assert parse_legacy(req[:10]) is None
+    get = parse_legacy(req)
+    assert get.key.detector == "epix10k2M" and get.events == (3,) and get.mode == "calib"
+    assert isinstance(parse_legacy(b"DONE"), Done)
+    assert parse_legacy(b"DO") is None
+    with pytest.raises(ProtocolError):
+        parse_legacy(b"hello there")
+    with pytest.raises(ProtocolError) as e:
+        parse_legacy(json.dumps({"exp": "x", "run": 1}).encode())
+    assert e.value.code == errors.BAD_REQUEST
+
+
+def test_dialects_differ_in_the_first_byte():
+    assert is_v1(encode_frame({"op": "hello", "id": 0})[0])
+    assert not is_v1(b"{"[0]) and not is_v1(b"DONE"[0])
+
+
+def test_segment_names_round_trip():
+    name = segment_name(123, 456, "a1")
+    parsed = parse_segment_name(name)
+    assert (parsed.server_pid, parsed.worker_pid, parsed.serial) == (123, 456, "a1")
+    assert parse_segment_name("psm_1234") is None
+
+
+def test_addresses():
+    assert parse_address("127.0.0.1:5000") == ("127.0.0.1", 5000)
+    assert parse_address(":6000") == ("127.0.0.1", 6000)
+    assert parse_address("/tmp/x.sock") == "/tmp/x.sock"
+    assert parse_address("unix:rel.sock") == "rel.sock"
+    assert parse_address(("localhost", "5000")) == ("localhost", 5000)
+    assert format_address(("::1", 5)) == "[::1]:5"
+    with pytest.raises(ValueError):
+        parse_address("nohost")

@@ -1,0 +1,142 @@
+"""The v1 dialect end to end: a real server on loopback, the real client."""
+import numpy as np
+import pytest
+
+from psana_ipc.client import Client, ServerError
+from psana_ipc.protocol import errors
+from psana_ipc.server.sources.synthetic import expected, timestamp_of
+
+
+@pytest.mark.parametrize("mode", ["raw", "calib", "image", "mask"])
+def test_get_returns_the_documented_bytes(server, mode):
+    with Client(server.address) as c:
+        for det in ("epix10k2M", "jungfrau4M", "rayonix"):
+            frame = c.get("xpptut15", 14, det, 17, mode)
+            ref = expected(det, mode, 17)
+            assert frame.dtype == ref.dtype and np.array_equal(frame, ref)
+
+
+def test_descriptor_carries_timestamp_and_calibration(server):
+    with Client(server.address) as c:
+        _, desc = c.get_frame("x", 1, "epix10k2M", 42, "raw")
+        assert desc["timestamp"] == {"time": timestamp_of(42)}
+        assert desc["calibrated"] is True and desc["event"] == 42
+
+
+def test_get_many_keeps_request_order_with_repeats(server):
+    events = [9, 0, 9, 3, 999]
+    with Client(server.address) as c:
+        batch = c.get_many("x", 1, "jungfrau4M", events, "raw")
+    assert batch.shape == (5, 8, 512, 1024)
+    for k, e in enumerate(events):
+        assert np.array_equal(batch[k], expected("jungfrau4M", "raw", e))
+
+
+def test_inline_transport_gives_the_same_bytes(server):
+    with Client(server.address, transport="inline") as c:
+        batch = c.get_many("x", 1, "epix10k2M", [1, 2], "calib")
+        assert c.server["transport"] == "inline"
+    assert np.array_equal(batch[1], expected("epix10k2M", "calib", 2))
+
+
+def test_views_hold_slots_until_released(start_server):
+    server = start_server(["--workers", "1", "--window", "3"])
+    with Client(server.address) as c:
+        frames = [c.view("x", 1, "epix100", e, "raw") for e in range(3)]
+        assert c.stats()["inflight_slots"] == 3
+        for e, f in enumerate(frames):
+            assert np.array_equal(f.array, expected("epix100", "raw", e))
+            assert not f.array.flags.writeable
+            f.release()
+        assert c.stats()["inflight_slots"] == 0
+        # slots are reused: a new frame lands in memory already mapped
+        names = {c.view("x", 1, "epix100", 5, "raw").desc["name"] for _ in range(1)}
+        assert names <= {f.desc["name"] for f in frames}
+
+
+def test_pipelined_requests_are_answered_by_id(server):
+    with Client(server.address) as c:
+        first = c.submit("x", 1, "epix100", [1, 2, 3], "raw")
+        second = c.submit("x", 1, "epix100", [4], "calib")
+        info = c.info("x", 1, "epix100")
+        assert info["events"] == 1000
+        [only] = [np.array(f.array) for f in _released(c.frames(second))]
+        got = [np.array(f.array) for f in _released(c.frames(first))]
+    assert np.array_equal(only, expected("epix100", "calib", 4))
+    assert all(np.array_equal(g, expected("epix100", "raw", e)) for g, e in zip(got, [1, 2, 3]))
+
+
+def _released(frames):
+    for f in frames:
+        with f:
+            yield f
+
+
+def test_info_lists_detectors_and_modes(server):
+    with Client(server.address) as c:
+        run = c.info("xpptut15", 14)
+        assert {"epix10k2M", "jungfrau4M", "rayonix"} <= set(run["detectors"])
+        det = c.info("xpptut15", 14, "jungfrau4M")
+    assert det["events"] == 1000
+    assert det["modes"]["raw"] == {"shape": [8, 512, 1024], "dtype": "uint16", "calibrated": True}
+    assert det["modes"]["image"]["shape"] == list(expected("jungfrau4M", "image", 0).shape)
+
+
+@pytest.mark.parametrize("call, code", [
+    (lambda c: c.get("x", 1, "nonexistent", 0), errors.UNKNOWN_DETECTOR),
+    (lambda c: c.get("x", 1, "epix100", 1000), errors.OUT_OF_RANGE),
+    (lambda c: c.get("x", 1, "epix100", 0, "fancy"), errors.UNKNOWN_MODE),
+    (lambda c: c.get_many("x", 1, "epix100", [0, 5000, 1]), errors.OUT_OF_RANGE),
+    (lambda c: c.call("release", slots=[12345]), errors.BAD_SLOT),
+])
+def test_errors_are_replies_and_the_connection_goes_on(server, call, code):
+    with Client(server.address) as c:
+        with pytest.raises(ServerError) as e:
+            call(c)
+        assert e.value.code == code and e.value.message
+        assert np.array_equal(c.get("x", 1, "epix100", 3, "raw"), expected("epix100", "raw", 3))
+        assert c.stats()["inflight_slots"] == 0
+
+
+def test_stats_count_events_bytes_and_errors(server):
+    with Client(server.address) as c:
+        c.get_many("x", 1, "epix100", [0, 1], "raw")
+        with pytest.raises(ServerError):
+            c.get("x", 1, "epix100", 10**6)
+        stats = c.stats()
+    assert stats["events"] >= 2 and stats["bytes"] >= 2 * 704 * 768 * 2
+    assert stats["errors"].get("out_of_range") == 1
+    assert stats["shm_bytes"] <= stats["shm_budget"] and stats["workers"] == 2
+
+
+def test_a_forked_child_gets_its_own_connection(server):
+    import os
+    c = Client(server.address)
+    assert c.ping()
+    pid = os.fork()
+    if pid == 0:
+        ok = np.array_equal(c.get("x", 1, "epix100", 8, "raw"), expected("epix100", "raw", 8))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert np.array_equal(c.get("x", 1, "epix100", 9, "raw"), expected("epix100", "raw", 9))
+    c.close()
+
+
+def test_unix_socket_server(start_server, tmp_path):
+    path = tmp_path / "iserver.sock"
+    server = start_server(["--unix", str(path), "--workers", "1"])
+    assert server.address == f"unix:{path}"
+    assert path.stat().st_mode & 0o077 == 0       # owner-only
+    with Client(str(path)) as c:
+        assert np.array_equal(c.get("x", 1, "opal", 2, "raw"), expected("opal", "raw", 2))
+    assert server.stop() == 0
+    assert not path.exists()
+
+
+def test_shared_memory_is_owner_only(server):
+    import os
+    with Client(server.address) as c:
+        with c.view("x", 1, "epix100", 0, "raw") as frame:
+            mode = os.stat(f"/dev/shm/{frame.desc['name']}").st_mode
+    assert mode & 0o077 == 0
