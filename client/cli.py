@@ -14,7 +14,7 @@ from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
 from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
 
-from . import legacy
+from . import legacy, slurm
 from .connection import Client
 
 
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stop)
     sub.add_parser("cleanup", help="remove shared memory left by servers that died") \
         .set_defaults(func=cmd_cleanup)
+    slurm.add_parser(sub)
     return p
 
 

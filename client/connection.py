@@ -46,7 +46,7 @@ def find_token(token: Optional[str] = None) -> Optional[str]:
 class Frame:
     """One event's frame with its descriptor; holds a slot until released."""
 
-    __slots__ = ("array", "desc", "_client", "_slot")
+    __slots__ = ("array", "desc", "_client", "_slot", "_generation")
 
     def __init__(self, array: np.ndarray, desc: Dict[str, Any], client: "Client",
                  slot: Optional[int]) -> None:
@@ -54,15 +54,18 @@ class Frame:
         self.desc = desc
         self._client = client
         self._slot = slot
+        self._generation = client.generation
 
     @property
     def event(self) -> int:
         return self.desc["event"]
 
     def release(self) -> None:
-        if self._slot is not None:
+        """Give the slot back; a no-op once the connection it came from is gone
+        (the server freed the slot with it)."""
+        if self._slot is not None and self._generation == self._client.generation:
             self._client.release(self._slot)
-            self._slot = None
+        self._slot = None
 
     def __enter__(self) -> "Frame":
         return self
@@ -87,9 +90,12 @@ class Client:
         self.connect_timeout = connect_timeout
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
+        self.generation = 0
         self._reset()
 
     def _reset(self) -> None:
+        """Forget the connection; frames handed out before now no longer release."""
+        self.generation += 1
         self._sock = None
         self._maps = SlotMaps()
         self._next_id = 0
@@ -158,6 +164,7 @@ class Client:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pid = os.getpid()
+        self.generation = 0
         self._reset()
 
     # -- messages -----------------------------------------------------------------------

@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader
 from psana_ipc.client import Client, IPCRemotePsanaDataset
 
 
-def start_server(workers: int, tmp: str) -> subprocess.Popen:
+def start_server(workers: int, tmp: str, *options: str) -> subprocess.Popen:
+    """An iserver on a free port (synthetic source unless `options` say otherwise),
+    returned once it accepts; its address is in `.address`."""
     ready = os.path.join(tmp, "ready.json")
     proc = subprocess.Popen([sys.executable, "-m", "psana_ipc.server", "--port", "0",
                              "--workers", str(workers), "--ready-file", ready,
-                             "--log-level", "WARNING"])
+                             "--log-level", "WARNING", *options])
     deadline = time.monotonic() + 60
     while not os.path.exists(ready):
         if proc.poll() is not None or time.monotonic() > deadline:

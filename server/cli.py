@@ -162,7 +162,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             stats=state.stats, source=options.source, window=options.window,
             max_window=options.max_window, token=token, legacy=not options.no_legacy,
             ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout)
-        return Worker(listener, state, slot, ctx, master_pid).run()
+        try:
+            return Worker(listener, state, slot, ctx, master_pid).run()
+        finally:
+            factory.close()
 
     ready = {"address": format_address(address), "pid": master_pid, "source": options.source,
              "token_file": os.path.abspath(options.token_file) if options.token_file else None}

@@ -61,7 +61,8 @@ class Source:
         return tuple(self.specs())
 
     def read(self, index: int, mode: str) -> Tuple[np.ndarray, FrameMeta]:
-        """The frame of event `index` in `mode` (already range- and mode-checked)."""
+        """The frame of event `index` in `mode`. The array may be a buffer the
+        source reuses on its next read (psana does): copy it to keep it."""
         raise NotImplementedError
 
     def read_into(self, index: int, mode: str, allocate: Allocator) -> Tuple[np.ndarray, FrameMeta]:
@@ -112,3 +113,6 @@ class SourceFactory:
     def detectors(self, exp: str, run: int) -> Dict[str, Any]:
         """Detector name -> per-detector info for `info` without a detector."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the factory holds in this process; a worker calls it as it exits."""

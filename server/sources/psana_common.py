@@ -63,7 +63,8 @@ class PsanaDetectorSource(Source):
     def calib(self, evt: Any) -> Optional[np.ndarray]:
         raise NotImplementedError
 
-    def image(self, evt: Any) -> Optional[np.ndarray]:
+    def image(self, evt: Any, panels: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """The assembled image of the event's calib, or of `panels` when given."""
         raise NotImplementedError
 
     def mask(self, evt: Any) -> Optional[np.ndarray]:

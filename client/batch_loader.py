@@ -1,0 +1,185 @@
+"""`BatchLoader`: batches for training loops, as fast as the server's workers
+can produce frames.
+
+It opens one connection per server worker (the server spreads connections
+over its workers), splits every batch across them, keeps the next batches'
+requests in flight, and reads the connections round-robin, copying each
+frame once from its slot straight into a preallocated batch buffer and
+releasing the slot at once. No DataLoader worker processes, no pickling, no
+collate copy.
+
+Buffer lifetime rule: the loader reuses `buffers` batch buffers (pinned when
+CUDA is available). A yielded batch stays valid until `buffers` further
+batches have been drawn; `.clone()` (or `.copy()`) what you keep longer, or
+pass `buffers=0` for a fresh tensor every batch.
+
+Sharding follows torch's DistributedSampler: each epoch's order (shuffled
+with `seed + epoch` when asked) is padded by wrapping around to a multiple
+of the world size, then rank r takes every world-th event from r, so every
+rank yields the same number of batches.
+"""
+import math
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .connection import Client, Frame
+from .distributed import rank_and_world, shard
+
+
+def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, rank: int,
+                world: int) -> List[int]:
+    """This rank's events for one epoch (see the module docstring)."""
+    order = np.asarray(events, dtype=np.int64)
+    if shuffle:
+        order = np.random.default_rng(seed + epoch).permutation(order)
+    padded = np.resize(order, math.ceil(len(order) / world) * world) if len(order) else order
+    return [int(e) for e in shard(padded, rank, world)]
+
+
+class BatchLoader:
+    """Iterable of (batch, *frame shape) tensors (or numpy arrays) of one detector."""
+
+    def __init__(self, address: Any = None, exp: str = "", run: int = 0, detector: str = "",
+                 mode: str = "calib", events: Optional[Sequence[int]] = None,
+                 batch_size: int = 32, *, shuffle: bool = False, seed: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 drop_last: bool = False, connections: int = 0, depth: int = 2,
+                 buffers: int = 2, output: str = "torch", pin_memory: Optional[bool] = None,
+                 transport: str = "auto", access_mode: str = "idx") -> None:
+        if output not in ("torch", "numpy"):
+            raise ValueError("output must be 'torch' or 'numpy'")
+        if batch_size < 1 or depth < 1 or buffers < 0:
+            raise ValueError("batch_size and depth must be >= 1, buffers >= 0")
+        self.exp, self.run, self.detector, self.mode = exp, int(run), detector, mode
+        self.access_mode = access_mode
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.depth = depth
+        self.output = output
+        self.epoch = 0
+        if rank is None or world_size is None:
+            rank, world_size = rank_and_world()
+        self.rank, self.world_size = rank, world_size
+        probe = Client(address, transport=transport)
+        info = probe.info(exp, run, detector)
+        workers = connections or probe.stats()["workers"]
+        probe.close()
+        spec = info["modes"].get(mode)
+        if spec is None:
+            raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
+        self.frame_shape = tuple(spec["shape"])
+        self.dtype = np.dtype(spec["dtype"])
+        self.events = list(range(info["events"])) if events is None else [int(e) for e in events]
+        window = min(64, max(8, 2 * math.ceil(batch_size / workers)))
+        self.clients = [Client(address, transport=transport, window=window)
+                        for _ in range(workers)]
+        self.pin_memory = pin_memory
+        self._ring = [self._new_buffer() for _ in range(buffers)]
+
+    # -- sizes and epochs ---------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffle of the next iteration (call it every epoch, as with
+        DistributedSampler)."""
+        self.epoch = epoch
+
+    def _order(self) -> List[int]:
+        order = epoch_order(self.events, self.epoch, self.seed, self.shuffle, self.rank,
+                            self.world_size)
+        if self.drop_last:
+            order = order[: len(order) // self.batch_size * self.batch_size]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self._order())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    # -- buffers --------------------------------------------------------------------------
+    def _new_buffer(self) -> Any:
+        shape = (self.batch_size,) + self.frame_shape
+        if self.output == "numpy":
+            return np.empty(shape, self.dtype)
+        import torch
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, self.dtype)).dtype,
+                           pin_memory=pin)
+
+    def _buffer(self, k: int, n: int) -> Any:
+        buf = self._ring[k % len(self._ring)] if self._ring else self._new_buffer()
+        return buf[:n]
+
+    # -- iteration ------------------------------------------------------------------------
+    def _submit(self, events: List[int]) -> List[int]:
+        """Split one batch over the connections; returns a request id per connection
+        (-1 where a connection got no events)."""
+        chunks = np.array_split(np.asarray(events), len(self.clients))
+        return [c.submit(self.exp, self.run, self.detector, chunk.tolist(), self.mode,
+                         self.access_mode) if len(chunk) else -1
+                for c, chunk in zip(self.clients, chunks)]
+
+    def _stream(self, rids: List[int], n: int) -> Iterator[Tuple[int, Frame]]:
+        """(position in batch, frame) read round-robin, one frame per connection
+        in turn, so every server worker keeps producing."""
+        starts = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(n), len(self.clients))])
+        cursors = [[client.frames(rid), int(start)]
+                   for client, rid, start in zip(self.clients, rids, starts) if rid >= 0]
+        while cursors:
+            for cursor in list(cursors):
+                frame: Optional[Frame] = next(cursor[0], None)
+                if frame is None:
+                    cursors.remove(cursor)
+                    continue
+                yield cursor[1], frame
+                cursor[1] += 1
+
+    def _batches(self) -> Iterator[Tuple[int, List[int], List[int]]]:
+        """(batch number, events, request ids) with `depth` batches requested ahead.
+        Abandoning it mid-epoch drops the connections, which frees their slots."""
+        order = self._order()
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        in_flight: List[List[int]] = []
+        completed = False
+        try:
+            for k, events in enumerate(batches):
+                while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
+                    in_flight.append(self._submit(batches[k + len(in_flight)]))
+                yield k, events, in_flight.pop(0)
+            completed = True
+        finally:
+            if not completed:
+                self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        """Batches copied into the reused buffers (see the buffer lifetime rule)."""
+        for k, events, rids in self._batches():
+            out = self._buffer(k, len(events))
+            target = out.numpy() if self.output == "torch" else out
+            for pos, frame in self._stream(rids, len(events)):
+                with frame:
+                    np.copyto(target[pos], frame.array, casting="no")
+            yield out
+
+    def views(self) -> Iterator[List[Frame]]:
+        """Zero-copy: each batch as a list of `Frame`s whose read-only `.array` is
+        the server's slot itself, in order. They are valid until the next batch
+        is drawn, when the loader releases them; copy what you keep."""
+        for _, events, rids in self._batches():
+            frames: List[Optional[Frame]] = [None] * len(events)
+            for pos, frame in self._stream(rids, len(events)):
+                frames[pos] = frame
+            try:
+                yield frames
+            finally:
+                for frame in frames:
+                    frame.release()
+
+    def close(self) -> None:
+        """Drop the connections (they reconnect on the next iteration)."""
+        for client in self.clients:
+            client.close()
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,363 @@
+"""`psana-ipc slurm`: one batch job that runs iserver in the psana environment
+and the user's client in theirs, correct by construction.
+
+The job script starts one iserver per node on a node-local UNIX socket, waits
+for every server's ready file (never a fixed sleep), runs the client command
+on every task with PSANA_IPC_ADDRESS pointing at its own node's server, and
+stops the servers on every exit path: a shutdown request, then SIGTERM, then
+SIGKILL, then `psana-ipc cleanup` for leftover segments. The job's exit code
+is the client's. Facility presets follow the btx JobScheduler (S3DF, SLAC,
+SRCF_FFB) so existing job headers keep their meaning.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Facility:
+    """What a facility's jobs get unless told otherwise."""
+    psconda: str  # sourcing it activates the facility's current psana environment
+    partition: str
+    account: Optional[str] = None
+
+
+_LCLS_CDS = Facility("/cds/sw/ds/ana/conda1/manage/bin/psconda.sh", "ffbh3q")
+FACILITIES: Dict[str, Facility] = {
+    "S3DF": Facility("/sdf/group/lcls/ds/ana/sw/conda1/manage/bin/psconda.sh", "milano", "lcls"),
+    "SLAC": _LCLS_CDS,
+    "SRCF_FFB": _LCLS_CDS,
+}
+_DESCRIPTION = __doc__.split("\n\n")[0]
+# The launcher owns the server's address and readiness; letting a user set them would break both.
+_RESERVED_SERVER_OPTIONS = ("--host", "--port", "--unix", "--ready-file")
+
+
+@dataclass
+class JobSpec:
+    """A psana-ipc batch job. `server_env` and `client_env` are bash lines that
+    activate each environment ("" = the environment the job was submitted from)."""
+    command: List[str]
+    job_name: str = "psana-ipc"
+    log_dir: str = "."
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    reservation: Optional[str] = None
+    nodes: int = 1
+    ntasks: int = 1
+    cpus_per_task: int = 1
+    gpus: Optional[str] = None
+    time: str = "01:00:00"
+    mem: Optional[str] = "0"  # the btx header asks for the whole node's memory...
+    exclusive: bool = True  # ...and the whole node
+    server_env: str = ""
+    client_env: str = ""
+    server_args: List[str] = field(default_factory=list)
+    ready_timeout: int = 300  # seconds for every server to accept; psana set-up can be slow
+    stop_timeout: int = 5  # seconds for each stop step; three steps fit SLURM's 30 s KillWait
+
+
+def activation(env: Optional[str]) -> str:
+    """The bash line that activates `env`: an activation script to source, a
+    venv or conda environment directory, or (anything with a space) a command."""
+    if not env:
+        return ""
+    if any(c.isspace() for c in env):
+        return env
+    path = os.path.abspath(os.path.expanduser(env))
+    venv_activate = os.path.join(path, "bin", "activate")
+    if os.path.isfile(path):
+        return f"source {shlex.quote(path)}"
+    if os.path.isfile(venv_activate):
+        return f"source {shlex.quote(venv_activate)}"
+    if os.path.isdir(os.path.join(path, "conda-meta")):
+        hook = 'eval "$("${CONDA_EXE:-conda}" shell.bash hook)"'
+        return f"{hook} && conda activate {shlex.quote(path)}"
+    raise ValueError(f"environment {env!r} is not an activation script, a venv, a conda "
+                     f"environment or a command")
+
+
+def sbatch_options(spec: JobSpec) -> List[str]:
+    """The #SBATCH options of the job, in the btx JobScheduler's order."""
+    logs = os.path.join(os.path.abspath(spec.log_dir), spec.job_name)
+    options = [f"--partition={spec.partition}" if spec.partition else None,
+               f"--job-name={spec.job_name}",
+               f"--output={logs}-%j.out",
+               f"--error={logs}-%j.err",
+               f"--nodes={spec.nodes}",
+               f"--ntasks={spec.ntasks}",
+               f"--cpus-per-task={spec.cpus_per_task}",
+               f"--gpus={spec.gpus}" if spec.gpus else None,
+               f"--time={spec.time}",
+               f"--mem={spec.mem}" if spec.mem else None,
+               "--exclusive" if spec.exclusive else None,
+               f"--account={spec.account}" if spec.account else None,
+               f"--reservation={spec.reservation}" if spec.reservation else None]
+    return [option for option in options if option is not None]
+
+
+def check(spec: JobSpec) -> None:
+    """Raise ValueError for a job SLURM or the script could not run as meant."""
+    if not spec.command:
+        raise ValueError("no client command (give it after --)")
+    if not 1 <= spec.nodes <= spec.ntasks:
+        raise ValueError(f"need 1 <= nodes <= ntasks, got {spec.nodes} nodes, {spec.ntasks} tasks")
+    if spec.cpus_per_task < 1 or spec.ready_timeout < 1 or spec.stop_timeout < 1:
+        raise ValueError("cpus-per-task, ready-timeout and stop-timeout must be positive")
+    for option in sbatch_options(spec):
+        if any(c.isspace() for c in option):
+            raise ValueError(f"#SBATCH {option!r}: values cannot contain spaces")
+    for arg in spec.server_args:
+        name = arg.split("=", 1)[0]  # iserver also takes unambiguous prefixes, e.g. --un
+        if len(name) > 2 and any(o.startswith(name) for o in _RESERVED_SERVER_OPTIONS):
+            raise ValueError(f"server option {arg!r}: the launcher sets "
+                             f"{', '.join(_RESERVED_SERVER_OPTIONS)}")
+
+
+def _words(args: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def render_script(spec: JobSpec) -> str:
+    """The job script: #SBATCH header, the job's settings, then the fixed logic."""
+    check(spec)
+    lines = ["#!/bin/bash"] + [f"#SBATCH {option}" for option in sbatch_options(spec)] + [
+        "",
+        f"SERVER_ENV={shlex.quote(spec.server_env)}",
+        f"CLIENT_ENV={shlex.quote(spec.client_env)}",
+        f"SERVER_ARGS=({_words(spec.server_args)})",
+        f"CLIENT=({_words(spec.command)})",
+        f"LOG_DIR={shlex.quote(os.path.abspath(spec.log_dir))}",
+        f"READY_TIMEOUT={spec.ready_timeout}",
+        f"STOP_TIMEOUT={spec.stop_timeout}",
+    ]
+    return "\n".join(lines) + "\n" + _BODY
+
+
+_BODY = r'''
+# Everything below is the same for every job.
+set -u
+
+# A `bash -c` program that activates an environment, then execs its arguments there: each side
+# runs in a fresh shell, so the server's and the client's environments never mix.
+activating() {  # activating WHICH ACTIVATION
+  printf '%s\n' "$2" \
+    "[ \$? = 0 ] || { echo 'psana-ipc: cannot activate the $1 environment' >&2; exit 127; }" \
+    'exec "$@"'
+}
+
+ended_within() {  # ended_within PID SECONDS: false if PID is still running after SECONDS
+  local tenths=$(( $2 * 10 ))
+  while kill -0 "$1" 2>/dev/null; do
+    (( tenths-- > 0 )) || return 1
+    sleep 0.1
+  done
+}
+
+# One node's server, on a node-local UNIX socket, with a ready file named by host. SIGUSR1 (which
+# srun forwards as it is, where it turns SIGTERM into SIGKILL) or SIGTERM ends the wait below
+# and stops the server whatever state it is in: a shutdown request, then SIGTERM, then SIGKILL,
+# then `psana-ipc cleanup` for what a killed server left in /dev/shm.
+serve_node() {  # serve_node SERVER_ENV CLIENT_ENV SOCKET RUN_DIR STOP_TIMEOUT [ISERVER OPTION...]
+  local socket=$3 run_dir=$4 limit=$5 host pid rc
+  local in_server=(bash -c "$(activating server "$1")" in-server-env)
+  local in_client=(bash -c "$(activating client "$2")" in-client-env)
+  shift 5
+  host=$(hostname)
+  trap : USR1 TERM INT HUP
+  # srun delivers SIGUSR1 to the whole task; it is meant for this function, so iserver ignores it
+  (trap '' USR1; exec "${in_server[@]}" iserver --unix "$socket" \
+    --ready-file "$run_dir/ready-$host.json" "$@") >"$run_dir/server-$host.log" 2>&1 &
+  pid=$!
+  wait "$pid"  # returns early on a signal, and then the server may still run
+  if kill -0 "$pid" 2>/dev/null; then
+    timeout "$limit" "${in_client[@]}" psana-ipc stop --address "unix:$socket" >/dev/null 2>&1
+    ended_within "$pid" "$limit" || { kill -TERM "$pid"; ended_within "$pid" "$limit"; } \
+      || kill -KILL "$pid"
+  fi
+  wait "$pid"
+  rc=$?
+  "${in_client[@]}" psana-ipc cleanup >/dev/null
+  rm -f "$socket" "$run_dir/ready-$host.json"
+  return "$rc"
+}
+
+wait_ready() {  # until every node's server has written its ready file
+  local deadline=$(( SECONDS + READY_TIMEOUT )) ready
+  while :; do
+    ready=$(compgen -G "$RUN_DIR/ready-*.json" | wc -l)
+    [ "$ready" -ge "$NODES" ] && return 0
+    if ! kill -0 "$SERVERS_PID" 2>/dev/null; then
+      echo "psana-ipc: iserver exited before it was ready; its log:" >&2
+      tail -n 30 "$RUN_DIR"/server-*.log >&2
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "psana-ipc: $ready of $NODES servers ready after ${READY_TIMEOUT}s; logs in $RUN_DIR" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+finish() {  # on every exit: stop the client if it still runs, then the servers; keep the exit code
+  local rc=$?
+  trap '' TERM INT HUP
+  if [ -n "$CLIENT_PID" ] && kill -0 "$CLIENT_PID" 2>/dev/null; then
+    kill -TERM "$CLIENT_PID"
+    ended_within "$CLIENT_PID" "$STOP_TIMEOUT" || kill -KILL "$CLIENT_PID"
+  fi
+  if [ -n "$SERVERS_PID" ]; then
+    kill -USR1 "$SERVERS_PID" 2>/dev/null
+    wait "$SERVERS_PID" || echo "psana-ipc: a server ended badly; logs in $RUN_DIR" >&2
+  fi
+  rm -f "$RUN_DIR"/ready-*.json
+  exit "$rc"
+}
+
+JOB=${SLURM_JOB_ID:-local-$$}
+RUN_DIR=$LOG_DIR/psana-ipc-$JOB  # ready files and server logs, seen from every node
+SOCKET=${TMPDIR:-/tmp}/psana-ipc-$JOB.sock  # the same path on every node, each its own server
+export PSANA_IPC_ADDRESS=unix:$SOCKET
+NODES=1 ON_NODES=() ON_TASKS=() CLIENT_PID= SERVERS_PID=
+if [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
+  NODES=$SLURM_JOB_NUM_NODES
+  ON_NODES=(srun --overlap --whole --kill-on-bad-exit=1 --nodes="$NODES" --ntasks="$NODES"
+            --ntasks-per-node=1)
+  ON_TASKS=(srun --overlap --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
+fi
+trap finish EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
+
+mkdir -p "$RUN_DIR" || exit 1
+rm -f "$RUN_DIR"/ready-*.json
+"${ON_NODES[@]}" bash -c "$(declare -f activating ended_within serve_node)"$'\n''serve_node "$@"' \
+  serve-node "$SERVER_ENV" "$CLIENT_ENV" "$SOCKET" "$RUN_DIR" "$STOP_TIMEOUT" "${SERVER_ARGS[@]}" &
+SERVERS_PID=$!
+wait_ready || exit 1
+echo "psana-ipc: $NODES server(s) ready at $PSANA_IPC_ADDRESS; running:" \
+  "$(printf '%q ' "${CLIENT[@]}")" >&2
+"${ON_TASKS[@]}" bash -c "$(activating client "$CLIENT_ENV")" in-client-env "${CLIENT[@]}" &
+CLIENT_PID=$!
+wait "$CLIENT_PID"
+'''
+
+
+def submit(path: str, wait: bool = True) -> int:
+    """sbatch the script; with `wait`, block until the job ends (`sbatch -W`) and
+    return its exit code, else return sbatch's."""
+    return subprocess.run(["sbatch", "-W", path] if wait else ["sbatch", path]).returncode
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    facility = os.environ.get("FACILITY")
+    parser.add_argument("--facility", choices=sorted(FACILITIES),
+                        default=facility if facility in FACILITIES else None,
+                        help="preset partition, account and psana environment "
+                             "(default: $FACILITY when it names one)")
+    slurm = parser.add_argument_group("SLURM resources")
+    slurm.add_argument("-p", "--partition", "--queue", help="default: the facility's")
+    slurm.add_argument("-A", "--account", help="default: the facility's")
+    slurm.add_argument("--reservation")
+    slurm.add_argument("-N", "--nodes", type=int, default=1, help="one server per node")
+    slurm.add_argument("-n", "--ntasks", type=int, default=1, help="one client per task")
+    slurm.add_argument("-c", "--cpus-per-task", type=int, default=1)
+    slurm.add_argument("--gpus", help="e.g. 4 or a100:4")
+    slurm.add_argument("-t", "--time", default="01:00:00")
+    slurm.add_argument("-J", "--job-name", default="psana-ipc")
+    slurm.add_argument("--mem", default="0", help="'' for the partition's default "
+                                                  "(default: 0, the whole node's)")
+    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True)
+    slurm.add_argument("--log-dir", default=".", help="job logs, server logs and ready files; "
+                                                      "must be seen from every node")
+    envs = parser.add_argument_group(
+        "environments", "an activation script, a venv or conda environment directory, or a "
+                        "command such as 'source ~/miniforge3/bin/activate torch' "
+                        "(default: the environment the job is submitted from)")
+    envs.add_argument("--server-env", help="where iserver runs (default: the facility's psana)")
+    envs.add_argument("--client-env", help="where the client command and psana-ipc run")
+    server = parser.add_argument_group("server")
+    server.add_argument("--server-args", default="", metavar="'OPTIONS'",
+                        help="iserver options, e.g. --server-args='--source psana2 --workers 4'")
+    server.add_argument("--ready-timeout", type=int, default=300, metavar="S")
+    server.add_argument("--stop-timeout", type=int, default=5, metavar="S")
+    out = parser.add_argument_group("output (default: print the script)")
+    out.add_argument("--script", metavar="PATH", help="write the job script here")
+    out.add_argument("--submit", action="store_true",
+                     help="submit it (to --script or LOG_DIR/JOB_NAME.sh), wait, exit with "
+                          "the job's exit code")
+    out.add_argument("--no-wait", action="store_true", help="with --submit: do not wait")
+    parser.add_argument("client_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the client command, run on every task")
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Register `psana-ipc slurm` on the psana-ipc command line."""
+    parser = subparsers.add_parser(
+        "slurm", help="run a client command in a SLURM job next to its own iserver",
+        description=_DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    preset = FACILITIES.get(args.facility)
+    command = args.client_command
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.server_env or not preset:
+        server_env = activation(args.server_env)
+    else:  # a facility path, not necessarily visible from where the script is written
+        server_env = f"source {shlex.quote(preset.psconda)}"
+    return JobSpec(command=command, job_name=args.job_name, log_dir=args.log_dir,
+                   partition=args.partition or (preset.partition if preset else None),
+                   account=args.account or (preset.account if preset else None),
+                   reservation=args.reservation, nodes=args.nodes, ntasks=args.ntasks,
+                   cpus_per_task=args.cpus_per_task, gpus=args.gpus, time=args.time,
+                   mem=args.mem, exclusive=args.exclusive, server_env=server_env,
+                   client_env=activation(args.client_env),
+                   server_args=shlex.split(args.server_args),
+                   ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print, write or submit the job script; the exit code is the job's with --submit."""
+    try:
+        spec = spec_from_args(args)
+        text = render_script(spec)
+    except ValueError as e:
+        print(f"psana-ipc slurm: {e}", file=sys.stderr)
+        return 2
+    if not (args.script or args.submit):
+        sys.stdout.write(text)
+        return 0
+    os.makedirs(spec.log_dir, exist_ok=True)
+    path = args.script or os.path.join(spec.log_dir, f"{spec.job_name}.sh")
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    print(f"psana-ipc slurm: wrote {path}", file=sys.stderr)
+    if not args.submit:
+        return 0
+    try:
+        return submit(path, wait=not args.no_wait)
+    except FileNotFoundError:
+        print("psana-ipc slurm: no sbatch here; submit from a SLURM login node", file=sys.stderr)
+        return 127
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="psana-ipc slurm", description=_DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

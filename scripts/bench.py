@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Throughput of every way to get frames out of an iserver, measured in one run.
+
+Starts its own server (synthetic source; `--cost-ms` emulates per-event psana
+work) and times, per detector, calib frames through:
+
+  legacy        the btx dialect: IPCRemotePsanaDataset(protocol="legacy") in a
+                DataLoader (a connection and a fresh segment per event)
+  dataset-w0    IPCRemotePsanaDataset over v1, DataLoader num_workers=0
+  dataset-w2    the same with num_workers=2
+  batchloader   BatchLoader: requests in flight on every server worker, one
+                copy per frame into a reused batch buffer
+  zero-copy     BatchLoader.views(): the slots themselves, no client copy
+  memcpy        one thread copying the same frames: the physical reference
+
+Each figure is the median of `--repeats` timed passes after one warm-up pass.
+Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
+bandwidth) and the server's peak shared memory; `--json` and `--plot` save
+the same. Example:
+
+    python scripts/bench.py --json bench.json --plot bench.png
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo import start_server  # noqa: E402
+
+from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset  # noqa: E402
+from psana_ipc.server.sources.synthetic import expected  # noqa: E402
+
+
+def timed(run: Callable[[], int], repeats: int) -> float:
+    """Median frames/s of `repeats` passes after one warm-up pass."""
+    run()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
+                 batch: int) -> Callable[[], int]:
+    requests = [("bench", 1, "idx", det, e) for e in events]
+
+    def run() -> int:
+        ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
+        return sum(b.shape[0] for b in DataLoader(ds, batch_size=batch, num_workers=workers))
+    return run
+
+
+def loader_pass(loader: BatchLoader, views: bool) -> Callable[[], int]:
+    def run() -> int:
+        if views:
+            return sum(len(frames) for frames in loader.views())
+        return sum(b.shape[0] for b in loader)
+    return run
+
+
+def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
+    sources = np.stack([expected(det, "calib", e) for e in range(16)])
+    out = np.empty((batch,) + sources.shape[1:], sources.dtype)
+
+    def run() -> int:
+        for k in range(n):
+            np.copyto(out[k % batch], sources[k % len(sources)])
+        return n
+    return run
+
+
+def bench_detector(address: str, det: str, args: argparse.Namespace) -> List[Dict]:
+    events = list(range(args.frames))
+    frame_bytes = expected(det, "calib", 0).nbytes
+    loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size)
+    paths = {
+        "legacy": dataset_pass(address, det, events, "legacy", args.loader_workers,
+                               args.batch_size),
+        "dataset-w0": dataset_pass(address, det, events, "v1", 0, args.batch_size),
+        f"dataset-w{args.loader_workers}": dataset_pass(address, det, events, "v1",
+                                                        args.loader_workers, args.batch_size),
+        "batchloader": loader_pass(loader, views=False),
+        "zero-copy": loader_pass(loader, views=True),
+        "memcpy": memcpy_pass(det, args.frames, args.batch_size),
+    }
+    rates = {}
+    for name, run in paths.items():
+        rates[name] = timed(run, args.repeats)
+        print(f"  {det} {name}: {rates[name]:.0f} frames/s", file=sys.stderr)
+    loader.close()
+    rows = []
+    for name, fps in rates.items():
+        gbps = fps * frame_bytes / 1e9
+        rows.append({"name": name, "detector": det, "frames_per_s": round(fps, 1),
+                     "gb_per_s": round(gbps, 3),
+                     "ratio_vs_legacy": round(fps / rates["legacy"], 2),
+                     "fraction_of_memcpy": round(fps / rates["memcpy"], 3)})
+    return rows
+
+
+def print_table(rows: List[Dict], extra: Dict) -> None:
+    print(f"{'path':<14}{'detector':<12}{'frames/s':>10}{'GB/s':>8}{'x legacy':>10}"
+          f"{'of memcpy':>11}")
+    for r in rows:
+        print(f"{r['name']:<14}{r['detector']:<12}{r['frames_per_s']:>10.1f}"
+              f"{r['gb_per_s']:>8.2f}{r['ratio_vs_legacy']:>10.2f}"
+              f"{100 * r['fraction_of_memcpy']:>10.0f}%")
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+
+
+def plot(rows: List[Dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dets = sorted({r["detector"] for r in rows})
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(dets)
+    for k, det in enumerate(dets):
+        fps = [next(r["frames_per_s"] for r in rows if r["name"] == n and r["detector"] == det)
+               for n in names]
+        ax.bar(np.arange(len(names)) + k * width, fps, width, label=f"{det} calib")
+    ax.set_xticks(np.arange(len(names)) + width * (len(dets) - 1) / 2, names)
+    ax.set_ylabel("frames/s")
+    ax.set_title("psana-ipc throughput per path (synthetic source, one run)")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--detectors", nargs="+", default=["epix10k2M", "jungfrau4M"])
+    ap.add_argument("--frames", type=int, default=200, help="frames per timed pass")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--server-workers", type=int, default=2)
+    ap.add_argument("--loader-workers", type=int, default=2)
+    ap.add_argument("--cost-ms", type=float, default=0.0,
+                    help="per-event latency the synthetic source adds (emulates psana)")
+    ap.add_argument("--shm-budget", default="1G")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--plot", metavar="PATH")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(args.server_workers, tmp, "--cost-ms", str(args.cost_ms),
+                              "--shm-budget", args.shm_budget,
+                              "--synthetic-events", str(args.frames))
+        try:
+            rows = [r for det in args.detectors for r in bench_detector(server.address, det, args)]
+            with Client(server.address) as c:
+                stats = c.stats()
+                c.shutdown()
+            server.wait(30)
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                server.wait(30)
+    extra = {"server workers": args.server_workers, "cost_ms": args.cost_ms,
+             "peak shared memory (MB)": round(stats["shm_peak_bytes"] / 1e6, 1),
+             "shared-memory budget (MB)": round(stats["shm_budget"] / 1e6, 1)}
+    if args.cost_ms:
+        extra["workers / cost (frames/s)"] = round(args.server_workers * 1000 / args.cost_ms, 1)
+    print_table(rows, extra)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, **{k.split(" (")[0].replace(" ", "_"): v
+                                        for k, v in extra.items()}}, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

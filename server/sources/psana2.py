@@ -1,0 +1,170 @@
+"""LCLS-II data through psana2: `iserver --source psana2`.
+
+A request names exp, run and detector; the run is opened with
+`psana.DataSource(exp=, run=[, dir=])` and read by event index through the
+run's timestamp table (see psana2_run). Modes: raw, calib, image and, when
+psana has a pixel mask for the detector (it needs pixel_status constants),
+mask. Every frame's descriptor carries the event's 64-bit psana timestamp
+(sec << 32 | nsec) as {"time": ts}. A request's access_mode is not used:
+psana2 runs are always read by index.
+
+Options:
+  --data-dir DIR   the run's XTC2 files are in DIR (and DIR/smalldata), not in
+                   the facility's tree
+  --offline        no network: skip psana's logbook lookup of the run's files
+                   (psana then lists DIR itself) and its calibration database
+  --calib-dir DIR  constants from files, for any detector that has them:
+                     DIR/<detector>/pedestals.npy   psana's shape, e.g. epix10ka
+                                                    (7, panels, 352, 384), jungfrau
+                                                    (3, panels, 512, 1024)
+                     DIR/<detector>/pixel_gain.npy  same shape
+                     DIR/<detector>/geometry.txt    psana geometry text
+                   A run's own folder DIR/<exp>/r<run:04d>/<detector>/, if it
+                   exists, is used instead of DIR/<detector>/ for that run.
+                   Files override the database's constants of the same type.
+
+Without pedestals a detector is served uncalibrated (see psana_common); an
+image needs a geometry that places every panel of the run: one supplied, or
+psana's own default (psana ships jungfrau4M's, but only a 4-panel epix10ka
+quad, so epix10k2M needs one supplied).
+
+The runs a worker has open are shared by all of its sources: several
+detectors of one run use one DataSource, and each detector is made once. A run
+is closed when its last source is closed.
+"""
+import argparse
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.messages import MODES, RunKey
+
+from .base import Source, SourceFactory
+from .psana2_run import CALIB_FILES, OpenRun
+from .psana_common import PsanaDetectorSource
+
+
+def geometry_fits(iface: Any) -> bool:
+    """Whether the geometry psana would assemble with places every panel
+    of the run (a wrong-sized default raises deep inside psana instead)."""
+    det_geo = getattr(iface, "_det_geo", None)
+    geo = det_geo() if det_geo else None
+    if geo is None:
+        return False
+    panels = sum(1 for obj in geo.list_of_geos if obj.algo is not None)
+    return panels > max(iface._segment_numbers)
+
+
+class Psana2Source(PsanaDetectorSource):
+    """One detector of an open run."""
+
+    def __init__(self, factory: "Factory", opened: OpenRun, detector: str) -> None:
+        self._factory = factory
+        self._opened = opened
+        self._det = opened.detector(detector)
+        iface = self._det.use()
+        self._mask: Optional[np.ndarray] = None
+        self._mask_read = False
+        super().__init__(detector, "pedestals" in opened.constants(detector), geometry_fits(iface))
+
+    def __len__(self) -> int:
+        return len(self._opened.timestamps)
+
+    def modes(self) -> Tuple[str, ...]:
+        return tuple(m for m in MODES if m != "mask" or self.mask(None) is not None)
+
+    def event(self, index: int) -> Any:
+        return self._opened.event(index)
+
+    def timestamp(self, index: int, evt: Any) -> Dict[str, int]:
+        return {"time": int(evt.timestamp)}
+
+    def raw(self, evt: Any) -> Optional[np.ndarray]:
+        return self._det.use().raw(evt)
+
+    def calib(self, evt: Any) -> Optional[np.ndarray]:
+        return self._det.use().calib(evt)
+
+    def image(self, evt: Any, panels: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """The event's calib frame assembled, or `panels` assembled by the
+        run's geometry (what btx's `PsanaImg.assemble` asks for)."""
+        return self._det.use().image(evt, nda=panels)
+
+    def mask(self, evt: Any) -> Optional[np.ndarray]:
+        """psana's pixel mask, the same for every event (None without pixel_status)."""
+        if not self._mask_read:
+            self._mask = self._det.use()._mask()
+            self._mask_read = True
+        return self._mask
+
+    def close(self) -> None:
+        self._factory.release(self._opened)
+
+
+class Factory(SourceFactory):
+    name = "psana2"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            "psana2 source", "LCLS-II XTC2 runs read with psana2, by event index.")
+        group.add_argument("--data-dir", metavar="DIR",
+                           help="directory of the runs' XTC2 files (psana's dir=; default: "
+                                "the facility's tree)")
+        group.add_argument("--offline", action="store_true",
+                           help="use no network: skip psana's logbook lookup of a run's files "
+                                "and its calibration database")
+        layout = ", ".join(f"DIR/<detector>/{name}" for name in CALIB_FILES.values())
+        group.add_argument("--calib-dir", metavar="DIR",
+                           help=f"offline constants: {layout} (arrays in psana's shape, "
+                                f"geometry as psana geometry text), or for one run in "
+                                f"DIR/<exp>/r<run:04d>/<detector>/; they override the "
+                                f"database's")
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        super().__init__(options)
+        self._runs: Dict[Tuple[str, int], OpenRun] = {}
+
+    def _acquire(self, exp: str, run: int) -> OpenRun:
+        opened = self._runs.get((exp, run))
+        if opened is None:
+            opened = OpenRun(exp, run, self.options.data_dir, self.options.offline,
+                             self.options.calib_dir)
+            self._runs[(exp, run)] = opened
+        opened.users += 1
+        return opened
+
+    def release(self, opened: OpenRun) -> None:
+        """One user fewer; the last one closes the run."""
+        opened.users -= 1
+        if opened.users <= 0:
+            del self._runs[(opened.exp, opened.runnum)]
+            opened.close()
+
+    def open(self, key: RunKey) -> Source:
+        opened = self._acquire(key.exp, key.run)
+        try:
+            return Psana2Source(self, opened, key.detector)
+        except BaseException:
+            self.release(opened)
+            raise
+
+    def detectors(self, exp: str, run: int) -> Dict[str, Any]:
+        opened = self._acquire(exp, run)
+        try:
+            found: Dict[str, Any] = {}
+            for name, dettype, iface, _ in opened.run.xtcinfo:
+                if name in opened.run.detnames:
+                    found.setdefault(name, {"type": dettype, "interfaces": []})
+                    found[name]["interfaces"].append(iface)
+            return found
+        finally:
+            self.release(opened)
+
+    def close(self) -> None:
+        """psana starts MPI in every process that imports it; finalize it, or
+        MPI leaves a segment in /dev/shm when the worker exits with os._exit."""
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()

@@ -1,0 +1,133 @@
+"""One psana2 run opened for random access by event index, offline if asked.
+
+psana reads a run in file order. `run.build_table()` scans the run's
+small-data files once and maps every event's timestamp to its offsets; then
+`run.event(ts)` reads any event. The table's keys in file order are our event
+indices. The table is built once per run; psana cannot build it twice.
+
+psana is imported here, inside functions, never when the module is imported.
+"""
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.errors import NOT_FOUND, UNKNOWN_DETECTOR
+
+from .base import SourceError
+from .psana2_shared import RunDetector, release_all
+
+log = logging.getLogger(__name__)
+
+# constant type -> file name in <calib dir>/<detector>/
+CALIB_FILES = {"pedestals": "pedestals.npy", "pixel_gain": "pixel_gain.npy",
+               "geometry": "geometry.txt"}
+
+
+def datasource_class() -> Any:
+    """psana's DataSource, in serial mode: psana decides between MPI and
+    serial when it is first imported, from PS_PARALLEL, and a worker reads
+    one event at a time by itself (`build_table` exists only in serial mode)."""
+    os.environ["PS_PARALLEL"] = "none"
+    from psana import DataSource
+    return DataSource
+
+
+@contextlib.contextmanager
+def no_logbook() -> Iterator[None]:
+    """`DataSource(exp=, run=)` always asks the LCLS logbook web service for the
+    run's file list, with no timeout, which fails or hangs off-site. While
+    opening, the lookup answers "nothing known", so psana lists the files of
+    the data directory itself; afterwards psana is as it was."""
+    from psana.psexp.ds_base import DataSourceBase
+    lookup = DataSourceBase._get_file_info_from_db
+    DataSourceBase._get_file_info_from_db = lambda self, runnum: {}
+    try:
+        yield
+    finally:
+        DataSourceBase._get_file_info_from_db = lookup
+
+
+def constants_folder(calib_dir: str, exp: str, run: int, detector: str) -> Path:
+    """The run's own folder, <calib dir>/<exp>/r<run:04d>/<detector>, if it
+    exists, else the one for all runs, <calib dir>/<detector>."""
+    own = Path(calib_dir) / exp / f"r{run:04d}" / detector
+    return own if own.is_dir() else Path(calib_dir) / detector
+
+
+def read_constants(calib_dir: str, exp: str, run: int, detector: str) -> Dict[str, Tuple[Any, Dict]]:
+    """Constants of `detector` found in `calib_dir`, in the form psana's
+    calibration database returns them: {ctype: (value, metadata)}."""
+    constants = {}
+    folder = constants_folder(calib_dir, exp, run, detector)
+    for ctype, name in CALIB_FILES.items():
+        path = folder / name
+        if path.is_file():
+            value = path.read_text() if path.suffix == ".txt" else np.load(path)
+            constants[ctype] = (value, {"experiment": exp, "run": run, "ctype": ctype,
+                                        "detector": detector, "path": str(path)})
+    return constants
+
+
+class OpenRun:
+    """A DataSource, its run and its event table; each detector made once."""
+
+    def __init__(self, exp: str, run: int, data_dir: Optional[str], offline: bool,
+                 calib_dir: Optional[str]) -> None:
+        self.exp = exp
+        self.runnum = run
+        self.calib_dir = calib_dir
+        self.users = 0
+        self._detectors: Dict[str, RunDetector] = {}
+        where = data_dir or "psana's default location"
+        kwargs: Dict[str, Any] = {"exp": exp, "run": run}
+        if data_dir:
+            kwargs["dir"] = data_dir
+        if offline:
+            kwargs["skip_calib_load"] = "all"
+        DataSource = datasource_class()
+        release_all()  # opening re-initialises psana's shared detector objects
+        try:
+            with no_logbook() if offline else contextlib.nullcontext():
+                self._ds = DataSource(**kwargs)
+                self.run = next(self._ds.runs(), None)
+        except (AssertionError, FileNotFoundError) as e:
+            raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where}: {e}") from e
+        if self.run is None or (self.run.expt and self.run.expt != exp):
+            found = "no run" if self.run is None else f"a run of {self.run.expt}"
+            self._ds.dm.close()
+            raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where} ({found})")
+        with self.run.build_table():
+            self.timestamps: List[int] = list(self.run._ts_table)
+        log.info("opened run %d of %s from %s: %d events, detectors %s", run, exp, where,
+                 len(self.timestamps), ", ".join(sorted(self.run.detnames)))
+
+    def detector(self, name: str) -> RunDetector:
+        """The run's detector `name`; constants from the calib dir are put in
+        place first, since psana reads them when the detector is made."""
+        if name not in self._detectors:
+            if name not in self.run.detnames:
+                raise SourceError(UNKNOWN_DETECTOR, f"run {self.runnum} of {self.exp} has no "
+                                                    f"detector {name!r}; it has "
+                                                    f"{', '.join(sorted(self.run.detnames))}")
+            if self.calib_dir:
+                found = read_constants(self.calib_dir, self.exp, self.runnum, name)
+                self.run.dsparms.calibconst.setdefault(name, {}).update(found)
+            self._detectors[name] = RunDetector(self.run, name)
+        return self._detectors[name]
+
+    def constants(self, name: str) -> Dict[str, Any]:
+        return self.run.dsparms.calibconst.get(name) or {}
+
+    def event(self, index: int) -> Any:
+        return self.run.event(self.timestamps[index])
+
+    def close(self) -> None:
+        for det in self._detectors.values():
+            det.forget()
+        self._detectors.clear()
+        self.run.dm.close()
+        self.run = self._ds = None
