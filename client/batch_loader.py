@@ -1,12 +1,10 @@
 """`BatchLoader`: batches for training loops, as fast as the server's workers
 can produce frames.
 
-It opens one connection per server worker (the server spreads connections
-over its workers), splits every batch across them, keeps the next batches'
-requests in flight, and reads the connections round-robin, copying each
-frame once from its slot straight into a preallocated batch buffer and
-releasing the slot at once. No DataLoader worker processes, no pickling, no
-collate copy.
+It splits every batch over a ConnectionGroup (one connection per server
+worker), keeps the next batches' requests in flight, and copies each frame
+once from its slot straight into a preallocated batch buffer, releasing the
+slot at once. No DataLoader worker processes, no pickling, no collate copy.
 
 Buffer lifetime rule: the loader reuses `buffers` batch buffers (pinned when
 CUDA is available). A yielded batch stays valid until `buffers` further
@@ -25,6 +23,7 @@ import numpy as np
 
 from .connection import Client, Frame
 from .distributed import rank_and_world, shard
+from .group import ConnectionGroup
 
 
 def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, rank: int,
@@ -61,19 +60,15 @@ class BatchLoader:
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         self.rank, self.world_size = rank, world_size
-        probe = Client(address, transport=transport)
-        info = probe.info(exp, run, detector)
-        workers = connections or probe.stats()["workers"]
-        probe.close()
+        window = min(64, max(8, 2 * batch_size))
+        self.group = ConnectionGroup(address, connections, transport=transport, window=window)
+        info = self.group.clients[0].info(exp, run, detector)
         spec = info["modes"].get(mode)
         if spec is None:
             raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
         self.events = list(range(info["events"])) if events is None else [int(e) for e in events]
-        window = min(64, max(8, 2 * math.ceil(batch_size / workers)))
-        self.clients = [Client(address, transport=transport, window=window)
-                        for _ in range(workers)]
         self.pin_memory = pin_memory
         self._ring = [self._new_buffer() for _ in range(buffers)]
 
@@ -109,52 +104,33 @@ class BatchLoader:
         return buf[:n]
 
     # -- iteration ------------------------------------------------------------------------
-    def _submit(self, events: List[int]) -> List[int]:
-        """Split one batch over the connections; returns a request id per connection
-        (-1 where a connection got no events)."""
-        chunks = np.array_split(np.asarray(events), len(self.clients))
-        return [c.submit(self.exp, self.run, self.detector, chunk.tolist(), self.mode,
-                         self.access_mode) if len(chunk) else -1
-                for c, chunk in zip(self.clients, chunks)]
-
-    def _stream(self, rids: List[int], n: int) -> Iterator[Tuple[int, Frame]]:
-        """(position in batch, frame) read round-robin, one frame per connection
-        in turn, so every server worker keeps producing."""
-        starts = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(n), len(self.clients))])
-        cursors = [[client.frames(rid), int(start)]
-                   for client, rid, start in zip(self.clients, rids, starts) if rid >= 0]
-        while cursors:
-            for cursor in list(cursors):
-                frame: Optional[Frame] = next(cursor[0], None)
-                if frame is None:
-                    cursors.remove(cursor)
-                    continue
-                yield cursor[1], frame
-                cursor[1] += 1
-
-    def _batches(self) -> Iterator[Tuple[int, List[int], List[int]]]:
+    def _batches(self) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
         """(batch number, events, request ids) with `depth` batches requested ahead.
         Abandoning it mid-epoch drops the connections, which frees their slots."""
         order = self._order()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        in_flight: List[List[int]] = []
+        in_flight: List[List[Tuple[Client, int, int]]] = []
         completed = False
         try:
             for k, events in enumerate(batches):
                 while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
-                    in_flight.append(self._submit(batches[k + len(in_flight)]))
+                    in_flight.append(self.group.submit(self.exp, self.run, self.detector,
+                                                       batches[k + len(in_flight)], self.mode,
+                                                       self.access_mode))
                 yield k, events, in_flight.pop(0)
             completed = True
         finally:
-            if not completed:
+            if completed:
+                self.group.flush_releases()
+            else:
                 self.close()
 
     def __iter__(self) -> Iterator[Any]:
         """Batches copied into the reused buffers (see the buffer lifetime rule)."""
-        for k, events, rids in self._batches():
+        for k, events, requests in self._batches():
             out = self._buffer(k, len(events))
             target = out.numpy() if self.output == "torch" else out
-            for pos, frame in self._stream(rids, len(events)):
+            for pos, frame in self.group.stream(requests):
                 with frame:
                     np.copyto(target[pos], frame.array, casting="no")
             yield out
@@ -163,9 +139,9 @@ class BatchLoader:
         """Zero-copy: each batch as a list of `Frame`s whose read-only `.array` is
         the server's slot itself, in order. They are valid until the next batch
         is drawn, when the loader releases them; copy what you keep."""
-        for _, events, rids in self._batches():
+        for _, events, requests in self._batches():
             frames: List[Optional[Frame]] = [None] * len(events)
-            for pos, frame in self._stream(rids, len(events)):
+            for pos, frame in self.group.stream(requests):
                 frames[pos] = frame
             try:
                 yield frames
@@ -175,8 +151,7 @@ class BatchLoader:
 
     def close(self) -> None:
         """Drop the connections (they reconnect on the next iteration)."""
-        for client in self.clients:
-            client.close()
+        self.group.close()
 
     def __enter__(self) -> "BatchLoader":
         return self

@@ -17,7 +17,8 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.address import Address, format_address, resolve_address, socket_family
+from psana_ipc.protocol.address import (Address, format_address, parse_address, ready_info,
+                                        resolve_address, socket_family)
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import encode_request, hello_request
 
@@ -30,13 +31,22 @@ RELEASE_BATCH = 16
 Reply = Tuple[Dict[str, Any], Optional[bytearray]]
 
 
-def find_token(token: Optional[str] = None) -> Optional[str]:
-    """An explicit token, else $PSANA_IPC_TOKEN, else the file $PSANA_IPC_TOKEN_FILE names."""
+def find_token(token: Optional[str] = None, address: Optional[Address] = None) -> Optional[str]:
+    """An explicit token, else $PSANA_IPC_TOKEN, else the file $PSANA_IPC_TOKEN_FILE
+    names, else the token file in the ready file $PSANA_IPC_READY_FILE if that
+    file describes the server at `address` (a token is never sent elsewhere)."""
     if token:
         return token
     if os.environ.get(ENV_TOKEN):
         return os.environ[ENV_TOKEN]
     path = os.environ.get(ENV_TOKEN_FILE)
+    if not path and address is not None:
+        try:
+            ready = ready_info()
+        except (OSError, ValueError):   # a stale or missing ready file: no token from it
+            ready = {}
+        if ready.get("address") and parse_address(ready["address"]) == address:
+            path = ready.get("token_file")
     if path:
         with open(path) as f:
             return f.read().strip()
@@ -78,14 +88,18 @@ class Client:
     """A connection to an iserver; see the module docstring for frame lifetimes."""
 
     def __init__(self, address: Any = None, *, transport: str = "auto",
-                 token: Optional[str] = None, window: int = 0,
+                 token: Optional[str] = None, window: int = 0, writable: bool = False,
                  timeout: Optional[float] = 300.0, connect_timeout: float = 10.0) -> None:
+        """`window`: frames this connection may hold (0: the server's default).
+        `writable`: map slots writable, for code that insists on writable arrays
+        and does not write them (torch.as_tensor)."""
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'")
         self.address: Address = resolve_address(address)
         self.transport = transport
         self.token = token
         self.window = window
+        self.writable = writable
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._pid = os.getpid()
@@ -97,7 +111,7 @@ class Client:
         """Forget the connection; frames handed out before now no longer release."""
         self.generation += 1
         self._sock = None
-        self._maps = SlotMaps()
+        self._maps = SlotMaps(self.writable)
         self._next_id = 0
         self._pending: Dict[int, Deque[Reply]] = {}
         self._to_release: List[int] = []
@@ -130,7 +144,8 @@ class Client:
         transport = "inline" if self.transport == "inline" else "shm"
         try:
             rid = self._send_header(hello_request(self._new_id(), socket.gethostname(), transport,
-                                                  find_token(self.token), self.window))
+                                                  find_token(self.token, self.address),
+                                                  self.window))
             self.server = self._result(rid)
         except BaseException:
             self.close()
@@ -143,7 +158,7 @@ class Client:
     def close(self) -> None:
         if self._sock is not None and self._pid == os.getpid():
             try:
-                self._flush_releases()
+                self.flush_releases()
             except OSError:
                 pass
             self._sock.close()
@@ -159,7 +174,7 @@ class Client:
     def __getstate__(self) -> Dict[str, Any]:
         """Pickle settings only (DataLoader workers may be spawned, not forked)."""
         return {k: getattr(self, k) for k in ("address", "transport", "token", "window",
-                                              "timeout", "connect_timeout")}
+                                              "writable", "timeout", "connect_timeout")}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -179,15 +194,23 @@ class Client:
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
         self._ensure()
-        self._flush_releases()
-        return self._send_header(encode_request(op, self._new_id(), **fields))
+        try:
+            self.flush_releases()
+            return self._send_header(encode_request(op, self._new_id(), **fields))
+        except OSError:
+            self.close()   # the stream is lost: the next request connects afresh
+            raise
 
     def reply(self, rid: int) -> Reply:
         """The next reply to request `rid`, reading (and keeping) others on the way."""
         queue = self._pending.setdefault(rid, deque())
         while not queue:
-            self._flush_releases()
-            header, payload = recv_message(self._sock)
+            try:
+                self.flush_releases()
+                header, payload = recv_message(self._sock)
+            except OSError:    # a timeout or a dropped connection: the stream is lost, and
+                self.close()   # the next request connects afresh
+                raise
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
                 raise ServerError(header.get("code", "internal"), header.get("message", ""),
@@ -211,14 +234,20 @@ class Client:
         """Give a slot back (sent in batches, and always before waiting for a reply)."""
         self._to_release.append(slot)
         if len(self._to_release) >= RELEASE_BATCH:
-            self._flush_releases()
+            self.flush_releases()
 
-    def _flush_releases(self) -> None:
+    def flush_releases(self) -> None:
+        """Send the releases not sent yet (they go in batches)."""
         if self._to_release and self._sock is not None:
             slots, self._to_release = self._to_release, []
             send_message(self._sock, encode_request("release", self._new_id(), slots=slots))
 
     # -- requests -----------------------------------------------------------------------
+    def server_window(self) -> int:
+        """Frames this connection may hold at once, as agreed with the server."""
+        self._ensure()
+        return self.server["window"]
+
     def ping(self) -> bool:
         return bool(self.call("ping").get("pong"))
 
@@ -231,7 +260,7 @@ class Client:
 
     def shutdown(self) -> None:
         """Stop the whole server (needs the server's token if it has one)."""
-        self.call("shutdown", token=find_token(self.token))
+        self.call("shutdown", token=find_token(self.token, self.address))
         self.close()
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],

@@ -17,19 +17,25 @@ import numpy as np
 from psana_ipc.protocol.shm_names import segment_path
 
 
-def attach(name: str) -> mmap.mmap:
-    """Map a segment read-only; the mapping outlives the name's unlink."""
-    fd = os.open(segment_path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+def attach(name: str, writable: bool = False) -> mmap.mmap:
+    """Map a segment, read-only unless asked; the mapping outlives the name's unlink."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(segment_path(name), flags)
     try:
-        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, 0, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
     finally:
         os.close(fd)
 
 
 class SlotMaps:
-    """Mappings of one connection's slots, reused for every frame in a slot."""
+    """Mappings of one connection's slots, reused for every frame in a slot.
 
-    def __init__(self) -> None:
+    Views are read-only unless `writable`: that is for code that insists on
+    writable arrays (torch.as_tensor warns otherwise) and never writes them.
+    """
+
+    def __init__(self, writable: bool = False) -> None:
+        self.writable = writable
         self._maps: Dict[int, Tuple[str, mmap.mmap]] = {}
 
     def view(self, slot: int, name: str, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
@@ -38,7 +44,7 @@ class SlotMaps:
         if held is None or held[0] != name:
             if held is not None:
                 _close(held[1])
-            held = (name, attach(name))
+            held = (name, attach(name, self.writable))
             self._maps[slot] = held
         return np.ndarray(tuple(shape), dtype=dtype, buffer=held[1])
 

@@ -11,6 +11,8 @@ work) and times, per detector, calib frames through:
   batchloader   BatchLoader: requests in flight on every server worker, one
                 copy per frame into a reused batch buffer
   zero-copy     BatchLoader.views(): the slots themselves, no client copy
+  collate-wN    DataLoader alone over frames already in memory (no server): the
+                ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
 
 Each figure is the median of `--repeats` timed passes after one warm-up pass.
@@ -30,7 +32,7 @@ import time
 from typing import Callable, Dict, List
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo import start_server  # noqa: E402
@@ -57,6 +59,28 @@ def dataset_pass(address: str, det: str, events: List[int], protocol: str, worke
     def run() -> int:
         ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
         return sum(b.shape[0] for b in DataLoader(ds, batch_size=batch, num_workers=workers))
+    return run
+
+
+class InMemory(Dataset):
+    """Frames already in this process: what DataLoader costs without any I/O."""
+
+    def __init__(self, frames: np.ndarray, n: int) -> None:
+        self.frames, self.n = frames, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.frames[i % len(self.frames)]
+
+
+def collate_pass(det: str, n: int, workers: int, batch: int) -> Callable[[], int]:
+    frames = np.stack([expected(det, "calib", e) for e in range(4)])
+
+    def run() -> int:
+        loader = DataLoader(InMemory(frames, n), batch_size=batch, num_workers=workers)
+        return sum(b.shape[0] for b in loader)
     return run
 
 
@@ -91,6 +115,9 @@ def bench_detector(address: str, det: str, args: argparse.Namespace) -> List[Dic
                                                         args.loader_workers, args.batch_size),
         "batchloader": loader_pass(loader, views=False),
         "zero-copy": loader_pass(loader, views=True),
+        "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
+        f"collate-w{args.loader_workers}": collate_pass(det, args.frames, args.loader_workers,
+                                                        args.batch_size),
         "memcpy": memcpy_pass(det, args.frames, args.batch_size),
     }
     rates = {}

@@ -1,0 +1,77 @@
+"""`ConnectionGroup`: one connection per server worker, used as one.
+
+The server spreads a client's connections over its workers, so a request
+split across the group is produced by all workers at once. Frames are read
+round-robin, one per connection in turn, so no worker waits for the client
+to drain another. BatchLoader and IPCRemotePsanaDataset both fetch this way.
+"""
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .connection import Client, Frame
+
+DEFAULT_WINDOW = 32
+
+
+class ConnectionGroup:
+    def __init__(self, address: Any = None, size: int = 0, *, transport: str = "auto",
+                 window: int = DEFAULT_WINDOW, writable: bool = False,
+                 timeout: Optional[float] = 300.0) -> None:
+        """`size` 0 means one connection per server worker (asked on first use)."""
+        self._first = Client(address, transport=transport, window=window, writable=writable,
+                             timeout=timeout)
+        self._size = size
+        self._more: List[Client] = []
+
+    @property
+    def address(self) -> Any:
+        return self._first.address
+
+    @property
+    def clients(self) -> List[Client]:
+        if not self._more and self._size != 1:
+            size = self._size or self._first.stats()["workers"]
+            c = self._first
+            self._more = [Client(c.address, transport=c.transport, window=c.window,
+                                 writable=c.writable, timeout=c.timeout) for _ in range(size - 1)]
+        return [self._first] + self._more
+
+    @property
+    def capacity(self) -> int:
+        """Frames the group can hold at once: a batch larger than this cannot be
+        held as views."""
+        return sum(c.server_window() for c in self.clients)
+
+    def submit(self, exp: str, run: int, detector: str, events: Sequence[int], mode: str,
+               access_mode: str = "idx") -> List[Tuple[Client, int, int]]:
+        """Split the events over the connections; (connection, request id, first
+        position) for each connection that got any."""
+        chunks = np.array_split(np.asarray(events, dtype=np.int64), len(self.clients))
+        requests, start = [], 0
+        for client, chunk in zip(self.clients, chunks):
+            if len(chunk):
+                rid = client.submit(exp, run, detector, chunk.tolist(), mode, access_mode)
+                requests.append((client, rid, start))
+            start += len(chunk)
+        return requests
+
+    def stream(self, requests: List[Tuple[Client, int, int]]) -> Iterator[Tuple[int, Frame]]:
+        """(position, frame) for every event of a submitted split, round-robin."""
+        cursors = [[client.frames(rid), start] for client, rid, start in requests]
+        while cursors:
+            for cursor in list(cursors):
+                frame = next(cursor[0], None)
+                if frame is None:
+                    cursors.remove(cursor)
+                    continue
+                yield cursor[1], frame
+                cursor[1] += 1
+
+    def flush_releases(self) -> None:
+        for client in [self._first] + self._more:
+            client.flush_releases()
+
+    def close(self) -> None:
+        for client in [self._first] + self._more:
+            client.close()

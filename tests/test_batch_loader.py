@@ -1,0 +1,145 @@
+"""Every path the benchmark times, checked for bytes, order, sharding and
+slot hygiene (never for speed)."""
+import gc
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from psana_ipc.client import BatchLoader, Client
+from psana_ipc.client.batch_loader import epoch_order
+from psana_ipc.client.group import ConnectionGroup
+from psana_ipc.server.sources.synthetic import expected
+
+from conftest import ROOT
+
+
+def _eventually(condition, tries=100):
+    """Poll a condition the server reaches asynchronously (bounded, not timed)."""
+    for _ in range(tries):
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _check(batch, events, det="epix100", mode="calib"):
+    for row, e in zip(np.asarray(batch), events):
+        assert np.array_equal(row, expected(det, mode, e))
+
+
+def test_batches_hold_the_documented_bytes_in_order(server):
+    events = [7, 3, 3, 11, 0, 5, 9]
+    loader = BatchLoader(server.address, "x", 1, "epix100", "calib", events, batch_size=3)
+    batches = [b.clone() for b in loader]
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert len(loader) == 3 and batches[0].dtype == torch.float32
+    _check(torch.cat(batches), events)
+    loader.close()
+
+
+def test_numpy_flavour_and_fresh_buffers(server):
+    loader = BatchLoader(server.address, "x", 1, "jungfrau4M", "raw", range(4), batch_size=2,
+                         output="numpy", buffers=0)
+    first, second = list(loader)
+    assert isinstance(first, np.ndarray) and not np.shares_memory(first, second)
+    _check(np.concatenate([first, second]), range(4), "jungfrau4M", "raw")
+    loader.close()
+
+
+def test_reused_buffers_follow_the_lifetime_rule(server):
+    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(6), batch_size=2,
+                         output="numpy", buffers=2)
+    seen = []
+    for batch in loader:
+        seen.append(batch)
+    assert np.shares_memory(seen[0], seen[2]) and not np.shares_memory(seen[0], seen[1])
+    _check(seen[2], [4, 5], mode="raw")      # the newest batch is intact
+    loader.close()
+
+
+def test_shuffle_is_seeded_per_epoch_and_shards_cover_every_event_once():
+    events = list(range(10))
+    e0 = epoch_order(events, 0, seed=4, shuffle=True, rank=0, world=1)
+    assert sorted(e0) == events and e0 != events
+    assert e0 == epoch_order(events, 0, seed=4, shuffle=True, rank=0, world=1)
+    assert e0 != epoch_order(events, 1, seed=4, shuffle=True, rank=0, world=1)
+    shards = [epoch_order(events, 2, 4, True, r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]                 # padded to equal length
+    flat = sorted(sum(shards, []))
+    assert set(flat) == set(events) and len(flat) == 12
+
+
+def test_sharded_shuffled_loaders_read_what_their_order_says(server):
+    got = {}
+    for rank in (0, 1):
+        loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(9), batch_size=2,
+                             shuffle=True, seed=1, rank=rank, world_size=2)
+        loader.set_epoch(3)
+        order = epoch_order(range(9), 3, 1, True, rank, 2)
+        batch = torch.cat([b.clone() for b in loader])
+        _check(batch, order, mode="raw")
+        got[rank] = order
+        loader.close()
+    assert set(got[0]) | set(got[1]) == set(range(9))
+
+
+def test_zero_copy_views_are_the_slots_and_are_released(server):
+    loader = BatchLoader(server.address, "x", 1, "epix100", "calib", range(8), batch_size=4)
+    for k, frames in enumerate(loader.views()):
+        assert [f.event for f in frames] == list(range(4 * k, 4 * k + 4))
+        for f in frames:
+            assert not f.array.flags.writeable
+            assert np.array_equal(f.array, expected("epix100", "calib", f.event))
+    with Client(server.address) as c:
+        assert c.stats()["inflight_slots"] == 0
+    loader.close()
+
+
+def test_group_spreads_a_request_over_every_worker(server):
+    group = ConnectionGroup(server.address)
+    assert len(group.clients) == 2
+    split = group.submit("x", 1, "epix100", [4, 5, 6], "raw")
+    frames = dict(group.stream(split))
+    assert sorted(frames) == [0, 1, 2]
+    workers = {f.desc["name"].split("_")[2] for f in frames.values()}
+    assert len(workers) == 2, "both server workers produced frames"
+    for pos, f in frames.items():
+        assert np.array_equal(f.array, expected("epix100", "raw", 4 + pos))
+        f.release()
+    group.close()
+
+
+def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
+    loader = BatchLoader(server.address, "x", 1, "epix10k2M", "calib", range(40), batch_size=4,
+                         depth=3)
+    it = iter(loader)
+    next(it)
+    with Client(server.address) as c:
+        assert c.stats()["inflight_slots"] > 0
+        del it
+        gc.collect()
+        assert _eventually(lambda: c.stats()["inflight_slots"] == 0), \
+            "slots of an abandoned loader were not released"
+    assert len(list(loader)) == 10          # it reconnects for the next epoch
+    loader.close()
+
+
+def test_bench_runs_and_writes_its_json(server, tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--detectors",
+                             "epix100", "--frames", "8", "--repeats", "1", "--batch-size", "4",
+                             "--json", str(out), "--plot", str(tmp_path / "bench.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    names = {r["name"] for r in rows}
+    assert {"legacy", "dataset-w0", "batchloader", "zero-copy", "memcpy"} <= names
+    for r in rows:
+        assert set(r) >= {"name", "detector", "frames_per_s", "gb_per_s", "ratio_vs_legacy",
+                          "fraction_of_memcpy"} and r["frames_per_s"] > 0
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
