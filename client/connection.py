@@ -307,7 +307,9 @@ class Client:
                   access_mode: str = "idx") -> Tuple[np.ndarray, Dict[str, Any]]:
         """One frame as a private array, with its descriptor (timestamp, calibrated)."""
         with self.view(exp, run, detector, event, mode, access_mode) as frame:
-            return np.array(frame.array), frame.desc
+            copy = np.array(frame.array), frame.desc
+        self.flush_releases()    # an idle client should not sit on a slot
+        return copy
 
     def get(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
             access_mode: str = "idx") -> np.ndarray:
@@ -325,4 +327,5 @@ class Client:
                 if out is None:
                     out = np.empty((len(events),) + frame.array.shape, frame.array.dtype)
                 np.copyto(out[k], frame.array)
+        self.flush_releases()
         return out

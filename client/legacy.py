@@ -16,6 +16,7 @@ from psana_ipc.protocol.legacy import ACK, DONE
 
 from .connection import Client
 from .shm import attach
+from .wire import ConnectionClosed
 
 MAX_REPLY = 1 << 20
 DETECT_TIMEOUT = 1.0
@@ -75,11 +76,7 @@ def detect_protocol(address: Any, timeout: float = DETECT_TIMEOUT) -> str:
     try:
         probe.ping()
         return "v1"
-    except (socket.timeout, ConnectionResetError, ProtocolError):
+    except (socket.timeout, ConnectionResetError, ConnectionClosed, ProtocolError):
         return "legacy"
-    except ConnectionError as e:
-        if "closed" in str(e):
-            return "legacy"
-        raise
     finally:
         probe.close()

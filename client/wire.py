@@ -9,6 +9,10 @@ from psana_ipc.protocol.framing import LENGTH, decode_header, encode_frame, head
 MAX_PAYLOAD = 1 << 40
 
 
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection before a whole frame arrived."""
+
+
 def send_message(sock: socket.socket, header: Dict[str, Any]) -> None:
     sock.sendall(encode_frame(header))
 
@@ -24,7 +28,7 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
     while got < len(view):
         n = sock.recv_into(view[got:])
         if n == 0:
-            raise ConnectionError("the server closed the connection")
+            raise ConnectionClosed("the server closed the connection")
         got += n
 
 

@@ -17,8 +17,9 @@ work) and times, per detector, calib frames through:
 
 Each figure is the median of `--repeats` timed passes after one warm-up pass.
 Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
-bandwidth) and the server's peak shared memory; `--json` and `--plot` save
-the same. Example:
+bandwidth, and CPU milliseconds per frame spent in this process and in the
+server's workers over the timed passes) and the server's peak shared memory;
+`--json` and `--plot` save the same. Example:
 
     python scripts/bench.py --json bench.json --plot bench.png
 """
@@ -41,15 +42,30 @@ from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset  # noqa:
 from psana_ipc.server.sources.synthetic import expected  # noqa: E402
 
 
-def timed(run: Callable[[], int], repeats: int) -> float:
-    """Median frames/s of `repeats` passes after one warm-up pass."""
+def cpu_seconds(pids: List[int]) -> float:
+    """User + system CPU time of processes, from /proc (no psutil needed)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed(run: Callable[[], int], repeats: int, server: List[int]) -> Dict[str, float]:
+    """Median frames/s of `repeats` passes after one warm-up pass, with the CPU
+    per frame of this process (children included) and of the server."""
     run()
-    rates = []
+    rates, frames = [], 0
+    mine0, server0 = sum(os.times()[:4]), cpu_seconds(server)
     for _ in range(repeats):
         t0 = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        frames += n
+    return {"fps": statistics.median(rates),
+            "client_ms": 1e3 * (sum(os.times()[:4]) - mine0) / frames,
+            "server_ms": 1e3 * (cpu_seconds(server) - server0) / frames}
 
 
 def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
@@ -103,7 +119,8 @@ def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
     return run
 
 
-def bench_detector(address: str, det: str, args: argparse.Namespace) -> List[Dict]:
+def bench_detector(address: str, workers: List[int], det: str,
+                   args: argparse.Namespace) -> List[Dict]:
     events = list(range(args.frames))
     frame_bytes = expected(det, "calib", 0).nbytes
     loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size)
@@ -120,28 +137,30 @@ def bench_detector(address: str, det: str, args: argparse.Namespace) -> List[Dic
                                                         args.batch_size),
         "memcpy": memcpy_pass(det, args.frames, args.batch_size),
     }
-    rates = {}
+    measured = {}
     for name, run in paths.items():
-        rates[name] = timed(run, args.repeats)
-        print(f"  {det} {name}: {rates[name]:.0f} frames/s", file=sys.stderr)
+        measured[name] = timed(run, args.repeats, workers)
+        print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
     loader.close()
     rows = []
-    for name, fps in rates.items():
-        gbps = fps * frame_bytes / 1e9
-        rows.append({"name": name, "detector": det, "frames_per_s": round(fps, 1),
-                     "gb_per_s": round(gbps, 3),
-                     "ratio_vs_legacy": round(fps / rates["legacy"], 2),
-                     "fraction_of_memcpy": round(fps / rates["memcpy"], 3)})
+    for name, m in measured.items():
+        rows.append({"name": name, "detector": det, "frames_per_s": round(m["fps"], 1),
+                     "gb_per_s": round(m["fps"] * frame_bytes / 1e9, 3),
+                     "ratio_vs_legacy": round(m["fps"] / measured["legacy"]["fps"], 2),
+                     "fraction_of_memcpy": round(m["fps"] / measured["memcpy"]["fps"], 3),
+                     "client_cpu_ms_per_frame": round(m["client_ms"], 2),
+                     "server_cpu_ms_per_frame": round(m["server_ms"], 2)})
     return rows
 
 
 def print_table(rows: List[Dict], extra: Dict) -> None:
     print(f"{'path':<14}{'detector':<12}{'frames/s':>10}{'GB/s':>8}{'x legacy':>10}"
-          f"{'of memcpy':>11}")
+          f"{'of memcpy':>11}{'client ms':>11}{'server ms':>11}")
     for r in rows:
         print(f"{r['name']:<14}{r['detector']:<12}{r['frames_per_s']:>10.1f}"
               f"{r['gb_per_s']:>8.2f}{r['ratio_vs_legacy']:>10.2f}"
-              f"{100 * r['fraction_of_memcpy']:>10.0f}%")
+              f"{100 * r['fraction_of_memcpy']:>10.0f}%{r['client_cpu_ms_per_frame']:>11.2f}"
+              f"{r['server_cpu_ms_per_frame']:>11.2f}")
     for key, value in extra.items():
         print(f"{key}: {value}")
 
@@ -188,7 +207,8 @@ def main() -> int:
                               "--shm-budget", args.shm_budget,
                               "--synthetic-events", str(args.frames))
         try:
-            rows = [r for det in args.detectors for r in bench_detector(server.address, det, args)]
+            rows = [r for det in args.detectors
+                    for r in bench_detector(server.address, server.workers, det, args)]
             with Client(server.address) as c:
                 stats = c.stats()
                 c.shutdown()

@@ -5,10 +5,16 @@ source, load events through a torch DataLoader with IPCRemotePsanaDataset
 the server.
 
     python scripts/demo.py [--detector epix10k2M] [--events 400] [--loader-workers 2]
+
+The same on a real run, with the server in the psana environment:
+
+    python scripts/demo.py --server-python .venv-psana/bin/python --exp tstx00117 --run 1 \
+        --server-args "--source psana2 --data-dir DIR --offline --calib-dir CDIR"
 """
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -20,11 +26,12 @@ from torch.utils.data import DataLoader
 from psana_ipc.client import Client, IPCRemotePsanaDataset
 
 
-def start_server(workers: int, tmp: str, *options: str) -> subprocess.Popen:
+def start_server(workers: int, tmp: str, *options: str,
+                 python: str = sys.executable) -> subprocess.Popen:
     """An iserver on a free port (synthetic source unless `options` say otherwise),
     returned once it accepts; its address is in `.address`."""
     ready = os.path.join(tmp, "ready.json")
-    proc = subprocess.Popen([sys.executable, "-m", "psana_ipc.server", "--port", "0",
+    proc = subprocess.Popen([python, "-m", "psana_ipc.server", "--port", "0",
                              "--workers", str(workers), "--ready-file", ready,
                              "--log-level", "WARNING", *options])
     deadline = time.monotonic() + 60
@@ -34,38 +41,52 @@ def start_server(workers: int, tmp: str, *options: str) -> subprocess.Popen:
             raise SystemExit("demo: the server did not start")
         time.sleep(0.05)
     with open(ready) as f:
-        proc.address = json.load(f)["address"]
+        info = json.load(f)
+    proc.address, proc.workers = info["address"], info["workers"]
     return proc
 
 
 def load(address: str, protocol: str, args: argparse.Namespace) -> float:
-    requests = [("xpptut15", 14, "idx", args.detector, e) for e in range(args.events)]
-    dataset = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.loader_workers)
-    frames, t0 = 0, time.perf_counter()
-    for batch in loader:
-        assert isinstance(batch, torch.Tensor)
-        frames += batch.shape[0]
+    """frames/s of one pass over the events, after a pass over the first few that
+    lets every server worker open the run (psana's set-up is paid once per worker)."""
+    requests = [(args.exp, args.run, "idx", args.detector, e) for e in range(args.events)]
+    warm = requests[: 2 * args.batch_size * max(1, args.loader_workers)]
+    for part in (warm, requests):
+        dataset = IPCRemotePsanaDataset(address, part, mode=args.mode, protocol=protocol)
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.loader_workers)
+        frames, t0 = 0, time.perf_counter()
+        for batch in loader:
+            assert isinstance(batch, torch.Tensor)
+            frames += batch.shape[0]
     elapsed = time.perf_counter() - t0
     fps = frames / elapsed
+    gbps = fps * batch[0].numel() * batch.element_size() / 1e9
     print(f"  {protocol:7s} {frames} frames {tuple(batch.shape[1:])} {batch.dtype} in "
-          f"{elapsed:.2f}s: {fps:8.1f} frames/s, {fps * batch[0].numel() * 4 / 1e9:.2f} GB/s")
+          f"{elapsed:.2f}s: {fps:8.1f} frames/s, {gbps:.2f} GB/s")
     return fps
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--exp", default="xpptut15")
+    ap.add_argument("--run", type=int, default=14)
     ap.add_argument("--detector", default="epix10k2M")
+    ap.add_argument("--mode", default="calib", choices=["raw", "calib", "image", "mask"])
     ap.add_argument("--events", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--server-workers", type=int, default=2)
+    ap.add_argument("--server-python", default=sys.executable,
+                    help="python of the environment the server runs in (default: this one)")
+    ap.add_argument("--server-args", default="", help="more iserver options, e.g. a source")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args.server_workers, tmp)
+        server = start_server(args.server_workers, tmp, *shlex.split(args.server_args),
+                              python=args.server_python)
         try:
-            print(f"iserver (synthetic) on {server.address}; DataLoader with "
-                  f"{args.loader_workers} workers, batch {args.batch_size}, {args.detector} calib")
+            print(f"iserver {args.server_args or '(synthetic)'} on {server.address}; DataLoader "
+                  f"with {args.loader_workers} workers, batch {args.batch_size}, "
+                  f"{args.detector} {args.mode}")
             v1 = load(server.address, "v1", args)
             legacy = load(server.address, "legacy", args)
             print(f"  v1 / legacy: {v1 / legacy:.1f}x")

@@ -38,10 +38,10 @@ class Channel:
             self.close()
             return
         self.last_activity = time.monotonic()
-        if data:
-            self.on_data(data)
-        else:
+        if not data:
             self.on_eof()
+        elif not self.close_after_flush:   # a closing connection takes no more requests
+            self.on_data(data)
 
     def on_writable(self) -> None:
         self.flush()

@@ -6,6 +6,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import sys
 from typing import List, Optional
 
@@ -50,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  iserver --workers 4                      synthetic data on 127.0.0.1:5000\n"
                "  iserver --source psana2 --port 5001      LCLS-II runs\n"
-               "  iserver --unix /tmp/me.sock --ready-file /tmp/me.ready",
+               "  iserver --unix /tmp/me.sock --ready-file /tmp/me.ready\n\n"
+               "more sources: PSANA_IPC_SOURCES=name=module[,name=module...] adds sources whose\n"
+               "module defines `Factory` (see psana_ipc.server.sources.base); they become\n"
+               "choices of --source, e.g.\n"
+               "  PSANA_IPC_SOURCES=mine=mypkg.source iserver --source mine",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     net = p.add_argument_group("where to listen")
     net.add_argument("--host", default=DEFAULT_HOST,
@@ -64,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "removed when the server stops")
     srv = p.add_argument_group("serving")
     srv.add_argument("--source", choices=sorted(sources.available()), default="synthetic",
-                     help="where events come from (default: %(default)s)")
+                     help="where events come from (default: %(default)s; more through "
+                          "$PSANA_IPC_SOURCES, see below)")
     srv.add_argument("--workers", type=int, default=5, help="worker processes (default: 5)")
     srv.add_argument("--cache-size", type=int, default=8, metavar="N",
                      help="open sources kept per worker, least recently used dropped "
@@ -84,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a worker stuck this long reading one event is replaced (default: 300)")
     sec = p.add_argument_group("access")
     sec.add_argument("--token-file", metavar="PATH",
-                     help="require the token in PATH for v1 hello and shutdown; created "
-                          "(owner-only) with a random token if missing")
+                     help="require the token in PATH for v1 hello and shutdown, and refuse "
+                          "the legacy dialect, which cannot carry one; created (owner-only) "
+                          "with a random token if missing, refused if others may read it")
     sec.add_argument("--no-legacy", action="store_true",
-                     help="refuse the legacy btx dialect (requests and DONE)")
+                     help="refuse the legacy btx dialect (requests and DONE); implied by "
+                          "--token-file")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     for name in sorted(sources.available()):
         sources.factory_class(name).add_arguments(p)
@@ -95,17 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_or_create_token(path: str) -> str:
+    """The token in `path`, or a new random one written to a new owner-only file.
+
+    An existing file must be a regular file of ours that nobody else may read
+    or write: a token another user can read, or planted, protects nothing.
+    """
     try:
-        with open(path) as f:
-            token = f.read().strip()
-        if token:
-            return token
-    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
         pass
-    token = secrets.token_hex(16)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    except OSError as e:
+        raise SystemExit(f"iserver: cannot create the token file {path}: {e.strerror}") from None
+    else:
+        token = secrets.token_hex(16)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise SystemExit(f"iserver: cannot read the token file {path}: {e.strerror}") from None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SystemExit(f"iserver: the token file {path} must be a file of yours that "
+                             f"only you can read (chmod 600)")
+        token = f.read().strip()
+    if not token:
+        raise SystemExit(f"iserver: the token file {path} is empty")
     return token
 
 
@@ -150,6 +175,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     factory = sources.factory_class(options.source)(options)
     token = read_or_create_token(options.token_file) if options.token_file else None
     listener = bind(options)
+    if token is None and not options.unix and not options.host.startswith("127.") \
+            and options.host not in ("::1", "localhost"):
+        log.warning("listening on %s without --token-file: anyone who can reach this port "
+                    "can read events and stop the server", options.host)
     address = options.unix or listener.getsockname()[:2]
     state = SharedState(options.workers, options.shm_budget)
     master_pid = os.getpid()
@@ -160,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             reader=reader, allocator=SegmentAllocator(state, slot, master_pid),
             shutdown=lambda: os.kill(master_pid, signal.SIGTERM),
             stats=state.stats, source=options.source, window=options.window,
-            max_window=options.max_window, token=token, legacy=not options.no_legacy,
+            max_window=options.max_window, token=token,
+            legacy=not options.no_legacy and token is None,
             ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout)
         try:
             return Worker(listener, state, slot, ctx, master_pid).run()

@@ -28,6 +28,9 @@ def is_local_peer(sock: socket.socket) -> bool:
     """A UNIX socket or a loopback TCP peer: one that can map our segments."""
     if sock.family == socket.AF_UNIX:
         return True
-    host = sock.getpeername()[0]
+    try:
+        host = sock.getpeername()[0]
+    except OSError:   # the peer has already reset the connection
+        return False
     return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") \
         or host.startswith("::ffff:127.")

@@ -34,9 +34,10 @@ class LegacyConnection(Channel):
 
     def on_data(self, data: bytes) -> None:
         if self.segment is not None:
-            self.buf += data
-            if ACK in self.buf:
+            seen = self.buf + data
+            if ACK in seen:
                 self.finish()
+            self.buf = seen[1 - len(ACK):]   # all an ACK split across reads needs
             return
         if self.request is not None:
             return  # bytes after a complete request are not part of this dialect

@@ -97,7 +97,10 @@ class V1Connection(Channel):
 
     def _authorized(self, token: Optional[str]) -> bool:
         expected = self.ctx.token
-        return expected is None or (token is not None and hmac.compare_digest(token, expected))
+        if expected is None:
+            return True
+        # bytes: compare_digest refuses str with non-ASCII characters
+        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
     def _hello(self, rid: int, hello: Hello) -> None:
         if hello.version != PROTOCOL_VERSION:

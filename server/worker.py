@@ -10,13 +10,14 @@ a client's parallel connections over the workers.
 Set-up that is per process (signal handlers, the wakeup pipe, logging)
 happens here, after the fork, never in the master.
 """
+import functools
 import logging
 import os
 import selectors
 import signal
 import socket
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
@@ -29,6 +30,7 @@ from .wakeup import drain, wakeup_pipe
 
 log = logging.getLogger(__name__)
 ACCEPT_GRACE = 0.05
+ACCEPT_PAUSE = 1.0
 PARENT_CHECK = 1.0
 
 
@@ -47,6 +49,7 @@ class Worker:
         self.stopping = False
         self.sel = selectors.DefaultSelector()
         self.pending_since: Optional[float] = None
+        self.accept_paused_until: Optional[float] = None
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
@@ -88,6 +91,9 @@ class Worker:
             self._work_round()
             now = time.monotonic()
             self._tick(now)
+            if self.accept_paused_until is not None and now >= self.accept_paused_until:
+                self.accept_paused_until = None
+                self.sel.register(self.listener, selectors.EVENT_READ, "listen")
             if now - last_parent_check > PARENT_CHECK:
                 last_parent_check = now
                 if os.getppid() != self.master_pid:
@@ -112,8 +118,10 @@ class Worker:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:
-            log.warning("accept failed: %s", e)
+        except OSError as e:   # e.g. out of file descriptors: pause instead of spinning
+            log.warning("accept failed (%s): not accepting for %.0fs", e, ACCEPT_PAUSE)
+            self.sel.unregister(self.listener)
+            self.accept_paused_until = now + ACCEPT_PAUSE
             return
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
@@ -143,23 +151,32 @@ class Worker:
         self.conns[fd] = conn
         self.sel.register(fd, selectors.EVENT_READ, conn)
 
-    def _io(self, conn: Channel, mask: int) -> None:
-        if mask & selectors.EVENT_READ:
-            conn.on_readable()
-        if mask & selectors.EVENT_WRITE and not conn.closed:
-            conn.on_writable()
+    def _step(self, conn: Channel, step: Callable[[], object]) -> None:
+        """Run one step of one connection. An unexpected error closes that
+        connection only: the worker's other clients keep being served."""
+        try:
+            step()
+        except Exception:
+            log.exception("closing a connection after an unexpected error")
+            conn.close()
         self._update(conn)
+
+    def _io(self, conn: Channel, mask: int) -> None:
+        def step() -> None:
+            if mask & selectors.EVENT_READ:
+                conn.on_readable()
+            if mask & selectors.EVENT_WRITE and not conn.closed:
+                conn.on_writable()
+        self._step(conn, step)
 
     def _work_round(self) -> None:
         for conn in list(self.conns.values()):
             if conn.has_work():
-                conn.work()
-                self._update(conn)
+                self._step(conn, conn.work)
 
     def _tick(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            conn.tick(now)
-            self._update(conn)
+            self._step(conn, functools.partial(conn.tick, now))
         for fd, at in list(self.accepted_at.items()):
             if now - at > self.ctx.idle_timeout:
                 sock = self.unsorted.pop(fd)

@@ -1,0 +1,61 @@
+"""A test-only source that misbehaves on purpose: the synthetic source, except
+that event RAISE_EVENT raises and event HANG_EVENT never returns.
+
+Loaded by a server started with PSANA_IPC_SOURCES=faulty=faulty_source and
+tests/ on PYTHONPATH; `server_env()` gives that environment. Beside it:
+`probes` (looking at a running server from outside) and `small_shm` (a run
+inside a mount namespace whose /dev/shm is tiny).
+"""
+import os
+import time
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.messages import RunKey
+from psana_ipc.server.sources import ENV_SOURCES
+from psana_ipc.server.sources import synthetic
+from psana_ipc.server.sources.base import Allocator, FrameMeta, FrameSpec, Source
+
+RAISE_EVENT = 13
+HANG_EVENT = 17
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def server_env() -> Dict[str, str]:
+    """The environment a server needs to offer `--source faulty`."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    return {ENV_SOURCES: "faulty=faulty_source", "PYTHONPATH": path}
+
+
+class FaultySource(Source):
+    """Wraps a synthetic source; fails on the two chosen events."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def specs(self) -> Dict[str, FrameSpec]:
+        return self.inner.specs()
+
+    def read_into(self, index: int, mode: str, allocate: Allocator) -> Tuple[np.ndarray, FrameMeta]:
+        if index == RAISE_EVENT:
+            raise RuntimeError(f"event {index} is corrupt on purpose")
+        if index == HANG_EVENT:
+            while True:          # a psana call that never comes back
+                time.sleep(3600)
+        return self.inner.read_into(index, mode, allocate)
+
+
+class Factory(synthetic.Factory):
+    name = "faulty"
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """Only the synthetic source's options, which iserver adds already."""
+
+    def open(self, key: RunKey) -> Source:
+        return FaultySource(super().open(key))

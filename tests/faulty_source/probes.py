@@ -1,0 +1,83 @@
+"""Looking at a running server from outside, the way an operator would: raw
+sockets speaking the protocol by hand, and /proc for memory and descriptors."""
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from psana_ipc.client.wire import recv_message
+from psana_ipc.protocol.address import parse_address, socket_family
+from psana_ipc.protocol.framing import encode_frame
+from psana_ipc.protocol.messages import hello_request
+
+
+def connect(address: str, source: Optional[str] = None, timeout: float = 10.0) -> socket.socket:
+    """A plain socket to the server, optionally from a chosen local address."""
+    target = parse_address(address)
+    sock = socket.socket(socket_family(target), socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    if source is not None:
+        sock.bind((source, 0))
+    sock.connect(target)
+    return sock
+
+
+def hello(sock: socket.socket, token: Optional[str] = None, transport: str = "shm",
+          window: int = 0) -> Dict:
+    """Send a v1 hello and return the server's reply header."""
+    sock.sendall(encode_frame(hello_request(0, socket.gethostname(), transport, token, window)))
+    return recv_message(sock)[0]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed its end (what it sent before is skipped)."""
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll until `condition()` is true; fail naming `what` if it never is."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A size from /proc/<pid>/status (VmRSS, VmHWM, ...) in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+class _Figures:
+    """Lines printed at the end of the pytest session: the numbers a test
+    run measured (connections held, cases fuzzed), for the record."""
+
+    def __init__(self) -> None:
+        self.lines = []
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        terminalreporter.write_sep("-", "psana-ipc figures")
+        for line in self.lines:
+            terminalreporter.write_line(line)
+
+
+def record_figure(config, line: str) -> None:
+    """Add a line to the session's summary (`config` is pytest's)."""
+    figures = config.pluginmanager.get_plugin("psana-ipc-figures")
+    if figures is None:
+        figures = _Figures()
+        config.pluginmanager.register(figures, "psana-ipc-figures")
+    figures.lines.append(line)

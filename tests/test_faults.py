@@ -1,0 +1,327 @@
+"""Faults with real processes and real signals: clients that die or stop
+reading, workers that die or hang, sources that raise, a master killed with
+its workers, shared memory that runs out. After each, the server serves on
+and holds nothing it should not."""
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from psana_ipc.client import Client, ServerError, legacy
+from psana_ipc.protocol import errors
+from psana_ipc.protocol.framing import encode_frame
+from psana_ipc.protocol.shm_names import our_segments, parse_segment_name
+from psana_ipc.server.shm import round_up
+from psana_ipc.server.sources.synthetic import expected
+
+from conftest import pid_alive
+from faulty_source import HANG_EVENT, RAISE_EVENT, server_env
+from faulty_source.probes import closed_by_server, connect, hello, status_kb, wait_for
+
+JUNGFRAU_RAW = 8 * 512 * 1024 * 2
+MiB = 1 << 20
+
+
+def _served(client, det="epix100", event=3, mode="raw"):
+    return np.array_equal(client.get("x", 1, det, event, mode), expected(det, mode, event))
+
+
+def _worker_of(frame):
+    """The worker that wrote a frame, from its segment's name."""
+    return parse_segment_name(frame.desc["name"]).worker_pid
+
+
+def _stats(server):
+    with Client(server.address, transport="inline") as c:
+        return c.stats()
+
+
+def _psana_ipc(*args):
+    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+# -- clients ------------------------------------------------------------------------------
+HOLDER = """
+import json, sys
+from psana_ipc.client import Client
+c = Client(sys.argv[1])
+held = [c.view("x", 1, "jungfrau4M", e, "raw") for e in range(3)]
+stream = c.frames(c.submit("x", 1, "jungfrau4M", range(200), "raw"))
+held += [next(stream), next(stream)]
+print(json.dumps([f.desc["name"] for f in held]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_client_killed_mid_transfer_loses_its_slots(start_server):
+    server = start_server(["--workers", "2", "--cost-ms", "5"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, server.address],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        names = json.loads(holder.stdout.readline())
+        assert set(names) <= set(our_segments(server.pid))
+        assert _stats(server)["inflight_slots"] >= len(names)
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_for(lambda: not set(names) & set(our_segments(server.pid)), "the slots are unlinked")
+    wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the budget is given back")
+    assert _stats(server)["inflight_slots"] == 0
+    with Client(server.address) as c:
+        assert _served(c, "jungfrau4M", 7)
+
+
+@pytest.mark.parametrize("transport", ["shm", "inline"])
+def test_a_client_that_stops_reading_holds_at_most_its_window(start_server, transport):
+    """It pipelines thousands of gets and never reads a reply: the server stops
+    after `window` frames for it, its memory stays put, and others are served."""
+    window = 4
+    server = start_server(["--workers", "1"])
+    worker = server.workers[0]
+    with Client(server.address) as warm:      # the source's arrays exist before measuring
+        assert _served(warm, "jungfrau4M", 0)
+    rss_before = status_kb(worker, "VmRSS")
+    stuck = connect(server.address)
+    try:
+        assert hello(stuck, transport=transport, window=window)["window"] == window
+        gets = b"".join(encode_frame({"op": "get", "id": i, "exp": "x", "run": 1,
+                                      "detector": "jungfrau4M", "mode": "raw",
+                                      "events": list(range(100))}) for i in range(1, 31))
+        stuck.sendall(gets)
+        if transport == "shm":
+            wait_for(lambda: _stats(server)["inflight_slots"] == window, "the window is full")
+        else:
+            _wait_until_steady(server)
+        stats = _stats(server)
+        assert stats["shm_bytes"] <= window * round_up(JUNGFRAU_RAW)
+        assert stats["events"] < 3000
+        with Client(server.address) as other:
+            assert _served(other, "jungfrau4M", 5) and _served(other)
+        growth_kb = status_kb(worker, "VmRSS") - rss_before
+        assert growth_kb * 1024 < window * JUNGFRAU_RAW + 64 * MiB
+    finally:
+        stuck.close()
+    wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the stuck client's slots are freed")
+
+
+def _wait_until_steady(server):
+    """Until the served-event count stops moving (the peer's buffers are full)."""
+    seen = []
+
+    def steady():
+        seen.append(_stats(server)["events"])
+        return len(seen) >= 5 and len(set(seen[-5:])) == 1
+    wait_for(steady, "the server stops sending to a client that does not read")
+
+
+def test_a_legacy_client_that_floods_instead_of_acking_costs_no_memory(start_server):
+    server = start_server(["--workers", "1"])
+    worker = server.workers[0]
+    host, port = server.address.rsplit(":", 1)
+    assert np.array_equal(legacy.fetch((host, int(port)), "x", 1, "idx", "epix100", 1, "raw"),
+                          expected("epix100", "raw", 1))
+    peak_before = status_kb(worker, "VmHWM")
+    with connect(server.address) as sock:
+        sock.sendall(json.dumps({"exp": "x", "run": 1, "detector_name": "epix100", "event": 2,
+                                 "mode": "raw"}).encode())
+        assert "name" in json.loads(sock.recv(4096))
+        junk = b"\0" * MiB
+        for _ in range(64):
+            sock.sendall(junk)
+        sock.sendall(b"ACK")
+        assert closed_by_server(sock)
+    assert (status_kb(worker, "VmHWM") - peak_before) * 1024 < 16 * MiB
+
+
+def test_peers_that_reset_right_after_sending_cost_nothing(start_server):
+    """The worker is busy in a slow source call while peers send a request and
+    reset (RST): it finds their bytes, and no peer address, once it gets to them."""
+    server = start_server(["--workers", "1", "--cost-ms", "300"])
+    workers = server.workers
+    with Client(server.address) as busy:
+        rid = busy.submit("x", 1, "epix100", [1], "raw")
+        legacy_request = json.dumps({"exp": "x", "run": 1, "detector_name": "epix100",
+                                     "event": 2, "mode": "raw"}).encode()
+        for first_bytes in (legacy_request, b"\x00\x00"):
+            sock = connect(server.address)
+            sock.sendall(first_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        for frame in busy.frames(rid):
+            frame.release()
+        assert _served(busy)
+    assert server.workers == workers and "Traceback" not in server.log()
+
+
+# -- workers --------------------------------------------------------------------------------
+def _two_clients_on_two_workers(server, **kw):
+    """(client, its worker, other client, its worker) on different workers."""
+    first = Client(server.address, **kw)
+    with first.view("x", 1, "epix100", 0, "raw") as frame:
+        first_worker = _worker_of(frame)
+    for _ in range(8):
+        other = Client(server.address, **kw)
+        with other.view("x", 1, "epix100", 0, "raw") as frame:
+            if _worker_of(frame) != first_worker:
+                return first, first_worker, other, _worker_of(frame)
+        other.close()
+    raise AssertionError("connections did not spread over the workers")
+
+
+def test_a_worker_killed_mid_request_fails_that_request_cleanly(start_server):
+    server = start_server(["--workers", "2", "--cost-ms", "10"])
+    victim, dead, survivor, alive = _two_clients_on_two_workers(server)
+    frames = victim.frames(victim.submit("x", 1, "opal", range(300), "raw"))
+    next(frames).release()
+    os.kill(dead, signal.SIGKILL)
+    with pytest.raises(ConnectionError):
+        for frame in frames:
+            frame.release()
+    assert _served(survivor, "opal", 9)
+    wait_for(lambda: dead not in server.workers and len(server.workers) == 2,
+             "a new worker replaces the dead one")
+    wait_for(lambda: not any(f"_{dead}_" in n for n in our_segments(server.pid)),
+             "the dead worker's segments are unlinked")
+    assert _served(victim, "opal", 11)          # the client connects afresh by itself
+    assert pid_alive(alive) and _served(survivor)
+    victim.close()
+    survivor.close()
+
+
+@pytest.fixture
+def faulty_server(start_server):
+    def start(*args):
+        return start_server(["--source", "faulty"] + list(args), env=server_env())
+    return start
+
+
+def test_a_source_that_raises_fails_one_event_and_the_worker_lives(faulty_server):
+    server = faulty_server("--workers", "1")
+    workers = server.workers
+    with Client(server.address) as c:
+        with pytest.raises(ServerError) as e:
+            c.get("x", 1, "epix100", RAISE_EVENT, "raw")
+        assert e.value.code == errors.READ_FAILED and "corrupt on purpose" in e.value.message
+        assert _served(c, event=RAISE_EVENT - 1)
+        with pytest.raises(ServerError) as e:
+            c.get_many("x", 1, "epix100", [RAISE_EVENT - 1, RAISE_EVENT, RAISE_EVENT + 1], "raw")
+        assert e.value.code == errors.READ_FAILED
+        assert _served(c, event=RAISE_EVENT + 1)
+        host, port = server.address.rsplit(":", 1)
+        with pytest.raises(ServerError) as e:
+            legacy.fetch((host, int(port)), "x", 1, "idx", "epix100", RAISE_EVENT, "raw")
+        assert e.value.code == errors.READ_FAILED
+        assert c.stats()["errors"] == {errors.READ_FAILED: 3}
+    assert server.workers == workers
+
+
+def test_a_source_that_hangs_is_killed_by_the_watchdog(faulty_server):
+    server = faulty_server("--workers", "2", "--request-timeout", "1")
+    stuck, hung, other, alive = _two_clients_on_two_workers(server, timeout=120)
+    outcome = []
+
+    def ask_for_the_hanging_event():
+        try:
+            stuck.get("x", 1, "epix100", HANG_EVENT, "raw")
+            outcome.append("answered")
+        except Exception as e:   # what the caller of get() sees
+            outcome.append(e)
+
+    asker = threading.Thread(target=ask_for_the_hanging_event)
+    asker.start()
+    served = 0
+    while asker.is_alive():
+        assert _served(other, event=served % 10)
+        served += 1
+    asker.join()
+    assert isinstance(outcome[0], ConnectionError), outcome
+    assert served > 0 and pid_alive(alive)
+    wait_for(lambda: hung not in server.workers and len(server.workers) == 2,
+             "a new worker replaces the hung one")
+    assert "spent over" in server.log()
+    assert _served(stuck) and _served(other)
+    stuck.close()
+    other.close()
+
+
+# -- the master -------------------------------------------------------------------------------
+@pytest.mark.parametrize("listen", ["tcp", "unix"])
+def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(start_server,
+                                                                          tmp_path, listen):
+    args = ["--workers", "2"] + (["--unix", str(tmp_path / "s.sock")] if listen == "unix" else [])
+    first = start_server(args)
+    client = Client(first.address)
+    held = client.view("x", 1, "epix10k2M", 1, "raw")
+    workers = first.workers
+    for pid in [first.pid] + workers:      # the OOM killer takes the whole group
+        os.kill(pid, signal.SIGKILL)
+    first.proc.wait(10)
+    wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers are gone")
+    left = list(our_segments(first.pid))
+    assert held.desc["name"] in left
+    result = _psana_ipc("cleanup")
+    assert result.returncode == 0 and f"removed {len(left)}" in result.stdout
+    assert not list(our_segments(first.pid))
+    if listen == "tcp":
+        args += ["--port", first.address.rsplit(":", 1)[1]]
+    second = start_server(args)
+    assert second.address == first.address
+    with Client(second.address) as c:
+        assert _served(c, "epix10k2M", 4)
+        stats = c.stats()
+    assert stats["events"] == 1 and stats["errors"] == {}
+    # a mapping outlives its name
+    assert np.array_equal(held.array, expected("epix10k2M", "raw", 1))
+    del held
+    client.close()
+
+
+# -- shared memory running out ------------------------------------------------------------------
+def test_a_budget_in_use_is_no_memory_until_a_slot_is_released(start_server):
+    frame = round_up(704 * 768 * 2)                      # one epix100 raw frame
+    server = start_server(["--workers", "1", "--shm-budget", str(2 * frame + frame // 2)])
+    first, second, third = (Client(server.address) for _ in range(3))
+    with first.view("x", 1, "epix100", 1, "raw") as held:
+        with second.view("x", 1, "epix100", 2, "raw"):
+            with pytest.raises(ServerError) as e:
+                third.get("x", 1, "epix100", 3, "raw")
+            assert e.value.code == errors.NO_MEMORY
+        assert second.ping()          # a release reaches the server with the next request
+        assert _served(third)         # the slot it left idle was reclaimed
+        assert np.array_equal(held.array, expected("epix100", "raw", 1))
+    with pytest.raises(ServerError) as e:
+        first.get("x", 1, "opal", 1, "calib")             # larger than the whole budget
+    assert e.value.code == errors.NO_MEMORY
+    stats = third.stats()
+    assert stats["shm_peak_bytes"] <= stats["shm_budget"]
+    assert stats["errors"] == {errors.NO_MEMORY: 2}
+    for c in (first, second, third):
+        c.close()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_full_dev_shm_is_no_memory_and_leaves_no_partial_segment():
+    """/dev/shm itself fills up, not the budget: server and client run in a mount
+    namespace over a 2 MiB tmpfs, so the machine's /dev/shm is never touched."""
+    env = dict(os.environ, PYTHONPATH=server_env()["PYTHONPATH"])   # tests/ importable
+    script = (f"mount -t tmpfs -o size=2m psana-ipc-test /dev/shm && "
+              f"exec {sys.executable} -m faulty_source.small_shm")
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "mount" in proc.stderr and "ermission" in proc.stderr:
+        pytest.skip(f"no mount namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["v1_code"] == report["legacy_code"] == errors.NO_MEMORY
+    assert report["small_before"] and report["small_after"]
+    assert len(report["after_v1"]) == 1 and report["after_legacy"] == report["after_v1"]
+    assert report["exit_code"] == 0 and report["at_end"] == []

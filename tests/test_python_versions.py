@@ -1,0 +1,83 @@
+"""Run the code on the Python versions it promises, not only on the one
+pytest uses: the server on 3.9 (psana environments), and the client's
+segment attach on 3.9 and 3.13 without Python's resource tracker — the
+tracker would warn about "leaked" segments and unlink them when the client
+exits, taking the server's memory with it."""
+import glob
+import os
+import shutil
+import subprocess
+from typing import Optional
+
+import numpy as np
+import pytest
+
+from psana_ipc.client import Client
+from psana_ipc.server.sources.synthetic import expected
+
+from conftest import ROOT, SHM
+
+VERSIONS = ["3.9", "3.13"]
+
+
+def find_python(version: str) -> Optional[str]:
+    """An interpreter of that version that runs: on PATH, else under pyenv's root."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates = [shutil.which(f"python{version}")] + \
+        sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"))
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "--version"], capture_output=True).returncode == 0:
+            return exe
+    return None
+
+
+@pytest.fixture(scope="session")
+def pythons(tmp_path_factory):
+    """A virtual environment per version with numpy and this project (no torch)."""
+    made = {}
+    for version in VERSIONS:
+        exe = find_python(version)
+        if exe is None:
+            pytest.skip(f"no python{version} on this machine")
+        env = tmp_path_factory.mktemp(f"py{version}")
+        subprocess.run([exe, "-m", "venv", str(env)], check=True, timeout=300)
+        pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q",
+               "--disable-pip-version-check"]
+        subprocess.run(pip + ["numpy"], check=True, timeout=600)
+        subprocess.run(pip + ["--no-deps", str(ROOT)], check=True, timeout=600,
+                       cwd=tmp_path_factory.getbasetemp())
+        made[version] = str(env / "bin" / "python")
+    return made
+
+
+def test_server_runs_on_python39(start_server, pythons):
+    server = start_server(["--workers", "2"], python=pythons["3.9"])
+    with Client(server.address) as c:
+        assert np.array_equal(c.get("x", 1, "jungfrau4M", 6, "calib"),
+                              expected("jungfrau4M", "calib", 6))
+        assert c.get_many("x", 1, "epix100", [1, 2], "raw").shape == (2, 704, 768)
+    assert server.stop() == 0
+
+
+ATTACH = """
+import sys, numpy as np
+from psana_ipc.client.shm import attach
+m = attach(sys.argv[1])
+view = np.frombuffer(m, dtype=np.uint16, count=4)
+print(int(view[1]))
+del view
+m.close()
+"""
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_attaching_leaves_the_segment_and_says_nothing(server, pythons, version):
+    with Client(server.address) as c, c.view("x", 1, "epix100", 3, "raw") as frame:
+        name = frame.desc["name"]
+        result = subprocess.run([pythons[version], "-W", "error", "-c", ATTACH, name],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert int(result.stdout) == expected("epix100", "raw", 3).flat[1]
+        assert result.stderr == ""                      # no resource_tracker warnings
+        assert (SHM / name).exists()                    # not unlinked behind the server
+        assert np.array_equal(frame.array, expected("epix100", "raw", 3))
