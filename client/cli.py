@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from psana_ipc.protocol.address import ENV_ADDRESS, format_address, resolve_address
+from psana_ipc.protocol.address import ENV_ADDRESS, ENV_READY_FILE, format_address, resolve_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
 from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Talk to a running iserver: check it, look at data, stop it, clean up.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=None,
-                        help=f"server as HOST:PORT or a UNIX socket path "
-                             f"(default: ${ENV_ADDRESS}, else 127.0.0.1:5000)")
+                        help=f"server as HOST:PORT or a UNIX socket path (default: "
+                             f"${ENV_ADDRESS}, else the server named in ${ENV_READY_FILE}, "
+                             f"else 127.0.0.1:5000)")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("ping", parents=[common], help="check that the server answers") \

@@ -11,6 +11,8 @@ from typing import Callable, Deque, Optional, Union
 
 RECV_SIZE = 65536
 MAX_UNSENT = 4096       # chunks queued for a peer that does not read: then it is dropped
+MEMORY_WAIT = 3.0       # how long a frame waits for budget before the error is sent
+RETRY_EVERY = 0.1       # a psana source re-reads the event on every retry
 # Bytes to send, or a callback run once everything queued before it has been sent.
 Chunk = Union[bytes, memoryview, Callable[[], None]]
 
@@ -24,6 +26,8 @@ class Channel:
         self.closed = False
         self.close_after_flush = False
         self.last_activity = time.monotonic()
+        self.wake_at: Optional[float] = None        # work waits for memory until then
+        self._waiting_since: Optional[float] = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -49,6 +53,10 @@ class Channel:
     def has_work(self) -> bool:
         return False
 
+    def due(self, now: float) -> bool:
+        """False while the connection's work waits for shared memory."""
+        return self.wake_at is None or now >= self.wake_at
+
     def work(self) -> None:
         """Do one unit of work (one frame); called only when `has_work()`."""
 
@@ -57,6 +65,21 @@ class Channel:
         return None
 
     # -- for subclasses ---------------------------------------------------------------
+    def retry_later(self) -> bool:
+        """After BudgetExhausted: schedule a retry, unless the frame has waited
+        MEMORY_WAIT already (then the caller sends the error)."""
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since > MEMORY_WAIT:
+            self.memory_found()
+            return False
+        self.wake_at = now + RETRY_EVERY
+        return True
+
+    def memory_found(self) -> None:
+        self._waiting_since = self.wake_at = None
+
     def on_data(self, data: bytes) -> None:
         raise NotImplementedError
 

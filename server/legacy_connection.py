@@ -19,6 +19,7 @@ from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .shared_state import COL
 from .shm import Segment
+from .slots import BudgetExhausted
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,14 @@ class LegacyConnection(Channel):
         get = self.request
         try:
             data, meta = self.ctx.reader.read(get, get.events[0], allocate)
+        except BudgetExhausted as e:
+            if not self.retry_later():
+                self._fail(e.code, e.message)
+            return
         except ProtocolError as e:
             self._fail(e.code, e.message)
             return
+        self.memory_found()
         self.send(legacy_reply(self.segment.name, data.shape, data.dtype.name,
                                timestamp=meta.timestamp, calibrated=meta.calibrated))
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout

@@ -19,13 +19,14 @@ from psana_ipc.protocol.errors import ALL_CODES
 
 CODES = sorted(ALL_CODES)
 FIELDS = ["pid", "ready", "connections", "shm_bytes", "inflight", "events", "bytes",
-          "busy_since_ns", "requests"] + [f"error:{c}" for c in CODES]
+          "busy_since_ns", "requests", "trims"] + [f"error:{c}" for c in CODES]
 COL = {name: i for i, name in enumerate(FIELDS)}
 GAUGES = ("connections", "shm_bytes", "inflight", "busy_since_ns", "ready", "pid")
 
 
 class SharedState:
-    """Per-worker rows plus one server-wide row (the peak shm use)."""
+    """Per-worker rows plus one server-wide row (the peak shm use, and how many
+    times a worker short of budget asked the others to free idle slots)."""
 
     def __init__(self, workers: int, shm_budget: int) -> None:
         self.workers = workers
@@ -60,6 +61,14 @@ class SharedState:
     def unreserve(self, slot: int, nbytes: int) -> None:
         with self._locked():
             self.table[slot, COL["shm_bytes"]] -= nbytes
+
+    def request_trim(self) -> None:
+        """Ask every worker to give its idle slots back to the budget."""
+        with self._locked():
+            self.table[self.workers, COL["trims"]] += 1
+
+    def trim_requests(self) -> int:
+        return int(self.table[self.workers, COL["trims"]])
 
     def count_error(self, slot: int, code: str) -> None:
         self.table[slot, COL["error:" + code]] += 1

@@ -18,6 +18,14 @@ from .shm import Segment, ShmFullError, round_up
 from .sources.base import SourceError
 
 
+class BudgetExhausted(SourceError):
+    """The budget is in use; worth waiting for, unlike a full /dev/shm."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(NO_MEMORY, f"shared-memory budget of {budget} bytes is in use; "
+                                    f"try again later")
+
+
 class SegmentAllocator:
     """Creates and destroys one worker's segments, accounted in the shared budget."""
 
@@ -29,14 +37,15 @@ class SegmentAllocator:
         self.on_pressure: Callable[[], int] = lambda: 0   # frees idle memory, returns bytes
 
     def create(self, nbytes: int) -> Segment:
-        """A new segment of at least `nbytes`; SourceError(NO_MEMORY) when the
-        budget or /dev/shm has no room even after idle slots are freed."""
+        """A new segment of at least `nbytes`. BudgetExhausted when the budget has
+        no room even after this worker's idle slots are freed (the other workers
+        are then asked to free theirs); SourceError(NO_MEMORY) when /dev/shm is full."""
         size = round_up(nbytes)
         if not self.state.reserve(self.slot, size):
             self.on_pressure()
             if not self.state.reserve(self.slot, size):
-                raise SourceError(NO_MEMORY, f"shared-memory budget of {self.state.shm_budget} "
-                                             f"bytes is in use; try again later")
+                self.state.request_trim()
+                raise BudgetExhausted(self.state.shm_budget)
         name = segment_name(self.server_pid, os.getpid(), format(next(self._serial), "x"))
         try:
             return Segment(name, size)

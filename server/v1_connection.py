@@ -25,7 +25,7 @@ from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Release, Shutdo
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .shared_state import COL
-from .slots import SlotPool
+from .slots import BudgetExhausted, SlotPool
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
@@ -160,6 +160,12 @@ class V1Connection(Channel):
 
         try:
             data, meta = self.ctx.reader.read(item.get, event, allocate)
+        except BudgetExhausted as e:
+            if self.retry_later():
+                self.queue.appendleft(item)
+                return
+            self._fail(item.rid, e.code, e.message, seq=item.seq, event=event, done=done)
+            return
         except ProtocolError as e:
             if slot is not None:
                 self.pool.release([slot.id])
@@ -168,6 +174,7 @@ class V1Connection(Channel):
                 done = True
             self._fail(item.rid, e.code, e.message, seq=item.seq, event=event, done=done)
             return
+        self.memory_found()
         desc = ok_reply(item.rid, seq=item.seq, event=event, shape=list(data.shape),
                         dtype=data.dtype.str, timestamp=meta.timestamp,
                         calibrated=meta.calibrated, done=done, **meta.extra)

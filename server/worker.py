@@ -50,6 +50,7 @@ class Worker:
         self.sel = selectors.DefaultSelector()
         self.pending_since: Optional[float] = None
         self.accept_paused_until: Optional[float] = None
+        self.trims_seen = 0
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
@@ -77,8 +78,9 @@ class Worker:
     def _loop(self, wake_r: int) -> None:
         last_parent_check = time.monotonic()
         while not self.stopping:
-            busy = any(c.has_work() for c in self.conns.values())
-            timeout = 0 if busy else self._next_deadline()
+            now = time.monotonic()
+            busy = any(c.due(now) and c.has_work() for c in self.conns.values())
+            timeout = 0 if busy else self._next_deadline(now)
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
                     self._maybe_accept()
@@ -100,10 +102,14 @@ class Worker:
                     log.warning("master is gone: worker exiting")
                     return
 
-    def _next_deadline(self) -> float:
+    def _next_deadline(self, now: float) -> float:
+        """Seconds the loop may sleep: until a pending accept, a memory retry, or
+        the next look at the parent."""
+        waits = [PARENT_CHECK] + [c.wake_at - now for c in self.conns.values()
+                                  if c.wake_at is not None]
         if self.pending_since is not None:
-            return ACCEPT_GRACE / 5
-        return PARENT_CHECK
+            waits.append(ACCEPT_GRACE / 5)
+        return max(0.0, min(waits))
 
     # -- connections --------------------------------------------------------------------
     def _maybe_accept(self) -> None:
@@ -170,8 +176,12 @@ class Worker:
         self._step(conn, step)
 
     def _work_round(self) -> None:
+        if self.state.trim_requests() != self.trims_seen:   # a worker is short of budget
+            self.trims_seen = self.state.trim_requests()
+            self._trim_idle()
+        now = time.monotonic()
         for conn in list(self.conns.values()):
-            if conn.has_work():
+            if conn.due(now) and conn.has_work():
                 self._step(conn, conn.work)
 
     def _tick(self, now: float) -> None:

@@ -308,6 +308,22 @@ def test_a_budget_in_use_is_no_memory_until_a_slot_is_released(start_server):
         c.close()
 
 
+def test_idle_slots_of_another_worker_are_freed_for_a_waiting_frame(start_server):
+    frame = round_up(704 * 768 * 2)                      # one epix100 raw frame
+    server = start_server(["--workers", "2", "--shm-budget", str(frame + frame // 2)])
+    idle, waiting = Client(server.address), Client(server.address)
+    assert np.array_equal(idle.get("x", 1, "epix100", 1, "raw"), expected("epix100", "raw", 1))
+    [idle_slot] = our_segments(server.pid)               # its released slot, kept for reuse
+    with waiting.view("x", 1, "epix100", 2, "raw") as frame_view:
+        assert np.array_equal(frame_view.array, expected("epix100", "raw", 2))
+        other = parse_segment_name(frame_view.desc["name"]).worker_pid
+    assert other != parse_segment_name(idle_slot).worker_pid, "both landed on one worker"
+    assert idle_slot not in set(our_segments(server.pid))
+    assert waiting.stats()["errors"] == {}
+    for c in (idle, waiting):
+        c.close()
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_full_dev_shm_is_no_memory_and_leaves_no_partial_segment():
     """/dev/shm itself fills up, not the budget: server and client run in a mount
