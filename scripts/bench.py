@@ -178,7 +178,7 @@ def plot(rows: List[Dict], path: str) -> None:
         fps = [next(r["frames_per_s"] for r in rows if r["name"] == n and r["detector"] == det)
                for n in names]
         ax.bar(np.arange(len(names)) + k * width, fps, width, label=f"{det} calib")
-    ax.set_xticks(np.arange(len(names)) + width * (len(dets) - 1) / 2, names)
+    ax.set_xticks(np.arange(len(names)) + width * (len(dets) - 1) / 2, names, rotation=20)
     ax.set_ylabel("frames/s")
     ax.set_title("psana-ipc throughput per path (synthetic source, one run)")
     ax.legend()

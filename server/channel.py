@@ -53,6 +53,10 @@ class Channel:
     def has_work(self) -> bool:
         return False
 
+    def next_arrival(self) -> float:
+        """When the request of the next unit of work arrived (only if `has_work`)."""
+        raise NotImplementedError
+
     def due(self, now: float) -> bool:
         """False while the connection's work waits for shared memory."""
         return self.wake_at is None or now >= self.wake_at

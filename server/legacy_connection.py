@@ -30,6 +30,7 @@ class LegacyConnection(Channel):
         self.ctx = ctx
         self.buf = b""
         self.request = None
+        self.arrived = 0.0
         self.segment: Optional[Segment] = None
         self.ack_deadline: Optional[float] = None
 
@@ -59,7 +60,11 @@ class LegacyConnection(Channel):
             self.finish()
         else:
             self.request = request
+            self.arrived = time.monotonic()
             self.ctx.reader.row[COL["requests"]] += 1
+
+    def next_arrival(self) -> float:
+        return self.arrived
 
     def has_work(self) -> bool:
         return self.request is not None and self.segment is None and not self.closed

@@ -10,6 +10,7 @@ outstanding, which is the back-pressure a slow client feels.
 """
 import hmac
 import logging
+import time
 from collections import deque
 from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple
 
@@ -36,6 +37,7 @@ class Item(NamedTuple):
     rid: int
     get: Get
     seq: int
+    arrived: float
 
 
 class V1Connection(Channel):
@@ -81,7 +83,8 @@ class V1Connection(Channel):
                 self._fail(rid, BUSY, f"more than {MAX_QUEUED_EVENTS} events are queued on this "
                                       f"connection; wait for replies", done=True)
                 return
-            self.queue.extend(Item(rid, request, seq) for seq in range(len(request.events)))
+            now = time.monotonic()
+            self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
         elif isinstance(request, Release):
             bad = self.pool.release(request.slots) if self.pool else list(request.slots)
             if bad:
@@ -137,6 +140,9 @@ class V1Connection(Channel):
         self.ctx.shutdown()
 
     # -- work -----------------------------------------------------------------------
+    def next_arrival(self) -> float:
+        return self.queue[0].arrived
+
     def has_work(self) -> bool:
         if not self.queue or self.closed:
             return False

@@ -1,11 +1,12 @@
 """A pre-forked worker: one event loop over the shared listening socket and
 every connection it accepted.
 
-Each pass reads what arrived, then does one unit of work (one frame) per
-connection that has some, round-robin, so many clients share a worker
-fairly. A worker accepts only while no other ready worker has fewer
-connections (or once a connection has waited `ACCEPT_GRACE`), which spreads
-a client's parallel connections over the workers.
+Each pass reads what arrived, then does one unit of work (one frame) for
+the oldest request of any connection: first come, first served, with the
+sockets checked between frames. A worker accepts only while no other ready
+worker has fewer connections (or once a connection has waited
+`ACCEPT_GRACE`), which spreads a client's parallel connections over the
+workers.
 
 Set-up that is per process (signal handlers, the wakeup pipe, logging)
 happens here, after the fork, never in the master.
@@ -176,13 +177,17 @@ class Worker:
         self._step(conn, step)
 
     def _work_round(self) -> None:
+        """One unit of work: the oldest request first, whichever connection it
+        came on. A batch asked for earlier is finished earlier, so a client
+        (a DataLoader worker) can use it while the next one is produced."""
         if self.state.trim_requests() != self.trims_seen:   # a worker is short of budget
             self.trims_seen = self.state.trim_requests()
             self._trim_idle()
         now = time.monotonic()
-        for conn in list(self.conns.values()):
-            if conn.due(now) and conn.has_work():
-                self._step(conn, conn.work)
+        ready = [c for c in self.conns.values() if c.due(now) and c.has_work()]
+        if ready:
+            conn = min(ready, key=lambda c: c.next_arrival())
+            self._step(conn, conn.work)
 
     def _tick(self, now: float) -> None:
         for conn in list(self.conns.values()):
