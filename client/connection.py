@@ -242,6 +242,16 @@ class Client:
             slots, self._to_release = self._to_release, []
             send_message(self._sock, encode_request("release", self._new_id(), slots=slots))
 
+    def connect(self) -> "Client":
+        """Connect now rather than on first use."""
+        self._ensure()
+        return self
+
+    @property
+    def worker(self) -> int:
+        """The pid of the server worker this connection is served by."""
+        return self.connect().server["worker"]
+
     # -- requests -----------------------------------------------------------------------
     def server_window(self) -> int:
         """Frames this connection may hold at once, as agreed with the server."""

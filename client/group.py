@@ -1,10 +1,12 @@
 """`ConnectionGroup`: one connection per server worker, used as one.
 
-The server spreads a client's connections over its workers, so a request
-split across the group is produced by all workers at once. Frames are read
+Each connection is placed on a different worker (a hello reply names the
+worker that serves it), so a request split across the group is produced by
+all workers at once. Frames are read
 round-robin, one per connection in turn, so no worker waits for the client
 to drain another. BatchLoader and IPCRemotePsanaDataset both fetch this way.
 """
+import os
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,10 +21,12 @@ class ConnectionGroup:
                  window: int = DEFAULT_WINDOW, writable: bool = False,
                  timeout: Optional[float] = 300.0) -> None:
         """`size` 0 means one connection per server worker (asked on first use)."""
-        self._first = Client(address, transport=transport, window=window, writable=writable,
-                             timeout=timeout)
+        self._settings = dict(transport=transport, window=window, writable=writable,
+                              timeout=timeout)
+        self._first = Client(address, **self._settings)
         self._size = size
-        self._more: List[Client] = []
+        self._clients: List[Client] = []
+        self._pid = os.getpid()
 
     @property
     def address(self) -> Any:
@@ -30,12 +34,32 @@ class ConnectionGroup:
 
     @property
     def clients(self) -> List[Client]:
-        if not self._more and self._size != 1:
-            size = self._size or self._first.stats()["workers"]
-            c = self._first
-            self._more = [Client(c.address, transport=c.transport, window=c.window,
-                                 writable=c.writable, timeout=c.timeout) for _ in range(size - 1)]
-        return [self._first] + self._more
+        """The connections, each on a different server worker where it can be had."""
+        if self._pid != os.getpid():   # forked: connections are made again, placed again
+            self._pid, self._clients = os.getpid(), []
+        if not self._clients:
+            self._clients = self._place(self._size or self._first.stats()["workers"])
+        return self._clients
+
+    def _place(self, size: int) -> List[Client]:
+        """Open connections until `size` distinct workers serve them. The server
+        balances by connection count, which idle connections of other clients
+        skew, so a duplicate is kept open while searching (it steers the next
+        accept elsewhere) and closed once the search ends."""
+        placed = {self._first.worker: self._first}
+        spare: List[Client] = []
+        for _ in range(3 * size):
+            if len(placed) >= size:
+                break
+            client = Client(self._first.address, **self._settings).connect()
+            if client.worker in placed:
+                spare.append(client)
+            else:
+                placed[client.worker] = client
+        chosen = list(placed.values()) + spare[: size - len(placed)]
+        for client in spare[size - len(placed):]:
+            client.close()
+        return chosen
 
     @property
     def capacity(self) -> int:
@@ -69,9 +93,10 @@ class ConnectionGroup:
                 cursor[1] += 1
 
     def flush_releases(self) -> None:
-        for client in [self._first] + self._more:
+        for client in self._clients:
             client.flush_releases()
 
     def close(self) -> None:
-        for client in [self._first] + self._more:
+        for client in {id(c): c for c in [self._first] + self._clients}.values():
             client.close()
+        self._clients = []

@@ -10,6 +10,7 @@ outstanding, which is the back-pressure a slow client feels.
 """
 import hmac
 import logging
+import os
 import time
 from collections import deque
 from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple
@@ -124,7 +125,8 @@ class V1Connection(Channel):
         if not self.inline:
             self.pool = SlotPool(self.ctx.allocator, self.window)
         self._reply(ok_reply(rid, version=PROTOCOL_VERSION, transport="inline" if self.inline
-                             else "shm", window=self.window, source=self.ctx.source))
+                             else "shm", window=self.window, source=self.ctx.source,
+                             worker=os.getpid()))
 
     def _info(self, rid: int, request: Info) -> None:
         try:

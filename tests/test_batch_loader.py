@@ -114,6 +114,19 @@ def test_group_spreads_a_request_over_every_worker(server):
     group.close()
 
 
+def test_group_finds_every_worker_when_idle_connections_skew_the_count(server):
+    idle = [Client(server.address).connect() for _ in range(4)]
+    crowded = idle[0].worker
+    for c in idle:                   # leave idle connections on one worker only
+        if c.worker != crowded:
+            c.close()
+    group = ConnectionGroup(server.address)
+    assert len({c.worker for c in group.clients}) == 2
+    group.close()
+    for c in idle:
+        c.close()
+
+
 def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
     loader = BatchLoader(server.address, "x", 1, "epix10k2M", "calib", range(40), batch_size=4,
                          depth=3)
