@@ -217,16 +217,15 @@ def main() -> int:
             if server.poll() is None:
                 server.terminate()
                 server.wait(30)
-    extra = {"server workers": args.server_workers, "cost_ms": args.cost_ms,
-             "peak shared memory (MB)": round(stats["shm_peak_bytes"] / 1e6, 1),
-             "shared-memory budget (MB)": round(stats["shm_budget"] / 1e6, 1)}
+    extra = {"server_workers": args.server_workers, "cost_ms": args.cost_ms,
+             "peak_shm_mb": round(stats["shm_peak_bytes"] / 1e6, 1),
+             "shm_budget_mb": round(stats["shm_budget"] / 1e6, 1)}
     if args.cost_ms:
-        extra["workers / cost (frames/s)"] = round(args.server_workers * 1000 / args.cost_ms, 1)
+        extra["workers_over_cost_fps"] = round(args.server_workers * 1000 / args.cost_ms, 1)
     print_table(rows, extra)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, **{k.split(" (")[0].replace(" ", "_"): v
-                                        for k, v in extra.items()}}, f, indent=2)
+            json.dump({"rows": rows, **extra}, f, indent=2)
     if args.plot:
         plot(rows, args.plot)
     return 0
