@@ -4,7 +4,6 @@ environment (no psana) checks every frame against what was written."""
 import numpy as np
 import pytest
 
-from psana2_helpers import psana2_runs  # noqa: F401  (a session fixture, found by name)
 from psana2_helpers import (DETECTORS, EVENTS, EXP, GAIN_BITS_RUN, OTHER_EVENTS, OTHER_RUN, ROOT,
                             RUN, calib_of, psana_python, run_psana)
 from psana_ipc.client import Client

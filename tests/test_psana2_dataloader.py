@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psana2_helpers import psana2_runs  # noqa: F401  (a session fixture, found by name)
 from psana2_helpers import EXP, RUN, calib_of, psana_python
 from psana_ipc.client import IPCRemotePsanaDataset
 from psana_ipc.server.sources.synthetic import expected

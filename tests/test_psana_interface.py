@@ -13,7 +13,6 @@ from psana2_helpers import EVENTS as XTC2_EVENTS
 from psana2_helpers import EXP as XTC2_EXP
 from psana2_helpers import RUN as XTC2_RUN
 from psana2_helpers import calib_of as xtc2_calib_of
-from psana2_helpers import psana2_runs  # noqa: F401  (a session fixture, found by name)
 from psana2_helpers import run_psana
 from psana_ipc.protocol.errors import NO_CALIBRATION, OUT_OF_RANGE
 from psana_ipc.server.psana_interface import PsanaImg, PsanaInterface
