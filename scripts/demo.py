@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,22 +48,24 @@ def start_server(workers: int, tmp: str, *options: str,
 
 
 def load(address: str, protocol: str, args: argparse.Namespace) -> float:
-    """frames/s of one pass over the events, after a pass over the first few that
-    lets every server worker open the run (psana's set-up is paid once per worker)."""
+    """Median frames/s of `--repeats` passes over the events, after a pass over the
+    first few that lets every server worker open the run (psana's set-up is paid
+    once per worker)."""
     requests = [(args.exp, args.run, "idx", args.detector, e) for e in range(args.events)]
     warm = requests[: 2 * args.batch_size * max(1, args.loader_workers)]
-    for part in (warm, requests):
+    rates = []
+    for part in [warm] + [requests] * args.repeats:
         dataset = IPCRemotePsanaDataset(address, part, mode=args.mode, protocol=protocol)
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.loader_workers)
         frames, t0 = 0, time.perf_counter()
         for batch in loader:
             assert isinstance(batch, torch.Tensor)
             frames += batch.shape[0]
-    elapsed = time.perf_counter() - t0
-    fps = frames / elapsed
+        rates.append(frames / (time.perf_counter() - t0))
+    fps = statistics.median(rates[1:])
     gbps = fps * batch[0].numel() * batch.element_size() / 1e9
-    print(f"  {protocol:7s} {frames} frames {tuple(batch.shape[1:])} {batch.dtype} in "
-          f"{elapsed:.2f}s: {fps:8.1f} frames/s, {gbps:.2f} GB/s")
+    print(f"  {protocol:7s} {frames} frames {tuple(batch.shape[1:])} {batch.dtype}: "
+          f"{fps:8.1f} frames/s, {gbps:.2f} GB/s")
     return fps
 
 
@@ -74,6 +77,7 @@ def main() -> int:
     ap.add_argument("--mode", default="calib", choices=["raw", "calib", "image", "mask"])
     ap.add_argument("--events", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes; the median is shown")
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--server-workers", type=int, default=2)
     ap.add_argument("--server-python", default=sys.executable,
