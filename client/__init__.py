@@ -1,7 +1,8 @@
 """The psana-ipc client SDK: runs in any Python environment, never imports psana.
 
-`Client` is plain numpy; `IPCRemotePsanaDataset` and `BatchLoader` need
-torch and are imported on first use, so the SDK works without torch.
+`Client` is plain numpy; `IPCRemotePsanaDataset`, `RunDataset` and
+`BatchLoader` need torch and are imported on first use, so the SDK works
+without torch.
 """
 from typing import Any
 
@@ -9,8 +10,10 @@ from psana_ipc.protocol.errors import ServerError
 
 from .connection import Client, Frame
 
-__all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "BatchLoader"]
-_LAZY = {"IPCRemotePsanaDataset": ".dataset", "BatchLoader": ".batch_loader"}
+__all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "RunDataset",
+           "BatchLoader"]
+_LAZY = {"IPCRemotePsanaDataset": ".dataset", "RunDataset": ".dataset",
+         "BatchLoader": ".batch_loader"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from . import legacy
-from .connection import Frame
+from .connection import Client, Frame
 from .group import ConnectionGroup
 
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
@@ -81,3 +81,18 @@ class IPCRemotePsanaDataset(Dataset):
                 self._held.append(frame)
             base += len(events)
         return items
+
+
+class RunDataset(IPCRemotePsanaDataset):
+    """One detector of one run as a map-style dataset: item i is event `events[i]`
+    (all of the run's events by default)."""
+
+    def __init__(self, server_address: Any, exp: str, run: int, detector: str,
+                 mode: str = "calib", events: Optional[Sequence[int]] = None,
+                 transport: str = "auto", timeout: Optional[float] = 300.0) -> None:
+        if events is None:
+            with Client(server_address, transport=transport, timeout=timeout) as client:
+                events = range(client.info(exp, run, detector)["events"])
+        super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
+                         mode=mode, protocol="v1", transport=transport, timeout=timeout)
+        self.exp, self.run, self.detector = exp, run, detector

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psana_ipc.client import IPCRemotePsanaDataset, ServerError
+from psana_ipc.client import IPCRemotePsanaDataset, RunDataset, ServerError
 from psana_ipc.server.sources.synthetic import expected
 
 
@@ -48,3 +48,13 @@ def test_errors_surface_as_server_errors(server):
     with pytest.raises(ServerError) as e:
         next(iter(DataLoader(ds, batch_size=1)))
     assert e.value.code == "out_of_range"
+
+
+def test_run_dataset_covers_a_run_or_chosen_events(start_server):
+    server = start_server(["--workers", "2", "--synthetic-events", "12"])
+    whole = RunDataset(server.address, "x", 1, "epix100", mode="raw")
+    assert len(whole) == 12
+    got = torch.cat(list(DataLoader(whole, batch_size=5, num_workers=2))).numpy()
+    assert np.array_equal(got, np.stack([expected("epix100", "raw", e) for e in range(12)]))
+    some = RunDataset(server.address, "x", 1, "opal", mode="calib", events=[7, 2])
+    assert np.array_equal(some[1], expected("opal", "calib", 2))
