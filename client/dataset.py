@@ -17,7 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from . import legacy
-from .connection import Client, Frame
+from .connection import Client
 from .group import ConnectionGroup
 
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
@@ -42,7 +42,6 @@ class IPCRemotePsanaDataset(Dataset):
         self.timeout = timeout
         self._group = ConnectionGroup(server_address, transport=transport, writable=True,
                                       timeout=timeout)
-        self._held: List[Frame] = []
 
     def __len__(self) -> int:
         return len(self.requests_list)
@@ -64,12 +63,10 @@ class IPCRemotePsanaDataset(Dataset):
                                           access_mode)
 
     def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
-        """A DataLoader batch; see the module docstring for how long items live."""
-        for frame in self._held:
-            frame.release()
-        self._held = []
+        """A DataLoader batch of leased frames (see the module docstring); copies
+        instead when the leases still held would leave too little of the window."""
         requests = [self.requests_list[i] for i in indices]
-        if self._dialect() == "legacy" or len(requests) > self._group.capacity:
+        if self._dialect() == "legacy" or not self._room_for(len(requests)):
             return [self.fetch_event(*r) for r in requests]
         items: List[Optional[np.ndarray]] = [None] * len(requests)
         base = 0
@@ -77,10 +74,18 @@ class IPCRemotePsanaDataset(Dataset):
             events = [r[4] for r in group]
             split = self._group.submit(exp, run, det, events, self.mode, access)
             for pos, frame in self._group.stream(split):
-                items[base + pos] = frame.array
-                self._held.append(frame)
+                items[base + pos] = frame.lease()
             base += len(events)
         return items
+
+    def close(self) -> None:
+        """Drop this process's connections (they reconnect on the next fetch)."""
+        self._group.close()
+
+    def _room_for(self, n: int) -> bool:
+        clients = self._group.clients
+        share = -(-n // len(clients))
+        return all(c.leased + share <= c.server_window() for c in clients)
 
 
 class RunDataset(IPCRemotePsanaDataset):

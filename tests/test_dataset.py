@@ -58,3 +58,27 @@ def test_run_dataset_covers_a_run_or_chosen_events(start_server):
     assert np.array_equal(got, np.stack([expected("epix100", "raw", e) for e in range(12)]))
     some = RunDataset(server.address, "x", 1, "opal", mode="calib", events=[7, 2])
     assert np.array_equal(some[1], expected("opal", "calib", 2))
+
+
+def test_default_collate_gives_every_slot_back(server):
+    ds = IPCRemotePsanaDataset(server.address, _requests("epix100", range(30)), mode="raw")
+    batches = list(DataLoader(ds, batch_size=10))
+    assert len(batches) == 3
+    assert sum(c.leased for c in ds._group.clients) == 0
+    ds.close()
+
+
+def test_items_kept_by_a_collate_fn_are_never_overwritten(server):
+    """A collate_fn that keeps the items keeps their slots: more batches than
+    the connections' windows hold still all read back their own event."""
+    events = list(range(150))
+    ds = IPCRemotePsanaDataset(server.address, _requests("epix100", events), mode="raw")
+    kept = [item for batch in DataLoader(ds, batch_size=10, collate_fn=lambda b: b)
+            for item in batch]
+    capacity = sum(c.server_window() for c in ds._group.clients)
+    assert len(kept) > capacity
+    for item, e in zip(kept, events):
+        assert np.array_equal(item, expected("epix100", "raw", e))
+    del kept, item
+    assert sum(c.leased for c in ds._group.clients) == 0
+    ds.close()
