@@ -38,7 +38,9 @@ def test_raw_calib_and_image_are_psana1s_with_event_timestamps(psana1_server):
         info = c.info(EXP, RUN, "epix10k2M")
         assert info["events"] == EVENTS
         assert info["modes"]["image"]["shape"] == list(image.shape)
-        assert set(c.info(EXP, RUN)["detectors"]) == {"epix10k2M", "epix10kaQuad", "opal"}
+        run_info = c.info(EXP, RUN)["detectors"]
+        assert set(run_info) == {"epix10k2M", "epix10kaQuad", "opal"}
+        assert all(d["events"] == EVENTS for d in run_info.values())
 
 
 def test_missing_constants_serve_masked_raw_flagged_uncalibrated(psana1_server):

@@ -27,7 +27,9 @@ def error_code(client: Client, *args, **kwargs) -> str:
 
 def test_raw_in_random_order_is_the_written_bytes(calibrated_server):
     with Client(calibrated_server.address) as c:
-        assert set(c.info(EXP, RUN)["detectors"]) == set(DETECTORS)
+        run_info = c.info(EXP, RUN)["detectors"]
+        assert set(run_info) == set(DETECTORS)
+        assert all(d["events"] == EVENTS for d in run_info.values())
         for event in (7, 0, 11, 3, 3, 9):
             for detector in DETECTORS:
                 raw, desc = c.get_frame(EXP, RUN, detector, event, mode="raw")

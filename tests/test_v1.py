@@ -76,6 +76,7 @@ def test_info_lists_detectors_and_modes(server):
     with Client(server.address) as c:
         run = c.info("xpptut15", 14)
         assert {"epix10k2M", "jungfrau4M", "rayonix"} <= set(run["detectors"])
+        assert run["detectors"]["epix10k2M"]["events"] == 1000
         det = c.info("xpptut15", 14, "jungfrau4M")
     assert det["events"] == 1000
     assert det["modes"]["raw"] == {"shape": [8, 512, 1024], "dtype": "uint16", "calibrated": True}

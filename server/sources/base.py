@@ -111,7 +111,8 @@ class SourceFactory:
         raise NotImplementedError
 
     def detectors(self, exp: str, run: int) -> Dict[str, Any]:
-        """Detector name -> per-detector info for `info` without a detector."""
+        """Detector name -> per-detector info (with its `events`) for `info`
+        without a detector."""
         raise NotImplementedError
 
     def close(self) -> None:

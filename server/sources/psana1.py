@@ -110,9 +110,12 @@ class Factory(SourceFactory):
             raise SourceError(NOT_FOUND, f"exp={key.exp} run={key.run} has no run")
         return Psana1Source(psana, run, det, key)
 
-    def detectors(self, exp: str, run: int) -> Dict[str, Dict[str, str]]:
+    def detectors(self, exp: str, run: int) -> Dict[str, Dict[str, Any]]:
         import psana
-        return detector_names(psana, self._datasource(psana, exp, run))
+        ds = self._datasource(psana, exp, run)
+        events = len(next(ds.runs()).times())
+        return {name: dict(info, events=events)
+                for name, info in detector_names(psana, ds).items()}
 
     def _datasource(self, psana: Any, exp: str, run: int) -> Any:
         if self.options.calib_dir:

@@ -156,7 +156,8 @@ class Factory(SourceFactory):
             found: Dict[str, Any] = {}
             for name, dettype, iface, _ in opened.run.xtcinfo:
                 if name in opened.run.detnames:
-                    found.setdefault(name, {"type": dettype, "interfaces": []})
+                    found.setdefault(name, {"type": dettype, "interfaces": [],
+                                            "events": len(opened.timestamps)})
                     found[name]["interfaces"].append(iface)
             return found
         finally:

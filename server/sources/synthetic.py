@@ -154,4 +154,5 @@ class Factory(SourceFactory):
                                self.options.cost_ms / 1000.0)
 
     def detectors(self, exp: str, run: int) -> Dict[str, Dict]:
-        return {name: {"shape": list(shape)} for name, (shape, _) in DETECTORS.items()}
+        return {name: {"shape": list(shape), "events": self.options.synthetic_events}
+                for name, (shape, _) in DETECTORS.items()}
