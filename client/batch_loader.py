@@ -105,7 +105,7 @@ class BatchLoader:
 
     # -- iteration ------------------------------------------------------------------------
     def _batches(self) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
-        """(batch number, events, request ids) with `depth` batches requested ahead.
+        """(batch number, events, the group's requests) with `depth` batches asked ahead.
         Abandoning it mid-epoch drops the connections, which frees their slots."""
         order = self._order()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]

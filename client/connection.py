@@ -94,8 +94,10 @@ class Frame:
 
 
 class _Lease:
-    """Exposes a frame's memory through `__array_interface__`; releases the
-    slot when garbage-collected (no I/O: the release is sent later in a batch)."""
+    """Exposes a frame's memory through `__array_interface__`; gives the slot
+    back when garbage-collected. A finalizer may run on any thread at any
+    moment, so it only queues the release; the owning client sends it with
+    its next request."""
 
     def __init__(self, frame: Frame) -> None:
         self.__array_interface__ = frame.array.__array_interface__
@@ -106,7 +108,7 @@ class _Lease:
     def __del__(self) -> None:
         self._client.leased -= 1
         if self._slot is not None and self._generation == self._client.generation:
-            self._client.release(self._slot)
+            self._client.queue_release(self._slot)
 
 
 class Client:
@@ -240,8 +242,7 @@ class Client:
                 raise
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
-                raise ServerError(header.get("code", "internal"), header.get("message", ""),
-                                  header)
+                raise ServerError.from_reply(header)
         item = queue.popleft()
         if not queue and item[0].get("done", True):
             del self._pending[rid]
@@ -250,7 +251,7 @@ class Client:
     def _result(self, rid: int) -> Dict[str, Any]:
         header, _ = self.reply(rid)
         if not header.get("ok"):
-            raise ServerError(header.get("code", "internal"), header.get("message", ""), header)
+            raise ServerError.from_reply(header)
         return header
 
     def call(self, op: str, **fields: Any) -> Dict[str, Any]:
@@ -259,14 +260,21 @@ class Client:
     # -- releasing slots ------------------------------------------------------------------
     def release(self, slot: int) -> None:
         """Give a slot back (sent in batches, and always before waiting for a reply)."""
-        self._to_release.append(slot)
+        self.queue_release(slot)
         if len(self._to_release) >= RELEASE_BATCH:
             self.flush_releases()
 
+    def queue_release(self, slot: int) -> None:
+        """Note a slot to give back with the next message; no I/O, safe anywhere."""
+        self._to_release.append(slot)
+
     def flush_releases(self) -> None:
-        """Send the releases not sent yet (they go in batches)."""
+        """Send the releases not sent yet (they go in batches). Popping one by one
+        keeps a release queued meanwhile by a finalizer from being lost."""
         if self._to_release and self._sock is not None:
-            slots, self._to_release = self._to_release, []
+            slots = []
+            while self._to_release:
+                slots.append(self._to_release.pop())
             send_message(self._sock, encode_request("release", self._new_id(), slots=slots))
 
     def connect(self) -> "Client":
@@ -315,8 +323,7 @@ class Client:
             header, payload = self.reply(rid)
             done = header.get("done", True)
             if not header.get("ok"):
-                error = error or ServerError(header.get("code", "internal"),
-                                            header.get("message", ""), header)
+                error = error or ServerError.from_reply(header)
             elif error is not None:
                 if "slot" in header:
                     self.release(header["slot"])

@@ -48,3 +48,7 @@ class ServerError(Exception):
         self.code = code
         self.message = message
         self.reply = reply or {}
+
+    @classmethod
+    def from_reply(cls, reply: Dict[str, Any]) -> "ServerError":
+        return cls(reply.get("code", INTERNAL), reply.get("message", ""), reply)

@@ -91,7 +91,7 @@ class Worker:
                     self._sort(key.fileobj)
                 else:
                     self._io(key.data, mask)
-            self._work_round()
+            self._work_one()
             now = time.monotonic()
             self._tick(now)
             if self.accept_paused_until is not None and now >= self.accept_paused_until:
@@ -176,7 +176,7 @@ class Worker:
                 conn.on_writable()
         self._step(conn, step)
 
-    def _work_round(self) -> None:
+    def _work_one(self) -> None:
         """One unit of work: the oldest request first, whichever connection it
         came on. A batch asked for earlier is finished earlier, so a client
         (a DataLoader worker) can use it while the next one is produced."""
