@@ -36,7 +36,7 @@ class RingBatch:
         self._handed_over = get_worker_info() is not None
         pinned = not self._handed_over and _cuda()
         self._ring = ring
-        self._buffer = ring.lease(shape, dtype, pinned)
+        self._buffer = ring.lease(shape, dtype, self._handed_over, pinned)
         self.array = self._buffer.lease(shape, np.dtype(dtype))
 
     def fits(self, frame: np.ndarray) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from . import legacy
+from . import batch_handoff, legacy
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing
 from .connection import Client
@@ -51,7 +51,7 @@ class IPCRemotePsanaDataset(Dataset):
         self.protocol = protocol
         self.timeout = timeout
         self._group = ConnectionGroup(server_address, transport=transport, timeout=timeout)
-        self._ring = BatchRing(buffers)
+        self._ring = BatchRing(buffers, batch_handoff.claim)
 
     def __len__(self) -> int:
         return len(self.requests_list)

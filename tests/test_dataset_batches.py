@@ -44,14 +44,16 @@ def test_without_workers_batches_reuse_a_few_buffers_but_never_the_last_ones(ser
 
 
 def test_worker_batches_arrive_as_handles_to_buffers_mapped_once(server):
-    before = set(batch_handoff._mappings)
     loader = DataLoader(_dataset(server, range(60)), batch_size=5, num_workers=2)
     held = []
-    for batch in loader:
-        held.append(next(k for k, (_, m) in batch_handoff._mappings.items()
-                         if np.shares_memory(np.frombuffer(m, np.uint8), batch.numpy())))
-        del batch
-    assert len(set(held) - before) < len(held) == 12
+    for epoch in range(2):
+        for batch in loader:
+            held.append(next(k for k, kept in batch_handoff._kept.items()
+                             if np.shares_memory(np.frombuffer(kept.memory, np.uint8),
+                                                 batch.numpy())))
+            del batch
+    assert len(held) == 24 and len(set(held)) <= 10
+    assert set(held[12:]) & set(held[:12])      # the second epoch's workers reuse them
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
