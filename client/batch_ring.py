@@ -120,7 +120,7 @@ class Buffer:
 
     def close(self) -> None:
         """Give the memory back once nothing of this process uses it."""
-        for fd in (self.fd, self._locked):
+        for fd in (getattr(self, "fd", None), getattr(self, "_locked", None)):
             if fd is not None:
                 os.close(fd)
         self.fd = self._locked = None

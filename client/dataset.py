@@ -11,10 +11,10 @@ hands on as the batch itself (batch_collate), through workers as a handle
 (batch_handoff). `dataset[i]` always returns a private copy.
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
-tensor, a view or slice, an array made from it), and stays unchanged until
-`buffers` more batches have been drawn even once dropped; `.clone()` what
-you change in place. Code that keeps every batch stays correct (the ring
-grows); `buffers=0` gives every batch fresh memory.
+tensor, a view or slice, an array made from it); without workers it also
+stays unchanged until `buffers` more batches have been drawn once dropped.
+Code that keeps every batch stays correct (the ring grows), so `.clone()` is
+never needed for correctness; `buffers=0` gives every batch fresh memory.
 """
 from itertools import groupby
 from typing import Any, List, Optional, Sequence, Tuple
