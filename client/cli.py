@@ -9,13 +9,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from psana_ipc.protocol.address import ENV_ADDRESS, ENV_READY_FILE, format_address, resolve_address
+from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
-from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import SHM_DIR, ours, parse_segment_name, segment_path
 
 from . import legacy, slurm
 from .connection import Client
+from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -94,7 +95,7 @@ def _server_alive(pid: int) -> bool:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     by_server: Dict[int, List[str]] = {}
-    for name in our_segments():
+    for name in ours(os.listdir(SHM_DIR)):
         by_server.setdefault(parse_segment_name(name).server_pid, []).append(name)
     removed = 0
     for pid, names in sorted(by_server.items()):
