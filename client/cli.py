@@ -1,4 +1,6 @@
-"""`psana-ipc`: talk to a running iserver from the shell."""
+"""`psana-ipc`: talk to a running iserver from the shell (ping, info, stats,
+get, stop), remove what dead servers left in /dev/shm (cleanup), and write or
+submit a SLURM job that runs a server beside a client command (slurm)."""
 import argparse
 import json
 import os

@@ -3,12 +3,14 @@
 It connects on first use and again after a fork (each DataLoader worker gets
 its own connection), and turns error replies into `ServerError`. Frames
 arrive in shared-memory slots (same host) or inline; `get`/`get_many` copy
-each frame once and release its slot at once, `view` hands out the slot
-itself (zero-copy) until released.
+each frame once and give its slot back (releases travel in batches, all
+sent before the call returns); `view` and `frames` hand out the slot itself
+(zero-copy) until released.
 
-Zero-copy lifetime rule: the array of a `Frame` from `view` or `stream` is
+Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
-the server reuses the slot for another event. Copy what you keep.
+the server reuses the slot for another event. Copy what you keep, or take
+`Frame.lease()`: an array that holds its slot for as long as it is referenced.
 """
 import os
 import socket

@@ -1,5 +1,6 @@
 """Blocking send and receive of v1 frames on a socket, using the protocol's
-framing rules (the protocol package itself never touches sockets)."""
+framing rules, and the family of a socket for an address (the protocol
+package itself never touches sockets)."""
 import socket
 from typing import Any, Dict, Optional, Tuple
 
