@@ -14,11 +14,12 @@ import numpy as np
 from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
-from psana_ipc.protocol.shm_names import SHM_DIR, ours, parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 
 from . import legacy, slurm
 from .connection import Client
 from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
+from .shm import our_segments
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -97,7 +98,7 @@ def _server_alive(pid: int) -> bool:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     by_server: Dict[int, List[str]] = {}
-    for name in ours(os.listdir(SHM_DIR)):
+    for name in our_segments():
         by_server.setdefault(parse_segment_name(name).server_pid, []).append(name)
     removed = 0
     for pid, names in sorted(by_server.items()):
