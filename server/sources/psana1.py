@@ -29,7 +29,7 @@ from psana_ipc.protocol.errors import BAD_REQUEST, NOT_FOUND, UNKNOWN_DETECTOR
 from psana_ipc.protocol.messages import RunKey
 
 from .base import SourceError, SourceFactory
-from .psana_common import PsanaDetectorSource
+from .psana_common import PsanaDetectorSource, experiment_path
 
 CALIB_DIR_OPTION = "psana.calib-dir"
 PEDESTALS = 0   # PSCalib's calibration type of pedestals
@@ -37,9 +37,10 @@ DEFAULT = 2     # PSCalib's loading status of default constants (zeros, ones)
 
 
 def dataset_name(exp: str, run: int, data_dir: Optional[str]) -> str:
-    """psana1's dataset string for random access, e.g. 'exp=mfxp1234:run=7:idx:dir=/data/xtc'."""
+    """psana1's dataset string for random access, e.g. 'exp=mfxp1234:run=7:idx:dir=/data/xtc'
+    (`{exp}` in `data_dir` is the experiment)."""
     name = f"exp={exp}:run={run}:idx"
-    return name if data_dir is None else f"{name}:dir={data_dir}"
+    return name if data_dir is None else f"{name}:dir={experiment_path(data_dir, exp)}"
 
 
 def constants_loaded(det: Any, run: int) -> bool:

@@ -9,10 +9,11 @@ mask. Every frame's descriptor carries the event's 64-bit psana timestamp
 psana2 runs are always read by index.
 
 Options:
-  --data-dir DIR   the run's XTC2 files are in DIR (and DIR/smalldata), not in
-                   the facility's tree
-  --offline        no network: skip psana's logbook lookup of the run's files
-                   (psana then lists DIR itself) and its calibration database
+  --data-dir DIR, --data-root ROOT, --files FILE ...
+                   where runs are found (see psana2_location): the server
+                   lists a run's files itself, so psana never asks the
+                   logbook for them and never mixes up two experiments
+  --offline        no network: skip psana's calibration database
   --calib-dir DIR  constants from files, for any detector that has them:
                      DIR/<detector>/pedestals.npy   psana's shape, e.g. epix10ka
                                                     (7, panels, 352, 384), jungfrau
@@ -41,6 +42,7 @@ import numpy as np
 from psana_ipc.protocol.messages import MODES, RunKey
 
 from .base import Source, SourceFactory
+from . import psana2_location
 from .psana2_run import CALIB_FILES, OpenRun
 from .psana_common import PsanaDetectorSource
 
@@ -109,12 +111,9 @@ class Factory(SourceFactory):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(
             "psana2 source", "LCLS-II XTC2 runs read with psana2, by event index.")
-        group.add_argument("--data-dir", metavar="DIR",
-                           help="directory of the runs' XTC2 files (psana's dir=; default: "
-                                "the facility's tree)")
+        psana2_location.add_arguments(group)
         group.add_argument("--offline", action="store_true",
-                           help="use no network: skip psana's logbook lookup of a run's files "
-                                "and its calibration database")
+                           help="use no network: skip psana's calibration database")
         layout = ", ".join(f"DIR/<detector>/{name}" for name in CALIB_FILES.values())
         group.add_argument("--calib-dir", metavar="DIR",
                            help=f"offline constants: {layout} (arrays in psana's shape, "
@@ -125,12 +124,13 @@ class Factory(SourceFactory):
     def __init__(self, options: argparse.Namespace) -> None:
         super().__init__(options)
         self._runs: Dict[Tuple[str, int], OpenRun] = {}
+        self._listed = psana2_location.runs_of_files(options.files)
 
     def _acquire(self, exp: str, run: int) -> OpenRun:
         opened = self._runs.get((exp, run))
         if opened is None:
-            opened = OpenRun(exp, run, self.options.data_dir, self.options.offline,
-                             self.options.calib_dir)
+            files = psana2_location.find_run(exp, run, self.options, self._listed)
+            opened = OpenRun(exp, run, files, self.options.offline, self.options.calib_dir)
             self._runs[(exp, run)] = opened
         opened.users += 1
         return opened

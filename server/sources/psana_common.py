@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 GAIN_BITS_MASK = 0x3FFF
 
 
+def experiment_path(template: str, exp: str) -> str:
+    """A --data-dir that may name the experiment: `{exp}` and `{instrument}`
+    (its first three letters) replaced."""
+    return template.format(exp=exp, instrument=exp[:3])
+
+
 def never_assembled(detector: str) -> bool:
     """Single-panel cameras whose frame already is the image."""
     name = detector.lower()
