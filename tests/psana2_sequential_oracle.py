@@ -1,0 +1,32 @@
+"""psana's own sequential read of a run, made with psana directly and not
+through psana-ipc: every event's timestamp and raw frame of one detector,
+in file order. Runs in the psana environment:
+
+    python psana2_sequential_oracle.py DATA_DIR EXP RUN DETECTOR OUT.npz
+
+OUT.npz holds `timestamps` (uint64) and `raw` (events, ...).
+"""
+import os
+import sys
+
+import numpy as np
+
+os.environ["PS_PARALLEL"] = "none"
+from psana import DataSource  # noqa: E402
+from psana.psexp.ds_base import DataSourceBase  # noqa: E402
+
+
+def main(data_dir: str, exp: str, run: str, detector: str, out: str) -> None:
+    DataSourceBase._get_file_info_from_db = lambda self, runnum: {}  # no logbook: list data_dir
+    ds = DataSource(exp=exp, run=int(run), dir=data_dir, skip_calib_load="all")
+    psana_run = next(ds.runs())
+    det = psana_run.Detector(detector)
+    timestamps, frames = [], []
+    for evt in psana_run.events():
+        timestamps.append(evt.timestamp)
+        frames.append(det.raw.raw(evt))
+    np.savez(out, timestamps=np.array(timestamps, np.uint64), raw=np.array(frames))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
