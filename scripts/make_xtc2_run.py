@@ -40,6 +40,10 @@ reads with `--calib-dir`:
     CDIR/epix10k2M/geometry.txt      psana geometry text: the 16 panels on a 4x4 grid
                                      (psana ships a jungfrau4M geometry, none for epix10k2M)
 
+    CDIR/<detector>/pixel_status.npy   with --bad-pixel-every N: every Nth pixel of every
+                                       gain range bad (status 1), the others good (0)
+    CDIR/jungfrau4M/pixel_offset.npy   with --pixel-offset X: X for every pixel
+
 With --per-run they go to CDIR/<exp>/r<run:04d>/<detector>/ instead, which
 the source prefers for that run: runs with different constants side by side.
 Without --gain-bits every pixel is in gain range 0, so calib = (raw - pedestal) / gain.
@@ -232,13 +236,21 @@ def epix10k2m_geometry() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_constants(folder: Path, detector: str, pedestal: float, gain: float) -> Dict[str, Path]:
+def write_constants(folder: Path, detector: str, pedestal: float, gain: float,
+                    bad_pixel_every: int = 0, pixel_offset: Optional[float] = None) -> Dict[str, Path]:
     _, _, ranges = PSANA_TYPES[detector]
     shape = (ranges,) + DETECTORS[detector][0]
     folder.mkdir(parents=True, exist_ok=True)
     written = {"pedestals": folder / "pedestals.npy", "pixel_gain": folder / "pixel_gain.npy"}
     np.save(written["pedestals"], np.full(shape, pedestal, np.float32))
     np.save(written["pixel_gain"], np.full(shape, gain, np.float32))
+    if bad_pixel_every:
+        written["pixel_status"] = folder / "pixel_status.npy"
+        bad = np.arange(int(np.prod(shape[1:]))).reshape(shape[1:]) % bad_pixel_every == 0
+        np.save(written["pixel_status"], np.broadcast_to(bad, shape).astype(np.uint64))
+    if pixel_offset is not None and detector == "jungfrau4M":
+        written["pixel_offset"] = folder / "pixel_offset.npy"
+        np.save(written["pixel_offset"], np.full(shape, pixel_offset, np.float32))
     if detector == "epix10k2M":
         written["geometry"] = folder / "geometry.txt"
         written["geometry"].write_text(epix10k2m_geometry())
@@ -270,6 +282,10 @@ def main(argv: List[str] = None) -> int:
                         help="pedestal of every pixel (default: %(default)s)")
     parser.add_argument("--gain", type=float, default=2.0,
                         help="pixel gain of every pixel (default: %(default)s)")
+    parser.add_argument("--bad-pixel-every", type=int, default=0, metavar="N",
+                        help="also write pixel_status with every Nth pixel bad")
+    parser.add_argument("--pixel-offset", type=float, metavar="X",
+                        help="also write jungfrau4M's pixel_offset, X for every pixel")
     args = parser.parse_args(argv)
 
     (args.outdir / "smalldata").mkdir(parents=True, exist_ok=True)
@@ -285,7 +301,8 @@ def main(argv: List[str] = None) -> int:
             print(f"{corrupt_event(files, args.corrupt_event)}: event {args.corrupt_event} corrupt")
         if args.calib_dir:
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector
-            for ctype, path in write_constants(folder, detector, args.pedestal, args.gain).items():
+            for ctype, path in write_constants(folder, detector, args.pedestal, args.gain,
+                                               args.bad_pixel_every, args.pixel_offset).items():
                 print(f"{path}: {ctype}")
     return 0
 

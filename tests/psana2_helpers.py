@@ -125,3 +125,25 @@ def psana2_shared(tmp_path_factory) -> SharedRuns:
             smd = path.name.replace(".xtc2", ".smd.xtc2")
             (xtc / "smalldata" / smd).symlink_to(runs.shared / "smalldata" / smd)
     return runs
+
+
+CONSTANTS_RUN, CONSTANTS_EVENTS = 9, 2
+PEDESTAL, GAIN, BAD_PIXEL_EVERY, PIXEL_OFFSET = 10.0, 2.0, 97, 3.0
+
+
+@dataclass(frozen=True)
+class ConstantsRun:
+    data_dir: Path     # CONSTANTS_RUN of EXP, both detectors
+    calib_dir: Path    # pedestals, pixel_gain, pixel_status; jungfrau4M pixel_offset; geometry
+
+
+@pytest.fixture(scope="session")
+def psana2_constants(tmp_path_factory) -> ConstantsRun:
+    root = tmp_path_factory.mktemp("psana2-constants")
+    run = ConstantsRun(root / "xtc", root / "calib")
+    run_psana([str(ROOT / "scripts" / "make_xtc2_run.py"), "--outdir", str(run.data_dir),
+               "--exp", EXP, "--run", str(CONSTANTS_RUN), "-n", str(CONSTANTS_EVENTS),
+               "--calib-dir", str(run.calib_dir), "--pedestal", str(PEDESTAL), "--gain", str(GAIN),
+               "--bad-pixel-every", str(BAD_PIXEL_EVERY),
+               "--pixel-offset", str(PIXEL_OFFSET)])
+    return run

@@ -15,10 +15,13 @@ Options:
                    logbook for them and never mixes up two experiments
   --offline        no network: skip psana's calibration database
   --calib-dir DIR  constants from files, for any detector that has them:
-                     DIR/<detector>/pedestals.npy   psana's shape, e.g. epix10ka
+                     DIR/<detector>/<type>.npy      every constant type psana
+                                                    knows: pedestals, pixel_gain,
+                                                    pixel_status, pixel_offset,
+                                                    pixel_rms, common_mode, ...,
+                                                    in psana's shape, e.g. epix10ka
                                                     (7, panels, 352, 384), jungfrau
                                                     (3, panels, 512, 1024)
-                     DIR/<detector>/pixel_gain.npy  same shape
                      DIR/<detector>/geometry.txt    psana geometry text
                    A run's own folder DIR/<exp>/r<run:04d>/<detector>/, if it
                    exists, is used instead of DIR/<detector>/ for that run.
@@ -43,7 +46,7 @@ from psana_ipc.protocol.messages import MODES, RunKey
 
 from .base import Source, SourceFactory
 from . import psana2_location
-from .psana2_run import CALIB_FILES, OpenRun
+from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
 from .psana_common import PsanaDetectorSource
 
 
@@ -114,12 +117,13 @@ class Factory(SourceFactory):
         psana2_location.add_arguments(group)
         group.add_argument("--offline", action="store_true",
                            help="use no network: skip psana's calibration database")
-        layout = ", ".join(f"DIR/<detector>/{name}" for name in CALIB_FILES.values())
         group.add_argument("--calib-dir", metavar="DIR",
-                           help=f"offline constants: {layout} (arrays in psana's shape, "
-                                f"geometry as psana geometry text), or for one run in "
-                                f"DIR/<exp>/r<run:04d>/<detector>/; they override the "
-                                f"database's")
+                           help=f"offline constants: DIR/<detector>/<type>{ARRAY_SUFFIX} for "
+                                f"every type (pedestals, pixel_gain, pixel_status, "
+                                f"pixel_offset, ...; arrays in psana's shape) and "
+                                f"DIR/<detector>/{GEOMETRY_FILE} (psana geometry text), or for "
+                                f"one run in DIR/<exp>/r<run:04d>/<detector>/; they override "
+                                f"the database's")
 
     def __init__(self, options: argparse.Namespace) -> None:
         super().__init__(options)

@@ -25,9 +25,12 @@ from .psana2_shared import RunDetector, release_all
 
 log = logging.getLogger(__name__)
 
-# constant type -> file name in <calib dir>/<detector>/
-CALIB_FILES = {"pedestals": "pedestals.npy", "pixel_gain": "pixel_gain.npy",
-               "geometry": "geometry.txt"}
+# <calib dir>/<detector>/<constant type><suffix>: arrays in psana's shape, the
+# geometry as psana's geometry text; psana reads the types it knows
+# (pedestals, pixel_gain, pixel_rms, pixel_status, status_extra, pixel_mask,
+# pixel_offset, common_mode, ...) and ignores the others.
+ARRAY_SUFFIX = ".npy"
+GEOMETRY_FILE = "geometry.txt"
 
 
 def datasource_class() -> Any:
@@ -58,17 +61,16 @@ def constants_folder(calib_dir: str, exp: str, run: int, detector: str) -> Path:
 
 
 def read_constants(calib_dir: str, exp: str, run: int, detector: str) -> Dict[str, Tuple[Any, Dict]]:
-    """Constants of `detector` found in `calib_dir`, in the form psana's
+    """Every constant of `detector` found in `calib_dir`, in the form psana's
     calibration database returns them: {ctype: (value, metadata)}."""
-    constants = {}
     folder = constants_folder(calib_dir, exp, run, detector)
-    for ctype, name in CALIB_FILES.items():
-        path = folder / name
-        if path.is_file():
-            value = path.read_text() if path.suffix == ".txt" else np.load(path)
-            constants[ctype] = (value, {"experiment": exp, "run": run, "ctype": ctype,
-                                        "detector": detector, "path": str(path)})
-    return constants
+    found = {path.stem: path for path in sorted(folder.glob("*" + ARRAY_SUFFIX)) if path.is_file()}
+    if (folder / GEOMETRY_FILE).is_file():
+        found["geometry"] = folder / GEOMETRY_FILE
+    return {ctype: (path.read_text() if path.name == GEOMETRY_FILE else np.load(path),
+                    {"experiment": exp, "run": run, "ctype": ctype, "detector": detector,
+                     "path": str(path)})
+            for ctype, path in found.items()}
 
 
 class OpenRun:
