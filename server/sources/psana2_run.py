@@ -45,9 +45,13 @@ def datasource_class() -> Any:
 
 def forget_mpi_segment() -> None:
     """Importing psana starts MPI, and MPICH then maps a segment named
-    /dev/shm/mpich_shm_<pid in hex>_<n> that only this process uses. Its
-    name is removed at once (the mapping stays valid), so that a worker
-    that dies, even inside psana, leaves nothing in /dev/shm."""
+    /dev/shm/mpich_shm_<pid in hex>_<n>, which a process alone in its MPI
+    world (a server worker) shares with nobody. Its name is removed at once
+    (the mapping stays valid), so that a worker that dies, even inside
+    psana, leaves nothing in /dev/shm."""
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_size() != 1:
+        return
     prefix = f"mpich_shm_{os.getpid():x}_"
     for entry in Path("/dev/shm").glob(prefix + "*"):
         entry.unlink()
