@@ -61,6 +61,7 @@ from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
 from psana.psexp import TransitionId
 
 from psana_ipc.server.sources.synthetic import DETECTORS, expected, timestamp_of
+from psana_ipc.server.sources.xtc2_record import RECORD_HEADER
 
 # name -> psana detector type, version of its `raw` data (psana picks the class
 # <type>_raw_<major>_<minor>_<micro>) and gain ranges its constants hold
@@ -70,10 +71,7 @@ PSANA_TYPES = {
 }
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
-# An XTC2 record: timestamp (8 bytes), env (4), then its Xtc header: two
-# 32-bit words, then the extent (4) that counts the header and the payload.
-RECORD_HEADER = 12
-EXTENT_AT = RECORD_HEADER + 8
+EXTENT_AT = RECORD_HEADER + 8    # a record's size is RECORD_HEADER + its Xtc's extent
 CORRUPTION = 1 << 20
 # Panel pitch and detector distance of the epix10k2M test geometry, in micrometres.
 PITCH_X, PITCH_Y, DISTANCE = 45000, 42000, 100000

@@ -1,8 +1,8 @@
 """The record check that stands between psana's parser and a corrupt file:
-sound records pass, any damage to a size field is named, and no bytes at
-all make the check itself fail. The records are real: psana-written ones
-are checked end to end in test_psana2_chunks; here they are built by hand
-in the layout xtc2_record documents."""
+sound records pass, a size field that cannot be right is named, and no
+bytes at all make the check itself fail. psana-written records are checked
+end to end in test_psana2_chunks; here records are built by hand in the
+layout xtc2_record documents, to reach every size field."""
 import struct
 
 from hypothesis import given, strategies as st
