@@ -74,10 +74,16 @@ def test_a_run_given_as_files(start_server, psana2_shared, psana2_chunked):
         assert "files given" in not_found(c, EXP, SHARED_RUN)
 
 
-def test_files_psana_could_not_serve_stop_the_server_with_one_line(start_server, tmp_path):
-    stray = tmp_path / "run7.xtc2"
-    stray.write_bytes(b"")
+@pytest.mark.parametrize("args, message", [
+    (["--files", "run7.xtc2"], "not an XTC2 file named as the DAQ names them"),
+    (["--data-dir", "/data/{run}/xtc"], "only {exp} and {instrument} may be named"),
+])
+def test_where_psana_could_not_look_stops_the_server_with_one_line(start_server, tmp_path, args,
+                                                                   message):
+    if args[0] == "--files":
+        args = [args[0], str(tmp_path / args[1])]
+        (tmp_path / "run7.xtc2").write_bytes(b"")
     with pytest.raises(RuntimeError) as e:
-        psana2_server(start_server, "--files", str(stray))
-    assert "not an XTC2 file named as the DAQ names them" in str(e.value)
+        psana2_server(start_server, *args)
+    assert message in str(e.value)
     assert "Traceback" not in str(e.value)

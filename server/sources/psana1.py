@@ -29,7 +29,7 @@ from psana_ipc.protocol.errors import BAD_REQUEST, NOT_FOUND, UNKNOWN_DETECTOR
 from psana_ipc.protocol.messages import RunKey
 
 from .base import SourceError, SourceFactory
-from .psana_common import PsanaDetectorSource, experiment_path
+from .psana_common import PsanaDetectorSource, check_data_dir, experiment_path
 
 CALIB_DIR_OPTION = "psana.calib-dir"
 PEDESTALS = 0   # PSCalib's calibration type of pedestals
@@ -111,6 +111,10 @@ class Factory(SourceFactory):
             "psana1 source", "LCLS-I runs read with psana1, by event index. It takes\n"
                              "--data-dir (the dataset's dir=) and --calib-dir (psana's option\n"
                              "psana.calib-dir) from the psana2 source's options.")
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        super().__init__(options)
+        check_data_dir(options.data_dir)
 
     def open(self, key: RunKey) -> PsanaDetectorSource:
         if key.access_mode != "idx":

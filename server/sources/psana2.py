@@ -47,7 +47,7 @@ from psana_ipc.protocol.messages import MODES, RunKey
 from .base import Source, SourceFactory
 from . import psana2_location
 from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
-from .psana_common import PsanaDetectorSource
+from .psana_common import PsanaDetectorSource, check_data_dir
 
 
 def geometry_fits(iface: Any) -> bool:
@@ -128,6 +128,7 @@ class Factory(SourceFactory):
     def __init__(self, options: argparse.Namespace) -> None:
         super().__init__(options)
         self._runs: Dict[Tuple[str, int], OpenRun] = {}
+        check_data_dir(options.data_dir)
         self._listed = psana2_location.runs_of_files(options.files)
 
     def _acquire(self, exp: str, run: int) -> OpenRun:
