@@ -73,7 +73,7 @@ def psana2_runs(tmp_path_factory) -> Runs:
     return runs
 
 
-CHUNKED_RUN, CHUNKED_EVENTS, CHUNK_EVENTS = 5, 7, 3      # epix10k2M in chunks of 3 events
+CHUNKED_RUN, CHUNKED_EVENTS, CHUNK_EVENTS = 5, 5, 2      # both detectors in chunks of 2 events
 CORRUPT_RUN, CORRUPT_EVENTS, CORRUPT_EVENT = 6, 5, 3     # chunks of 2, event 3 damaged
 OTHER_EXP = "tstx00118"
 SHARED_RUN = 7                                           # of EXP and of OTHER_EXP
@@ -82,21 +82,22 @@ SHARED_EVENTS = {EXP: 3, OTHER_EXP: 2}
 
 @dataclass(frozen=True)
 class ChunkedRuns:
-    data_dir: Path        # CHUNKED_RUN and CORRUPT_RUN of EXP
+    data_dir: Path        # CHUNKED_RUN and CORRUPT_RUN (epix10k2M only) of EXP
 
-    def chunks(self, run: int) -> List[Path]:
-        return sorted(self.data_dir.glob(f"{EXP}-r{run:04d}-s000-c*.xtc2"))
+    def chunks(self, run: int, stream: int = 0) -> List[Path]:
+        return sorted(self.data_dir.glob(f"{EXP}-r{run:04d}-s{stream:03d}-c*.xtc2"))
 
 
 @pytest.fixture(scope="session")
 def psana2_chunked(tmp_path_factory) -> ChunkedRuns:
     runs = ChunkedRuns(tmp_path_factory.mktemp("psana2-chunked"))
     common = [str(ROOT / "scripts" / "make_xtc2_run.py"), "--outdir", str(runs.data_dir),
-              "--exp", EXP, "--detectors", "epix10k2M"]
+              "--exp", EXP]
     run_psana(common + ["--run", str(CHUNKED_RUN), "-n", str(CHUNKED_EVENTS),
                         "--chunk-events", str(CHUNK_EVENTS)])
     run_psana(common + ["--run", str(CORRUPT_RUN), "-n", str(CORRUPT_EVENTS),
-                        "--chunk-events", "2", "--corrupt-event", str(CORRUPT_EVENT)])
+                        "--detectors", "epix10k2M", "--chunk-events", "2",
+                        "--corrupt-event", str(CORRUPT_EVENT)])
     return runs
 
 

@@ -1,10 +1,10 @@
 """psana's own sequential read of a run, made with psana directly and not
-through psana-ipc: every event's timestamp and raw frame of one detector,
-in file order. Runs in the psana environment:
+through psana-ipc: every event's timestamp and the raw frame of each
+detector, in file order. Runs in the psana environment:
 
-    python psana2_sequential_oracle.py DATA_DIR EXP RUN DETECTOR OUT.npz
+    python psana2_sequential_oracle.py DATA_DIR EXP RUN DETECTOR[,DETECTOR...] OUT.npz
 
-OUT.npz holds `timestamps` (uint64) and `raw` (events, ...).
+OUT.npz holds `timestamps` (uint64) and, per detector, its name: (events, ...).
 """
 import os
 import sys
@@ -16,16 +16,18 @@ from psana import DataSource  # noqa: E402
 from psana.psexp.ds_base import DataSourceBase  # noqa: E402
 
 
-def main(data_dir: str, exp: str, run: str, detector: str, out: str) -> None:
+def main(data_dir: str, exp: str, run: str, detectors: str, out: str) -> None:
     DataSourceBase._get_file_info_from_db = lambda self, runnum: {}  # no logbook: list data_dir
     ds = DataSource(exp=exp, run=int(run), dir=data_dir, skip_calib_load="all")
     psana_run = next(ds.runs())
-    det = psana_run.Detector(detector)
-    timestamps, frames = [], []
+    dets = {name: psana_run.Detector(name) for name in detectors.split(",")}
+    timestamps, frames = [], {name: [] for name in dets}
     for evt in psana_run.events():
         timestamps.append(evt.timestamp)
-        frames.append(det.raw.raw(evt))
-    np.savez(out, timestamps=np.array(timestamps, np.uint64), raw=np.array(frames))
+        for name, det in dets.items():
+            frames[name].append(det.raw.raw(evt))
+    np.savez(out, timestamps=np.array(timestamps, np.uint64),
+             **{name: np.array(raws) for name, raws in frames.items()})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from psana2_helpers import (CHUNK_EVENTS, CHUNKED_EVENTS, CHUNKED_RUN, CORRUPT_EVENT,
-                            CORRUPT_EVENTS, CORRUPT_RUN, EXP, ROOT, psana_python, run_psana)
+                            CORRUPT_EVENTS, CORRUPT_RUN, DETECTORS, EXP, ROOT, psana_python,
+                            run_psana)
 from psana_ipc.client import Client
 from psana_ipc.protocol.errors import READ_FAILED, ServerError
 from psana_ipc.server.sources.synthetic import expected, timestamp_of
@@ -30,25 +31,28 @@ def mpi_segments(pid: int) -> list:
     return sorted(p.name for p in Path("/dev/shm").glob(f"mpich_shm_{pid:x}_*"))
 
 
-def test_every_event_of_a_chunked_stream_is_psanas_sequential_read(start_server, psana2_chunked,
-                                                                   tmp_path):
-    assert len(psana2_chunked.chunks(CHUNKED_RUN)) == -(-CHUNKED_EVENTS // CHUNK_EVENTS)
+def test_every_event_of_chunked_streams_is_psanas_sequential_read(start_server, psana2_chunked,
+                                                                  tmp_path):
+    for stream in range(len(DETECTORS)):
+        assert len(psana2_chunked.chunks(CHUNKED_RUN, stream)) == -(-CHUNKED_EVENTS // CHUNK_EVENTS)
     out = tmp_path / "sequential.npz"
     run_psana([str(ROOT / "tests" / "psana2_sequential_oracle.py"), str(psana2_chunked.data_dir),
-               EXP, str(CHUNKED_RUN), "epix10k2M", str(out)])
+               EXP, str(CHUNKED_RUN), ",".join(DETECTORS), str(out)])
     reference = np.load(out)
     assert len(reference["timestamps"]) == CHUNKED_EVENTS
     server = chunked_server(start_server, psana2_chunked.data_dir)
     order = list(range(CHUNKED_EVENTS))
     random.Random(11).shuffle(order)
     with Client(server.address) as c:
-        assert c.info(EXP, CHUNKED_RUN, "epix10k2M")["events"] == CHUNKED_EVENTS
         for event in order + order[::-1]:
-            raw, desc = c.get_frame(EXP, CHUNKED_RUN, "epix10k2M", event, mode="raw")
-            assert desc["timestamp"] == {"time": int(reference["timestamps"][event])}
-            assert raw.tobytes() == reference["raw"][event].tobytes(), f"event {event}"
-            np.testing.assert_array_equal(raw, expected("epix10k2M", "raw", event))
-            assert desc["timestamp"]["time"] == timestamp_of(event)
+            for detector in DETECTORS:
+                raw, desc = c.get_frame(EXP, CHUNKED_RUN, detector, event, mode="raw")
+                assert desc["timestamp"] == {"time": int(reference["timestamps"][event])}
+                assert raw.tobytes() == reference[detector][event].tobytes(), \
+                    f"{detector} event {event}"
+                np.testing.assert_array_equal(raw, expected(detector, "raw", event))
+                assert desc["timestamp"]["time"] == timestamp_of(event)
+        assert all(c.info(EXP, CHUNKED_RUN, d)["events"] == CHUNKED_EVENTS for d in DETECTORS)
 
 
 def test_psana_itself_dies_on_the_corrupt_record(psana2_chunked, tmp_path):

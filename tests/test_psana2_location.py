@@ -66,7 +66,8 @@ def test_a_directory_per_experiment(start_server, psana2_shared):
 
 
 def test_a_run_given_as_files(start_server, psana2_shared, psana2_chunked):
-    files = [str(p) for p in psana2_shared.files(OTHER_EXP) + psana2_chunked.chunks(CHUNKED_RUN)]
+    chunked = psana2_chunked.chunks(CHUNKED_RUN, 0) + psana2_chunked.chunks(CHUNKED_RUN, 1)
+    files = [str(p) for p in psana2_shared.files(OTHER_EXP) + chunked]
     server = psana2_server(start_server, "--files", *files)
     with Client(server.address) as c:
         assert_serves(c, OTHER_EXP, SHARED_RUN, SHARED_EVENTS[OTHER_EXP])
