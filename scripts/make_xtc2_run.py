@@ -213,7 +213,8 @@ def corrupt_event(files: List[Path], event: int) -> Path:
             env, = struct.unpack_from("<I", data, offset + 8)
             if (env >> 24) & 0xF == TransitionId.L1Accept:
                 if seen == event:
-                    struct.pack_into("<I", data, offset + EXTENT_AT, size - RECORD_HEADER + CORRUPTION)
+                    claimed = size - RECORD_HEADER + CORRUPTION
+                    struct.pack_into("<I", data, offset + EXTENT_AT, claimed)
                     path.write_bytes(data)
                     return path
                 seen += 1
@@ -235,7 +236,8 @@ def epix10k2m_geometry() -> str:
 
 
 def write_constants(folder: Path, detector: str, pedestal: float, gain: float,
-                    bad_pixel_every: int = 0, pixel_offset: Optional[float] = None) -> Dict[str, Path]:
+                    bad_pixel_every: int = 0,
+                    pixel_offset: Optional[float] = None) -> Dict[str, Path]:
     _, _, ranges = PSANA_TYPES[detector]
     shape = (ranges,) + DETECTORS[detector][0]
     folder.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,8 @@ class EventTable:
 
     def __init__(self, run: Any) -> None:
         self._run = run
-        first = [str(path) for path in run.dm.xtc_files]   # chunk 0 of each stream; the scan moves on
+        # chunk 0 of each stream, taken before the scan moves psana on
+        first = [str(path) for path in run.dm.xtc_files]
         # stream -> (first event index of each chunk, that chunk's file)
         self._chunks: Dict[int, Tuple[List[int], List[str]]] = {
             i: ([0], [path]) for i, path in enumerate(first)}

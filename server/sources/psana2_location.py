@@ -7,9 +7,9 @@ directory (psana then fails deep inside). The server lists the run's files
 itself and hands psana that list as the logbook's answer, so psana reads
 exactly those and needs no network to find them.
 
-A run of experiment `exp` is looked for, first match wins:
+A run of experiment `exp` is looked for in the first of these given:
 
-  --files FILE ...   XTC2 files named as the DAQ names them,
+  --files FILE ...   only among these XTC2 files, named as the DAQ names them,
                      <exp>-r<run:04d>-s<stream:03d>-c<chunk:03d>.xtc2: each
                      makes the run its name gives (how psana's
                      DataSource(files=...) is used); a run's files share one
@@ -40,7 +40,8 @@ from psana_ipc.protocol.errors import NOT_FOUND
 from .base import SourceError
 from .psana_common import experiment_path
 
-DAQ_NAME = re.compile(r"(?P<exp>[A-Za-z0-9_]+)-r(?P<run>\d{4})-s(?P<stream>\d{3})-c(?P<chunk>\d{3})\.xtc2")
+DAQ_NAME = re.compile(r"(?P<exp>[A-Za-z0-9_]+)-r(?P<run>\d{4})"
+                      r"-s(?P<stream>\d{3})-c(?P<chunk>\d{3})\.xtc2")
 DEFAULT_ROOT = "/reg/d/psdm"
 
 
@@ -82,7 +83,8 @@ def runs_of_files(files: List[str]) -> Dict[Tuple[str, int], RunFiles]:
         directories = {str(p.parent) for p in paths}
         if len(directories) > 1:
             raise SystemExit(f"iserver: --files: run {run} of {exp} is spread over "
-                             f"{', '.join(sorted(directories))}; psana reads a run from one directory")
+                             f"{', '.join(sorted(directories))}; psana reads a run from one "
+                             f"directory")
         listed[(exp, run)] = RunFiles(directories.pop(), tuple(sorted(p.name for p in paths)))
     return listed
 
@@ -105,10 +107,11 @@ def find_run(exp: str, run: int, options: argparse.Namespace,
         found = listed[(exp, run)]
     else:
         directory = run_directory(exp, options)
-        names = tuple(sorted(p.name for p in Path(directory).glob(f"{exp}-r{run:04d}-s*-c000.xtc2")))
+        pattern = f"{exp}-r{run:04d}-s*-c000.xtc2"
+        names = tuple(sorted(p.name for p in Path(directory).glob(pattern)))
         if not names:
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {directory} (no "
-                                         f"{exp}-r{run:04d}-s*-c000.xtc2 there)")
+                                         f"{pattern} there)")
         found = RunFiles(directory, names)
     missing = [n for n in found.names if not smalldata_of(found.directory, n).is_file()]
     if missing:
