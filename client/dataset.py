@@ -3,12 +3,12 @@ v1 when the server speaks it and the legacy dialect otherwise.
 
 Each process (each DataLoader worker) keeps its own connections, one per
 server worker (a ConnectionGroup; they reconnect after fork). DataLoader
-hands `__getitems__` a whole batch of indices; runs of requests for the
-same detector become one request split over all server workers, and each
-frame is copied once, straight from its slot, into a reused batch buffer
-(batch_ring); the items are rows of that buffer, which the default collate
-hands on as the batch itself (batch_collate), through workers as a handle
-(batch_handoff). `dataset[i]` always returns a private copy.
+hands `__getitems__` a whole batch of indices; runs of consecutive requests
+for the same run and detector become one request split over all server
+workers, and each frame is copied once, straight from its slot, into a
+reused batch buffer (batch_ring); the items are rows of that buffer, which
+the default collate hands on as the batch itself (batch_collate), through
+workers as a handle (batch_handoff). `dataset[i]` always returns a private copy.
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
 tensor, a view or slice, an array made from it); without workers it also
