@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 from psana_ipc.protocol.shm_names import our_segments
 from psana_ipc.server.shm import unlink
 
-from .shared_state import COL, SharedState
+from .shared_state import SharedState
 from .wakeup import drain, wakeup_pipe
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Master:
             slot = self.workers.pop(pid, None)
             if slot is None:
                 continue
-            booted = self.state.row(slot)[COL["ready"]] > 0
+            booted = self.state.booted(slot)
             self.forget(slot, pid)
             if self.stopping:
                 continue

@@ -4,7 +4,6 @@ its workers, shared memory that runs out. After each, the server serves on
 and holds nothing it should not."""
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -24,7 +23,8 @@ from psana_ipc.server.sources.synthetic import expected
 
 from conftest import pid_alive
 from faulty_source import HANG_EVENT, RAISE_EVENT, server_env
-from faulty_source.probes import closed_by_server, connect, hello, status_kb, wait_for
+from faulty_source.probes import (closed_by_server, connect, hello, run_in_private_shm,
+                                  status_kb, wait_for)
 
 JUNGFRAU_RAW = 8 * 512 * 1024 * 2
 MiB = 1 << 20
@@ -324,19 +324,10 @@ def test_idle_slots_of_another_worker_are_freed_for_a_waiting_frame(start_server
         c.close()
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_full_dev_shm_is_no_memory_and_leaves_no_partial_segment():
     """/dev/shm itself fills up, not the budget: server and client run in a mount
     namespace over a 2 MiB tmpfs, so the machine's /dev/shm is never touched."""
-    env = dict(os.environ, PYTHONPATH=server_env()["PYTHONPATH"])   # tests/ importable
-    script = (f"mount -t tmpfs -o size=2m psana-ipc-test /dev/shm && "
-              f"exec {sys.executable} -m faulty_source.small_shm")
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=env,
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0 and "mount" in proc.stderr and "ermission" in proc.stderr:
-        pytest.skip(f"no mount namespace here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_in_private_shm("faulty_source.small_shm", "2m")
     assert report["v1_code"] == report["legacy_code"] == errors.NO_MEMORY
     assert report["small_before"] and report["small_after"]
     assert len(report["after_v1"]) == 1 and report["after_legacy"] == report["after_v1"]
