@@ -82,6 +82,12 @@ class Channel:
         (monotonic time), or None."""
         return None
 
+    def expendable_since(self) -> Optional[float]:
+        """Since when the connection has had no complete request, or has sat
+        idle holding nothing: it may be closed to make room when the worker
+        runs out of descriptors. None while it is in use."""
+        return None
+
     # -- for subclasses ---------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         raise NotImplementedError

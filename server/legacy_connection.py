@@ -127,13 +127,17 @@ class LegacyConnection(Channel):
                 self.close()
                 return None
             return self.ack_deadline
-        if self.request is None and not self.replied:
-            deadline = self.opened_at + self.ctx.first_request_within
-            if now >= deadline:
-                self.close()
-                return None
-            return deadline
-        return None
+        since = self.expendable_since()
+        if since is None:
+            return None
+        deadline = since + self.ctx.first_request_within
+        if now >= deadline:
+            self.close()
+            return None
+        return deadline
+
+    def expendable_since(self) -> Optional[float]:
+        return self.opened_at if self.request is None and not self.replied else None
 
     def _fail(self, code: str, message: str) -> None:
         self.ctx.counters.error(code)

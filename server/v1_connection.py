@@ -263,18 +263,22 @@ class V1Connection(Channel):
         return not (self.queue or self.out or self.inline_pending
                     or (self.pool is not None and self.pool.busy_count))
 
+    def expendable_since(self) -> Optional[float]:
+        if self.hello is None:
+            return self.opened_at
+        if self.partial_since is not None:
+            return self.partial_since
+        return self.last_activity if self._holds_nothing() else None
+
     def tick(self, now: float) -> Optional[float]:
         """Deadlines: hello, and every request once begun, complete within
         `first_request_within`; holding nothing, a request at least every
         --idle-timeout."""
-        if self.hello is None:
-            deadline = self.opened_at + self.ctx.first_request_within
-        elif self.partial_since is not None:
-            deadline = self.partial_since + self.ctx.first_request_within
-        elif self._holds_nothing():
-            deadline = self.last_activity + self.ctx.idle_timeout
-        else:
+        since = self.expendable_since()
+        if since is None:
             return None
+        idle = self.hello is not None and self.partial_since is None
+        deadline = since + (self.ctx.idle_timeout if idle else self.ctx.first_request_within)
         if now >= deadline:
             self.close()
             return None

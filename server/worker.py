@@ -17,6 +17,7 @@ MEMORY_WAIT has passed and the frame is refused.
 Set-up that is per process (signal handlers, the wakeup pipe, logging)
 happens here, after the fork, never in the master.
 """
+import errno
 import functools
 import logging
 import os
@@ -41,6 +42,7 @@ ACCEPT_PAUSE = 1.0
 PARENT_CHECK = 1.0
 MEMORY_WAIT = 3.0       # how long a frame waits for budget before `no_memory` is sent
 RETRY_EVERY = 0.1       # how often a waiting frame looks again (no source call meanwhile)
+MAKE_ROOM = 8           # connections closed at a time when accept runs out of descriptors
 
 
 class Worker:
@@ -135,7 +137,9 @@ class Worker:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:   # e.g. out of file descriptors: pause instead of spinning
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE) and self._make_room():
+                return            # the listener is still readable: the next pass accepts
             log.warning("accept failed (%s): not accepting for %.0fs", e, ACCEPT_PAUSE)
             self.sel.unregister(self.listener)
             self.accept_paused_until = now + ACCEPT_PAUSE
@@ -147,6 +151,25 @@ class Worker:
         self.accepted_at[sock.fileno()] = now
         self.counters.connection(1)
         self.sel.register(sock, selectors.EVENT_READ, "new")
+
+    def _make_room(self) -> int:
+        """Out of descriptors: close the oldest connections without a complete
+        request, or idle holding nothing (MAKE_ROOM at most). Returns how many."""
+        doors = [(at, fd) for fd, at in self.accepted_at.items()]
+        doors += [(c.expendable_since(), c) for c in self.conns.values()
+                  if c.expendable_since() is not None]
+        doors.sort(key=lambda d: d[0])
+        for _, door in doors[:MAKE_ROOM]:
+            if isinstance(door, int):
+                self._close_unsorted(door)
+            else:
+                door.close()
+                self._update(door)
+        closed = min(len(doors), MAKE_ROOM)
+        if closed:
+            log.warning("out of file descriptors: closed the %d oldest connections without "
+                        "a request", closed)
+        return closed
 
     def _sort(self, sock: socket.socket) -> None:
         """Tell the dialect from the first byte, without consuming it."""
