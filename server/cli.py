@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a connection holding nothing may stay idle; a new one "
                           "has at most 10 of them for its first request (default: 60)")
     srv.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
-                     help="a worker stuck this long reading one event is replaced (default: 300)")
+                     help="a worker stuck this long reading one event, or frozen, is "
+                          "replaced after its traceback is logged (default: 300)")
     sec = p.add_argument_group("access")
     sec.add_argument("--token-file", metavar="PATH",
                      help="require the token in PATH for v1 hello and shutdown, and refuse "
@@ -193,7 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             stats=state.stats, source=options.source, window=options.window,
             max_window=options.max_window, token=token,
             legacy=not options.no_legacy and token is None,
-            ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout)
+            ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
+            request_timeout=options.request_timeout)
         try:
             return Worker(listener, state, slot, ctx, master_pid).run()
         finally:

@@ -25,6 +25,7 @@ class WorkerContext:
     legacy: bool = True
     ack_timeout: float = 30.0
     idle_timeout: float = 30.0
+    request_timeout: float = 300.0
     hostname: str = socket.gethostname()
 
     @property

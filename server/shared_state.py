@@ -21,11 +21,11 @@ from psana_ipc.protocol.errors import ALL_CODES
 
 CODES = sorted(ALL_CODES)
 _FIELDS = ["pid", "ready", "connections", "shm_bytes", "inflight", "events", "bytes",
-           "busy_since_ns", "requests", "trims", "holders", "pending", "progress_ns"] \
+           "busy_since_ns", "requests", "trims", "holders", "progress_ns"] \
     + [f"error:{c}" for c in CODES]
 _COL = {name: i for i, name in enumerate(_FIELDS)}
 _GAUGES = ("connections", "shm_bytes", "inflight", "busy_since_ns", "ready", "pid", "holders",
-           "pending", "progress_ns")
+           "progress_ns")
 
 
 class Grant(enum.Enum):
@@ -70,12 +70,8 @@ class Counters:
     def error(self, code: str) -> None:
         self._add("error:" + code, 1)
 
-    def pending(self, n: int) -> None:
-        """Units of work waiting in this worker, for the master's progress check."""
-        self._row[_COL["pending"]] = n
-
     def progress(self) -> None:
-        """The worker's loop went round: it is not frozen."""
+        """The worker's loop went round: it is neither frozen nor stuck in a source."""
         self._row[_COL["progress_ns"]] = time.monotonic_ns()
 
     @contextmanager
@@ -164,18 +160,16 @@ class SharedState:
     def booted(self, slot: int) -> bool:
         return bool(self.table[slot, _COL["ready"]] > 0)
 
-    def busy_workers(self, older_than_s: float) -> List[int]:
-        now = time.monotonic_ns()
-        since = self.table[: self.workers, _COL["busy_since_ns"]]
-        return [int(s) for s in np.nonzero((since > 0) & (now - since > older_than_s * 1e9))[0]]
-
-    def frozen_workers(self, older_than_s: float) -> List[int]:
-        """Workers with work pending whose loop has not gone round for that long."""
+    def stalled_workers(self, older_than_s: float) -> List[int]:
+        """Ready workers whose loop has not gone round for that long: stuck in a
+        source call, or frozen (SIGSTOPped, or a hang outside any source call)."""
         now = time.monotonic_ns()
         rows = self.table[: self.workers]
         stale = now - rows[:, _COL["progress_ns"]] > older_than_s * 1e9
-        waiting = (rows[:, _COL["pending"]] > 0) & (rows[:, _COL["ready"]] > 0)
-        return [int(s) for s in np.nonzero(stale & waiting)[0]]
+        return [int(s) for s in np.nonzero(stale & (rows[:, _COL["ready"]] > 0))[0]]
+
+    def in_source_call(self, slot: int) -> bool:
+        return bool(self.table[slot, _COL["busy_since_ns"]] > 0)
 
     def least_loaded(self, slot: int) -> bool:
         """True if no ready worker has fewer connections than this one."""

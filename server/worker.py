@@ -18,12 +18,14 @@ Set-up that is per process (signal handlers, the wakeup pipe, logging)
 happens here, after the fork, never in the master.
 """
 import errno
+import faulthandler
 import functools
 import logging
 import os
 import selectors
 import signal
 import socket
+import sys
 import time
 from typing import Callable, Dict, Optional
 
@@ -65,11 +67,13 @@ class Worker:
         self.memory_wait: Dict[Channel, float] = {}     # waiting since
         self.wake_at: Dict[Channel, float] = {}         # looks again then
         self.deadlines: Dict[Channel, float] = {}       # from each connection's tick
+        self.heartbeat = min(PARENT_CHECK, ctx.request_timeout / 5)
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
+        faulthandler.enable(sys.stderr, all_threads=True)   # SIGABRT from the master: a traceback
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         self.counters.started(os.getpid())
@@ -117,8 +121,9 @@ class Worker:
 
     def _next_deadline(self, now: float) -> float:
         """Seconds the loop may sleep: until a pending accept, a memory retry, a
-        connection's deadline, or the next look at the parent."""
-        waits = [PARENT_CHECK] + [at - now for at in self.wake_at.values()] \
+        connection's deadline, or the next heartbeat (the master takes a loop
+        that does not go round for --request-timeout for a frozen worker)."""
+        waits = [self.heartbeat] + [at - now for at in self.wake_at.values()] \
             + [at - now for at in self.deadlines.values()]
         if self.pending_since is not None:
             waits.append(ACCEPT_GRACE / 5)
@@ -222,7 +227,6 @@ class Worker:
             self._trim(everything=True)
         now = time.monotonic()
         ready = self._ready(now)
-        self.counters.pending(len(ready) + len(self.wake_at))
         if ready:
             conn = min(ready, key=lambda c: c.next_arrival())
             self._step(conn, functools.partial(self._serve, conn, now))

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from psana_ipc.server.sources.synthetic import expected
 from conftest import pid_alive
 from faulty_source import HANG_EVENT, RAISE_EVENT, server_env
 from faulty_source.probes import (closed_by_server, connect, hello, run_in_private_shm,
-                                  status_kb, wait_for)
+                                  record_figure, status_kb, wait_for)
 
 JUNGFRAU_RAW = 8 * 512 * 1024 * 2
 MiB = 1 << 20
@@ -254,6 +255,42 @@ def test_a_source_that_hangs_is_killed_by_the_watchdog(faulty_server):
 
 
 # -- the master -------------------------------------------------------------------------------
+def test_a_frozen_worker_logs_its_traceback_and_is_replaced(start_server, pytestconfig):
+    """A SIGSTOPped worker with a request pending: the master notices its loop
+    stopped going round, has it log where it was, replaces it, and its client
+    sees the connection close instead of waiting for its own timeout."""
+    server = start_server(["--workers", "2", "--request-timeout", "2"])
+    frozen, frozen_pid, other, _ = _two_clients_on_two_workers(server, timeout=120)
+    os.kill(frozen_pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        frozen.get("x", 1, "epix100", 1, "raw")
+    noticed = time.monotonic() - started
+    wait_for(lambda: frozen_pid not in server.workers and len(server.workers) == 2,
+             "a new worker replaces the frozen one")
+    log = server.log()
+    assert f"worker {frozen_pid} made no progress" in log
+    assert "most recent call first" in log and "worker.py" in log      # faulthandler's dump
+    assert _served(frozen) and _served(other)
+    record_figure(pytestconfig, f"frozen worker (SIGSTOP, --request-timeout 2): its client's "
+                                f"connection closed after {noticed:.1f} s, traceback logged")
+    frozen.close()
+    other.close()
+
+
+def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup(start_server, tmp_path):
+    nohup = tmp_path / "nohup-python"
+    nohup.write_text(f"#!/bin/sh\ntrap '' HUP\nexec {sys.executable} \"$@\"\n")
+    nohup.chmod(0o755)
+    server = start_server(["--workers", "2"], python=str(nohup))
+    workers = server.workers
+    for pid in [server.pid] + workers:
+        os.kill(pid, signal.SIGHUP)
+    with Client(server.address) as c:
+        assert _served(c)
+    assert server.proc.poll() is None and server.workers == workers
+
+
 @pytest.mark.parametrize("listen", ["tcp", "unix"])
 def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(start_server,
                                                                           tmp_path, listen):
