@@ -12,9 +12,10 @@ valid until `Frame.release()` (or the end of its `with` block); after that
 the server reuses the slot for another event. Copy what you keep.
 """
 import os
+import select
 import socket
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -92,6 +93,7 @@ class Client:
         self._next_id = 0
         self._pending: Dict[int, Deque[Reply]] = {}
         self._to_release: List[int] = []
+        self._held: Set[int] = set()     # slots handed out and not released
         self.server: Dict[str, Any] = {}
 
     # -- connection ---------------------------------------------------------------------
@@ -168,9 +170,25 @@ class Client:
         send_message(self._sock, header)
         return header["id"]
 
+    def _closed_while_idle(self) -> bool:
+        """The server closes a connection that stays idle holding nothing past its
+        --idle-timeout: an end of stream with no reply pending and no frame
+        held, which the next request simply reconnects from."""
+        if self._sock is None or self._pending or self._held:
+            return False
+        try:
+            if not select.select([self._sock], [], [], 0)[0]:
+                return False
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
         self._ensure()
+        if self._closed_while_idle():
+            self.close()
+            self._ensure()
         try:
             self.flush_releases()
             return self._send_header(encode_request(op, self._new_id(), **fields))
@@ -188,6 +206,7 @@ class Client:
             except OSError:    # a timeout or a dropped connection: the stream is lost, and
                 self.close()   # the next request connects afresh
                 raise
+            self._maps.drop(header.get("retired", ()))
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
                 raise ServerError.from_reply(header)
@@ -208,6 +227,7 @@ class Client:
     # -- releasing slots ------------------------------------------------------------------
     def release(self, slot: int) -> None:
         """Give a slot back (sent in batches, and always before waiting for a reply)."""
+        self._held.discard(slot)
         self._to_release.append(slot)
         if len(self._to_release) >= RELEASE_BATCH:
             self.flush_releases()
@@ -283,6 +303,7 @@ class Client:
             array = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
             return Frame(array, header, self, None)
         array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
+        self._held.add(header["slot"])
         return Frame(array, header, self, header["slot"])
 
     def view(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
