@@ -193,6 +193,14 @@ class Client:
         self._maps.close()
         self._reset()
 
+    def __del__(self) -> None:
+        """Close the socket of a client dropped without `close()`, saying nothing
+        to the server (no I/O from a finalizer): the server frees what the
+        connection held when it sees it closed."""
+        sock = self.__dict__.get("_sock")
+        if sock is not None:
+            sock.close()
+
     def __enter__(self) -> "Client":
         return self
 

@@ -28,18 +28,15 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo import start_server  # noqa: E402
-
-from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset  # noqa: E402
-from psana_ipc.server.sources.synthetic import expected  # noqa: E402
+from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
+from psana_ipc.client.server_process import ServerProcess
+from psana_ipc.server.sources.synthetic import expected
 
 
 def cpu_seconds(pids: List[int]) -> float:
@@ -202,21 +199,18 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args.server_workers, tmp, "--cost-ms", str(args.cost_ms),
-                              "--shm-budget", args.shm_budget,
-                              "--synthetic-events", str(args.frames))
-        try:
-            rows = [r for det in args.detectors
-                    for r in bench_detector(server.address, server.workers, det, args)]
-            with Client(server.address) as c:
-                stats = c.stats()
-                c.shutdown()
-            server.wait(30)
-        finally:
-            if server.poll() is None:
-                server.terminate()
-                server.wait(30)
+    server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
+                            "--cost-ms", str(args.cost_ms), "--shm-budget", args.shm_budget,
+                            "--synthetic-events", str(args.frames)])
+    try:
+        rows = [r for det in args.detectors
+                for r in bench_detector(server.address, server.workers, det, args)]
+        with Client(server.address) as c:
+            stats = c.stats()
+            c.shutdown()
+        server.proc.wait(30)
+    finally:
+        server.stop()
     extra = {"server_workers": args.server_workers, "cost_ms": args.cost_ms,
              "peak_shm_mb": round(stats["shm_peak_bytes"] / 1e6, 1),
              "shm_budget_mb": round(stats["shm_budget"] / 1e6, 1)}

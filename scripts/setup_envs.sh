@@ -2,7 +2,8 @@
 # Build the two environments psana-ipc is about, idempotently:
 #   .venv        the user's side: torch (CPU), the client SDK, test tools; no psana
 #   .venv-psana  the psana side: psana from PyPI, the server; no torch
-# Usage: scripts/setup_envs.sh [client|psana|all]   (default: all)
+#   demo         .venv with only what scripts/demo.py needs (torch, tqdm), once
+# Usage: scripts/setup_envs.sh [client|psana|all|demo]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PSANA_IPC_PYTHON:-python3.11}
@@ -10,11 +11,16 @@ what=${1:-all}
 
 pip_quiet() { "$@" --disable-pip-version-check -q; }
 
-client_env() {
+client_env() {  # $1: the extras to install
   if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
   # torch first and pinned: an unpinned torch pulls the CUDA build
   .venv/bin/python -c "import torch" 2>/dev/null || pip_quiet .venv/bin/pip install torch==2.13.0
-  pip_quiet .venv/bin/pip install -e ".[torch,test]"
+  pip_quiet .venv/bin/pip install -e ".[$1]"
+}
+
+demo_env() {  # nothing to do when the demo's imports already work
+  .venv/bin/python -c "import torch, tqdm, psana_ipc.client, psana_ipc.server" 2>/dev/null \
+    || client_env torch
 }
 
 psana_env() {
@@ -33,8 +39,9 @@ psana_env() {
 }
 
 case "$what" in
-  client) client_env ;;
+  client) client_env torch,test ;;
   psana) psana_env ;;
-  all) client_env; psana_env ;;
-  *) echo "usage: $0 [client|psana|all]" >&2; exit 2 ;;
+  all) client_env torch,test; psana_env ;;
+  demo) demo_env ;;
+  *) echo "usage: $0 [client|psana|all|demo]" >&2; exit 2 ;;
 esac
