@@ -10,6 +10,7 @@ Zero-copy lifetime rule: the array of a `Frame` from `view` or `stream` is
 valid until `Frame.release()` (or the end of its `with` block); after that
 the server reuses the slot for another event. Copy what you keep.
 """
+import contextlib
 import os
 import socket
 from collections import deque
@@ -23,7 +24,7 @@ from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import encode_request, hello_request
 
 from .shm import SlotMaps
-from .wire import recv_message, send_message
+from .wire import ConnectionClosed, recv_message, send_message
 
 ENV_TOKEN = "PSANA_IPC_TOKEN"
 ENV_TOKEN_FILE = "PSANA_IPC_TOKEN_FILE"
@@ -228,26 +229,35 @@ class Client:
         send_message(self._sock, header)
         return header["id"]
 
+    @contextlib.contextmanager
+    def _stream(self) -> Iterator[None]:
+        """A timeout or a dropped connection loses the stream: close it, so the next
+        request connects afresh; a drop says in one line what happened."""
+        try:
+            yield
+        except (ConnectionResetError, BrokenPipeError, ConnectionClosed) as e:
+            self.close()
+            raise ConnectionClosed(f"lost the connection to iserver at "
+                                   f"{format_address(self.address)}: the server stopped or "
+                                   f"restarted") from e
+        except OSError:
+            self.close()
+            raise
+
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
         self._ensure()
-        try:
+        with self._stream():
             self.flush_releases()
             return self._send_header(encode_request(op, self._new_id(), **fields))
-        except OSError:
-            self.close()   # the stream is lost: the next request connects afresh
-            raise
 
     def reply(self, rid: int) -> Reply:
         """The next reply to request `rid`, reading (and keeping) others on the way."""
         queue = self._pending.setdefault(rid, deque())
         while not queue:
-            try:
+            with self._stream():
                 self.flush_releases()
                 header, payload = recv_message(self._sock)
-            except OSError:    # a timeout or a dropped connection: the stream is lost, and
-                self.close()   # the next request connects afresh
-                raise
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
                 raise ServerError.from_reply(header)

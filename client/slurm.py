@@ -10,12 +10,14 @@ is the client's. Facility presets follow the btx JobScheduler (S3DF, SLAC,
 SRCF_FFB) so existing job headers keep their meaning.
 """
 import argparse
+import glob
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -249,10 +251,50 @@ wait "$CLIENT_PID"
 '''
 
 
-def submit(path: str, wait: bool = True) -> int:
+def submit(path: str, wait: bool = True, log_dir: Optional[str] = None,
+           say: Callable[[str], None] = lambda line: None) -> int:
     """sbatch the script; with `wait`, block until the job ends (`sbatch -W`) and
-    return its exit code, else return sbatch's."""
-    return subprocess.run(["sbatch", "-W", path] if wait else ["sbatch", path]).returncode
+    return its exit code, else return sbatch's. While it waits, `say` hears the
+    job id, each change of its state, and each server's ready file appearing
+    under `log_dir` (the job's LOG_DIR)."""
+    if not wait:
+        return subprocess.run(["sbatch", path]).returncode
+    # sbatch prints the job id before it waits, but into a pipe only at exit unless
+    # its stdout is line-buffered
+    line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+    proc = subprocess.Popen(line_buffered + ["sbatch", "-W", "--parsable", path],
+                            stdout=subprocess.PIPE, text=True)
+    job_id = proc.stdout.readline().strip().split(";")[0]
+    if job_id:
+        say(f"submitted job {job_id}; waiting for it to end")
+        _watch(proc, job_id, log_dir, say)
+    proc.wait()
+    proc.stdout.close()
+    if job_id:
+        say(f"job {job_id} ended with exit code {proc.returncode}")
+    return proc.returncode
+
+
+def _watch(proc: subprocess.Popen, job_id: str, log_dir: Optional[str],
+           say: Callable[[str], None]) -> None:
+    """Report the job's state and its servers' readiness until sbatch -W returns."""
+    state, ready = "", set()
+    while True:
+        try:
+            proc.wait(timeout=1.0)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        now = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %R"], capture_output=True,
+                             text=True).stdout.strip()
+        if now and now != state:
+            state = now
+            say(f"job {job_id}: {now}")
+        if log_dir:
+            found = set(glob.glob(os.path.join(log_dir, f"psana-ipc-{job_id}", "ready-*.json")))
+            for path in sorted(found - ready):
+                say(f"job {job_id}: server ready on {os.path.basename(path)[6:-5]}")
+            ready |= found
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -347,7 +389,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.submit:
         return 0
     try:
-        return submit(path, wait=not args.no_wait)
+        return submit(path, wait=not args.no_wait, log_dir=spec.log_dir,
+                      say=lambda line: print(f"psana-ipc slurm: {line}", file=sys.stderr,
+                                             flush=True))
     except FileNotFoundError:
         print("psana-ipc slurm: no sbatch here; submit from a SLURM login node", file=sys.stderr)
         return 127

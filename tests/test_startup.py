@@ -34,6 +34,13 @@ def test_a_psana_source_without_psana_says_which_python_to_use():
     assert_one_line(result, EXIT_STARTUP, "iserver:", "psana", "psana environment's python")
 
 
+def test_hdf5_without_h5py_names_the_extra():
+    hide = "import sys; sys.modules['h5py'] = None; from psana_ipc.server.cli import main; "
+    result = subprocess.run([sys.executable, "-c", hide + "sys.exit(main())", "--port", "0",
+                             "--source", "hdf5"], capture_output=True, text=True, timeout=60)
+    assert_one_line(result, EXIT_STARTUP, "h5py", "pip install 'psana-ipc[hdf5]'")
+
+
 @pytest.mark.parametrize("option", ["--data-dir", "--calib-dir", "--hdf5-root"])
 def test_a_missing_directory_is_refused(option, tmp_path):
     result = iserver(option, str(tmp_path / "missing"))

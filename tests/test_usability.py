@@ -183,3 +183,16 @@ def test_batch_loader_shows_progress(server, capsys):
     assert sum(len(b) for b in loader) == 6
     loader.close()
     assert "6/6" in capsys.readouterr().err
+
+
+def test_a_server_stopped_under_a_batch_loader_is_one_clear_error(start_server):
+    server = start_server(["--workers", "1"])
+    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(1000), batch_size=2,
+                         output="numpy")
+    batches = iter(loader)
+    next(batches)
+    assert server.stop() == 0
+    with pytest.raises(ConnectionError, match="the server stopped or restarted"):
+        for _ in batches:
+            pass
+    loader.close()
