@@ -6,7 +6,7 @@ arrive in shared-memory slots (same host) or inline; `get`/`get_many` copy
 each frame once and release its slot at once, `view` hands out the slot
 itself (zero-copy) until released.
 
-Zero-copy lifetime rule: the array of a `Frame` from `view` or `stream` is
+Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
 the server reuses the slot for another event. Copy what you keep.
 """
@@ -69,6 +69,7 @@ class Frame:
 
     @property
     def event(self) -> int:
+        """The event index this frame is of."""
         return self.desc["event"]
 
     def release(self) -> None:
@@ -113,14 +114,35 @@ class _Lease:
 
 
 class Client:
-    """A connection to an iserver; see the module docstring for frame lifetimes."""
+    """One connection to an iserver, giving frames as numpy arrays (no torch needed).
+
+        with Client("127.0.0.1:5000") as c:
+            frame = c.get("xpptut15", 14, "epix10k2M", 42, mode="calib")
+
+    Args:
+        address: (host, port), "host:port", a UNIX socket path ("unix:PATH" or
+            any path with a "/"), or None for $PSANA_IPC_ADDRESS, else the
+            server in the ready file $PSANA_IPC_READY_FILE, else 127.0.0.1:5000.
+        transport: "auto" (shared memory on this host, else inline), "shm"
+            (fail if the server cannot share memory with us) or "inline".
+        token: the server's token (default: see `find_token`).
+        window: frames this connection may hold unreleased (0: the server's
+            default).
+        writable: map slots writable, for code that insists on writable arrays
+            and does not write them (torch.as_tensor).
+        timeout: seconds to wait for a reply (None: forever).
+        connect_timeout: seconds to wait for the connection.
+
+    It connects on first use (and again in a forked child). Errors the server
+    replies with raise `ServerError` (`.code`, `.message`); no server, or a
+    connection lost, raises `ConnectionError`. Frame lifetimes: see the
+    module docstring. `close()` (or the `with` block) ends the connection; a
+    client dropped without it closes its socket when garbage collected.
+    """
 
     def __init__(self, address: Any = None, *, transport: str = "auto",
                  token: Optional[str] = None, window: int = 0, writable: bool = False,
                  timeout: Optional[float] = 300.0, connect_timeout: float = 10.0) -> None:
-        """`window`: frames this connection may hold (0: the server's default).
-        `writable`: map slots writable, for code that insists on writable arrays
-        and does not write them (torch.as_tensor)."""
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'")
         self.address: Address = resolve_address(address)
@@ -185,6 +207,8 @@ class Client:
                                   "(another host?); use transport='auto' or 'inline'")
 
     def close(self) -> None:
+        """Release what this connection holds and close it (the next request
+        connects again)."""
         if self._sock is not None and self._pid == os.getpid():
             try:
                 self.flush_releases()
@@ -273,6 +297,7 @@ class Client:
         return header
 
     def call(self, op: str, **fields: Any) -> Dict[str, Any]:
+        """Send a request and return its reply header; an error reply raises ServerError."""
         return self._result(self.send(op, **fields))
 
     # -- releasing slots ------------------------------------------------------------------
@@ -312,13 +337,18 @@ class Client:
         return self.server["window"]
 
     def ping(self) -> bool:
+        """True if the server answers (else ConnectionError)."""
         return bool(self.call("ping").get("pong"))
 
     def info(self, exp: str, run: int, detector: Optional[str] = None) -> Dict[str, Any]:
+        """Without `detector`: {"detectors": {name: {"events": N, ...}}} of the run.
+        With it: {"events": N, "modes": {mode: {"shape", "dtype", "calibrated"}}}."""
         reply = self.call("info", exp=exp, run=int(run), detector=detector)
         return {k: v for k, v in reply.items() if k not in ("ok", "id")}
 
     def stats(self) -> Dict[str, Any]:
+        """The server's counters: workers, connections, requests, events, bytes,
+        errors by code, shared memory in use, its peak and the budget."""
         return self.call("stats")["stats"]
 
     def shutdown(self) -> None:

@@ -7,8 +7,9 @@ hands `__getitems__` a whole batch of indices; runs of requests for the
 same detector become one request split over all server workers, and the
 items are the shared-memory slots themselves, which DataLoader's collate
 copies into its batch at once. That saves the copy and the page faults of a
-private array per frame. Those items stay valid until the next
-`__getitems__` call; `dataset[i]` always returns a private copy.
+private array per frame. Those items are leases: each holds its slot for
+as long as it (or any view of it) is referenced, so a collate_fn that keeps
+them never sees them overwritten; `dataset[i]` always returns a private copy.
 """
 import logging
 from itertools import groupby
@@ -79,6 +80,7 @@ class IPCRemotePsanaDataset(Dataset):
 
     def fetch_event(self, exp: str, run: Any, access_mode: str, detector_name: str,
                     event: int) -> np.ndarray:
+        """One event's frame as a private array (btx's method of the same name)."""
         if self._dialect() == "legacy":
             return legacy.fetch(self._group.address, exp, run, access_mode, detector_name,
                                 event, self.mode, self.timeout)
