@@ -136,3 +136,14 @@ def test_a_fifo_at_the_token_file_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo, 0o600)
     result = iserver("--token-file", str(fifo), timeout=30)
     assert_one_line(result, EXIT_STARTUP, "token file", "not a regular file")
+
+
+def test_a_budget_larger_than_dev_shm_is_a_warning(start_server):
+    server = start_server(["--workers", "1", "--shm-budget", "100T"])
+    assert "larger than /dev/shm" in server.log() and "100.0 TiB" in server.log()
+
+
+def test_the_start_up_line_names_source_address_workers_and_budget(start_server):
+    server = start_server(["--workers", "2", "--shm-budget", "64M"])
+    assert f"serving synthetic on {server.address}: 2 workers, shared-memory budget 64.0 MiB" \
+        in server.log()
