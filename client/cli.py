@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 import psana_ipc
+from psana_ipc.cli_help import HelpFormatter
 from psana_ipc.protocol.address import ENV_ADDRESS, ENV_READY_FILE, format_address, resolve_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
@@ -145,14 +146,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilogs' layout and shows every default."""
-
-
 def _command(sub: "argparse._SubParsersAction", name: str, parents: List[argparse.ArgumentParser],
              help: str, examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, parents=parents, help=help, description=help,
-                          epilog="examples:\n" + examples, formatter_class=_HelpFormatter)
+                          epilog="examples:\n" + examples, formatter_class=HelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                "exit status: 0 done, 1 the server answered with an error, 2 bad command line,\n"
                "3 no server there (or the connection was lost), 4 a local problem (malformed\n"
                "address, missing optional package, file that cannot be written).",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {psana_ipc.__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=None,

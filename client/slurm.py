@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+from psana_ipc.cli_help import HelpFormatter
+
 
 @dataclass(frozen=True)
 class Facility:
@@ -306,16 +308,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm = parser.add_argument_group("SLURM resources")
     slurm.add_argument("-p", "--partition", "--queue", help="default: the facility's")
     slurm.add_argument("-A", "--account", help="default: the facility's")
-    slurm.add_argument("--reservation")
+    slurm.add_argument("--reservation", help="a SLURM reservation to run in")
     slurm.add_argument("-N", "--nodes", type=int, default=1, help="one server per node")
     slurm.add_argument("-n", "--ntasks", type=int, default=1, help="one client per task")
-    slurm.add_argument("-c", "--cpus-per-task", type=int, default=1)
+    slurm.add_argument("-c", "--cpus-per-task", type=int, default=1, help="CPUs of each client")
     slurm.add_argument("--gpus", help="e.g. 4 or a100:4")
-    slurm.add_argument("-t", "--time", default="01:00:00")
-    slurm.add_argument("-J", "--job-name", default="psana-ipc")
+    slurm.add_argument("-t", "--time", default="01:00:00", help="wall-clock limit")
+    slurm.add_argument("-J", "--job-name", default="psana-ipc", help="also names the script")
     slurm.add_argument("--mem", default="0", help="'' for the partition's default "
                                                   "(default: 0, the whole node's)")
-    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True)
+    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
+                       help="the whole node for the job")
     slurm.add_argument("--log-dir", default=".", help="job logs, server logs and ready files; "
                                                       "must be seen from every node")
     envs = parser.add_argument_group(
@@ -327,8 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--server-args", default="", metavar="'OPTIONS'",
                         help="iserver options, e.g. --server-args='--source psana2 --workers 4'")
-    server.add_argument("--ready-timeout", type=int, default=300, metavar="S")
-    server.add_argument("--stop-timeout", type=int, default=5, metavar="S")
+    server.add_argument("--ready-timeout", type=int, default=300, metavar="S",
+                        help="seconds every server has to accept")
+    server.add_argument("--stop-timeout", type=int, default=5, metavar="S",
+                        help="seconds for each step of stopping a server")
     out = parser.add_argument_group("output (default: print the script)")
     out.add_argument("--script", metavar="PATH", help="write the job script here")
     out.add_argument("--submit", action="store_true",
@@ -343,7 +348,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     """Register `psana-ipc slurm` on the psana-ipc command line."""
     parser = subparsers.add_parser(
         "slurm", help="run a client command in a SLURM job next to its own iserver",
-        description=_DESCRIPTION)
+        description=_DESCRIPTION, formatter_class=HelpFormatter,
+        epilog="examples:\n"
+               "  psana-ipc slurm --facility S3DF --server-args='--source psana2' --submit \\\n"
+               "      -- python train.py --exp xpptut15 --run 14\n"
+               "  psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py")
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser

@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 import psana_ipc
+from psana_ipc.cli_help import HelpFormatter
 
 from psana_ipc.protocol.units import parse_size
 
@@ -19,10 +20,6 @@ from .startup import EXIT_STARTUP, StartupError
 
 DEFAULTS = ServerOptions(source_options=argparse.Namespace())
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilog's layout and shows every default."""
 
 
 def _size(text: str) -> int:
@@ -50,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                "module defines `Factory` (see psana_ipc.server.sources.base); they become\n"
                "choices of --source, e.g.\n"
                "  PSANA_IPC_SOURCES=mine=mypkg.source iserver --source mine",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {psana_ipc.__version__}")
     net = p.add_argument_group("where to listen")
     net.add_argument("--host", default=DEFAULTS.host,
-                     help="address to bind (this host only by default; use 0.0.0.0 to serve "
-                          "other nodes, then set --token-file)")
+                     help="address to bind: 127.0.0.1 serves this host only; 0.0.0.0 serves "
+                          "other nodes too (then set --token-file)")
     net.add_argument("--port", type=int, default=DEFAULTS.port,
                      help="TCP port (0 picks a free one, see --ready-file)")
     net.add_argument("--unix", metavar="PATH",
