@@ -1,6 +1,7 @@
 """The help layout both command lines (iserver, psana-ipc) share: epilogs kept
 as written, and each option's default shown where it tells something."""
 import argparse
+from typing import Sequence
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -13,3 +14,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or action.default in (None, False, argparse.SUPPRESS)):
             return text
         return text + " (default: %(default)s)"
+
+
+def epilog(examples: Sequence[str], *paragraphs: str) -> str:
+    """A help epilog: "examples:" with each example indented, then the paragraphs."""
+    return "\n\n".join(["examples:\n" + "\n".join("  " + e for e in examples), *paragraphs])

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 import psana_ipc
-from psana_ipc.cli_help import HelpFormatter
+from psana_ipc.cli_help import HelpFormatter, epilog
 from psana_ipc.protocol.address import ENV_ADDRESS, ENV_READY_FILE, format_address, resolve_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
@@ -30,6 +30,9 @@ from .optional import require
 EXIT_SERVER_ERROR = 1
 EXIT_NO_SERVER = 3
 EXIT_LOCAL = 4
+EXIT_STATUSES = ("exit status: 0 done, 1 the server answered with an error, 2 bad command line,\n"
+                 "3 no server there (or the connection was lost), 4 a local problem (malformed\n"
+                 "address, missing optional package, file that cannot be written).")
 
 
 class UserError(Exception):
@@ -147,9 +150,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def _command(sub: "argparse._SubParsersAction", name: str, parents: List[argparse.ArgumentParser],
-             help: str, examples: str) -> argparse.ArgumentParser:
+             help: str, *examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, parents=parents, help=help, description=help,
-                          epilog="examples:\n" + examples, formatter_class=HelpFormatter)
+                          epilog=epilog(examples), formatter_class=HelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,15 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="psana-ipc",
         description="Talk to a running iserver: check it, look at data, stop it, clean up, "
                     "or run a client next to its own server in a SLURM job.",
-        epilog="examples:\n"
-               "  psana-ipc ping\n"
-               "  psana-ipc info xpptut15 14                 detectors of run 14\n"
-               "  psana-ipc info xpptut15 14 epix10k2M       its events and frame shapes\n"
-               "  psana-ipc get xpptut15 14 epix10k2M 42 --png f.png\n"
-               "  psana-ipc stop --address unix:/tmp/me.sock\n\n"
-               "exit status: 0 done, 1 the server answered with an error, 2 bad command line,\n"
-               "3 no server there (or the connection was lost), 4 a local problem (malformed\n"
-               "address, missing optional package, file that cannot be written).",
+        epilog=epilog(["psana-ipc ping",
+                       "psana-ipc info xpptut15 14                 detectors of run 14",
+                       "psana-ipc info xpptut15 14 epix10k2M       its events and frame shapes",
+                       "psana-ipc get xpptut15 14 epix10k2M 42 --png f.png",
+                       "psana-ipc stop --address unix:/tmp/me.sock"],
+                      EXIT_STATUSES),
         formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {psana_ipc.__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -182,20 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("run", type=int, help="run number")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _command(sub, "ping", [common], "check that the server answers",
-             "  psana-ipc ping --address 127.0.0.1:5001\n").set_defaults(func=cmd_ping)
+             "psana-ipc ping --address 127.0.0.1:5001").set_defaults(func=cmd_ping)
     s = _command(sub, "info", [common, as_json, run],
                  "detectors of a run, or one detector's events and per-mode shapes",
-                 "  psana-ipc info xpptut15 14\n  psana-ipc info xpptut15 14 epix10k2M --json\n")
+                 "psana-ipc info xpptut15 14", "psana-ipc info xpptut15 14 epix10k2M --json")
     s.add_argument("detector", nargs="?", help="detector name (default: list the run's)")
     s.set_defaults(func=cmd_info)
     _command(sub, "stats", [common, as_json],
              "events and bytes served, errors by code, shared memory in use",
-             "  psana-ipc stats\n  psana-ipc stats --json | jq .shm_bytes\n") \
+             "psana-ipc stats", "psana-ipc stats --json | jq .shm_bytes") \
         .set_defaults(func=cmd_stats)
     s = _command(sub, "get", [common, as_json, run], "fetch one frame; print a summary, "
                                                      "optionally save it",
-                 "  psana-ipc get xpptut15 14 epix10k2M 42\n"
-                 "  psana-ipc get xpptut15 14 epix10k2M 42 --mode raw --out f.npy --png f.png\n")
+                 "psana-ipc get xpptut15 14 epix10k2M 42",
+                 "psana-ipc get xpptut15 14 epix10k2M 42 --mode raw --out f.npy --png f.png")
     s.add_argument("detector", help="detector name (see `psana-ipc info EXP RUN`)")
     s.add_argument("event", type=int, help="event index in the run, from 0")
     s.add_argument("--mode", choices=MODES, default="calib", help="what to serve")
@@ -204,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a picture of the frame (needs psana-ipc[plot])")
     s.set_defaults(func=cmd_get)
     s = _command(sub, "stop", [common], "shut the server down (all workers)",
-                 "  psana-ipc stop\n  psana-ipc stop --legacy --address 127.0.0.1:5000\n")
+                 "psana-ipc stop", "psana-ipc stop --legacy --address 127.0.0.1:5000")
     s.add_argument("--legacy", action="store_true", help="send the old DONE word")
     s.add_argument("--wait", type=float, default=30.0, help="seconds to wait until it is gone")
     s.set_defaults(func=cmd_stop)
     _command(sub, "cleanup", [], "remove shared memory left by servers that died",
-             "  psana-ipc cleanup\n").set_defaults(func=cmd_cleanup)
+             "psana-ipc cleanup").set_defaults(func=cmd_cleanup)
     slurm.add_parser(sub)
     return p
 

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from psana_ipc.cli_help import HelpFormatter
+from psana_ipc.cli_help import HelpFormatter, epilog
 
 
 @dataclass(frozen=True)
@@ -349,10 +349,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser = subparsers.add_parser(
         "slurm", help="run a client command in a SLURM job next to its own iserver",
         description=_DESCRIPTION, formatter_class=HelpFormatter,
-        epilog="examples:\n"
-               "  psana-ipc slurm --facility S3DF --server-args='--source psana2' --submit \\\n"
-               "      -- python train.py --exp xpptut15 --run 14\n"
-               "  psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py")
+        epilog=epilog(["psana-ipc slurm --facility S3DF --server-args='--source psana2' --submit \\\n"
+                       "    -- python train.py --exp xpptut15 --run 14",
+                       "psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py"]))
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser

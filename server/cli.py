@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 import psana_ipc
-from psana_ipc.cli_help import HelpFormatter
+from psana_ipc.cli_help import HelpFormatter, epilog
 
 from psana_ipc.protocol.units import parse_size
 
@@ -36,17 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "synthetic source to clients in other Python environments, through shared "
                     "memory on this host or inline over TCP. Stop it with Ctrl-C, SIGTERM, "
                     "`psana-ipc stop`, or the legacy DONE message.",
-        epilog="examples:\n"
-               "  iserver --workers 4                      synthetic data on 127.0.0.1:5000\n"
-               "  iserver --source psana2 --port 5001      LCLS-II runs (psana environment)\n"
-               "  iserver --source hdf5 --hdf5-root /data/h5\n"
-               "  iserver --unix /tmp/me.sock --ready-file /tmp/me.ready\n\n"
-               "exit status: 0 stopped cleanly, 1 failed while running, 2 bad command line,\n"
-               "3 could not start as asked (missing package or directory, address in use).\n\n"
-               "more sources: PSANA_IPC_SOURCES=name=module[,name=module...] adds sources whose\n"
-               "module defines `Factory` (see psana_ipc.server.sources.base); they become\n"
-               "choices of --source, e.g.\n"
-               "  PSANA_IPC_SOURCES=mine=mypkg.source iserver --source mine",
+        epilog=epilog(
+            ["iserver --workers 4                      synthetic data on 127.0.0.1:5000",
+             "iserver --source psana2 --port 5001      LCLS-II runs (psana environment)",
+             "iserver --source hdf5 --hdf5-root /data/h5",
+             "iserver --unix /tmp/me.sock --ready-file /tmp/me.ready"],
+            "exit status: 0 stopped cleanly, 1 failed while running, 2 bad command line,\n"
+            "3 could not start as asked (missing package or directory, address in use).",
+            "more sources: PSANA_IPC_SOURCES=name=module[,name=module...] adds sources whose\n"
+            "module defines `Factory` (see psana_ipc.server.sources.base); they become\n"
+            "choices of --source, e.g.\n"
+            "  PSANA_IPC_SOURCES=mine=mypkg.source iserver --source mine"),
         formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {psana_ipc.__version__}")
     net = p.add_argument_group("where to listen")
