@@ -1,4 +1,6 @@
-"""`psana-ipc`: talk to a running iserver from the shell.
+"""`psana-ipc`: talk to a running iserver from the shell (ping, info, stats,
+get, stop), remove what dead servers left in /dev/shm (cleanup), and write or
+submit a SLURM job that runs a server beside a client command (slurm).
 
 Human output by default (tables, units, ISO times), `--json` for scripts.
 Every mistake ends in one `psana-ipc: ...` line and an exit status:
@@ -18,14 +20,16 @@ import numpy as np
 
 import psana_ipc
 from psana_ipc.cli_help import HelpFormatter, epilog
-from psana_ipc.protocol.address import ENV_ADDRESS, ENV_READY_FILE, format_address, resolve_address
+from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
-from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 
 from . import cli_output, legacy, slurm
 from .connection import Client
+from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
 from .optional import require
+from .shm import our_segments
 
 EXIT_SERVER_ERROR = 1
 EXIT_NO_SERVER = 3
@@ -37,8 +41,6 @@ EXIT_STATUSES = ("exit status: 0 done, 1 the server answered with an error, 2 ba
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what to do."""
-
-
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -11,11 +11,26 @@ what=${1:-all}
 
 pip_quiet() { "$@" --disable-pip-version-check -q; }
 
+debian_package() {  # debian_package PACKAGE WHY: install it as root, else say how
+  dpkg -s "$1" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1"
+  else
+    echo "$2: run 'sudo apt-get install $1'" >&2
+    return 1
+  fi
+}
+
 client_env() {  # $1: the extras to install
   if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
   # torch first and pinned: an unpinned torch pulls the CUDA build
   .venv/bin/python -c "import torch" 2>/dev/null || pip_quiet .venv/bin/pip install torch==2.13.0
   pip_quiet .venv/bin/pip install -e ".[$1]"
+}
+
+client_test_env() {
+  client_env torch,test
+  debian_package shellcheck "the tests check the SLURM job script with shellcheck" || true
 }
 
 demo_env() {  # nothing to do when the demo's imports already work
@@ -25,13 +40,7 @@ demo_env() {  # nothing to do when the demo's imports already work
 
 psana_env() {
   # pykerberos (a psana dependency) builds against Kerberos headers
-  if ! dpkg -s libkrb5-dev >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libkrb5-dev
-    else
-      echo "psana needs Debian's libkrb5-dev: run 'sudo apt-get install libkrb5-dev'" >&2; exit 1
-    fi
-  fi
+  debian_package libkrb5-dev "psana needs Debian's libkrb5-dev" || exit 1
   if [ ! -x .venv-psana/bin/python ]; then "$PY" -m venv .venv-psana; fi
   .venv-psana/bin/python -c "import psana" 2>/dev/null \
     || pip_quiet .venv-psana/bin/pip install psana==4.3.4 mpich
@@ -39,9 +48,9 @@ psana_env() {
 }
 
 case "$what" in
-  client) client_env torch,test ;;
+  client) client_test_env ;;
   psana) psana_env ;;
-  all) client_env torch,test; psana_env ;;
+  all) client_test_env; psana_env ;;
   demo) demo_env ;;
   *) echo "usage: $0 [client|psana|all|demo]" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import errno
 import os
 import socket
 import stat
-from psana_ipc.protocol.address import socket_family
+from psana_ipc.protocol.address import address_family
 
 from .startup import StartupError
 
@@ -31,7 +31,7 @@ def bind_unix(path: str) -> socket.socket:
 
 def bind_tcp(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one)."""
-    sock = socket.socket(socket_family((host, port)), socket.SOCK_STREAM)
+    sock = socket.socket(getattr(socket, address_family((host, port))), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

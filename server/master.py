@@ -18,9 +18,8 @@ import socket
 import time
 from typing import Callable, Dict, List, Optional
 
-from psana_ipc.protocol.shm_names import our_segments
 from psana_ipc.protocol.units import format_bytes
-from psana_ipc.server.shm import unlink
+from psana_ipc.server.shm import our_segments, unlink
 
 from .private_file import write_atomically
 from .shared_state import COL, SharedState

@@ -29,8 +29,9 @@ REQUIRED_MODULES: Dict[str, Tuple[str, str]] = {
     "psana1": ("psana", _PSANA_HINT),
     "hdf5": ("h5py", "pip install 'psana-ipc[hdf5]'"),
 }
-# source options naming a directory that must exist when given
-DIRECTORY_OPTIONS = ("data_dir", "calib_dir", "hdf5_root")
+# source options naming a directory that must exist when given (for a template such as
+# /data/{exp}/xtc, the fixed part before the first field)
+DIRECTORY_OPTIONS = ("data_dir", "data_root", "calib_dir", "hdf5_root")
 
 
 class StartupError(Exception):
@@ -49,8 +50,12 @@ def check_source_library(source: str) -> None:
 def check_directories(source_options: argparse.Namespace) -> None:
     for name in DIRECTORY_OPTIONS:
         path = getattr(source_options, name, None)
-        if path is not None and not os.path.isdir(path):
-            raise StartupError(f"--{name.replace('_', '-')} {path}: no such directory")
+        if path is None:
+            continue
+        fixed = path if "{" not in path else os.path.dirname(path[:path.index("{")]) or "."
+        if not os.path.isdir(fixed):
+            raise StartupError(f"--{name.replace('_', '-')} {path}: no such directory"
+                               + (f" {fixed}" if fixed != path else ""))
 
 
 def check_budget(budget: int) -> None:
