@@ -92,24 +92,26 @@ class ServerOptions:
                                  f"not {value}")
 
 
-def check(options: ServerOptions) -> None:
-    """Everything that can be known wrong before a worker starts
-    (ValueError for a bad value, StartupError for the environment)."""
+def open_factory(options: ServerOptions) -> sources.SourceFactory:
+    """The source's factory, after everything that can be known wrong before a
+    worker starts (ValueError for a bad value, StartupError for the
+    environment); the factory checks its own options as it is made."""
     options.validate()
     if options.source not in sources.available():
         raise StartupError(f"no source {options.source!r}; available: "
                            f"{', '.join(sorted(sources.available()))}")
     startup.check_source_library(options.source)
+    factory = sources.factory_class(options.source)(options.source_options)
     startup.check_directories(options.source_options)
     startup.check_budget(options.shm_budget)
     if options.ready_file:
         startup.check_ready_file(options.ready_file)
+    return factory
 
 
 def serve(options: ServerOptions) -> int:
     """Run a server until it is stopped; its exit status (see startup.EXIT_*)."""
-    check(options)
-    factory = sources.factory_class(options.source)(options.source_options)
+    factory = open_factory(options)
     token = read_or_create_token(options.token_file) if options.token_file else None
     listener = bind_unix(options.unix) if options.unix else bind_tcp(options.host, options.port)
     if token is None and not options.unix and not options.host.startswith("127.") \
