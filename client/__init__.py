@@ -9,6 +9,7 @@ from typing import Any
 from psana_ipc.protocol.errors import ServerError
 
 from .connection import Client, Frame
+from .optional import require
 
 __all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "RunDataset",
            "BatchLoader"]
@@ -19,5 +20,7 @@ _LAZY = {"IPCRemotePsanaDataset": ".dataset", "RunDataset": ".dataset",
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
+        if _LAZY[name] == ".dataset":
+            require("torch", "torch", name)
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

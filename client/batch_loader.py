@@ -11,10 +11,12 @@ CUDA is available). A yielded batch stays valid until `buffers` further
 batches have been drawn; `.clone()` (or `.copy()`) what you keep longer, or
 pass `buffers=0` for a fresh tensor every batch.
 
-Sharding follows torch's DistributedSampler: each epoch's order (shuffled
-with `seed + epoch` when asked) is padded by wrapping around to a multiple
-of the world size, then rank r takes every world-th event from r, so every
-rank yields the same number of batches.
+Sharding follows torch's DistributedSampler exactly: each epoch's order
+(with torch present, shuffled by `torch.randperm` seeded with `seed + epoch`,
+as DistributedSampler does; without torch, by numpy) is padded by wrapping
+around to a multiple of the world size, then rank r takes every world-th
+event from r, so every rank yields the same number of batches and the same
+events DistributedSampler would give it.
 """
 import math
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -22,8 +24,20 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .connection import Client, Frame
+from .optional import require
 from .distributed import rank_and_world, shard
 from .group import ConnectionGroup
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """DistributedSampler's shuffle of range(n) for `seed` (numpy's without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return np.random.default_rng(seed).permutation(n)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.randperm(n, generator=generator).numpy()
 
 
 def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, rank: int,
@@ -31,21 +45,69 @@ def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, ran
     """This rank's events for one epoch (see the module docstring)."""
     order = np.asarray(events, dtype=np.int64)
     if shuffle:
-        order = np.random.default_rng(seed + epoch).permutation(order)
+        order = order[permutation(len(order), seed + epoch)]
     padded = np.resize(order, math.ceil(len(order) / world) * world) if len(order) else order
     return [int(e) for e in shard(padded, rank, world)]
 
 
 class BatchLoader:
-    """Iterable of (batch, *frame shape) tensors (or numpy arrays) of one detector."""
+    """Batches of one detector of one run, shaped (batch, *frame shape), as torch
+    tensors (or numpy arrays), straight from an iserver.
 
-    def __init__(self, address: Any = None, exp: str = "", run: int = 0, detector: str = "",
+    Use it where a DataLoader over a dataset of frames would go:
+
+        loader = BatchLoader("127.0.0.1:5000", "xpptut15", 14, "epix10k2M",
+                             batch_size=32, shuffle=True, progress=True)
+        for epoch in range(10):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                train_step(batch.to("cuda", non_blocking=True))
+
+    Args:
+        address: the server: (host, port), "host:port", a UNIX socket path, or
+            None for $PSANA_IPC_ADDRESS (else the ready file in
+            $PSANA_IPC_READY_FILE, else 127.0.0.1:5000).
+        exp: experiment name, e.g. "xpptut15".
+        run: run number.
+        detector: detector name (`psana-ipc info EXP RUN` lists them).
+        mode: "raw", "calib", "image" or "mask"; checked against the server at once.
+        events: event indices to draw from (default: every event of the run).
+        batch_size: frames per batch; the last batch may be smaller unless
+            `drop_last`.
+        shuffle: a new order every epoch, the same as torch's DistributedSampler
+            gives for `seed` and the epoch set with `set_epoch`.
+        seed: the shuffle's seed; the same on every rank.
+        rank, world_size: this process's share of the events (default: from
+            torch.distributed, torchrun's RANK/WORLD_SIZE or srun's
+            SLURM_PROCID/SLURM_NTASKS, else 0 and 1).
+        drop_last: drop this rank's last, incomplete batch.
+        connections: connections to the server (default 0: one per server worker).
+        depth: batches asked for ahead of the one being consumed.
+        buffers: batch buffers reused in turn (see the buffer lifetime rule in
+            the module docstring); 0 makes a fresh tensor for every batch.
+        output: "torch" or "numpy".
+        pin_memory: pin the buffers for fast copies to the GPU (default: when
+            CUDA is available).
+        transport: "auto" (shared memory on this host, else inline), "shm" or
+            "inline".
+        access_mode: the btx access mode of the run ("idx").
+        progress: show a tqdm progress bar per epoch (needs tqdm, in
+            psana-ipc[torch]).
+
+    Raises:
+        ValueError: a bad option, or a mode the detector does not have.
+        ServerError: the server refused the run or detector (`.code` says why).
+        ConnectionError: no server at `address`.
+    """
+
+    def __init__(self, address: Any, exp: str, run: int, detector: str,
                  mode: str = "calib", events: Optional[Sequence[int]] = None,
                  batch_size: int = 32, *, shuffle: bool = False, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  drop_last: bool = False, connections: int = 0, depth: int = 2,
                  buffers: int = 2, output: str = "torch", pin_memory: Optional[bool] = None,
-                 transport: str = "auto", access_mode: str = "idx") -> None:
+                 transport: str = "auto", access_mode: str = "idx",
+                 progress: bool = False) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0:
@@ -56,6 +118,7 @@ class BatchLoader:
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.depth = depth
         self.output = output
+        self.progress = progress
         self.epoch = 0
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
@@ -94,7 +157,7 @@ class BatchLoader:
         shape = (self.batch_size,) + self.frame_shape
         if self.output == "numpy":
             return np.empty(shape, self.dtype)
-        import torch
+        torch = require("torch", "torch", "BatchLoader(output='torch')")
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, self.dtype)).dtype,
                            pin_memory=pin)
@@ -127,13 +190,27 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """Batches copied into the reused buffers (see the buffer lifetime rule)."""
-        for k, events, requests in self._batches():
-            out = self._buffer(k, len(events))
-            target = out.numpy() if self.output == "torch" else out
-            for pos, frame in self.group.stream(requests):
-                with frame:
-                    np.copyto(target[pos], frame.array, casting="no")
-            yield out
+        bar = self._progress_bar()
+        try:
+            for k, events, requests in self._batches():
+                out = self._buffer(k, len(events))
+                target = out.numpy() if self.output == "torch" else out
+                for pos, frame in self.group.stream(requests):
+                    with frame:
+                        np.copyto(target[pos], frame.array, casting="no")
+                if bar is not None:
+                    bar.update(len(events))
+                yield out
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _progress_bar(self) -> Any:
+        if not self.progress:
+            return None
+        tqdm = require("tqdm.auto", "torch", "BatchLoader(progress=True)").tqdm
+        return tqdm(total=len(self._order()), unit=" frames",
+                    desc=f"{self.detector} epoch {self.epoch}")
 
     def views(self) -> Iterator[List[Frame]]:
         """Zero-copy: each batch as a list of `Frame`s whose read-only `.array` is

@@ -11,6 +11,7 @@ Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
 the server reuses the slot for another event. Copy what you keep.
 """
+import contextlib
 import os
 import select
 import socket
@@ -25,7 +26,7 @@ from psana_ipc.protocol.messages import encode_request, hello_request
 
 from .discovery import find_token, resolve_address
 from .shm import SlotMaps
-from .wire import recv_message, send_message, socket_family
+from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
 RELEASE_BATCH = 16
 Reply = Tuple[Dict[str, Any], Optional[bytearray]]
@@ -46,6 +47,7 @@ class Frame:
 
     @property
     def event(self) -> int:
+        """The event index this frame is of."""
         return self.desc["event"]
 
     def release(self) -> None:
@@ -63,14 +65,35 @@ class Frame:
 
 
 class Client:
-    """A connection to an iserver; see the module docstring for frame lifetimes."""
+    """One connection to an iserver, giving frames as numpy arrays (no torch needed).
+
+        with Client("127.0.0.1:5000") as c:
+            frame = c.get("xpptut15", 14, "epix10k2M", 42, mode="calib")
+
+    Args:
+        address: (host, port), "host:port", a UNIX socket path ("unix:PATH" or
+            any path with a "/"), or None for $PSANA_IPC_ADDRESS, else the
+            server in the ready file $PSANA_IPC_READY_FILE, else 127.0.0.1:5000.
+        transport: "auto" (shared memory on this host, else inline), "shm"
+            (fail if the server cannot share memory with us) or "inline".
+        token: the server's token (default: see `find_token`).
+        window: frames this connection may hold unreleased (0: the server's
+            default).
+        writable: map slots writable, for code that insists on writable arrays
+            and does not write them (torch.as_tensor).
+        timeout: seconds to wait for a reply (None: forever).
+        connect_timeout: seconds to wait for the connection.
+
+    It connects on first use (and again in a forked child). Errors the server
+    replies with raise `ServerError` (`.code`, `.message`); no server, or a
+    connection lost, raises `ConnectionError`. Frame lifetimes: see the
+    module docstring. `close()` (or the `with` block) ends the connection; a
+    client dropped without it closes its socket when garbage collected.
+    """
 
     def __init__(self, address: Any = None, *, transport: str = "auto",
                  token: Optional[str] = None, window: int = 0, writable: bool = False,
                  timeout: Optional[float] = 300.0, connect_timeout: float = 10.0) -> None:
-        """`window`: frames this connection may hold (0: the server's default).
-        `writable`: map slots writable, for code that insists on writable arrays
-        and does not write them (torch.as_tensor)."""
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'")
         self.address: Address = resolve_address(address)
@@ -135,6 +158,8 @@ class Client:
                                   "(another host?); use transport='auto' or 'inline'")
 
     def close(self) -> None:
+        """Release what this connection holds and close it (the next request
+        connects again)."""
         if self._sock is not None and self._pid == os.getpid():
             try:
                 self.flush_releases()
@@ -143,6 +168,14 @@ class Client:
             self._sock.close()
         self._maps.close()
         self._reset()
+
+    def __del__(self) -> None:
+        """Close the socket of a client dropped without `close()`, saying nothing
+        to the server (no I/O from a finalizer): the server frees what the
+        connection held when it sees it closed."""
+        sock = self.__dict__.get("_sock")
+        if sock is not None:
+            sock.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -183,29 +216,38 @@ class Client:
         except OSError:
             return True
 
+    @contextlib.contextmanager
+    def _stream(self) -> Iterator[None]:
+        """A timeout or a dropped connection loses the stream: close it, so the next
+        request connects afresh; a drop says in one line what happened."""
+        try:
+            yield
+        except (ConnectionResetError, BrokenPipeError, ConnectionClosed) as e:
+            self.close()
+            raise ConnectionClosed(f"lost the connection to iserver at "
+                                   f"{format_address(self.address)}: the server stopped or "
+                                   f"restarted") from e
+        except OSError:
+            self.close()
+            raise
+
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
         self._ensure()
         if self._closed_while_idle():
             self.close()
             self._ensure()
-        try:
+        with self._stream():
             self.flush_releases()
             return self._send_header(encode_request(op, self._new_id(), **fields))
-        except OSError:
-            self.close()   # the stream is lost: the next request connects afresh
-            raise
 
     def reply(self, rid: int) -> Reply:
         """The next reply to request `rid`, reading (and keeping) others on the way."""
         queue = self._pending.setdefault(rid, deque())
         while not queue:
-            try:
+            with self._stream():
                 self.flush_releases()
                 header, payload = recv_message(self._sock)
-            except OSError:    # a timeout or a dropped connection: the stream is lost, and
-                self.close()   # the next request connects afresh
-                raise
             self._maps.drop(header.get("retired", ()))
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
@@ -222,6 +264,7 @@ class Client:
         return header
 
     def call(self, op: str, **fields: Any) -> Dict[str, Any]:
+        """Send a request and return its reply header; an error reply raises ServerError."""
         return self._result(self.send(op, **fields))
 
     # -- releasing slots ------------------------------------------------------------------
@@ -257,13 +300,18 @@ class Client:
         return self.server["window"]
 
     def ping(self) -> bool:
+        """True if the server answers (else ConnectionError)."""
         return bool(self.call("ping").get("pong"))
 
     def info(self, exp: str, run: int, detector: Optional[str] = None) -> Dict[str, Any]:
+        """Without `detector`: {"detectors": {name: {"events": N, ...}}} of the run.
+        With it: {"events": N, "modes": {mode: {"shape", "dtype", "calibrated"}}}."""
         reply = self.call("info", exp=exp, run=int(run), detector=detector)
         return {k: v for k, v in reply.items() if k not in ("ok", "id")}
 
     def stats(self) -> Dict[str, Any]:
+        """The server's counters: workers, connections, requests, events, bytes,
+        errors by code, shared memory in use, its peak and the budget."""
         return self.call("stats")["stats"]
 
     def shutdown(self) -> None:

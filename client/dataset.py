@@ -16,11 +16,14 @@ stays unchanged until `buffers` more batches have been drawn once dropped.
 Code that keeps every batch stays correct (the ring grows), so `.clone()` is
 never needed for correctness; `buffers=0` gives every batch fresh memory.
 """
+import logging
 from itertools import groupby
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from psana_ipc.protocol.messages import MODES
 
 from . import batch_handoff, legacy
 from .batch_collate import RingBatch
@@ -28,6 +31,7 @@ from .batch_ring import BatchRing
 from .connection import Client
 from .group import ConnectionGroup
 
+log = logging.getLogger(__name__)
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
 # Frames each connection may hold: the client copies and releases each frame at
 # once, so a few suffice, and DataLoader workers that live one epoch then cost
@@ -36,19 +40,35 @@ WINDOW = 8
 
 
 class IPCRemotePsanaDataset(Dataset):
+    """btx's dataset of detector frames, served by an iserver: item i is the frame
+    (a numpy array) of `requests_list[i]`. Plug it into a torch DataLoader.
+
+    Args:
+        server_address: (host, port), "host:port", a UNIX socket path, or None
+            for $PSANA_IPC_ADDRESS (else the ready file in $PSANA_IPC_READY_FILE).
+        requests_list: tuples (exp, run, access_mode, detector_name, event).
+        mode: "raw", "calib", "image" or "mask".
+        protocol: "auto" (v1 when the server speaks it, else btx's legacy
+            dialect; the fallback is logged), "v1" or "legacy".
+        transport: "auto" (shared memory on this host, else inline), "shm" or
+            "inline".
+        timeout: seconds to wait for a reply.
+        buffers: batches drawn before a dropped batch's memory is reused (the
+            lifetime rule in the module docstring); 0: fresh memory every batch.
+
+    Item lifetime: a DataLoader batch is a reused buffer that is never
+    overwritten while anything refers to it (see the module docstring);
+    `dataset[i]` is a private copy. `close()` drops the connections (also
+    done when the dataset is garbage collected).
+    """
+
     def __init__(self, server_address: Any, requests_list: Sequence[Request],
                  mode: str = "calib", protocol: str = "auto", transport: str = "auto",
                  timeout: Optional[float] = 300.0, buffers: int = 2) -> None:
-        """
-        server_address: (host, port), "host:port", a UNIX socket path, or None
-            for $PSANA_IPC_ADDRESS.
-        requests_list: tuples (exp, run, access_mode, detector_name, event).
-        mode: raw, calib, image or mask. protocol: "auto", "v1" or "legacy".
-        buffers: batches drawn before a dropped batch's memory is reused (the
-            lifetime rule in the module docstring); 0: fresh memory every batch.
-        """
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError("protocol must be 'auto', 'v1' or 'legacy'")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.server_address = server_address
         self.requests_list = requests_list
         self.mode = mode
@@ -64,6 +84,9 @@ class IPCRemotePsanaDataset(Dataset):
     def _dialect(self) -> str:
         if self.protocol == "auto":
             self.protocol = legacy.detect_protocol(self._group.address)
+            if self.protocol == "legacy":
+                log.info("the server at %s does not answer v1: using btx's legacy dialect",
+                         self._group.address)
         return self.protocol
 
     def __getitem__(self, idx: int) -> np.ndarray:
@@ -71,6 +94,7 @@ class IPCRemotePsanaDataset(Dataset):
 
     def fetch_event(self, exp: str, run: Any, access_mode: str, detector_name: str,
                     event: int) -> np.ndarray:
+        """One event's frame as a private array (btx's method of the same name)."""
         if self._dialect() == "legacy":
             return legacy.fetch(self._group.address, exp, run, access_mode, detector_name,
                                 event, self.mode, self.timeout)
@@ -116,16 +140,33 @@ class IPCRemotePsanaDataset(Dataset):
 
 
 class RunDataset(IPCRemotePsanaDataset):
-    """One detector of one run as a map-style dataset: item i is event `events[i]`
-    (all of the run's events by default)."""
+    """One detector of one run as a map-style dataset: item i is the frame of
+    event `events[i]` (all of the run's events by default).
+
+    Args:
+        server_address: as for IPCRemotePsanaDataset.
+        exp, run, detector: the run and detector (`psana-ipc info EXP RUN`).
+        mode: "raw", "calib", "image" or "mask"; checked against the detector
+            at construction (one `info` call).
+        events: event indices (default: every event of the run).
+        transport, timeout: as for IPCRemotePsanaDataset.
+
+    Raises:
+        ValueError: a mode the detector does not have.
+        ServerError: an unknown run or detector.
+    """
 
     def __init__(self, server_address: Any, exp: str, run: int, detector: str,
                  mode: str = "calib", events: Optional[Sequence[int]] = None,
                  transport: str = "auto", timeout: Optional[float] = 300.0,
                  buffers: int = 2) -> None:
+        with Client(server_address, transport=transport, timeout=timeout) as client:
+            info = client.info(exp, run, detector)
+        if mode not in info["modes"]:
+            raise ValueError(f"{detector} has no {mode!r} mode; it has "
+                             f"{', '.join(sorted(info['modes']))}")
         if events is None:
-            with Client(server_address, transport=transport, timeout=timeout) as client:
-                events = range(client.info(exp, run, detector)["events"])
+            events = range(info["events"])
         super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
                          mode=mode, protocol="v1", transport=transport, timeout=timeout,
                          buffers=buffers)

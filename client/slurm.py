@@ -14,14 +14,18 @@ data, checked by shellcheck in the tests); this module only fills in the
 job's #SBATCH header and settings.
 """
 import argparse
+import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
+
+from psana_ipc.cli_help import HelpFormatter, epilog
 
 
 @dataclass(frozen=True)
@@ -155,10 +159,50 @@ def render_script(spec: JobSpec) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], job_template())
 
 
-def submit(path: str, wait: bool = True) -> int:
+def submit(path: str, wait: bool = True, log_dir: Optional[str] = None,
+           say: Callable[[str], None] = lambda line: None) -> int:
     """sbatch the script; with `wait`, block until the job ends (`sbatch -W`) and
-    return its exit code, else return sbatch's."""
-    return subprocess.run(["sbatch", "-W", path] if wait else ["sbatch", path]).returncode
+    return its exit code, else return sbatch's. While it waits, `say` hears the
+    job id, each change of its state, and each server's ready file appearing
+    under `log_dir` (the job's LOG_DIR)."""
+    if not wait:
+        return subprocess.run(["sbatch", path]).returncode
+    # sbatch prints the job id before it waits, but into a pipe only at exit unless
+    # its stdout is line-buffered
+    line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+    proc = subprocess.Popen(line_buffered + ["sbatch", "-W", "--parsable", path],
+                            stdout=subprocess.PIPE, text=True)
+    job_id = proc.stdout.readline().strip().split(";")[0]
+    if job_id:
+        say(f"submitted job {job_id}; waiting for it to end")
+        _watch(proc, job_id, log_dir, say)
+    proc.wait()
+    proc.stdout.close()
+    if job_id:
+        say(f"job {job_id} ended with exit code {proc.returncode}")
+    return proc.returncode
+
+
+def _watch(proc: subprocess.Popen, job_id: str, log_dir: Optional[str],
+           say: Callable[[str], None]) -> None:
+    """Report the job's state and its servers' readiness until sbatch -W returns."""
+    state, ready = "", set()
+    while True:
+        try:
+            proc.wait(timeout=1.0)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        now = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %R"], capture_output=True,
+                             text=True).stdout.strip()
+        if now and now != state:
+            state = now
+            say(f"job {job_id}: {now}")
+        if log_dir:
+            found = set(glob.glob(os.path.join(log_dir, f"psana-ipc-{job_id}", "ready-*.json")))
+            for path in sorted(found - ready):
+                say(f"job {job_id}: server ready on {os.path.basename(path)[6:-5]}")
+            ready |= found
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,16 +214,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm = parser.add_argument_group("SLURM resources")
     slurm.add_argument("-p", "--partition", "--queue", help="default: the facility's")
     slurm.add_argument("-A", "--account", help="default: the facility's")
-    slurm.add_argument("--reservation")
+    slurm.add_argument("--reservation", help="a SLURM reservation to run in")
     slurm.add_argument("-N", "--nodes", type=int, default=1, help="one server per node")
     slurm.add_argument("-n", "--ntasks", type=int, default=1, help="one client per task")
-    slurm.add_argument("-c", "--cpus-per-task", type=int, default=1)
+    slurm.add_argument("-c", "--cpus-per-task", type=int, default=1, help="CPUs of each client")
     slurm.add_argument("--gpus", help="e.g. 4 or a100:4")
-    slurm.add_argument("-t", "--time", default="01:00:00")
-    slurm.add_argument("-J", "--job-name", default="psana-ipc")
+    slurm.add_argument("-t", "--time", default="01:00:00", help="wall-clock limit")
+    slurm.add_argument("-J", "--job-name", default="psana-ipc", help="also names the script")
     slurm.add_argument("--mem", default="0", help="'' for the partition's default "
                                                   "(default: 0, the whole node's)")
-    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True)
+    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
+                       help="the whole node for the job")
     slurm.add_argument("--log-dir", default=".", help="job logs, server logs and ready files; "
                                                       "must be seen from every node")
     envs = parser.add_argument_group(
@@ -191,8 +236,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--server-args", default="", metavar="'OPTIONS'",
                         help="iserver options, e.g. --server-args='--source psana2 --workers 4'")
-    server.add_argument("--ready-timeout", type=int, default=300, metavar="S")
-    server.add_argument("--stop-timeout", type=int, default=5, metavar="S")
+    server.add_argument("--ready-timeout", type=int, default=300, metavar="S",
+                        help="seconds every server has to accept")
+    server.add_argument("--stop-timeout", type=int, default=5, metavar="S",
+                        help="seconds for each step of stopping a server")
     out = parser.add_argument_group("output (default: print the script)")
     out.add_argument("--script", metavar="PATH", help="write the job script here")
     out.add_argument("--submit", action="store_true",
@@ -207,7 +254,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     """Register `psana-ipc slurm` on the psana-ipc command line."""
     parser = subparsers.add_parser(
         "slurm", help="run a client command in a SLURM job next to its own iserver",
-        description=_DESCRIPTION)
+        description=_DESCRIPTION, formatter_class=HelpFormatter,
+        epilog=epilog(["psana-ipc slurm --facility S3DF --server-args='--source psana2' --submit \\\n"
+                       "    -- python train.py --exp xpptut15 --run 14",
+                       "psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py"]))
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -253,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.submit:
         return 0
     try:
-        return submit(path, wait=not args.no_wait)
+        return submit(path, wait=not args.no_wait, log_dir=spec.log_dir,
+                      say=lambda line: print(f"psana-ipc slurm: {line}", file=sys.stderr,
+                                             flush=True))
     except FileNotFoundError:
         print("psana-ipc slurm: no sbatch here; submit from a SLURM login node", file=sys.stderr)
         return 127

@@ -14,7 +14,7 @@ def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
     """A (host, port) tuple for TCP or a path string for a UNIX socket."""
     if isinstance(text, (tuple, list)):
         host, port = text
-        return (str(host), int(port))
+        return (str(host), _port(port, text))
     if text.startswith("unix:"):
         return text[len("unix:"):]
     if "/" in text:
@@ -22,7 +22,17 @@ def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
     host, sep, port = text.rpartition(":")
     if not sep:
         raise ValueError(f"address {text!r} is neither host:port nor a socket path")
-    return (host.strip("[]") or DEFAULT_HOST, int(port))
+    return (host.strip("[]") or DEFAULT_HOST, _port(port, text))
+
+
+def _port(port: Union[str, int], address: object) -> int:
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise ValueError(f"address {address!r}: the port must be a number from 0 to 65535")
+    return number
 
 
 def format_address(address: Address) -> str:

@@ -29,20 +29,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo import start_server  # noqa: E402
-
-from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset  # noqa: E402
-from psana_ipc.server.sources.synthetic import expected  # noqa: E402
+from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
+from psana_ipc.client.server_process import ServerProcess
+from psana_ipc.server.sources.synthetic import expected
 
 
 def cpu_seconds(pids: List[int]) -> float:
@@ -79,7 +75,7 @@ def client_cpu(server: int, since: Dict[int, float]) -> float:
     return sum(os.times()[:4]) + sum(t - since.get(pid, 0.0) for pid, t in live.items())
 
 
-def timed(run: Callable[[], int], repeats: int, server: subprocess.Popen) -> Dict[str, float]:
+def timed(run: Callable[[], int], repeats: int, server: ServerProcess) -> Dict[str, float]:
     """Median frames/s of `repeats` passes after one warm-up pass, with the CPU
     per frame of this process (DataLoader workers included) and of the
     server's workers."""
@@ -150,7 +146,7 @@ def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
     return run
 
 
-def bench_detector(server: subprocess.Popen, det: str,
+def bench_detector(server: ServerProcess, det: str,
                    args: argparse.Namespace) -> List[Dict]:
     address = server.address
     events = list(range(args.frames))
@@ -237,21 +233,18 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args.server_workers, tmp, "--cost-ms", str(args.cost_ms),
-                              "--shm-budget", args.shm_budget,
-                              "--synthetic-events", str(args.frames))
-        try:
-            rows = [r for det in args.detectors
-                    for r in bench_detector(server, det, args)]
-            with Client(server.address) as c:
-                stats = c.stats()
-                c.shutdown()
-            server.wait(30)
-        finally:
-            if server.poll() is None:
-                server.terminate()
-                server.wait(30)
+    server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
+                            "--cost-ms", str(args.cost_ms), "--shm-budget", args.shm_budget,
+                            "--synthetic-events", str(args.frames)])
+    try:
+        rows = [r for det in args.detectors
+                for r in bench_detector(server, det, args)]
+        with Client(server.address) as c:
+            stats = c.stats()
+            c.shutdown()
+        server.proc.wait(30)
+    finally:
+        server.stop()
     extra = {"server_workers": args.server_workers, "cost_ms": args.cost_ms,
              "peak_shm_mb": round(stats["shm_peak_bytes"] / 1e6, 1),
              "shm_budget_mb": round(stats["shm_budget"] / 1e6, 1)}

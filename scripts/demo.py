@@ -12,39 +12,17 @@ The same on a real run, with the server in the psana environment:
         --server-args "--source psana2 --data-dir DIR --offline --calib-dir CDIR"
 """
 import argparse
-import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from psana_ipc.client import Client, IPCRemotePsanaDataset
-
-
-def start_server(workers: int, tmp: str, *options: str,
-                 python: str = sys.executable) -> subprocess.Popen:
-    """An iserver on a free port (synthetic source unless `options` say otherwise),
-    returned once it accepts; its address is in `.address`."""
-    ready = os.path.join(tmp, "ready.json")
-    proc = subprocess.Popen([python, "-m", "psana_ipc.server", "--port", "0",
-                             "--workers", str(workers), "--ready-file", ready,
-                             "--log-level", "WARNING", *options])
-    deadline = time.monotonic() + 60
-    while not os.path.exists(ready):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("demo: the server did not start")
-        time.sleep(0.05)
-    with open(ready) as f:
-        info = json.load(f)
-    proc.address, proc.workers = info["address"], info["workers"]
-    return proc
+from psana_ipc.client.server_process import ServerProcess
 
 
 def load(address: str, protocol: str, args: argparse.Namespace) -> float:
@@ -54,18 +32,22 @@ def load(address: str, protocol: str, args: argparse.Namespace) -> float:
     requests = [(args.exp, args.run, "idx", args.detector, e) for e in range(args.events)]
     warm = requests[: 2 * args.batch_size * max(1, args.loader_workers)]
     rates = []
-    for part in [warm] + [requests] * args.repeats:
+    for k, part in enumerate([warm] + [requests] * args.repeats):
         dataset = IPCRemotePsanaDataset(address, part, mode=args.mode, protocol=protocol)
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.loader_workers)
         frames, t0 = 0, time.perf_counter()
-        for batch in loader:
-            assert isinstance(batch, torch.Tensor)
-            frames += batch.shape[0]
+        label = f"{protocol} warm-up" if k == 0 else f"{protocol} pass {k}"
+        with tqdm(total=len(part), desc=f"  {label:15s}", unit=" frames", leave=False,
+                  file=sys.stderr, disable=args.quiet) as bar:
+            for batch in loader:
+                assert isinstance(batch, torch.Tensor)
+                frames += batch.shape[0]
+                bar.update(batch.shape[0])
         rates.append(frames / (time.perf_counter() - t0))
     fps = statistics.median(rates[1:])
     gbps = fps * batch[0].numel() * batch.element_size() / 1e9
     print(f"  {protocol:7s} {frames} frames {tuple(batch.shape[1:])} {batch.dtype}: "
-          f"{fps:8.1f} frames/s, {gbps:.2f} GB/s")
+          f"{fps:8.1f} frames/s, {gbps:.2f} GB/s", flush=True)
     return fps
 
 
@@ -83,23 +65,22 @@ def main() -> int:
     ap.add_argument("--server-python", default=sys.executable,
                     help="python of the environment the server runs in (default: this one)")
     ap.add_argument("--server-args", default="", help="more iserver options, e.g. a source")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args.server_workers, tmp, *shlex.split(args.server_args),
-                              python=args.server_python)
-        try:
-            print(f"iserver {args.server_args or '(synthetic)'} on {server.address}; DataLoader "
-                  f"with {args.loader_workers} workers, batch {args.batch_size}, "
-                  f"{args.detector} {args.mode}")
-            v1 = load(server.address, "v1", args)
-            legacy = load(server.address, "legacy", args)
-            print(f"  v1 / legacy: {v1 / legacy:.1f}x")
-            Client(server.address).shutdown()
-            code = server.wait(30)
-        finally:
-            if server.poll() is None:
-                server.terminate()
-                server.wait(30)
+    print("starting iserver ...", flush=True)
+    server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
+                            *shlex.split(args.server_args)], python=args.server_python)
+    try:
+        print(f"iserver {args.server_args or '(synthetic)'} on {server.address}; DataLoader "
+              f"with {args.loader_workers} workers, batch {args.batch_size}, "
+              f"{args.detector} {args.mode}", flush=True)
+        v1 = load(server.address, "v1", args)
+        legacy = load(server.address, "legacy", args)
+        print(f"  v1 / legacy: {v1 / legacy:.1f}x")
+        Client(server.address).shutdown()
+        server.proc.wait(30)
+    finally:
+        code = server.stop()
     print(f"server stopped (exit {code})")
     return code
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the client environment if needed, then run the demo on the synthetic source.
+# The demo on the synthetic source: builds .venv with what it needs (torch, tqdm) the first
+# time only, then shows frames/s as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_envs.sh client
-exec .venv/bin/python scripts/demo.py "$@"
+bash scripts/setup_envs.sh demo
+PYTHONUNBUFFERED=1 exec .venv/bin/python scripts/demo.py "$@"

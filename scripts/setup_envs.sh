@@ -2,7 +2,8 @@
 # Build the two environments psana-ipc is about, idempotently:
 #   .venv        the user's side: torch (CPU), the client SDK, test tools; no psana
 #   .venv-psana  the psana side: psana from PyPI, the server; no torch
-# Usage: scripts/setup_envs.sh [client|psana|all]   (default: all)
+#   demo         .venv with only what scripts/demo.py needs (torch, tqdm), once
+# Usage: scripts/setup_envs.sh [client|psana|all|demo]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PSANA_IPC_PYTHON:-python3.11}
@@ -20,12 +21,21 @@ debian_package() {  # debian_package PACKAGE WHY: install it as root, else say h
   fi
 }
 
-client_env() {
+client_env() {  # $1: the extras to install
   if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
   # torch first and pinned: an unpinned torch pulls the CUDA build
   .venv/bin/python -c "import torch" 2>/dev/null || pip_quiet .venv/bin/pip install torch==2.13.0
-  pip_quiet .venv/bin/pip install -e ".[torch,test]"
+  pip_quiet .venv/bin/pip install -e ".[$1]"
+}
+
+client_test_env() {
+  client_env torch,test
   debian_package shellcheck "the tests check the SLURM job script with shellcheck" || true
+}
+
+demo_env() {  # nothing to do when the demo's imports already work
+  .venv/bin/python -c "import torch, tqdm, psana_ipc.client, psana_ipc.server" 2>/dev/null \
+    || client_env torch
 }
 
 psana_env() {
@@ -38,8 +48,9 @@ psana_env() {
 }
 
 case "$what" in
-  client) client_env ;;
+  client) client_test_env ;;
   psana) psana_env ;;
-  all) client_env; psana_env ;;
-  *) echo "usage: $0 [client|psana|all]" >&2; exit 2 ;;
+  all) client_test_env; psana_env ;;
+  demo) demo_env ;;
+  *) echo "usage: $0 [client|psana|all|demo]" >&2; exit 2 ;;
 esac

@@ -21,7 +21,10 @@ import socket
 import time
 from typing import Callable, Dict, List, Optional
 
+from psana_ipc.protocol.units import format_bytes
+
 from . import liveness
+from .private_file import write_atomically
 from .shared_state import SharedState
 from .shm import sweep
 from .wakeup import drain, wakeup_pipe
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 DUMP_GRACE = 2.0       # a stalled worker's time to write its traceback before SIGKILL
+# A worker asks the master to stop with this signal (a client's shutdown or DONE),
+# so the log tells a requested stop from a SIGTERM.
+SHUTDOWN_SIGNAL = signal.SIGUSR1
 
 
 class Master:
@@ -58,7 +64,7 @@ class Master:
         """SIGHUP stops the server unless it was started with SIGHUP ignored
         (`nohup`): then master and workers keep ignoring it."""
         self._wake = wakeup_pipe()
-        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD]
+        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, SHUTDOWN_SIGNAL]
         if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
             self._handled.append(signal.SIGHUP)
         for sig in self._handled:
@@ -71,10 +77,8 @@ class Master:
         self.lock = liveness.hold(self.pid)
         for slot in range(self.state.workers):
             self.spawn(slot)
-        booted = self.wait_ready()
-        if booted:
-            self.write_ready_file()
-            log.info("serving on %s with %d workers", self.ready_info["address"], len(self.workers))
+        if self.wait_ready():
+            self.announce()
         while not self.stopping:
             select.select([wake_r], [], [], 0.5)
             drain(wake_r)
@@ -88,6 +92,9 @@ class Master:
             signum = self.signals.pop(0)
             if signum == signal.SIGCHLD:
                 self.reap()
+            elif signum == SHUTDOWN_SIGNAL:
+                log.info("shutdown requested by a client: stopping")
+                self.stopping = True
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 self.stopping = True
@@ -194,15 +201,26 @@ class Master:
             _remove(self.ready_file)
         log.info("stopped")
 
+    def announce(self) -> None:
+        """Log the start-up line, then write the ready file (so the log says so
+        by the time a launcher sees the file); stop if the file cannot be written."""
+        log.info("serving %s on %s: %d workers, shared-memory budget %s",
+                 self.ready_info["source"], self.ready_info["address"], len(self.workers),
+                 format_bytes(self.ready_info["shm_budget"]))
+        try:
+            self.write_ready_file()
+        except OSError as e:
+            log.error("cannot write the ready file %s: %s: stopping", self.ready_file, e.strerror)
+            self.stopping, self.exit_code = True, 1
+            self.ready_file = None   # whatever is at that path is not ours to remove
+
     def write_ready_file(self) -> None:
-        """Atomically, so a launcher polling for it never reads half a file."""
+        """Atomically, so a launcher polling for it never reads half a file, and
+        never through a planted symlink (see private_file)."""
         if not self.ready_file:
             return
-        info = dict(self.ready_info, workers=sorted(self.workers))
-        tmp = f"{self.ready_file}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, self.ready_file)
+        write_atomically(self.ready_file, json.dumps(dict(self.ready_info,
+                                                          workers=sorted(self.workers))))
 
 
 def _kill(pid: int, sig: int) -> None:

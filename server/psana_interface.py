@@ -14,8 +14,7 @@ import numpy as np
 from psana_ipc.protocol.errors import NO_GEOMETRY, READ_FAILED
 from psana_ipc.protocol.messages import RunKey
 
-from .cli import build_parser
-from .sources import factory_class
+from .sources import factory_class, source_options
 from .sources.base import Source, SourceError
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,8 @@ def open_source(exp: str, run: int, detector: str, access_mode: str = "idx",
     defaults of the source options, overridden by `options` (`data_dir`,
     `calib_dir`, and for psana2 `offline`)."""
     flavour = psana_flavour()
-    namespace = build_parser().parse_args(["--source", flavour])
-    vars(namespace).update(options)
-    return factory_class(flavour)(namespace).open(RunKey(exp, int(run), detector, access_mode))
+    return factory_class(flavour)(source_options(**options)).open(
+        RunKey(exp, int(run), detector, access_mode))
 
 
 class PsanaImg:

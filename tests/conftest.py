@@ -1,10 +1,7 @@
 """Fixtures shared by every test: real servers on loopback and a guard that
 fails any test leaving shared memory behind."""
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +10,7 @@ from typing import List, Optional, Set
 import pytest
 
 from psana_ipc.protocol.shm_names import parse_lock_name, parse_segment_name
+from psana_ipc.client import server_process
 
 pytest_plugins = ["psana2_helpers"]   # the psana2 runs are written once per session
 
@@ -131,52 +129,26 @@ def no_leaked_segments():
     assert not leaked, f"test left shared memory behind: {sorted(leaked)}"
 
 
-class ServerProcess:
-    """An iserver subprocess started with a ready file, stopped at teardown."""
+class ServerProcess(server_process.ServerProcess):
+    """An iserver subprocess with its ready file and log in `tmp`; `stop` fails a
+    test whose server ignores the signal."""
 
     def __init__(self, args: List[str], tmp: Path, python: Optional[str] = None,
                  env: Optional[dict] = None, timeout: float = 60.0) -> None:
-        self.ready_file = tmp / f"ready-{time.monotonic_ns()}.json"
-        self.log_path = tmp / (self.ready_file.stem + ".log")
-        cmd = [python or sys.executable, "-m", "psana_ipc.server", "--port", "0",
-               "--ready-file", str(self.ready_file)] + list(args)
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        OURS.add(self.proc.pid)
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-            time.sleep(0.02)
-        self.ready = json.loads(self.ready_file.read_text())
-        self.address = self.ready["address"]
-        self.pid = self.proc.pid
+        ready_file = tmp / f"ready-{time.monotonic_ns()}.json"
+        super().__init__(args, python=python, ready_file=ready_file, env=env,
+                         log_file=ready_file.with_suffix(".log"), timeout=timeout)
+        OURS.add(self.pid)
 
     @property
     def workers(self) -> List[int]:
         return worker_pids(self.pid)
 
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"server ignored signal {sig}:\n{self.log()}")
-        self._log.close()
-        return self.proc.returncode
+        try:
+            return super().stop(sig, timeout)
+        except TimeoutError as e:
+            raise AssertionError(str(e)) from None
 
 
 def worker_pids(parent: int) -> List[int]:

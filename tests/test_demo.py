@@ -1,16 +1,29 @@
 """The README's first command runs the demo: it must keep working."""
+import os
 import subprocess
 import sys
 
 from conftest import ROOT
 
+SMALL = ["--events", "40", "--batch-size", "10", "--loader-workers", "0"]
+
 
 def test_demo_loads_through_both_dialects_and_stops_its_server():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--events", "40",
-                             "--batch-size", "10", "--loader-workers", "0"],
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), *SMALL],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.strip().startswith("v1") and "frames/s" in line for line in lines)
     assert any(line.strip().startswith("legacy") and "frames/s" in line for line in lines)
     assert lines[-1] == "server stopped (exit 0)"
+    assert "frames/s]" in result.stderr   # the progress bars show the rate as it goes
+
+
+def test_demo_sh_installs_nothing_once_its_environment_is_there():
+    """With .venv already built, any pip install would fail here (no index, no
+    wheels): the demo must run without one."""
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *SMALL, "--quiet"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "server stopped (exit 0)"

@@ -47,11 +47,13 @@ def test_chunked_gzip_dataset_is_served_byte_exact(start_server, hdf5_root):
                             "dtype": "float64"}}
 
 
-def test_cxi_detector_names_through_a_dataset_template(start_server, hdf5_root):
+def test_cxi_detector_names_through_a_dataset_template(start_server, hdf5_root, tmp_path):
     """With --hdf5-dataset 'entry_1/{detector}/data' a CXI file's data_1 is a
     detector, and an absolute --hdf5-pattern ignores --hdf5-root."""
     pattern = str(hdf5_root / "{exp}" / "r{run:04d}.h5")
-    server = start_server(["--source", "hdf5", "--hdf5-root", "/nonexistent", "--workers", "1",
+    elsewhere = tmp_path / "elsewhere"   # exists (start-up checks that), holds no run
+    elsewhere.mkdir()
+    server = start_server(["--source", "hdf5", "--hdf5-root", str(elsewhere), "--workers", "1",
                            "--hdf5-pattern", pattern, "--hdf5-dataset", "entry_1/{detector}/data"])
     with Client(server.address) as c:
         np.testing.assert_array_equal(c.get(EXP, RUN, "data_1", 3, mode="raw"), PANELS[3])

@@ -1,5 +1,6 @@
 """The btx dialect: old clients against our server, our dataset against an old server."""
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -127,10 +128,13 @@ def btx_server(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", ["legacy", "auto"])
-def test_our_dataset_against_an_old_btx_server(btx_server, protocol):
+def test_our_dataset_against_an_old_btx_server(btx_server, protocol, caplog):
     requests = [("xpptut15", 14, "idx", "epix100", e) for e in range(6)]
     ds = IPCRemotePsanaDataset(btx_server, requests, protocol=protocol)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)
-    got = torch.cat(list(loader)).numpy()
+    with caplog.at_level(logging.INFO, logger="psana_ipc.client.dataset"):
+        got = torch.cat(list(loader)).numpy()
     assert ds.protocol == "legacy"
+    fallbacks = [r for r in caplog.records if "legacy dialect" in r.getMessage()]
+    assert len(fallbacks) == (protocol == "auto")
     assert np.array_equal(got, np.stack([expected("epix100", "calib", e) for e in range(6)]))

@@ -116,7 +116,7 @@ def test_64_connections_of_both_dialects(start_server, pytestconfig):
 
 
 def _cli_stats(server):
-    result = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "stats",
+    result = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "stats", "--json",
                              "--address", server.address], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr

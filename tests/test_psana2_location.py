@@ -88,3 +88,4 @@ def test_where_psana_could_not_look_stops_the_server_with_one_line(start_server,
         psana2_server(start_server, *args)
     assert message in str(e.value)
     assert "Traceback" not in str(e.value)
+    assert "exited with status 3" in str(e.value)   # start-up's documented status

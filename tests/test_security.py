@@ -106,7 +106,7 @@ def test_the_cli_finds_server_and_token_in_the_ready_file(token_server):
         return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args], env=env,
                               capture_output=True, text=True, timeout=60)
 
-    stats = cli("stats")
+    stats = cli("stats", "--json")
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["workers"] == 1
     stop = cli("stop")

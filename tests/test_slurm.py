@@ -4,6 +4,7 @@ code, a two-task job gives each rank its own shard through srun, and scancel
 leaves no server or segment behind."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +71,18 @@ def test_cli_submit_runs_the_job_and_waits(tmp_path):
                      "--server-args=--workers 1", "--submit", "--", "psana-ipc", "ping")
     assert done.returncode == 0, done.stderr + job_log(tmp_path)
     assert (tmp_path / "logs" / "psana-ipc.sh").exists()
+
+
+def test_cli_submit_says_the_job_id_its_state_and_when_the_server_is_ready(tmp_path):
+    done = slurm_cli("--log-dir", str(tmp_path / "logs"), "--client-env", sys.prefix,
+                     "--server-env", str(Path(psana_python()).parents[1]),
+                     "--server-args=--workers 1", "--submit", "--",
+                     "bash", "-c", "psana-ipc ping && sleep 3")
+    assert done.returncode == 0, done.stderr + job_log(tmp_path)
+    job = re.search(r"submitted job (\d+)", done.stderr).group(1)
+    assert f"job {job}: RUNNING" in done.stderr
+    assert f"job {job}: server ready on " in done.stderr
+    assert done.stderr.rstrip().endswith(f"job {job} ended with exit code 0")
 
 
 def test_two_task_job_gives_each_rank_its_shard(tmp_path):

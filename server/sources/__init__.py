@@ -5,10 +5,11 @@ listed, and none of them imports psana or h5py at import time. A site (or a
 test) adds its own source without editing this package: $PSANA_IPC_SOURCES
 holds `name=module` pairs, comma-separated, each module defining `Factory`.
 """
+import argparse
 import importlib
 import importlib.util
 import os
-from typing import Dict, Type
+from typing import Any, Dict, Type
 
 from .base import SourceFactory
 
@@ -46,3 +47,18 @@ def available() -> Dict[str, str]:
 
 def factory_class(name: str) -> Type[SourceFactory]:
     return importlib.import_module(registry()[name]).Factory
+
+
+def source_options(**overrides: Any) -> argparse.Namespace:
+    """Every available source's options at their iserver defaults, then
+    `overrides` (e.g. data_dir=, calib_dir=, offline=), without a command line;
+    an unknown name is a TypeError."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name in sorted(available()):
+        factory_class(name).add_arguments(parser)
+    namespace = parser.parse_args([])
+    unknown = set(overrides) - set(vars(namespace))
+    if unknown:
+        raise TypeError(f"unknown source option(s): {', '.join(sorted(unknown))}")
+    vars(namespace).update(overrides)
+    return namespace

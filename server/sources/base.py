@@ -109,7 +109,9 @@ class SourceFactory:
     """Opens sources of one kind, configured once from the command line.
 
     Each source module defines a subclass named `Factory`. Importing the
-    module must not import psana or h5py: do that in `open`.
+    module must not import psana or h5py: do that in `open`. `__init__` runs
+    once at start-up: options that cannot work raise
+    `psana_ipc.server.startup.StartupError` (one line, exit status 3).
     """
 
     name = ""

@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 from psana_ipc.protocol.errors import NOT_FOUND
 
+from ..startup import StartupError
 from .base import SourceError
 from .psana_common import experiment_path
 
@@ -65,26 +66,26 @@ def instrument_dir(root: str, exp: str) -> Path:
 
 
 def runs_of_files(files: List[str]) -> Dict[Tuple[str, int], RunFiles]:
-    """The runs a list of DAQ-named XTC2 files makes; SystemExit on a file
+    """The runs a list of DAQ-named XTC2 files makes; StartupError on a file
     psana could not serve."""
     runs: Dict[Tuple[str, int], List[Path]] = {}
     for name in files:
         path = Path(name).resolve()
         found = DAQ_NAME.fullmatch(path.name)
         if found is None:
-            raise SystemExit(f"iserver: --files {name}: not an XTC2 file named as the DAQ names "
-                             f"them, <exp>-r<run:04d>-s<stream:03d>-c<chunk:03d>.xtc2")
+            raise StartupError(f"--files {name}: not an XTC2 file named as the DAQ names "
+                               f"them, <exp>-r<run:04d>-s<stream:03d>-c<chunk:03d>.xtc2")
         if not path.is_file():
-            raise SystemExit(f"iserver: --files {name}: no such file")
+            raise StartupError(f"--files {name}: no such file")
         if found["chunk"] == "000":
             runs.setdefault((found["exp"], int(found["run"])), []).append(path)
     listed = {}
     for (exp, run), paths in runs.items():
         directories = {str(p.parent) for p in paths}
         if len(directories) > 1:
-            raise SystemExit(f"iserver: --files: run {run} of {exp} is spread over "
-                             f"{', '.join(sorted(directories))}; psana reads a run from one "
-                             f"directory")
+            raise StartupError(f"--files: run {run} of {exp} is spread over "
+                               f"{', '.join(sorted(directories))}; psana reads a run from "
+                               f"one directory")
         listed[(exp, run)] = RunFiles(directories.pop(), tuple(sorted(p.name for p in paths)))
     return listed
 

@@ -18,6 +18,7 @@ import numpy as np
 from psana_ipc.protocol.errors import NO_CALIBRATION, NO_GEOMETRY, READ_FAILED
 from psana_ipc.protocol.messages import MODES
 
+from ..startup import StartupError
 from .base import FrameMeta, FrameSpec, Source, SourceError
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,14 @@ def experiment_path(template: str, exp: str) -> str:
 
 
 def check_data_dir(template: Optional[str]) -> None:
-    """SystemExit with one line for a --data-dir naming anything but
+    """StartupError with one line for a --data-dir naming anything but
     `{exp}` and `{instrument}`."""
     try:
         if template:
             experiment_path(template, "xpptut15")
     except (KeyError, IndexError, ValueError) as e:
-        raise SystemExit(f"iserver: --data-dir {template}: only {{exp}} and {{instrument}} may "
-                         f"be named in braces ({e!r})") from None
+        raise StartupError(f"--data-dir {template}: only {{exp}} and {{instrument}} may "
+                           f"be named in braces ({e!r})") from None
 
 
 def never_assembled(detector: str) -> bool:

@@ -36,7 +36,7 @@ STEP = 101
 PEDESTAL = 10.0
 GAIN = 2.0
 GAP = 4
-SEC0 = 1_700_000_000
+SEC0 = 1_068_848_000   # 2023-11-14 as psana2 counts: seconds since the EPICS epoch, 1990
 
 # name -> (raw shape, panel grid (rows, cols) for image assembly or None for 2-D)
 DETECTORS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, int]]] = {

@@ -1,0 +1,149 @@
+"""A server wired from options: what `iserver` runs, callable from Python and tests.
+
+    from psana_ipc.server.app import ServerOptions, serve
+    serve(ServerOptions(source="synthetic", port=0, workers=2, ready_file="r.json"))
+
+`ServerOptions` holds the server's own settings (their defaults are the
+CLI's) and `source_options`: the data sources' options as a namespace, built
+by `sources.source_options` from the sources' own declarations.
+"""
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional
+
+from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_address
+
+from . import sources, startup
+from .context import WorkerContext
+from .frame_reader import FrameReader, SourceCache
+from .listener import bind_tcp, bind_unix
+from .master import SHUTDOWN_SIGNAL, Master
+from .shared_state import SharedState
+from .slots import Budget
+from .startup import StartupError
+from .token_file import read_or_create_token
+from .worker import Worker
+
+log = logging.getLogger("psana_ipc.server")
+
+
+def default_budget() -> int:
+    """Half of /dev/shm, at most 4 GiB."""
+    try:
+        st = os.statvfs("/dev/shm")
+        return min(4 << 30, st.f_frsize * st.f_blocks // 2)
+    except OSError:
+        return 1 << 30
+
+
+@dataclass
+class ServerOptions:
+    """Everything a server is started with; the defaults are iserver's."""
+    source: str = "synthetic"
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    unix: Optional[str] = None
+    ready_file: Optional[str] = None
+    workers: int = 5
+    cache_size: int = 8
+    shm_budget: int = field(default_factory=default_budget)
+    window: int = 8
+    max_window: int = 64
+    ack_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    request_timeout: float = 300.0
+    token_file: Optional[str] = None
+    no_legacy: bool = False
+    source_options: argparse.Namespace = field(default_factory=sources.source_options)
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace) -> "ServerOptions":
+        """Split a parsed command line into the server's options and the sources'."""
+        values = vars(namespace)
+        own = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        theirs = sources.source_options()
+        vars(theirs).update((k, v) for k, v in values.items() if k in vars(theirs))
+        return cls(**own, source_options=theirs)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option whose value cannot work."""
+        at_least_one = {"workers": self.workers, "cache-size": self.cache_size,
+                        "window": self.window, "max-window": self.max_window}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"--{name} must be at least 1, not {value}")
+        if self.window > self.max_window:
+            raise ValueError(f"--window {self.window} is larger than --max-window "
+                             f"{self.max_window}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, not {self.port}")
+        timeouts = {"ack-timeout": self.ack_timeout, "idle-timeout": self.idle_timeout,
+                    "request-timeout": self.request_timeout}
+        for name, value in timeouts.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a positive number of seconds, not {value}")
+        for name, value in vars(self.source_options).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, "
+                                 f"not {value}")
+
+
+def open_factory(options: ServerOptions) -> sources.SourceFactory:
+    """The source's factory, after everything that can be known wrong before a
+    worker starts (ValueError for a bad value, StartupError for the
+    environment); the factory checks its own options as it is made."""
+    options.validate()
+    if options.source not in sources.available():
+        raise StartupError(f"no source {options.source!r}; available: "
+                           f"{', '.join(sorted(sources.available()))}")
+    startup.check_source_library(options.source)
+    factory = sources.factory_class(options.source)(options.source_options)
+    startup.check_directories(options.source_options)
+    startup.check_budget(options.shm_budget)
+    if options.ready_file:
+        startup.check_ready_file(options.ready_file)
+    return factory
+
+
+def serve(options: ServerOptions) -> int:
+    """Run a server until it is stopped; its exit status (see startup.EXIT_*)."""
+    factory = open_factory(options)
+    token = read_or_create_token(options.token_file) if options.token_file else None
+    listener = bind_unix(options.unix) if options.unix else bind_tcp(options.host, options.port)
+    if token is None and not options.unix and not options.host.startswith("127.") \
+            and options.host not in ("::1", "localhost"):
+        log.warning("listening on %s without --token-file: anyone who can reach this port "
+                    "can read events and stop the server", options.host)
+    address = options.unix or listener.getsockname()[:2]
+    state = SharedState(options.workers, options.shm_budget)
+    master_pid = os.getpid()
+
+    def run_worker(slot: int) -> int:
+        counters = state.counters(slot)
+        ctx = WorkerContext(
+            reader=FrameReader(SourceCache(factory, options.cache_size), counters),
+            budget=Budget(state, counters, master_pid), counters=counters,
+            shutdown=lambda: os.kill(master_pid, SHUTDOWN_SIGNAL),
+            stats=state.stats, source=options.source, window=options.window,
+            max_window=options.max_window, token=token,
+            legacy=not options.no_legacy and token is None,
+            ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
+            request_timeout=options.request_timeout)
+        try:
+            return Worker(listener, state, slot, ctx, master_pid).run()
+        finally:
+            factory.close()
+
+    ready: Dict[str, object] = {
+        "address": format_address(address), "pid": master_pid, "source": options.source,
+        "shm_budget": options.shm_budget,
+        "token_file": os.path.abspath(options.token_file) if options.token_file else None}
+    code = Master(listener, state, run_worker, ready, options.ready_file,
+                  options.request_timeout).run()
+    if options.unix and os.getpid() == master_pid:
+        os.unlink(options.unix)
+    return code
