@@ -6,7 +6,8 @@ import os
 import sys
 
 from psana_ipc.client import Client
-from psana_ipc.protocol.shm_names import lock_name, our_segments, segment_path
+from psana_ipc.protocol.shm_names import lock_name, segment_path
+from psana_ipc.server.shm import our_segments
 
 from conftest import pid_alive
 from faulty_source.probes import run_in_private_shm
