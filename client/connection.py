@@ -216,6 +216,10 @@ class Client:
         except OSError:
             return True
 
+    def _lost(self) -> str:
+        return (f"lost the connection to iserver at {format_address(self.address)}: "
+                f"the server stopped or restarted")
+
     @contextlib.contextmanager
     def _stream(self) -> Iterator[None]:
         """A timeout or a dropped connection loses the stream: close it, so the next
@@ -224,9 +228,7 @@ class Client:
             yield
         except (ConnectionResetError, BrokenPipeError, ConnectionClosed) as e:
             self.close()
-            raise ConnectionClosed(f"lost the connection to iserver at "
-                                   f"{format_address(self.address)}: the server stopped or "
-                                   f"restarted") from e
+            raise ConnectionClosed(self._lost()) from e
         except OSError:
             self.close()
             raise
@@ -236,7 +238,10 @@ class Client:
         self._ensure()
         if self._closed_while_idle():
             self.close()
-            self._ensure()
+            try:
+                self._ensure()
+            except ConnectionError as e:
+                raise ConnectionClosed(f"{self._lost()} ({e})") from e
         with self._stream():
             self.flush_releases()
             return self._send_header(encode_request(op, self._new_id(), **fields))

@@ -21,6 +21,23 @@ from typing import Dict, List, Optional, Sequence, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def child_pids(pid: int) -> List[int]:
+    """Child pids of a process (of every thread of it), from /proc; a process or
+    thread that exits meanwhile simply has none."""
+    children: List[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return children
+
+
 class ServerStartError(RuntimeError):
     """The server exited, or did not become ready in time; the message has its log."""
 

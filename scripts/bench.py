@@ -37,7 +37,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
-from psana_ipc.client.server_process import ServerProcess
+from psana_ipc.client.server_process import ServerProcess, child_pids
 from psana_ipc.server.sources.synthetic import expected
 
 
@@ -54,11 +54,7 @@ def cpu_seconds(pids: List[int]) -> float:
 def live_children(server: int) -> Dict[int, float]:
     """CPU seconds of this process's live children other than the server
     (persistent DataLoader workers: os.times counts children once reaped)."""
-    me = os.getpid()
-    pids = set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        with open(f"/proc/{me}/task/{task}/children") as f:
-            pids.update(int(p) for p in f.read().split())
+    pids = set(child_pids(os.getpid()))
     pids.discard(server)
     found = {}
     for pid in pids:

@@ -11,23 +11,13 @@ import pytest
 
 from psana_ipc.protocol.shm_names import parse_lock_name, parse_segment_name
 from psana_ipc.client import server_process
+from psana_ipc.client.server_process import child_pids
 
 pytest_plugins = ["psana2_helpers"]   # the psana2 runs are written once per session
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
 WATCH_EVERY = 0.1
-
-
-def _children(pid: int) -> List[int]:
-    """Child pids of a process (of every thread of it), from /proc."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return children
 
 
 def _mapped_shm(pid: int) -> Set[str]:
@@ -68,7 +58,7 @@ class OurProcesses:
             pid = todo.pop()
             self.pids.add(pid)
             self.mapped |= _mapped_shm(pid)
-            todo.extend(_children(pid))
+            todo.extend(child_pids(pid))
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_EVERY):
@@ -153,7 +143,7 @@ class ServerProcess(server_process.ServerProcess):
 
 def worker_pids(parent: int) -> List[int]:
     """Live children of a process."""
-    return [pid for pid in _children(parent) if pid_alive(pid)]
+    return [pid for pid in child_pids(parent) if pid_alive(pid)]
 
 
 def pid_alive(pid: int) -> bool:
