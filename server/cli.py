@@ -14,6 +14,7 @@ from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_addres
 
 from . import sources
 from .context import WorkerContext
+from .frame_cache import FrameCache, check_room, source_fingerprint
 from .frame_reader import FrameReader, SourceCache
 from .master import Master
 from .shared_state import SharedState
@@ -72,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where events come from (default: %(default)s; more through "
                           "$PSANA_IPC_SOURCES, see below)")
     srv.add_argument("--workers", type=int, default=5, help="worker processes (default: 5)")
-    srv.add_argument("--cache-size", type=int, default=8, metavar="N",
-                     help="open sources kept per worker, least recently used dropped "
-                          "(default: %(default)s)")
+    srv.add_argument("--open-sources", "--cache-size", dest="open_sources", type=int, default=8,
+                     metavar="N", help="open sources kept per worker, least recently used "
+                                       "dropped (default: %(default)s)")
+    srv.add_argument("--frame-cache", type=parse_size, default=0, metavar="SIZE",
+                     help="keep frames sources produced in a node-wide cache of this much shared "
+                          "memory, e.g. 8G, shared by all workers and clients: a frame read "
+                          "again costs no psana call (default: no cache)")
     srv.add_argument("--shm-budget", type=parse_size, default=default_budget(), metavar="SIZE",
                      help="shared memory all workers together may hold, e.g. 2G "
                           "(default: half of /dev/shm, at most 4G)")
@@ -184,18 +189,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     address = options.unix or listener.getsockname()[:2]
     state = SharedState(options.workers, options.shm_budget)
     master_pid = os.getpid()
+    cache = None
+    if options.frame_cache:
+        why = check_room(options.frame_cache)
+        if why:
+            raise SystemExit(f"iserver: {why}")
+        cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
+            options.source, sources.factory_class(options.source).add_arguments, options))
+
+    def stats() -> dict:
+        return dict(state.stats(), frame_cache=cache.stats() if cache else None)
 
     def run_worker(slot: int) -> int:
         counters = state.counters(slot)
         ctx = WorkerContext(
-            reader=FrameReader(SourceCache(factory, options.cache_size), counters),
+            reader=FrameReader(SourceCache(factory, options.open_sources), counters),
             budget=Budget(state, counters, master_pid), counters=counters,
             shutdown=lambda: os.kill(master_pid, signal.SIGTERM),
-            stats=state.stats, source=options.source, window=options.window,
+            stats=stats, source=options.source, window=options.window,
             max_window=options.max_window, token=token,
             legacy=not options.no_legacy and token is None,
             ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
-            request_timeout=options.request_timeout)
+            request_timeout=options.request_timeout,
+            cache=cache.worker(slot) if cache else None)
         try:
             return Worker(listener, state, slot, ctx, master_pid).run()
         finally:
@@ -203,8 +219,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ready = {"address": format_address(address), "pid": master_pid, "source": options.source,
              "token_file": os.path.abspath(options.token_file) if options.token_file else None}
-    code = Master(listener, state, run_worker, ready, options.ready_file,
-                  options.request_timeout).run()
+    master = Master(listener, state, run_worker, ready, options.ready_file,
+                    options.request_timeout)
+    if cache is not None:
+        master.on_worker_death = cache.worker_died
+    code = master.run()
     if options.unix and os.getpid() == master_pid:
         os.unlink(options.unix)
     return code

@@ -34,13 +34,15 @@ DUMP_GRACE = 2.0       # a stalled worker's time to write its traceback before S
 class Master:
     def __init__(self, listener: socket.socket, state: SharedState,
                  run_worker: Callable[[int], int], ready_info: Dict[str, object],
-                 ready_file: Optional[str], request_timeout: float) -> None:
+                 ready_file: Optional[str], request_timeout: float,
+                 on_worker_death: Callable[[int], None] = lambda slot: None) -> None:
         self.listener = listener
         self.state = state
         self.run_worker = run_worker
         self.ready_info = ready_info
         self.ready_file = ready_file
         self.request_timeout = request_timeout
+        self.on_worker_death = on_worker_death
         self.pid = os.getpid()
         self.workers: Dict[int, int] = {}        # pid -> slot
         self.signals: List[int] = []
@@ -144,10 +146,12 @@ class Master:
             self.spawn(slot)
 
     def forget(self, slot: int, pid: int) -> None:
-        """Remove what a dead worker held: its segments and its gauges."""
+        """Remove what a dead worker held: its segments, its gauges, and its
+        pins and half-written entries in the frame cache."""
         for name in our_segments(self.pid, pid):
             unlink(name)
         self.state.reset_gauges(slot)
+        self.on_worker_death(slot)
 
     def watchdog(self) -> None:
         """Replace a worker whose loop has not gone round for the request timeout:

@@ -33,6 +33,7 @@ class Grant(enum.Enum):
     GRANTED = "granted"
     WAIT = "wait"              # no room now: worth waiting for a release
     TOO_LARGE = "too large"    # larger than the whole budget: never
+    PENDING = "pending"        # another worker is writing this frame into the frame cache
 
 
 class Counters:
