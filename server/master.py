@@ -19,8 +19,8 @@ import socket
 import time
 from typing import Callable, Dict, List, Optional
 
-from psana_ipc.protocol.shm_names import our_segments
-from psana_ipc.server.shm import unlink
+from . import liveness
+from .shm import sweep
 
 from .shared_state import SharedState
 from .wakeup import drain, wakeup_pipe
@@ -68,6 +68,7 @@ class Master:
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
         wake_r = self._install_signals()
+        self.lock = liveness.hold(self.pid)
         for slot in range(self.state.workers):
             self.spawn(slot)
         booted = self.wait_ready()
@@ -148,8 +149,7 @@ class Master:
     def forget(self, slot: int, pid: int) -> None:
         """Remove what a dead worker held: its segments, its gauges, and its
         pins and half-written entries in the frame cache."""
-        for name in our_segments(self.pid, pid):
-            unlink(name)
+        sweep(self.pid, pid)
         self.state.reset_gauges(slot)
         self.on_worker_death(slot)
 
@@ -190,8 +190,8 @@ class Master:
             _kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             self.forget(self.workers.pop(pid), pid)
-        for name in our_segments(self.pid):
-            unlink(name)
+        sweep(self.pid)
+        liveness.release(self.lock, self.pid)
         if self.ready_file:
             _remove(self.ready_file)
         log.info("stopped")

@@ -21,11 +21,12 @@ import errno
 import logging
 import mmap
 import os
-from typing import Callable, Tuple
+import stat
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.shm_names import segment_path
+from psana_ipc.protocol.shm_names import our_segments, segment_path
 
 log = logging.getLogger(__name__)
 PAGE = mmap.PAGESIZE
@@ -127,3 +128,20 @@ def unlink(name: str) -> bool:
     except OSError as e:
         log.warning("cannot unlink /dev/shm/%s: %s", name, e.strerror)
         return False
+
+
+def owned_by_us(name: str) -> bool:
+    """A regular file of this user: what a sweep may remove (a name someone else
+    planted that looks like ours is not)."""
+    try:
+        st = os.lstat(segment_path(name))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def sweep(server_pid: int, worker_pid: Optional[int] = None) -> int:
+    """Unlink the segments of a server (or of one of its workers) that this
+    user owns; returns how many."""
+    return sum(unlink(name) for name in our_segments(server_pid, worker_pid)
+               if owned_by_us(name))

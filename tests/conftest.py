@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Set
 
 import pytest
 
-from psana_ipc.protocol.shm_names import parse_segment_name
+from psana_ipc.protocol.shm_names import parse_lock_name, parse_segment_name
 
 pytest_plugins = ["psana2_helpers"]   # the psana2 runs are written once per session
 
@@ -85,6 +85,9 @@ class OurProcesses:
         parsed = parse_segment_name(name)
         if parsed is not None:
             return parsed.server_pid in self.pids
+        lock = parse_lock_name(name)
+        if lock is not None:
+            return lock in self.pids
         return name in self.mapped
 
 
@@ -164,7 +167,8 @@ class ServerProcess:
         return worker_pids(self.pid)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
