@@ -8,7 +8,8 @@ same detector become one request split over all server workers, and the
 items are the shared-memory slots themselves, which DataLoader's collate
 copies into its batch at once. That saves the copy and the page faults of a
 private array per frame. Those items stay valid until the next
-`__getitems__` call; `dataset[i]` always returns a private copy.
+`__getitems__` call; `dataset[i]` always returns a private copy. Read in
+order, the next batches are hinted to the server's frame cache (read_ahead.py).
 """
 from itertools import groupby
 from typing import Any, List, Optional, Sequence, Tuple
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 from . import legacy
 from .connection import Client
 from .group import ConnectionGroup
+from .read_ahead import SequentialReadAhead
 
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
 
@@ -42,6 +44,7 @@ class IPCRemotePsanaDataset(Dataset):
         self.timeout = timeout
         self._group = ConnectionGroup(server_address, transport=transport, writable=True,
                                       timeout=timeout)
+        self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
 
     def __len__(self) -> int:
         return len(self.requests_list)
@@ -68,6 +71,7 @@ class IPCRemotePsanaDataset(Dataset):
         requests = [self.requests_list[i] for i in indices]
         if self._dialect() == "legacy" or not self._room_for(len(requests)):
             return [self.fetch_event(*r) for r in requests]
+        self._read_ahead.follow(indices)
         items: List[Optional[np.ndarray]] = [None] * len(requests)
         base = 0
         for (exp, run, access, det), group in groupby(requests, key=lambda r: tuple(r[:4])):

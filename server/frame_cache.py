@@ -128,7 +128,8 @@ class FrameCache:
         rows = rows_for(limit)
         cols = PINS + workers
         self._map = mmap.mmap(-1, (rows * cols + len(_HEADER)) * 8)
-        self.table = np.ndarray((rows, cols), np.int64, buffer=self._map)
+        # column-major: a lookup scans the key columns, contiguous this way
+        self.table = np.ndarray((rows, cols), np.int64, buffer=self._map, order="F")
         self.header = np.ndarray((len(_HEADER),), np.int64, buffer=self._map,
                                  offset=rows * cols * 8)
         self._lockfile = tempfile.TemporaryFile()

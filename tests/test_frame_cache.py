@@ -11,8 +11,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
-from psana_ipc.client import BatchLoader, Client
+from psana_ipc.client import BatchLoader, Client, RunDataset
 from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
 from psana_ipc.server.cache_policy import choose_victim, simulate
 from psana_ipc.server.frame_cache import META_ROOM
@@ -206,3 +208,18 @@ def test_on_psana2_epoch_two_calls_no_source_and_gives_the_same_frames(start_ser
     for e in range(EVENTS):
         assert epochs[1][e].tobytes() == epochs[0][e].tobytes()
         np.testing.assert_allclose(epochs[1][e], calib_of("epix10k2M", RUN, e), atol=1e-4)
+
+
+def test_a_dataloader_reading_in_order_gets_read_ahead(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", "256M"])
+    events = list(range(40))
+    dataset = RunDataset(server.address, "x", 1, DET, "raw", events)
+    for workers in (0, 2):
+        got = torch.cat([b.clone() for b in DataLoader(dataset, batch_size=4,
+                                                       num_workers=workers)])
+        assert all(np.array_equal(row.numpy(), expected(DET, "raw", e))
+                   for row, e in zip(got, events))
+    dataset.close()
+    stats = _stats(server)
+    assert stats["frame_cache"]["read_ahead"] > 0
+    assert stats["events"] == len(events)
