@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -155,16 +155,14 @@ def bench_detector(address: str, workers: List[int], det: str,
     return rows
 
 
-# -- the frame cache (iserver --frame-cache) ---------------------------------------------------
 @contextlib.contextmanager
-def cache_server(args: argparse.Namespace, cache_bytes: int) -> Iterator[str]:
-    """A synthetic server with a frame cache, stopped on leaving; yields its address."""
+def running_server(args: argparse.Namespace, *options: str) -> Iterator[Any]:
+    """A synthetic server with `--cost-ms` and these options, stopped on leaving."""
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(args.server_workers, tmp, "--cost-ms", str(args.cost_ms),
-                              "--frame-cache", str(cache_bytes),
-                              "--synthetic-events", str(args.frames))
+                              "--synthetic-events", str(args.frames), *options)
         try:
-            yield server.address
+            yield server
             with Client(server.address) as c:
                 c.shutdown()
             server.wait(30)
@@ -172,6 +170,13 @@ def cache_server(args: argparse.Namespace, cache_bytes: int) -> Iterator[str]:
             if server.poll() is None:
                 server.terminate()
                 server.wait(30)
+
+
+# -- the frame cache (iserver --frame-cache) ---------------------------------------------------
+@contextlib.contextmanager
+def cache_server(args: argparse.Namespace, cache_bytes: int) -> Iterator[str]:
+    with running_server(args, "--frame-cache", str(cache_bytes)) as server:
+        yield server.address
 
 
 def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
@@ -184,9 +189,13 @@ def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _cache_stats(address: str) -> Dict:
+def _stats(address: str) -> Dict:
     with Client(address) as c:
-        stats = c.stats()
+        return c.stats()
+
+
+def _cache_stats(address: str) -> Dict:
+    stats = _stats(address)
     return dict(stats["frame_cache"], reads=stats["events"])
 
 
@@ -331,21 +340,10 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(args.server_workers, tmp, "--cost-ms", str(args.cost_ms),
-                              "--shm-budget", args.shm_budget,
-                              "--synthetic-events", str(args.frames))
-        try:
-            rows = [r for det in args.detectors
-                    for r in bench_detector(server.address, server.workers, det, args)]
-            with Client(server.address) as c:
-                stats = c.stats()
-                c.shutdown()
-            server.wait(30)
-        finally:
-            if server.poll() is None:
-                server.terminate()
-                server.wait(30)
+    with running_server(args, "--shm-budget", args.shm_budget) as server:
+        rows = [r for det in args.detectors
+                for r in bench_detector(server.address, server.workers, det, args)]
+        stats = _stats(server.address)
     extra = {"server_workers": args.server_workers, "cost_ms": args.cost_ms,
              "peak_shm_mb": round(stats["shm_peak_bytes"] / 1e6, 1),
              "shm_budget_mb": round(stats["shm_budget"] / 1e6, 1)}

@@ -11,9 +11,9 @@ hit costs no source call and no copy in the server. The frame's descriptor
 The index is a table in an anonymous shared mapping the master makes
 before forking, so every worker sees it; a row per entry holds the key's
 128-bit digest, state, size, pins per worker and the policy's clocks
-(cache_policy.py). Every change to it takes one POSIX record lock, which
-the kernel drops when its holder dies: a SIGKILLed worker cannot wedge the
-others. Within the lock a row's state is written last, and the master
+(cache_policy.py). Every change to it takes the server's POSIX record lock
+(the budget's, in shared_state.py), which the kernel drops when its holder
+dies: a SIGKILLed worker cannot wedge the others. Within the lock a row's state is written last, and the master
 frees the rows a dead worker was filling and drops its pins (its
 connections died with it), so a row is never left half-made.
 
@@ -24,15 +24,12 @@ evicted while pinned; eviction truncates, then unlinks, so tmpfs frees the
 pages at once. A full /dev/shm means the frame is simply not cached.
 """
 import argparse
-import fcntl
 import hashlib
 import json
 import mmap
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -120,7 +117,9 @@ def rows_for(limit: int) -> int:
 class FrameCache:
     """The shared index, made by the master; `worker(slot)` gives a worker's handle."""
 
-    def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str) -> None:
+    def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str,
+                 locked: Callable[[], ContextManager[None]]) -> None:
+        """`locked`: the server's cross-process lock (SharedState.locked)."""
         self.limit = limit
         self.workers = workers
         self.server_pid = server_pid
@@ -132,15 +131,7 @@ class FrameCache:
         self.table = np.ndarray((rows, cols), np.int64, buffer=self._map, order="F")
         self.header = np.ndarray((len(_HEADER),), np.int64, buffer=self._map,
                                  offset=rows * cols * 8)
-        self._lockfile = tempfile.TemporaryFile()
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.lockf(self._lockfile, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._lockfile, fcntl.LOCK_UN)
+        self.locked = locked
 
     def name(self, serial: int) -> str:
         return segment_name(self.server_pid, self.server_pid, f"c{serial:x}")

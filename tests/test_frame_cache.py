@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,20 +21,12 @@ from psana_ipc.server.shm import round_up
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import ROOT, pid_alive
+from test_batch_loader import _eventually
 from psana2_helpers import EVENTS, EXP, RUN, calib_of, psana_python
 
 DET = "epix100"
 RAW = 704 * 768 * 2                      # one epix100 raw frame
 ENTRY = round_up(RAW + META_ROOM)        # what one cached raw frame takes
-
-
-def _eventually(condition, tries=200):
-    """Poll a state the server reaches asynchronously (bounded, not timed)."""
-    for _ in range(tries):
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _stats(server):
