@@ -27,10 +27,11 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
+from . import liveness
 from .channel import Channel
 from .context import WorkerContext
 from .legacy_connection import LegacyConnection
@@ -61,6 +62,7 @@ class Worker:
         self.unsorted: Dict[int, socket.socket] = {}   # accepted, dialect not known yet
         self.accepted_at: Dict[int, float] = {}
         self.stopping = False
+        self.orphaned = False
         self.sel = selectors.DefaultSelector()
         self.pending_since: Optional[float] = None
         self.accept_paused_until: Optional[float] = None
@@ -87,6 +89,8 @@ class Worker:
             for sock in self.unsorted.values():
                 sock.close()
             self.ctx.reader.cache.close()
+            if self.orphaned:
+                liveness.abandon(self.master_pid)
         return 0
 
     def _on_stop_signal(self, signum, frame) -> None:
@@ -118,6 +122,7 @@ class Worker:
                 last_parent_check = now
                 if os.getppid() != self.master_pid:
                     log.warning("master is gone: worker exiting")
+                    self.orphaned = True
                     return
 
     def _next_deadline(self, now: float) -> float:
@@ -179,6 +184,8 @@ class Worker:
 
     def _sort(self, sock: socket.socket) -> None:
         """Tell the dialect from the first byte, without consuming it."""
+        if sock.fileno() < 0:         # closed earlier in this pass to make room
+            return
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -208,6 +215,9 @@ class Worker:
         self._update(conn)
 
     def _io(self, conn: Channel, mask: int) -> None:
+        if conn.closed:               # closed earlier in this pass to make room
+            return
+
         def step() -> None:
             if mask & selectors.EVENT_READ:
                 conn.on_readable()
@@ -215,7 +225,7 @@ class Worker:
                 conn.on_writable()
         self._step(conn, step)
 
-    def _ready(self, now: float) -> list:
+    def _ready(self, now: float) -> List[Channel]:
         return [c for c in self.conns.values()
                 if c.has_work() and now >= self.wake_at.get(c, now)]
 
