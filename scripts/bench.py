@@ -201,22 +201,31 @@ def _cache_stats(address: str) -> Dict:
 
 def bench_frame_cache(args: argparse.Namespace) -> Dict:
     """The frame cache through BatchLoader, on calib frames with `--cost-ms` of
-    CPU per event, each case on a server of its own: a cold epoch then warm
-    ones; a cold epoch beside a training step (a sleep) as long as one batch's
-    production, without and with read-ahead; two clients reading one run at
-    once; and the hit rate of a run twice the cache over three epochs, next to
-    LRU's on the same trace (simulated) and this policy's simulated."""
+    CPU per event, each case on a server of its own: an epoch without a cache
+    (what the workers produce here and now: on a loaded node, less than
+    workers / cost); a cold epoch then warm ones; a cold epoch beside a
+    training step (a sleep, as for a GPU) as long as one batch's production,
+    without and with read-ahead; two clients reading one run at once; and the
+    hit rate of a run twice the cache over three epochs, next to LRU's on the
+    same trace (simulated) and this policy's simulated."""
     from psana_ipc.server.cache_policy import simulate
     det, n, batch = args.detectors[0], args.frames, args.batch_size
     frame_bytes = expected(det, "calib", 0).nbytes
     room = int(1.1 * n * (frame_bytes + 8192))
     ideal = args.server_workers * 1000 / args.cost_ms
-    step_s = batch * args.cost_ms / 1000 / args.server_workers
     rows: Dict[str, Dict] = {}
 
     def loader(address: str, read_ahead: int) -> BatchLoader:
         return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
                            read_ahead=read_ahead, output="numpy")
+
+    with running_server(args) as server:
+        plain = loader(server.address, 0)
+        rows["no cache (every epoch)"] = {"fps": statistics.median(
+            _epoch(plain) for _ in range(args.repeats))}
+        plain.close()
+    produced = rows["no cache (every epoch)"]["fps"]
+    step_s = batch / produced
 
     with cache_server(args, room) as address:
         epochs = loader(address, 0)
@@ -231,7 +240,8 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     for name, ahead in (("epoch 1 + step", 0), ("epoch 1 + step + read-ahead", 8)):
         with cache_server(args, room) as address:
             stepped = loader(address, ahead)
-            rows[name] = {"fps": _epoch(stepped, step_s),
+            fps = _epoch(stepped, step_s)
+            rows[name] = {"fps": fps, "of_no_cache": fps / produced,
                           "read_ahead": _cache_stats(address)["read_ahead"] / n}
             stepped.close()
     with cache_server(args, room) as address:
@@ -255,6 +265,8 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         scan.close()
     trace = list(range(n)) * 3
     memcpy = timed(memcpy_pass(det, n, batch), args.repeats, [])["fps"]
+    for row in rows.values():
+        row.setdefault("of_no_cache", row["fps"] / produced)
     return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,
             "frame_mb": frame_bytes / 1e6, "step_ms": 1e3 * step_s, "cost_ms": args.cost_ms,
             "server_workers": args.server_workers, "frames": n,
@@ -266,16 +278,17 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
 
 
 def print_cache_table(result: Dict) -> None:
+    """The rows as a markdown table (the README's), then the scan figures."""
     memcpy, ideal = result["memcpy_fps"], result["workers_over_cost_fps"]
-    print(f"{'frame cache, ' + str(result['frames']) + ' frames':<30}{'frames/s':>10}"
-          f"{'of memcpy':>11}{'of workers/cost':>17}  other")
+    print("| path | frames/s | of memcpy | of workers/cost | of no cache | other |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, r in result["rows"].items():
-        other = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "fps")
-        print(f"{name:<30}{r['fps']:>10.1f}{100 * r['fps'] / memcpy:>10.0f}%"
-              f"{100 * r['fps'] / ideal:>16.0f}%  {other}")
-    print(f"{'memcpy (one thread)':<30}{memcpy:>10.1f}")
-    print(f"{'workers/cost':<30}{ideal:>10.1f}")
-    for key in ("frame_mb", "cost_ms", "server_workers", "step_ms", "scan_cache_frames",
+        other = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in ("fps", "of_no_cache"))
+        print(f"| {name} | {r['fps']:.1f} | {100 * r['fps'] / memcpy:.0f}% | "
+              f"{100 * r['fps'] / ideal:.0f}% | {100 * r['of_no_cache']:.0f}% | {other} |")
+    print(f"| memcpy (one thread) | {memcpy:.1f} | 100% | | | |")
+    print(f"| workers / cost | {ideal:.1f} | | 100% | | |")
+    for key in ("frame_mb", "cost_ms", "server_workers", "frames", "step_ms", "scan_cache_frames",
                 "scan_hit_rate_by_epoch", "scan_policy_simulated_by_epoch", "scan_lru_simulated"):
         value = result[key]
         value = [round(v, 3) for v in value] if isinstance(value, list) else round(value, 3)

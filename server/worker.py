@@ -14,6 +14,10 @@ idle slots of its own connections, asks the other workers to do the same,
 and looks again every RETRY_EVERY without touching the source, until
 MEMORY_WAIT has passed and the frame is refused.
 
+With a frame cache, a loop with no request waiting reads ahead: one frame a
+client said comes next (a `prefetch`) goes into the cache per pass, so a
+request that arrives meanwhile waits at most for that one frame.
+
 Set-up that is per process (signal handlers, the wakeup pipe, logging)
 happens here, after the fork, never in the master.
 """
@@ -247,7 +251,10 @@ class Worker:
             self._step(conn, conn.read_ahead)
 
     def _read_ahead_waiting(self) -> Optional[Channel]:
-        """A connection with frames to read ahead: only when no request is ready."""
+        """A connection with frames to read ahead, when no request waits at all
+        (not even for memory, or for a frame another worker is caching)."""
+        if any(c.has_work() for c in self.conns.values()):
+            return None
         return next((c for c in self.conns.values() if c.wants_read_ahead()), None)
 
     def _serve(self, conn: Channel, now: float) -> None:
