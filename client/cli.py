@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("detector", nargs="?")
     s.set_defaults(func=cmd_info)
     sub.add_parser("stats", parents=[common], help="events and bytes served, errors by code, "
-                                                   "shared memory in use").set_defaults(func=cmd_stats)
+                                                   "shared memory in use, frame cache hits, "
+                                                   "misses, read-ahead, evictions, bytes held"
+                   ).set_defaults(func=cmd_stats)
     s = sub.add_parser("get", parents=[common], help="fetch one frame; print a summary, "
                                                      "optionally save it")
     s.add_argument("exp")

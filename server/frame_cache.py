@@ -59,7 +59,6 @@ PENDING = Pending()
 class Entry:
     """A ready entry this worker pinned (or peeked at)."""
     row: int
-    serial: int
     name: str
     frame_bytes: int
     meta_len: int
@@ -203,8 +202,8 @@ class WorkerCache:
 
     def _entry(self, row: int) -> Entry:
         t = self.table
-        return Entry(row, int(t[row, SERIAL]), self.cache.name(int(t[row, SERIAL])),
-                     int(t[row, FRAME_BYTES]), int(t[row, META_LEN]))
+        return Entry(row, self.cache.name(int(t[row, SERIAL])), int(t[row, FRAME_BYTES]),
+                     int(t[row, META_LEN]))
 
     def _found(self, row: int, pin: bool) -> Found:
         """Under the lock: the answer for an existing row, counted as a client read if pinned."""
