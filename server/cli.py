@@ -195,8 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if why:
             raise SystemExit(f"iserver: {why}")
         cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
-            options.source, sources.factory_class(options.source).add_arguments, options),
-            state.locked)
+            options.source, sources.factory_class(options.source).add_arguments, options))
 
     def stats() -> dict:
         return dict(state.stats(), frame_cache=cache.stats() if cache else None)

@@ -11,9 +11,9 @@ hit costs no source call and no copy in the server. The frame's descriptor
 The index is a table in an anonymous shared mapping the master makes
 before forking, so every worker sees it; a row per entry holds the key's
 128-bit digest, state, size, pins per worker and the policy's clocks
-(cache_policy.py). Every change to it takes the server's POSIX record lock
-(the budget's, in shared_state.py), which the kernel drops when its holder
-dies: a SIGKILLed worker cannot wedge the others. Within the lock a row's state is written last, and the master
+(cache_policy.py). Every change to it takes a POSIX record lock
+(process_lock.py), which the kernel drops when its holder dies: a SIGKILLed
+worker cannot wedge the others. Within the lock a row's state is written last, and the master
 frees the rows a dead worker was filling and drops its pins (its
 connections died with it), so a row is never left half-made.
 
@@ -29,7 +29,7 @@ import json
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from psana_ipc.protocol.messages import Get
 from psana_ipc.protocol.shm_names import SHM_DIR, segment_name, segment_path
 
 from .cache_policy import choose_victim
+from .process_lock import ProcessLock
 from .shm import Segment, ShmFullError, round_up, truncate, unlink
 
 META_ROOM = 4096            # bytes after a frame for its descriptor
@@ -116,9 +117,7 @@ def rows_for(limit: int) -> int:
 class FrameCache:
     """The shared index, made by the master; `worker(slot)` gives a worker's handle."""
 
-    def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str,
-                 locked: Callable[[], ContextManager[None]]) -> None:
-        """`locked`: the server's cross-process lock (SharedState.locked)."""
+    def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str) -> None:
         self.limit = limit
         self.workers = workers
         self.server_pid = server_pid
@@ -130,7 +129,7 @@ class FrameCache:
         self.table = np.ndarray((rows, cols), np.int64, buffer=self._map, order="F")
         self.header = np.ndarray((len(_HEADER),), np.int64, buffer=self._map,
                                  offset=rows * cols * 8)
-        self.locked = locked
+        self.locked = ProcessLock().held
 
     def name(self, serial: int) -> str:
         return segment_name(self.server_pid, self.server_pid, f"c{serial:x}")
