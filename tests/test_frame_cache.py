@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from psana_ipc.client import BatchLoader, Client, RunDataset
+from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
 from psana_ipc.server.cache_policy import choose_victim, simulate
 from psana_ipc.server.frame_cache import META_ROOM
@@ -95,7 +96,9 @@ def test_two_clients_cost_one_source_read_per_event(start_server):
     second waits for the frame being cached instead of reading it again."""
     server = start_server(["--workers", "2", "--frame-cache", "256M", "--cost-ms", "5"])
     events = list(range(30))
-    with Client(server.address) as a, Client(server.address) as b:
+    group = ConnectionGroup(server.address, 2)
+    a, b = group.clients
+    try:
         assert a.worker != b.worker
         ra = a.submit("x", 1, DET, events, "raw")
         rb = b.submit("x", 1, DET, events, "raw")
@@ -104,6 +107,8 @@ def test_two_clients_cost_one_source_read_per_event(start_server):
                 with frame:
                     assert np.array_equal(frame.array, expected(DET, "raw", e))
         stats = a.stats()
+    finally:
+        group.close()
     assert stats["events"] == len(events)
     assert stats["frame_cache"]["hits"] + stats["frame_cache"]["misses"] == 2 * len(events)
 
