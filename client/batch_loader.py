@@ -107,16 +107,17 @@ class BatchLoader:
                  drop_last: bool = False, connections: int = 0, depth: int = 2,
                  buffers: int = 2, output: str = "torch", pin_memory: Optional[bool] = None,
                  transport: str = "auto", access_mode: str = "idx",
-                 progress: bool = False) -> None:
+                 progress: bool = False, read_ahead: int = 8) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
-        if batch_size < 1 or depth < 1 or buffers < 0:
-            raise ValueError("batch_size and depth must be >= 1, buffers >= 0")
+        if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
+            raise ValueError("batch_size and depth must be >= 1, buffers and read_ahead >= 0")
         self.exp, self.run, self.detector, self.mode = exp, int(run), detector, mode
         self.access_mode = access_mode
         self.batch_size = batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.depth = depth
+        self.read_ahead = read_ahead
         self.output = output
         self.progress = progress
         self.epoch = 0
@@ -174,12 +175,14 @@ class BatchLoader:
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         in_flight: List[List[Tuple[Client, int, int]]] = []
         completed = False
+        hinted = 0
         try:
             for k, events in enumerate(batches):
                 while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
                     in_flight.append(self.group.submit(self.exp, self.run, self.detector,
                                                        batches[k + len(in_flight)], self.mode,
                                                        self.access_mode))
+                hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield k, events, in_flight.pop(0)
             completed = True
         finally:
@@ -187,6 +190,17 @@ class BatchLoader:
                 self.group.flush_releases()
             else:
                 self.close()
+
+    def _hint(self, batches: List[List[int]], hinted: int, submitted: int) -> int:
+        """Keep the server told of the `read_ahead` batches after those
+        submitted (a server with a frame cache reads them ahead while idle);
+        `hinted`: the first batch not told yet, which it returns updated."""
+        start = max(hinted, submitted)
+        end = min(len(batches), submitted + self.read_ahead)
+        if end > start:
+            self.group.prefetch(self.exp, self.run, self.detector, batches[start:end],
+                                self.mode, self.access_mode)
+        return end
 
     def __iter__(self) -> Iterator[Any]:
         """Batches copied into the reused buffers (see the buffer lifetime rule)."""

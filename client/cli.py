@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("detector", nargs="?", help="detector name (default: list the run's)")
     s.set_defaults(func=cmd_info)
     _command(sub, "stats", [common, as_json],
-             "events and bytes served, errors by code, shared memory in use",
+             "events and bytes served, errors by code, shared memory in use, frame cache "
+             "hits, misses, read-ahead, evictions, bytes held",
              "psana-ipc stats", "psana-ipc stats --json | jq .shm_bytes") \
         .set_defaults(func=cmd_stats)
     s = _command(sub, "get", [common, as_json, run], "fetch one frame; print a summary, "

@@ -25,7 +25,7 @@ from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import encode_request, hello_request
 
 from .discovery import find_token, resolve_address
-from .shm import SlotMaps
+from .shm import EntryMaps, SlotMaps
 from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
 RELEASE_BATCH = 16
@@ -113,6 +113,8 @@ class Client:
         self.generation += 1
         self._sock = None
         self._maps = SlotMaps(self.writable)
+        self._entries = EntryMaps(self.writable)
+        self._hints: Set[int] = set()    # prefetch requests whose replies nobody waits for
         self._next_id = 0
         self._pending: Dict[int, Deque[Reply]] = {}
         self._to_release: List[int] = []
@@ -167,6 +169,7 @@ class Client:
                 pass
             self._sock.close()
         self._maps.close()
+        self._entries.close()
         self._reset()
 
     def __del__(self) -> None:
@@ -254,6 +257,9 @@ class Client:
                 self.flush_releases()
                 header, payload = recv_message(self._sock)
             self._maps.drop(header.get("retired", ()))
+            if header.get("id") in self._hints:
+                self._hints.discard(header["id"])
+                continue
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
                 raise ServerError.from_reply(header)
@@ -325,9 +331,9 @@ class Client:
         self.close()
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],
-               mode: str = "calib", access_mode: str = "idx") -> int:
+               mode: str = "calib", access_mode: str = "idx", op: str = "get") -> int:
         """Ask for several events without waiting; read them with `frames(rid)`."""
-        return self.send("get", exp=exp, run=int(run), detector=detector, mode=mode,
+        return self.send(op, exp=exp, run=int(run), detector=detector, mode=mode,
                          events=[int(e) for e in events], access_mode=access_mode)
 
     def frames(self, rid: int) -> Iterator[Frame]:
@@ -355,9 +361,20 @@ class Client:
         if payload is not None:
             array = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
             return Frame(array, header, self, None)
-        array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
+        if header.get("cached"):      # a frame-cache entry, pinned for us until released
+            array = self._entries.view(header["name"], header["shape"], dtype)
+        else:
+            array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
         self._held.add(header["slot"])
         return Frame(array, header, self, header["slot"])
+
+    def prefetch(self, exp: str, run: int, detector: str, events: Sequence[int],
+                 mode: str = "calib", access_mode: str = "idx") -> None:
+        """Tell the server these events come next, in this order: with a frame
+        cache, its idle workers read them ahead. No reply to wait for."""
+        if len(events):
+            self._hints.add(self.submit(exp, run, detector, events, mode, access_mode,
+                                        op="prefetch"))
 
     def view(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
              access_mode: str = "idx") -> Frame:

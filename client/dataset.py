@@ -8,7 +8,9 @@ for the same run and detector become one request split over all server
 workers, and each frame is copied once, straight from its slot, into a
 reused batch buffer (batch_ring); the items are rows of that buffer, which
 the default collate hands on as the batch itself (batch_collate), through
-workers as a handle (batch_handoff). `dataset[i]` always returns a private copy.
+workers as a handle (batch_handoff). Read in order, the next batches are
+hinted to the server's frame cache (read_ahead). `dataset[i]` always returns
+a private copy.
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
 tensor, a view or slice, an array made from it); without workers it also
@@ -30,6 +32,7 @@ from .batch_collate import RingBatch
 from .batch_ring import BatchRing
 from .connection import Client
 from .group import ConnectionGroup
+from .read_ahead import SequentialReadAhead
 
 log = logging.getLogger(__name__)
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
@@ -77,6 +80,7 @@ class IPCRemotePsanaDataset(Dataset):
         self._group = ConnectionGroup(server_address, transport=transport, window=WINDOW,
                                       timeout=timeout)
         self._ring = BatchRing(buffers, batch_handoff.claim)
+        self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
 
     def __len__(self) -> int:
         return len(self.requests_list)
@@ -106,6 +110,7 @@ class IPCRemotePsanaDataset(Dataset):
         requests = [self.requests_list[i] for i in indices]
         if self._dialect() == "legacy":
             return [self.fetch_event(*r) for r in requests]
+        self._read_ahead.follow(indices)
         return self._assemble(requests)
 
     def _assemble(self, requests: List[Request]) -> List[np.ndarray]:

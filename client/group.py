@@ -71,14 +71,26 @@ class ConnectionGroup:
                access_mode: str = "idx") -> List[Tuple[Client, int, int]]:
         """Split the events over the connections; (connection, request id, first
         position) for each connection that got any."""
-        chunks = np.array_split(np.asarray(events, dtype=np.int64), len(self.clients))
         requests, start = [], 0
-        for client, chunk in zip(self.clients, chunks):
+        for client, chunk in zip(self.clients, self._split(events)):
             if len(chunk):
                 rid = client.submit(exp, run, detector, chunk.tolist(), mode, access_mode)
                 requests.append((client, rid, start))
             start += len(chunk)
         return requests
+
+    def _split(self, events: Sequence[int]) -> List[np.ndarray]:
+        """The share of each connection, in order."""
+        return np.array_split(np.asarray(events, dtype=np.int64), len(self.clients))
+
+    def prefetch(self, exp: str, run: int, detector: str, batches: Sequence[Sequence[int]],
+                 mode: str, access_mode: str = "idx") -> None:
+        """Tell each server worker the events it will be asked for in these
+        batches (split as `submit` will split them), for it to read ahead."""
+        shares = zip(*(self._split(events) for events in batches))
+        for client, share in zip(self.clients, shares):
+            client.prefetch(exp, run, detector, np.concatenate(share).tolist(), mode,
+                            access_mode)
 
     def stream(self, requests: List[Tuple[Client, int, int]]) -> Iterator[Tuple[int, Frame]]:
         """(position, frame) for every event of a submitted split, round-robin."""

@@ -11,6 +11,7 @@ listing of /dev/shm made here.
 """
 import mmap
 import os
+from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -67,6 +68,36 @@ class SlotMaps:
 
     def close(self) -> None:
         for _, m in self._maps.values():
+            _close(m)
+        self._maps.clear()
+
+
+class EntryMaps:
+    """Mappings of the server's frame-cache entries, kept across reads of the
+    same entry (a cached frame read every epoch is mapped once).
+
+    An entry is only read while the server pins it for this client; an
+    evicted one is truncated, so a mapping kept after that holds no memory.
+    At most `keep` mappings are kept, the least recently used closed first.
+    """
+
+    def __init__(self, writable: bool = False, keep: int = 4096) -> None:
+        self.writable = writable
+        self.keep = keep
+        self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+
+    def view(self, name: str, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        m = self._maps.get(name)
+        if m is None:
+            m = self._maps[name] = attach(name, self.writable)
+            while len(self._maps) > self.keep:
+                _close(self._maps.popitem(last=False)[1])
+        else:
+            self._maps.move_to_end(name)
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=m)
+
+    def close(self) -> None:
+        for m in self._maps.values():
             _close(m)
         self._maps.clear()
 

@@ -44,6 +44,16 @@ def check_event(event: Any) -> int:
     return event
 
 
+def check_events(mode: str, events: Tuple[int, ...], op: str) -> None:
+    check_mode(mode)
+    if not events:
+        raise ProtocolError(BAD_REQUEST, "events must not be empty")
+    if len(events) > MAX_EVENTS_PER_GET:
+        raise ProtocolError(BAD_REQUEST, f"at most {MAX_EVENTS_PER_GET} events per {op}")
+    for e in events:
+        check_event(e)
+
+
 @dataclass(frozen=True)
 class Hello:
     version: int
@@ -82,13 +92,22 @@ class Get:
     events: Tuple[int, ...]
 
     def __post_init__(self) -> None:
-        check_mode(self.mode)
-        if not self.events:
-            raise ProtocolError(BAD_REQUEST, "events must not be empty")
-        if len(self.events) > MAX_EVENTS_PER_GET:
-            raise ProtocolError(BAD_REQUEST, f"at most {MAX_EVENTS_PER_GET} events per get")
-        for e in self.events:
-            check_event(e)
+        check_events(self.mode, self.events, "get")
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """A hint: these events of this detector will be asked for next, in this
+    order. Idle workers read them into the frame cache; no frame is sent."""
+    key: RunKey
+    mode: str
+    events: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        check_events(self.mode, self.events, "prefetch")
+
+    def get(self) -> Get:
+        return Get(self.key, self.mode, self.events)
 
 
 @dataclass(frozen=True)
@@ -111,7 +130,7 @@ class Shutdown:
     token: Optional[str] = None
 
 
-Request = Union[Hello, Info, Get, Release, Ping, Stats, Shutdown]
+Request = Union[Hello, Info, Get, Prefetch, Release, Ping, Stats, Shutdown]
 
 
 def request_id(header: Dict[str, Any]) -> int:
@@ -128,14 +147,15 @@ def _int_list(header: Dict[str, Any], name: str) -> Tuple[int, ...]:
     return tuple(values)
 
 
-def _get(h: Dict[str, Any]) -> Get:
+def _events_of(h: Dict[str, Any]) -> Tuple[RunKey, str, Tuple[int, ...]]:
+    """Key, mode and events of a get or a prefetch."""
     if "event" in h and "events" not in h:
         events = (check_event(h["event"]),)
     else:
         events = _int_list(h, "events")
     key = RunKey(_field(h, "exp", str), _field(h, "run", int), _field(h, "detector", str),
                  _field(h, "access_mode", str, "idx"))
-    return Get(key, _field(h, "mode", str, "calib"), events)
+    return key, _field(h, "mode", str, "calib"), events
 
 
 _PARSERS = {
@@ -144,7 +164,8 @@ _PARSERS = {
                              _field(h, "window", int, 0)),
     "info": lambda h: Info(_field(h, "exp", str), _field(h, "run", int),
                            _field(h, "detector", str, None)),
-    "get": _get,
+    "get": lambda h: Get(*_events_of(h)),
+    "prefetch": lambda h: Prefetch(*_events_of(h)),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),

@@ -26,12 +26,14 @@ server's workers over the timed passes) and the server's peak shared memory;
     python scripts/bench.py --json bench.json --plot bench.png
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
+import threading
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -180,6 +182,144 @@ def bench_detector(server: ServerProcess, det: str,
     return rows
 
 
+@contextlib.contextmanager
+def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerProcess]:
+    """A synthetic server with `--cost-ms` and these options, stopped on leaving."""
+    server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
+                            "--cost-ms", str(args.cost_ms), "--synthetic-events",
+                            str(args.frames), *options])
+    try:
+        yield server
+        with Client(server.address) as c:
+            c.shutdown()
+        server.proc.wait(30)
+    finally:
+        server.stop()
+
+
+# -- the frame cache (iserver --frame-cache) ---------------------------------------------------
+@contextlib.contextmanager
+def cache_server(args: argparse.Namespace, cache_bytes: int) -> Iterator[str]:
+    with running_server(args, "--frame-cache", str(cache_bytes)) as server:
+        yield server.address
+
+
+def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
+    """Frames/s of one pass, sleeping `step_s` per batch (a training step on a GPU)."""
+    t0, n = time.perf_counter(), 0
+    for batch in loader:
+        n += batch.shape[0]
+        if step_s:
+            time.sleep(step_s)
+    return n / (time.perf_counter() - t0)
+
+
+def _stats(address: str) -> Dict:
+    with Client(address) as c:
+        return c.stats()
+
+
+def _cache_stats(address: str) -> Dict:
+    stats = _stats(address)
+    return dict(stats["frame_cache"], reads=stats["events"])
+
+
+def bench_frame_cache(args: argparse.Namespace) -> Dict:
+    """The frame cache through BatchLoader, on calib frames with `--cost-ms` of
+    CPU per event, each case on a server of its own: an epoch without a cache
+    (what the workers produce here and now: on a loaded node, less than
+    workers / cost); a cold epoch then warm ones; a cold epoch beside a
+    training step (a sleep, as for a GPU) as long as one batch's production,
+    without and with read-ahead; two clients reading one run at once; and the
+    hit rate of a run twice the cache over three epochs, next to LRU's on the
+    same trace (simulated) and this policy's simulated."""
+    from psana_ipc.server.cache_policy import simulate
+    det, n, batch = args.detectors[0], args.frames, args.batch_size
+    frame_bytes = expected(det, "calib", 0).nbytes
+    room = int(1.1 * n * (frame_bytes + 8192))
+    ideal = args.server_workers * 1000 / args.cost_ms
+    rows: Dict[str, Dict] = {}
+
+    def loader(address: str, read_ahead: int) -> BatchLoader:
+        return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
+                           read_ahead=read_ahead, output="numpy")
+
+    with running_server(args) as server:
+        plain = loader(server.address, 0)
+        rows["no cache (every epoch)"] = {"fps": statistics.median(
+            _epoch(plain) for _ in range(args.repeats))}
+        plain.close()
+    produced = rows["no cache (every epoch)"]["fps"]
+    step_s = batch / produced
+
+    with cache_server(args, room) as address:
+        epochs = loader(address, 0)
+        rows["epoch 1 (cold)"] = {"fps": _epoch(epochs)}
+        before = _cache_stats(address)
+        warm = [_epoch(epochs) for _ in range(args.repeats)]
+        after = _cache_stats(address)
+        epochs.close()
+        rows["epoch 2+ (cached)"] = {"fps": statistics.median(warm),
+                                     "hit_rate": (after["hits"] - before["hits"]) / len(warm) / n,
+                                     "reads": after["reads"] - before["reads"]}
+    for name, ahead in (("epoch 1 + step", 0), ("epoch 1 + step + read-ahead", 8)):
+        with cache_server(args, room) as address:
+            stepped = loader(address, ahead)
+            fps = _epoch(stepped, step_s)
+            rows[name] = {"fps": fps, "of_no_cache": fps / produced,
+                          "read_ahead": _cache_stats(address)["read_ahead"] / n}
+            stepped.close()
+    with cache_server(args, room) as address:
+        pair, rates = [loader(address, 8) for _ in range(2)], []
+        threads = [threading.Thread(target=lambda lo=lo: rates.append(_epoch(lo))) for lo in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for lo in pair:
+            lo.close()
+        rows["two clients, one run"] = {"fps": sum(rates),
+                                        "reads_per_event": _cache_stats(address)["reads"] / n}
+    capacity, hits = n // 2, []
+    with cache_server(args, capacity * (frame_bytes + 8192)) as address:
+        scan = loader(address, 0)
+        for _ in range(3):
+            before = _cache_stats(address)["hits"]
+            _epoch(scan)
+            hits.append((_cache_stats(address)["hits"] - before) / n)
+        scan.close()
+    trace = list(range(n)) * 3
+    memcpy = timed(memcpy_pass(det, n, batch), args.repeats, [])["fps"]
+    for row in rows.values():
+        row.setdefault("of_no_cache", row["fps"] / produced)
+    return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,
+            "frame_mb": frame_bytes / 1e6, "step_ms": 1e3 * step_s, "cost_ms": args.cost_ms,
+            "server_workers": args.server_workers, "frames": n,
+            "scan_cache_frames": capacity, "scan_hit_rate_by_epoch": hits,
+            "scan_policy_simulated_by_epoch": [simulate(trace[:k * n], capacity) * k
+                                               - simulate(trace[:(k - 1) * n], capacity) * (k - 1)
+                                               for k in (1, 2, 3)],
+            "scan_lru_simulated": simulate(trace, capacity, lru=True)}
+
+
+def print_cache_table(result: Dict) -> None:
+    """The rows as a markdown table (the README's), then the scan figures."""
+    memcpy, ideal = result["memcpy_fps"], result["workers_over_cost_fps"]
+    print("| path | frames/s | of memcpy | of workers/cost | of no cache | other |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, r in result["rows"].items():
+        other = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in ("fps", "of_no_cache"))
+        print(f"| {name} | {r['fps']:.1f} | {100 * r['fps'] / memcpy:.0f}% | "
+              f"{100 * r['fps'] / ideal:.0f}% | {100 * r['of_no_cache']:.0f}% | {other} |")
+    print(f"| memcpy (one thread) | {memcpy:.1f} | 100% | | | |")
+    print(f"| workers / cost | {ideal:.1f} | | 100% | | |")
+    for key in ("frame_mb", "cost_ms", "server_workers", "frames", "step_ms", "scan_cache_frames",
+                "scan_hit_rate_by_epoch", "scan_policy_simulated_by_epoch", "scan_lru_simulated"):
+        value = result[key]
+        value = [round(v, 3) for v in value] if isinstance(value, list) else round(value, 3)
+        print(f"{key}: {value}")
+
+
 def print_table(rows: List[Dict], extra: Dict) -> None:
     print(f"{'path':<14}{'detector':<12}{'frames/s':>10}{'GB/s':>8}{'x legacy':>10}"
           f"{'of memcpy':>11}{'client ms':>11}{'server ms':>11}")
@@ -228,19 +368,20 @@ def main() -> int:
     ap.add_argument("--shm-budget", default="1G")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
+    ap.add_argument("--frame-cache", action="store_true",
+                    help="measure the frame cache instead (needs --cost-ms; first detector only)")
     args = ap.parse_args()
-    server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
-                            "--cost-ms", str(args.cost_ms), "--shm-budget", args.shm_budget,
-                            "--synthetic-events", str(args.frames)])
-    try:
+    if args.frame_cache:
+        result = bench_frame_cache(args)
+        print_cache_table(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
+    with running_server(args, "--shm-budget", args.shm_budget) as server:
         rows = [r for det in args.detectors
                 for r in bench_detector(server, det, args)]
-        with Client(server.address) as c:
-            stats = c.stats()
-            c.shutdown()
-        server.proc.wait(30)
-    finally:
-        server.stop()
+        stats = _stats(server.address)
     extra = {"server_workers": args.server_workers, "cost_ms": args.cost_ms,
              "peak_shm_mb": round(stats["shm_peak_bytes"] / 1e6, 1),
              "shm_budget_mb": round(stats["shm_budget"] / 1e6, 1)}

@@ -18,6 +18,7 @@ from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_addres
 
 from . import sources, startup
 from .context import WorkerContext
+from .frame_cache import FrameCache, check_room, source_fingerprint
 from .frame_reader import FrameReader, SourceCache
 from .listener import bind_tcp, bind_unix
 from .master import SHUTDOWN_SIGNAL, Master
@@ -48,7 +49,8 @@ class ServerOptions:
     unix: Optional[str] = None
     ready_file: Optional[str] = None
     workers: int = 5
-    cache_size: int = 8
+    open_sources: int = 8
+    frame_cache: int = 0
     shm_budget: int = field(default_factory=default_budget)
     window: int = 8
     max_window: int = 64
@@ -70,7 +72,7 @@ class ServerOptions:
 
     def validate(self) -> None:
         """Raise ValueError naming the first option whose value cannot work."""
-        at_least_one = {"workers": self.workers, "cache-size": self.cache_size,
+        at_least_one = {"workers": self.workers, "open-sources": self.open_sources,
                         "window": self.window, "max-window": self.max_window}
         for name, value in at_least_one.items():
             if value < 1:
@@ -78,6 +80,8 @@ class ServerOptions:
         if self.window > self.max_window:
             raise ValueError(f"--window {self.window} is larger than --max-window "
                              f"{self.max_window}")
+        if self.frame_cache < 0:
+            raise ValueError(f"--frame-cache must be a size >= 0, not {self.frame_cache}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, not {self.port}")
         timeouts = {"ack-timeout": self.ack_timeout, "idle-timeout": self.idle_timeout,
@@ -104,6 +108,10 @@ def open_factory(options: ServerOptions) -> sources.SourceFactory:
     factory = sources.factory_class(options.source)(options.source_options)
     startup.check_directories(options.source_options)
     startup.check_budget(options.shm_budget)
+    if options.frame_cache:
+        why = check_room(options.frame_cache)
+        if why:
+            raise StartupError(why)
     if options.ready_file:
         startup.check_ready_file(options.ready_file)
     return factory
@@ -121,18 +129,27 @@ def serve(options: ServerOptions) -> int:
     address = options.unix or listener.getsockname()[:2]
     state = SharedState(options.workers, options.shm_budget)
     master_pid = os.getpid()
+    cache = None
+    if options.frame_cache:
+        cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
+            options.source, sources.factory_class(options.source).add_arguments,
+            options.source_options))
+
+    def stats() -> Dict[str, object]:
+        return dict(state.stats(), frame_cache=cache.stats() if cache else None)
 
     def run_worker(slot: int) -> int:
         counters = state.counters(slot)
         ctx = WorkerContext(
-            reader=FrameReader(SourceCache(factory, options.cache_size), counters),
+            reader=FrameReader(SourceCache(factory, options.open_sources), counters),
             budget=Budget(state, counters, master_pid), counters=counters,
             shutdown=lambda: os.kill(master_pid, SHUTDOWN_SIGNAL),
-            stats=state.stats, source=options.source, window=options.window,
+            stats=stats, source=options.source, window=options.window,
             max_window=options.max_window, token=token,
             legacy=not options.no_legacy and token is None,
             ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
-            request_timeout=options.request_timeout)
+            request_timeout=options.request_timeout,
+            cache=cache.worker(slot) if cache else None)
         try:
             return Worker(listener, state, slot, ctx, master_pid).run()
         finally:
@@ -142,8 +159,11 @@ def serve(options: ServerOptions) -> int:
         "address": format_address(address), "pid": master_pid, "source": options.source,
         "shm_budget": options.shm_budget,
         "token_file": os.path.abspath(options.token_file) if options.token_file else None}
-    code = Master(listener, state, run_worker, ready, options.ready_file,
-                  options.request_timeout).run()
+    master = Master(listener, state, run_worker, ready, options.ready_file,
+                    options.request_timeout)
+    if cache is not None:
+        master.on_worker_death = cache.worker_died
+    code = master.run()
     if options.unix and os.getpid() == master_pid:
         os.unlink(options.unix)
     return code

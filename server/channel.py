@@ -56,6 +56,13 @@ class Channel:
     def has_work(self) -> bool:
         return False
 
+    def wants_read_ahead(self) -> bool:
+        """Frames this connection said come next are waiting to be read ahead."""
+        return False
+
+    def read_ahead(self) -> None:
+        """Read one of them into the frame cache (only when no request is waiting)."""
+
     def next_arrival(self) -> float:
         """When the request of the next unit of work arrived (only if `has_work`)."""
         raise NotImplementedError

@@ -66,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where events come from (more through $PSANA_IPC_SOURCES, see below)")
     srv.add_argument("--workers", type=int, default=DEFAULTS.workers, metavar="N",
                      help="worker processes")
-    srv.add_argument("--cache-size", type=int, default=DEFAULTS.cache_size, metavar="N",
+    srv.add_argument("--open-sources", "--cache-size", dest="open_sources", type=int,
+                     default=DEFAULTS.open_sources, metavar="N",
                      help="open sources kept per worker, least recently used dropped")
+    srv.add_argument("--frame-cache", type=_size, default=DEFAULTS.frame_cache, metavar="SIZE",
+                     help="keep frames sources produced in a node-wide cache of this much shared "
+                          "memory, e.g. 8G, shared by all workers and clients: a frame read "
+                          "again costs no psana call (0: no cache)")
     srv.add_argument("--shm-budget", type=_size, default=None, metavar="SIZE",
                      help="shared memory all workers together may hold, e.g. 2G (default: "
                           "half of /dev/shm, at most 4G)")

@@ -4,6 +4,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from .frame_cache import WorkerCache
 from .frame_reader import FrameReader
 from .shared_state import Counters
 from .slots import Budget
@@ -27,6 +28,7 @@ class WorkerContext:
     idle_timeout: float = 30.0
     request_timeout: float = 300.0
     hostname: str = socket.gethostname()
+    cache: Optional[WorkerCache] = None     # iserver --frame-cache
 
     @property
     def first_request_within(self) -> float:

@@ -20,6 +20,12 @@ CacheKey = Tuple[str, str, int, str, str]
 Frame = Tuple[np.ndarray, FrameMeta]
 
 
+def frame_fields(data: np.ndarray, meta: FrameMeta) -> Dict[str, Any]:
+    """What a reply says about a frame besides where its bytes are."""
+    return dict(shape=list(data.shape), dtype=data.dtype.str, timestamp=meta.timestamp,
+                calibrated=meta.calibrated, **meta.extra)
+
+
 class SourceCache:
     """Open sources of one worker, least recently used evicted first.
 

@@ -41,13 +41,15 @@ SHUTDOWN_SIGNAL = signal.SIGUSR1
 class Master:
     def __init__(self, listener: socket.socket, state: SharedState,
                  run_worker: Callable[[int], int], ready_info: Dict[str, object],
-                 ready_file: Optional[str], request_timeout: float) -> None:
+                 ready_file: Optional[str], request_timeout: float,
+                 on_worker_death: Callable[[int], None] = lambda slot: None) -> None:
         self.listener = listener
         self.state = state
         self.run_worker = run_worker
         self.ready_info = ready_info
         self.ready_file = ready_file
         self.request_timeout = request_timeout
+        self.on_worker_death = on_worker_death
         self.pid = os.getpid()
         self.workers: Dict[int, int] = {}        # pid -> slot
         self.signals: List[int] = []
@@ -154,9 +156,11 @@ class Master:
             self.spawn(slot)
 
     def forget(self, slot: int, pid: int) -> None:
-        """Remove what a dead worker held: its segments and its gauges."""
+        """Remove what a dead worker held: its segments, its gauges, and its
+        pins and half-written entries in the frame cache."""
         sweep(self.pid, pid)
         self.state.reset_gauges(slot)
+        self.on_worker_death(slot)
 
     def watchdog(self) -> None:
         """Replace a worker whose loop has not gone round for the request timeout:

@@ -3,21 +3,21 @@ an anonymous shared mapping made by the master before it forks.
 
 A worker writes only its own row (through `Counters`), so counters need no
 lock; the shared-memory budget is the one read-modify-write across workers
-and takes a POSIX record lock, which the kernel drops if its holder dies (a
-lock held by a SIGKILLed worker cannot wedge the server). The column layout
-is private to this module.
+and takes a POSIX record lock (process_lock.py), which the kernel drops if
+its holder dies (a lock held by a SIGKILLed worker cannot wedge the server).
+The column layout is private to this module.
 """
 import enum
-import fcntl
 import mmap
-import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List
+from typing import ContextManager, Dict, Iterator, List
 
 import numpy as np
 
 from psana_ipc.protocol.errors import ALL_CODES
+
+from .process_lock import ProcessLock
 
 CODES = sorted(ALL_CODES)
 _FIELDS = ["pid", "ready", "connections", "shm_bytes", "inflight", "events", "bytes",
@@ -33,6 +33,7 @@ class Grant(enum.Enum):
     GRANTED = "granted"
     WAIT = "wait"              # no room now: worth waiting for a release
     TOO_LARGE = "too large"    # larger than the whole budget: never
+    PENDING = "pending"        # another worker is writing this frame into the frame cache
 
 
 class Counters:
@@ -92,18 +93,13 @@ class SharedState:
         self.shm_budget = shm_budget
         self._map = mmap.mmap(-1, (workers + 1) * len(_FIELDS) * 8)
         self.table = np.ndarray((workers + 1, len(_FIELDS)), np.int64, buffer=self._map)
-        self._lockfile = tempfile.TemporaryFile()
+        self._lock = ProcessLock()
 
     def counters(self, slot: int) -> Counters:
         return Counters(self, slot)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self._lockfile, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._lockfile, fcntl.LOCK_UN)
+    def _locked(self) -> ContextManager[None]:
+        return self._lock.held()
 
     def _total(self, name: str) -> int:
         return int(self.table[: self.workers, _COL[name]].sum())

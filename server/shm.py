@@ -82,7 +82,8 @@ class Segment:
         """A writable array at the start of the segment."""
         return np.ndarray(shape, dtype=dtype, buffer=self.map)
 
-    def _unmap(self) -> None:
+    def close(self) -> None:
+        """Unmap only: the name stays, for clients (and other workers) to map."""
         try:
             self.map.close()
         except BufferError:
@@ -90,13 +91,13 @@ class Segment:
 
     def retire(self) -> None:
         """Free the pages now, then the name: for a segment no client reads."""
-        self._unmap()
+        self.close()
         truncate(self.name)
         unlink(self.name)
 
     def destroy(self) -> None:
         """Unmap and unlink only: a client may still be reading it."""
-        self._unmap()
+        self.close()
         unlink(self.name)
 
 

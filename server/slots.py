@@ -99,6 +99,11 @@ class SlotPool:
         self.retired: List[int] = []
         self._ids = itertools.count()
 
+    def new_id(self) -> int:
+        """A handle the client releases, never reused on this connection (slots,
+        and the frame-cache entries handed over beside them)."""
+        return next(self._ids)
+
     @property
     def busy_count(self) -> int:
         return sum(s.busy for s in self.slots.values())
@@ -131,7 +136,7 @@ class SlotPool:
             except BaseException:
                 self.holding.give(size)
                 raise
-            slot = Slot(next(self._ids), segment)
+            slot = Slot(self.new_id(), segment)
             self.slots[slot.id] = slot
         slot.busy = True
         self.budget.counters.inflight(1)

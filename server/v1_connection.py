@@ -25,12 +25,14 @@ from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMO
                                        UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
                                        ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Release, Shutdown, Stats,
-                                         error_reply, ok_reply, parse_request, request_id)
+from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Prefetch, Release, Shutdown,
+                                         Stats, error_reply, ok_reply, parse_request, request_id)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
-from .frame_reader import Frame
+from .cached_frames import CacheUse, CachedFrames
+from .frame_cache import Entry
+from .frame_reader import Frame, frame_fields
 from .shared_state import Grant
 from .slots import Holding, Slot, SlotPool, budget_in_use, too_large
 
@@ -51,6 +53,7 @@ class Item:
     prefetched: Optional[Frame] = None    # read ahead: its size was not known before
     slot: Optional[Slot] = None           # shm: the slot reserved for it
     reserved: int = 0                     # inline: the bytes reserved for it
+    cache_use: CacheUse = None            # its frame-cache entry (see `CachedFrames`)
     error: Optional[ProtocolError] = None
 
     @property
@@ -76,6 +79,7 @@ class V1Connection(Channel):
         self.inline_pending = 0
         self.holding = Holding(ctx.budget)      # inline frames not sent yet
         self.partial_since: Optional[float] = None   # a request begun but not complete
+        self.cached = CachedFrames(ctx.cache, ctx.reader)
 
     # -- input ----------------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
@@ -117,8 +121,11 @@ class V1Connection(Channel):
                 return
             now = time.monotonic()
             self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
+        elif isinstance(request, Prefetch):
+            self._reply(ok_reply(rid, queued=self.cached.hint(request.get()), done=True))
         elif isinstance(request, Release):
             bad = self.pool.release(request.slots) if self.pool else list(request.slots)
+            bad = [sid for sid in bad if not self.cached.unpin(sid)]
             if bad:
                 self._fail(rid, BAD_SLOT, f"slots {bad} are not held by this connection")
         elif isinstance(request, Info):
@@ -181,7 +188,7 @@ class V1Connection(Channel):
             return False
         if self.inline:
             return self.inline_pending < self.window
-        return self.pool.has_capacity()
+        return self.pool.busy_count + self.cached.pinned < self.window
 
     def _frame_size(self, item: Item) -> int:
         if item.nbytes is None:
@@ -195,6 +202,9 @@ class V1Connection(Channel):
     def reserve(self) -> Grant:
         item = self.queue[0]
         try:
+            grant = self.cached.reserve(item, lambda: self._frame_size(item))
+            if grant is not None:
+                return grant
             nbytes = self._frame_size(item)
             if self.inline:
                 if nbytes > self.ctx.budget.limit:
@@ -222,6 +232,9 @@ class V1Connection(Channel):
         try:
             if item.error is not None:
                 raise item.error
+            if self.cached.serves(item):
+                self._send_cached(item)
+                return
             if item.slot is not None:
                 into, reserved = item.slot.segment.array, item.slot.segment.size
             else:
@@ -233,15 +246,15 @@ class V1Connection(Channel):
                 self.pool.release([item.slot.id])
             if item.reserved:
                 self.holding.give(item.reserved)
+            self.cached.forget(item)
             done = item.done
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True
             self._fail(item.rid, e.code, e.message, seq=item.seq, event=item.event, done=done)
             return
-        desc = ok_reply(item.rid, seq=item.seq, event=item.event, shape=list(data.shape),
-                        dtype=data.dtype.str, timestamp=meta.timestamp,
-                        calibrated=meta.calibrated, done=item.done, **meta.extra)
+        desc = ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done,
+                        **frame_fields(data, meta))
         if item.slot is not None:
             desc.update(slot=item.slot.id, name=item.slot.segment.name,
                         size=item.slot.segment.size)
@@ -252,15 +265,40 @@ class V1Connection(Channel):
             self._reply(desc, memoryview(data.reshape(-1)).cast("B"),
                         lambda: self._inline_sent(item.reserved))
 
+    def _send_cached(self, item: Item) -> None:
+        """A frame in the frame cache: shm clients map the entry itself, pinned
+        until released; inline ones get its bytes, pinned until sent."""
+        entry, fields = self.cached.serve(item)
+        desc = ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done, **fields)
+        if self.inline:
+            desc["nbytes"] = entry.frame_bytes
+            self.inline_pending += 1
+            self._reply(desc, self.cached.payload(entry), lambda: self._cached_sent(entry))
+        else:
+            handle = self.pool.new_id()
+            self.cached.hand_over(handle, entry)
+            desc.update(slot=handle, name=entry.name, size=entry.frame_bytes, cached=True)
+            self._reply(desc)
+
+    def _cached_sent(self, entry: Entry) -> None:
+        self.inline_pending -= 1
+        self.cached.release(entry)
+
     def _inline_sent(self, reserved: int) -> None:
         self.inline_pending -= 1
         self.holding.give(reserved)
+
+    def wants_read_ahead(self) -> bool:
+        return self.cached.has_ahead() and not self.closed
+
+    def read_ahead(self) -> None:
+        self.cached.read_ahead_one()
 
     def trim(self, everything: bool) -> int:
         return self.pool.trim(everything) if self.pool is not None else 0
 
     def _holds_nothing(self) -> bool:
-        return not (self.queue or self.out or self.inline_pending
+        return not (self.queue or self.out or self.inline_pending or self.cached.pinned
                     or (self.pool is not None and self.pool.busy_count))
 
     def expendable_since(self) -> Optional[float]:
@@ -301,7 +339,10 @@ class V1Connection(Channel):
         self._reply(error_reply(rid, code, message, **fields))
 
     def release(self) -> None:
+        for item in self.queue:
+            self.cached.forget(item)
         self.queue.clear()
+        self.cached.close()
         if self.pool is not None:
             self.pool.close()
         if self.holding.bytes:              # inline frames that were never sent

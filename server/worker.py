@@ -14,6 +14,10 @@ idle slots of its own connections, asks the other workers to do the same,
 and looks again every RETRY_EVERY without touching the source, until
 MEMORY_WAIT has passed and the frame is refused.
 
+With a frame cache, a loop with no request waiting reads ahead: one frame a
+client said comes next (a `prefetch`) goes into the cache per pass, so a
+request that arrives meanwhile waits at most for that one frame.
+
 Set-up that is per process (signal handlers, the wakeup pipe) happens here,
 after the fork, never inherited from the master.
 """
@@ -45,6 +49,7 @@ ACCEPT_PAUSE = 1.0
 PARENT_CHECK = 1.0
 MEMORY_WAIT = 3.0       # how long a frame waits for budget before `no_memory` is sent
 RETRY_EVERY = 0.1       # how often a waiting frame looks again (no source call meanwhile)
+FILL_POLL = 0.002       # how often a frame another worker is caching looks again
 MAKE_ROOM = 8           # connections closed at a time when accept runs out of descriptors
 
 
@@ -100,7 +105,7 @@ class Worker:
         while not self.stopping:
             now = time.monotonic()
             self.counters.progress()
-            busy = bool(self._ready(now))
+            busy = bool(self._ready(now)) or self._read_ahead_waiting() is not None
             timeout = 0 if busy else self._next_deadline(now)
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
@@ -240,11 +245,25 @@ class Worker:
         if ready:
             conn = min(ready, key=lambda c: c.next_arrival())
             self._step(conn, functools.partial(self._serve, conn, now))
+            return
+        conn = self._read_ahead_waiting()
+        if conn is not None:
+            self._step(conn, conn.read_ahead)
+
+    def _read_ahead_waiting(self) -> Optional[Channel]:
+        """A connection with frames to read ahead, when no request waits at all
+        (not even for memory, or for a frame another worker is caching)."""
+        if any(c.has_work() for c in self.conns.values()):
+            return None
+        return next((c for c in self.conns.values() if c.wants_read_ahead()), None)
 
     def _serve(self, conn: Channel, now: float) -> None:
         """Reserve the frame's memory, then do the work; the only place that
         waits for memory."""
         grant = conn.reserve()
+        if grant is Grant.PENDING:
+            self.wake_at[conn] = now + FILL_POLL
+            return
         if grant is Grant.WAIT and self._trim(everything=True):
             grant = conn.reserve()
         if grant is Grant.WAIT:

@@ -10,7 +10,8 @@ from psana_ipc.protocol.address import address_family, format_address, parse_add
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import MAX_HEADER, FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import Done, is_v1, parse_legacy
-from psana_ipc.protocol.messages import Get, Hello, Release, parse_request
+from psana_ipc.protocol.messages import (MAX_EVENTS_PER_GET, MODES, Get, Hello, Prefetch, Release,
+                                         RunKey, encode_request, parse_request)
 from psana_ipc.protocol.shm_names import ours, parse_segment_name, segment_name, segment_path
 
 json_values = st.recursive(
@@ -86,6 +87,38 @@ def test_requests_are_validated():
     assert rid == 7 and isinstance(get, Get) and get.events == (1, 2) and get.key.run == 14
     assert parse_request({"op": "release", "id": 1, "slots": [0, 3]})[1] == Release((0, 3))
     assert isinstance(parse_request({"op": "hello", "id": 0, "version": 1})[1], Hello)
+
+
+prefetches = st.builds(
+    Prefetch,
+    st.builds(RunKey, st.text(min_size=1, max_size=20), st.integers(0, 2**31),
+              st.text(min_size=1, max_size=20), st.sampled_from(["idx", "smd"])),
+    st.sampled_from(MODES),
+    st.lists(st.integers(0, 2**40), min_size=1, max_size=50).map(tuple))
+
+
+@given(prefetches, st.integers(0, 2**31))
+def test_prefetch_round_trips_through_the_wire(prefetch, rid):
+    """As a client sends it (Client.prefetch), framed, decoded and validated."""
+    header = encode_request("prefetch", rid, exp=prefetch.key.exp, run=prefetch.key.run,
+                            detector=prefetch.key.detector, mode=prefetch.mode,
+                            events=list(prefetch.events), access_mode=prefetch.key.access_mode)
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_frame(header))
+    assert parse_request(decoder.next_frame().header) == (rid, prefetch)
+    assert prefetch.get() == Get(prefetch.key, prefetch.mode, prefetch.events)
+
+
+def test_a_prefetch_is_validated_like_a_get():
+    key = RunKey("x", 1, "d")
+    with pytest.raises(ProtocolError):
+        Prefetch(key, "calib", ())
+    with pytest.raises(ProtocolError) as e:
+        Prefetch(key, "calib", tuple(range(MAX_EVENTS_PER_GET + 1)))
+    assert "per prefetch" in e.value.message
+    with pytest.raises(ProtocolError) as e:
+        Prefetch(key, "smooth", (1,))
+    assert e.value.code == errors.UNKNOWN_MODE
 
 
 @pytest.mark.parametrize("header, code", [

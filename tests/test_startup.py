@@ -55,7 +55,7 @@ def test_a_budget_no_frame_fits_in_is_refused(budget):
 @pytest.mark.parametrize("args, named", [
     (["--max-window", "0"], "--max-window"), (["--workers", "0"], "--workers"),
     (["--window", "0"], "--window"), (["--window", "65"], "--max-window"),
-    (["--cache-size", "0"], "--cache-size"), (["--port", "99999"], "--port"),
+    (["--cache-size", "0"], "--open-sources"), (["--port", "99999"], "--port"),
     (["--ack-timeout", "nan"], "--ack-timeout"), (["--idle-timeout", "-1"], "--idle-timeout"),
     (["--request-timeout", "0"], "--request-timeout"), (["--cost-ms", "-5"], "--cost-ms"),
     (["--synthetic-events", "-1"], "--synthetic-events")])

@@ -1,0 +1,221 @@
+"""`iserver --frame-cache`: hits are the bytes a fresh read gives and call
+no source, entries handed to a client are never evicted under it, the cache
+stays within its bound, two clients cost one read per event, read-ahead
+fills the cache, every stop removes it, and the eviction policy keeps a
+share of a run larger than the cache where LRU keeps none."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from psana_ipc.client import BatchLoader, Client, RunDataset
+from psana_ipc.client.group import ConnectionGroup
+from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
+from psana_ipc.server.cache_policy import choose_victim, simulate
+from psana_ipc.server.frame_cache import META_ROOM
+from psana_ipc.server.shm import round_up
+from psana_ipc.server.sources.synthetic import expected
+
+from conftest import ROOT, pid_alive
+from test_batch_loader import _eventually
+from psana2_helpers import EVENTS, EXP, RUN, calib_of, psana_python
+
+DET = "epix100"
+RAW = 704 * 768 * 2                      # one epix100 raw frame
+ENTRY = round_up(RAW + META_ROOM)        # what one cached raw frame takes
+
+
+def _stats(server):
+    with Client(server.address) as c:
+        return c.stats()
+
+
+def _cache_files(server):
+    return [n for n in our_segments(server.pid) if parse_segment_name(n).serial.startswith("c")]
+
+
+def test_hits_are_byte_identical_to_fresh_reads_and_call_no_source(start_server):
+    fresh = start_server(["--workers", "1"])
+    cached = start_server(["--workers", "2", "--frame-cache", "256M"])
+    events = [4, 0, 9]
+    for transport in ("shm", "inline"):
+        with Client(fresh.address, transport=transport) as f, \
+                Client(cached.address, transport=transport) as c:
+            for mode in ("raw", "calib", "image", "mask"):
+                for e in events:
+                    want, want_desc = f.get_frame("x", 1, "epix10k2M", e, mode)
+                    for _ in range(2):      # the first read fills, the second hits
+                        got, desc = c.get_frame("x", 1, "epix10k2M", e, mode)
+                        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+                        assert desc["timestamp"] == want_desc["timestamp"]
+                        assert desc["calibrated"] == want_desc["calibrated"]
+    stats = _stats(cached)
+    assert stats["events"] == 4 * len(events)          # one source read per frame
+    assert stats["frame_cache"]["hits"] == 4 * len(events) * 3
+    assert stats["frame_cache"]["misses"] == 4 * len(events)
+
+
+def test_an_entry_held_by_one_client_is_not_evicted_by_another(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", str(3 * ENTRY)])
+    with Client(server.address) as holder, Client(server.address) as other:
+        held = [holder.view("x", 1, DET, e, "raw") for e in (0, 1)]
+        for e in range(2, 12):
+            assert np.array_equal(other.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
+        cache = _stats(server)["frame_cache"]
+        assert cache["evictions"] >= 8 and cache["pinned"] == 2
+        for e, frame in zip((0, 1), held):      # still there, still the same bytes
+            assert np.array_equal(frame.array, expected(DET, "raw", e))
+            frame.release()
+        holder.flush_releases()
+        reads = _stats(server)["events"]
+        for e in (0, 1):
+            assert np.array_equal(holder.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
+        assert _stats(server)["events"] == reads        # both were still cached
+
+
+def test_the_cache_stays_within_its_bound(start_server):
+    limit = 4 * ENTRY + ENTRY // 2
+    server = start_server(["--workers", "2", "--frame-cache", str(limit)])
+    with Client(server.address) as c:
+        for e in list(range(20)) + list(range(20)):
+            c.get("x", 1, DET, e, "raw")
+            on_disk = sum(os.stat(segment_path(n)).st_size for n in _cache_files(server))
+            assert on_disk <= limit
+        cache = c.stats()["frame_cache"]
+    assert cache["bytes_held"] <= limit and cache["entries"] <= 4
+    assert cache["evictions"] >= 40 - 4 - cache["hits"]
+
+
+def test_two_clients_cost_one_source_read_per_event(start_server):
+    """Both ask for the same events at once, on two workers: whoever comes
+    second waits for the frame being cached instead of reading it again."""
+    server = start_server(["--workers", "2", "--frame-cache", "256M", "--cost-ms", "5"])
+    events = list(range(30))
+    group = ConnectionGroup(server.address, 2)
+    a, b = group.clients
+    try:
+        assert a.worker != b.worker
+        ra = a.submit("x", 1, DET, events, "raw")
+        rb = b.submit("x", 1, DET, events, "raw")
+        for client, rid in ((a, ra), (b, rb)):
+            for e, frame in zip(events, client.frames(rid)):
+                with frame:
+                    assert np.array_equal(frame.array, expected(DET, "raw", e))
+        stats = a.stats()
+    finally:
+        group.close()
+    assert stats["events"] == len(events)
+    assert stats["frame_cache"]["hits"] + stats["frame_cache"]["misses"] == 2 * len(events)
+
+
+def test_read_ahead_fills_the_cache_and_the_reads_then_hit(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", "256M"])
+    with Client(server.address) as c:
+        c.prefetch("x", 1, DET, list(range(10)), "raw")
+        assert _eventually(lambda: c.stats()["frame_cache"]["read_ahead"] == 10)
+        for e in range(10):
+            assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
+        stats = c.stats()
+    assert stats["events"] == 10 and stats["frame_cache"]["hits"] == 10
+
+
+def test_batch_loader_reads_ahead_and_epoch_two_reads_nothing(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", "256M"])
+    events = list(range(24))
+    loader = BatchLoader(server.address, "x", 1, DET, "calib", events, batch_size=4,
+                         output="numpy", depth=1, read_ahead=8)
+    for epoch in range(2):
+        got = np.concatenate([b.copy() for b in loader])
+        assert all(np.array_equal(row, expected(DET, "calib", e)) for row, e in zip(got, events))
+        if epoch == 0:
+            cache = _stats(server)["frame_cache"]
+            assert cache["read_ahead"] > 0
+    loader.close()
+    stats = _stats(server)
+    assert stats["events"] == len(events)
+    assert stats["frame_cache"]["hits"] >= len(events)
+
+
+def test_every_stop_removes_the_cache(start_server):
+    for how in ("sigterm", "worker killed", "master killed"):
+        server = start_server(["--workers", "2", "--frame-cache", "64M"])
+        workers = server.workers
+        with Client(server.address) as c:
+            held = c.view("x", 1, DET, 0, "raw")
+            for e in range(1, 4):
+                c.get("x", 1, DET, e, "raw")
+            assert len(_cache_files(server)) == 4
+            if how == "worker killed":       # its pin goes with it; the entries stay
+                os.kill(c.worker, signal.SIGKILL)
+                assert _eventually(lambda: _stats(server)["frame_cache"]["pinned"] == 0)
+                assert _stats(server)["frame_cache"]["entries"] == 4
+            held.release()
+        if how == "master killed":
+            server.proc.kill()
+            server.proc.wait()
+            assert _eventually(lambda: not any(pid_alive(p) for p in workers))
+            assert _cache_files(server)
+            out = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "cleanup"],
+                                 capture_output=True, text=True, cwd=ROOT)
+            assert out.returncode == 0, out.stderr
+        else:
+            assert server.stop() == 0
+        assert not _cache_files(server)
+
+
+def test_the_policy_keeps_half_of_a_run_twice_the_cache_where_lru_keeps_nothing():
+    trace = list(range(200)) * 3
+    assert simulate(trace, 100, lru=True) == 0.0
+    assert simulate(trace, 100) >= 0.3
+    assert simulate(list(range(50)) * 3, 100) == simulate(list(range(50)) * 3, 100, lru=True)
+
+
+def test_a_victim_is_never_a_pinned_or_unready_entry():
+    evictable = np.array([False, True, False])
+    last = np.array([0, 5, 1])
+    assert choose_victim(evictable, last, np.zeros(3, int), np.ones(3, int), 10, 0) == 1
+    assert choose_victim(np.zeros(3, bool), last, np.zeros(3, int), np.ones(3, int), 10, 0) is None
+
+
+@pytest.mark.psana2
+def test_on_psana2_epoch_two_calls_no_source_and_gives_the_same_frames(start_server,
+                                                                      psana2_runs):
+    server = start_server(psana2_runs.server_args(psana2_runs.calib_dir, workers=2)
+                          + ["--frame-cache", "512M"], python=psana_python())
+    loader = BatchLoader(server.address, EXP, RUN, "epix10k2M", "calib", batch_size=4,
+                         output="numpy", shuffle=True, depth=1)
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        order = loader._order()
+        frames = np.concatenate([b.copy() for b in loader])
+        epochs.append(dict(zip(order, frames)))
+        if epoch == 0:
+            reads = _stats(server)["events"]
+    loader.close()
+    stats = _stats(server)
+    assert reads == EVENTS and stats["events"] == reads      # epoch 2: no psana read
+    assert stats["frame_cache"]["hits"] >= EVENTS
+    for e in range(EVENTS):
+        assert epochs[1][e].tobytes() == epochs[0][e].tobytes()
+        np.testing.assert_allclose(epochs[1][e], calib_of("epix10k2M", RUN, e), atol=1e-4)
+
+
+def test_a_dataloader_reading_in_order_gets_read_ahead(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", "256M"])
+    events = list(range(40))
+    dataset = RunDataset(server.address, "x", 1, DET, "raw", events)
+    for workers in (0, 2):
+        got = torch.cat([b.clone() for b in DataLoader(dataset, batch_size=4,
+                                                       num_workers=workers)])
+        assert all(np.array_equal(row.numpy(), expected(DET, "raw", e))
+                   for row, e in zip(got, events))
+    dataset.close()
+    stats = _stats(server)
+    assert stats["frame_cache"]["read_ahead"] > 0
+    assert stats["events"] == len(events)
