@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 
 from psana_ipc.client import BatchLoader, Client, RunDataset
 from psana_ipc.client.group import ConnectionGroup
-from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 from psana_ipc.server.cache_policy import choose_victim, simulate
 from psana_ipc.server.frame_cache import META_ROOM
-from psana_ipc.server.shm import round_up
+from psana_ipc.server.shm import our_segments, round_up
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import ROOT, pid_alive
