@@ -20,6 +20,20 @@ reference function checks both sources:
 `--gain-bits` sets the two gain bits (raw | 0xc000) of every pixel, to check
 that uncalibrated epix10k data is served with them masked.
 
+Beside the area detectors, `--detectors` accepts detectors shaped like the
+DAQ's other kinds, each in a stream of its own after the area detectors':
+
+    ebeam    EBeam BLD (ebeam_raw_2_0_0): ebeamPhotonEnergy, ebeamCharge (float64),
+             damageMask (uint32), per event
+    gasdet   gas detector BLD (gasdet_raw_1_0_0): f_11_ENRC, f_21_ENRC (float64)
+    wave8    wave8 digitizer (wave8_raw_0_0_1): raw_0 .. raw_7, uint16 waveforms
+             of 64 samples (psana's raw_all stacks them to (8, 64))
+
+their values are plain functions of the event index (`field_value`).
+`--rate DET=N[:FIRST]` writes DET only in events FIRST, FIRST+N, ... (default
+every event), as a detector read out at a lower rate: its stream then has no
+record at all for the other events, as the DAQ writes it.
+
 `--calib-dir CDIR` writes offline constants in the layout the psana2 source
 reads with `--calib-dir`:
 
@@ -37,7 +51,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
@@ -50,6 +64,16 @@ from psana_ipc.server.sources.synthetic import DETECTORS, expected, timestamp_of
 PSANA_TYPES = {
     "epix10k2M": ("epix10ka", (2, 0, 1), 7),
     "jungfrau4M": ("jungfrau", (0, 2, 0), 3),
+}
+# name -> psana detector type, version of its `raw` data and its per-event
+# fields {name: (dtype, rank)}: one segment, no constants
+WAVE8_SAMPLES = 64
+FIELD_TYPES = {
+    "ebeam": ("ebeam", (2, 0, 0), {"ebeamPhotonEnergy": (np.float64, 0),
+                                   "ebeamCharge": (np.float64, 0),
+                                   "damageMask": (np.uint32, 0)}),
+    "gasdet": ("gasdet", (1, 0, 0), {"f_11_ENRC": (np.float64, 0), "f_21_ENRC": (np.float64, 0)}),
+    "wave8": ("wave8", (0, 0, 1), {f"raw_{c}": (np.uint16, 1) for c in range(8)}),
 }
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
@@ -88,17 +112,72 @@ def declare(config: DgramEdit, detector: str, node: int) -> List:
     return segments
 
 
+def field_value(detector: str, field: str, event: int) -> object:
+    """What a non-area detector's field holds in an event."""
+    if field.startswith("raw_"):
+        channel = int(field[4:])
+        return ((np.arange(WAVE8_SAMPLES) * (channel + 1) + 7 * event) % 4096).astype(np.uint16)
+    if field == "damageMask":
+        return np.uint32(event % 3)
+    offset = {"ebeamPhotonEnergy": 9500.0, "ebeamCharge": 0.25}.get(field, 1.5)
+    return np.float64(offset + event / 7.0)
+
+
+def declare_fields(config: DgramEdit, detector: str, node: int) -> List:
+    """One segment holding the detector's per-event fields."""
+    dettype, version, fields = FIELD_TYPES[detector]
+    serial = DetectorDef(detector, dettype, f"{detector}-0")
+    return [config.Detector(serial, AlgDef("raw", *version), dict(fields), nodeId=node, segment=0)]
+
+
+def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Iterator:
+    """The filled `raw` containers of one event, one per segment."""
+    if detector in FIELD_TYPES:
+        names = segments[0]
+        for field in FIELD_TYPES[detector][2]:
+            setattr(names.raw, field, field_value(detector, field, event))
+        yield names.raw
+        return
+    raw = expected(detector, "raw", event) | np.uint16(gain_bits)
+    for seg, names in enumerate(segments):
+        names.raw.raw = raw[seg]
+        yield names.raw
+
+
+def record_bytes(detector: str) -> int:
+    if detector in FIELD_TYPES:
+        return 8 * WAVE8_SAMPLES * 2
+    return int(np.prod(DETECTORS[detector][0])) * 2
+
+
+def every_event(event: int) -> bool:
+    return True
+
+
+def parse_rate(text: str) -> Tuple[str, Callable[[int], bool]]:
+    """DET=N[:FIRST] -> (DET, whether an event holds DET)."""
+    try:
+        detector, spec = text.split("=")
+        every, _, first = spec.partition(":")
+        every, first = int(every), int(first or 0)
+        if every < 1 or first < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate {text!r}: expected DET=N[:FIRST], N >= 1")
+    return detector, lambda e: e >= first and (e - first) % every == 0
+
+
 def write_stream(path: Path, detector: str, exp: str, run: int, events: int, node: int,
-                 gain_bits: int) -> None:
-    """Configure, BeginRun (with exp/run), `events` L1Accepts, EndRun."""
-    shape = DETECTORS[detector][0]
-    bufsize = int(np.prod(shape)) * 2 + HEADROOM
+                 gain_bits: int, present: Callable[[int], bool] = every_event) -> None:
+    """Configure, BeginRun (with exp/run), the L1Accepts of the `events`
+    that `present` selects, EndRun."""
+    bufsize = record_bytes(detector) + HEADROOM
     buf = bytearray(bufsize)
     t0 = timestamp_of(0) - (1 << 32)
     config = DgramEdit(transition_id=TransitionId.Configure, ts=t0, bufsize=bufsize)
     runinfo = config.Detector(DetectorDef("runinfo", "runinfo", ""), AlgDef("runinfo", 0, 0, 1),
                               {"expt": (str, 1), "runnum": (np.uint32, 0)}, nodeId=node, segment=0)
-    segments = declare(config, detector, node)
+    segments = (declare_fields if detector in FIELD_TYPES else declare)(config, detector, node)
 
     def emit(dgram: DgramEdit) -> None:
         dgram.save(buf)
@@ -112,13 +191,11 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         runinfo.runinfo.runnum = run
         begin.adddata(runinfo.runinfo)
         emit(begin)
-        for e in range(events):
+        for e in filter(present, range(events)):
             event = DgramEdit(transition_id=TransitionId.L1Accept, config_dgramedit=config,
                               ts=timestamp_of(e), bufsize=bufsize)
-            raw = expected(detector, "raw", e) | np.uint16(gain_bits)
-            for seg, names in enumerate(segments):
-                names.raw.raw = raw[seg]
-                event.adddata(names.raw)
+            for data in event_data(detector, segments, e, gain_bits):
+                event.adddata(data)
             emit(event)
         emit(DgramEdit(transition_id=TransitionId.EndRun, config_dgramedit=config,
                        ts=timestamp_of(events), bufsize=bufsize))
@@ -159,8 +236,12 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--run", type=int, default=1, help="run number (default: %(default)s)")
     parser.add_argument("-n", "--events", type=int, default=10,
                         help="events to write (default: %(default)s)")
-    parser.add_argument("--detectors", nargs="+", choices=sorted(PSANA_TYPES),
-                        default=sorted(PSANA_TYPES), help="detectors to write (default: all)")
+    parser.add_argument("--detectors", nargs="+", choices=sorted(PSANA_TYPES) + sorted(FIELD_TYPES),
+                        default=sorted(PSANA_TYPES),
+                        help="detectors to write (default: the area detectors)")
+    parser.add_argument("--rate", type=parse_rate, action="append", default=[],
+                        metavar="DET=N[:FIRST]",
+                        help="write DET only in events FIRST, FIRST+N, ... (repeatable)")
     parser.add_argument("--gain-bits", action="store_const", const=GAIN_BITS, default=0,
                         help="set both gain bits of every pixel (raw | 0xc000)")
     parser.add_argument("--calib-dir", type=Path,
@@ -175,15 +256,22 @@ def main(argv: List[str] = None) -> int:
 
     (args.outdir / "smalldata").mkdir(parents=True, exist_ok=True)
     tool = smdwriter()
-    for stream, detector in enumerate(args.detectors):
+    rates = dict(args.rate)
+    unknown = set(rates) - set(args.detectors)
+    if unknown:
+        parser.error(f"--rate names detectors not written: {', '.join(sorted(unknown))}")
+    area = [d for d in args.detectors if d in PSANA_TYPES]
+    for stream, detector in enumerate(area + [d for d in args.detectors if d not in area]):
         base = f"{args.exp}-r{args.run:04d}-s{stream:03d}-c000"
         bigdata = args.outdir / f"{base}.xtc2"
+        present = rates.get(detector, every_event)
         write_stream(bigdata, detector, args.exp, args.run, args.events, stream + 1,
-                     args.gain_bits)
+                     args.gain_bits, present)
         subprocess.run([tool, "-f", str(bigdata), "-o", str(args.outdir / "smalldata" / f"{base}.smd.xtc2")],
                        check=True, stdout=subprocess.DEVNULL)
-        print(f"{bigdata}: {detector}, {args.events} events")
-        if args.calib_dir:
+        written = sum(map(present, range(args.events)))
+        print(f"{bigdata}: {detector}, {written} of {args.events} events")
+        if args.calib_dir and detector in PSANA_TYPES:
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector
             for ctype, path in write_constants(folder, detector, args.pedestal, args.gain).items():
                 print(f"{path}: {ctype}")
