@@ -24,6 +24,8 @@ Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
 
 
 class IPCRemotePsanaDataset(Dataset):
+    fields: Optional[List[str]] = None     # other detectors' values beside each frame
+
     def __init__(self, server_address: Any, requests_list: Sequence[Request],
                  mode: str = "calib", protocol: str = "auto", transport: str = "auto",
                  timeout: Optional[float] = 300.0) -> None:
@@ -60,7 +62,7 @@ class IPCRemotePsanaDataset(Dataset):
             return legacy.fetch(self._group.address, exp, run, access_mode, detector_name,
                                 event, self.mode, self.timeout)
         return self._group.clients[0].get(exp, run, detector_name, event, self.mode,
-                                          access_mode)
+                                          access_mode, self.fields)
 
     def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
         """A DataLoader batch of leased frames (see the module docstring); copies
@@ -72,9 +74,9 @@ class IPCRemotePsanaDataset(Dataset):
         base = 0
         for (exp, run, access, det), group in groupby(requests, key=lambda r: tuple(r[:4])):
             events = [r[4] for r in group]
-            split = self._group.submit(exp, run, det, events, self.mode, access)
+            split = self._group.submit(exp, run, det, events, self.mode, access, self.fields)
             for pos, frame in self._group.stream(split):
-                items[base + pos] = frame.lease()
+                items[base + pos] = (frame.lease(), frame.values) if self.fields else frame.lease()
             base += len(events)
         return items
 
@@ -90,14 +92,20 @@ class IPCRemotePsanaDataset(Dataset):
 
 class RunDataset(IPCRemotePsanaDataset):
     """One detector of one run as a map-style dataset: item i is event `events[i]`
-    (all of the run's events by default)."""
+    (by default every event that holds the detector). With `fields` (other
+    detectors' per-event values, e.g. "ebeam.ebeamPhotonEnergy") an item is
+    `(frame, {name: value})`, which DataLoader batches into tensors; with
+    `skip_incomplete` the default events are those holding every field's
+    detector too (as LCLStreamer's skip_incomplete_events)."""
 
     def __init__(self, server_address: Any, exp: str, run: int, detector: str,
                  mode: str = "calib", events: Optional[Sequence[int]] = None,
-                 transport: str = "auto", timeout: Optional[float] = 300.0) -> None:
+                 transport: str = "auto", timeout: Optional[float] = 300.0,
+                 fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False) -> None:
         if events is None:
             with Client(server_address, transport=transport, timeout=timeout) as client:
-                events = range(client.info(exp, run, detector)["events"])
+                events = client.events_with(exp, run, detector, fields, skip_incomplete)
         super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
                          mode=mode, protocol="v1", transport=transport, timeout=timeout)
         self.exp, self.run, self.detector = exp, run, detector
+        self.fields = list(fields) if fields else None

@@ -1,5 +1,6 @@
 """Opening sources (through a per-worker LRU cache) and reading frames, the
 part of serving that both dialects share."""
+import dataclasses
 import logging
 from collections import OrderedDict
 from typing import Any, Dict, Tuple
@@ -60,6 +61,7 @@ class FrameReader:
         try:
             with self.state.busy(self.slot):
                 source = self.cache.get(get.key)
+                values = self._values(get, event)
                 data, meta = source.read_into(event, get.mode, allocate)
         except ProtocolError:
             raise
@@ -69,15 +71,34 @@ class FrameReader:
                                            f"{type(e).__name__}: {e}") from e
         self.row[COL["events"]] += 1
         self.row[COL["bytes"]] += data.nbytes
+        if values:
+            meta = dataclasses.replace(meta, extra=dict(meta.extra, values=values))
         return data, meta
 
+    def _values(self, get: Get, event: int) -> Dict[str, Any]:
+        """The get's fields in this event, read before the frame so that an
+        event lacking one costs no frame read."""
+        return {ref.name: self.cache.get(RunKey(get.key.exp, get.key.run, ref.detector,
+                                                get.key.access_mode)).field(event, ref)
+                for ref in get.fields}
+
     def info(self, request: Info) -> Dict[str, Any]:
+        """Run-level: every detector; with `present`, each one's events as
+        [start, stop, step] ranges. Detector-level: its events and modes."""
         try:
             with self.state.busy(self.slot):
                 if request.detector is None:
-                    return {"detectors": self.cache.factory.detectors(request.exp, request.run)}
+                    found = self.cache.factory.detectors(request.exp, request.run)
+                    for det in found.values():
+                        held = det.pop("present", [[0, det["events"], 1]])
+                        if request.present:
+                            det["present"] = held
+                    return {"detectors": found}
                 source = self.cache.get(RunKey(request.exp, request.run, request.detector))
-                return source.info()
+                info = source.info()
+                if request.present:
+                    info["present"] = source.present()
+                return info
         except ProtocolError:
             raise
         except Exception as e:

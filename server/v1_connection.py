@@ -18,8 +18,9 @@ from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
-from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
-                                       UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
+from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, NO_DATA, NOT_FOUND, NOT_READY,
+                                       UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
+                                       ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Release, Shutdown, Stats,
                                          error_reply, ok_reply, parse_request, request_id)
@@ -177,6 +178,10 @@ class V1Connection(Channel):
         except ProtocolError as e:
             if slot is not None:
                 self.pool.release([slot.id])
+            if e.code == NO_DATA and item.get.skip_incomplete:
+                self._reply(ok_reply(item.rid, seq=item.seq, event=event, skipped=True,
+                                     message=e.message, done=done))
+                return
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True

@@ -1,0 +1,127 @@
+"""What a psana2 detector is, which modes it offers, which events hold it,
+and its per-event values beside a frame.
+
+A run holds detectors of every kind; psana picks each interface's class
+(`<dettype>_<alg>_<version>`) from what the run declares, so the class says
+what the detector can give:
+
+    area      an AreaDetector (epix10ka, jungfrau, opal, ...): raw, calib,
+              image, and mask where psana has one
+    waveform  a digitizer whose channels psana stacks (wave8 `raw_all`):
+              raw only, as a (channels, samples) array
+    scalar    everything else (EBeam, gas detectors, beam monitors, ...):
+              no frames; its values are read as fields (`ebeam.ebeamPhotonEnergy`)
+
+Which events hold a detector is known without reading them: the run's
+timestamp table lists, per event, the streams that have a record of it, and
+a stream's Configure record lists its detectors. Detectors read out at a
+lower rate are simply absent from the other events' records.
+"""
+from typing import Any, Dict, FrozenSet, List, Sequence, Set, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.errors import NO_DATA, NOT_AN_ARRAY, UNKNOWN_DETECTOR
+from psana_ipc.protocol.messages import FieldRef
+
+from .base import SourceError
+
+AREA, WAVEFORM, SCALAR = "area", "waveform", "scalar"
+MAX_FIELD_ELEMENTS = 16384      # a field's value travels as JSON: small arrays only
+
+
+def kind_of(iface: Any) -> str:
+    """The kind of a psana interface object or class (see the module docstring)."""
+    if callable(getattr(iface, "calib", None)) and callable(getattr(iface, "image", None)):
+        return AREA
+    if callable(getattr(iface, "raw_all", None)):
+        return WAVEFORM
+    return SCALAR
+
+
+def kind_modes(kind: str, has_mask: bool) -> Tuple[str, ...]:
+    """The modes a kind offers; `has_mask`: psana has a pixel mask for it."""
+    if kind == AREA:
+        return ("raw", "calib", "image") + (("mask",) if has_mask else ())
+    if kind == WAVEFORM:
+        return ("raw",)
+    return ()
+
+
+def frame_reader(iface: Any) -> Any:
+    """The per-event call that gives the detector's raw frame."""
+    return iface.raw_all if kind_of(iface) == WAVEFORM else iface.raw
+
+
+def no_frames(detector: str, iface: Any) -> SourceError:
+    return SourceError(NOT_AN_ARRAY, f"{detector} ({type(iface).__name__}) is a scalar "
+                                     f"detector and serves no frames; ask for its values as "
+                                     f"fields of another detector's get, e.g. "
+                                     f"'{detector}.<attribute>'")
+
+
+def streams_of(configs: Sequence[Any], detector: str) -> Set[int]:
+    """The streams whose Configure record declares `detector` (under `software`,
+    where psana lists every detector of a stream)."""
+    return {i for i, config in enumerate(configs)
+            if hasattr(getattr(config, "software", None), detector)}
+
+
+def events_with(event_streams: Sequence[FrozenSet[int]], streams: Set[int]) -> List[int]:
+    """Indices of the events with a record in any of `streams`; events share
+    few distinct stream sets, so each set is judged once."""
+    judged: Dict[FrozenSet[int], bool] = {}
+    held = []
+    for i, present in enumerate(event_streams):
+        hit = judged.get(present)
+        if hit is None:
+            hit = judged[present] = not streams.isdisjoint(present)
+        if hit:
+            held.append(i)
+    return held
+
+
+def as_ranges(indices: Sequence[int]) -> List[List[int]]:
+    """Sorted indices as [start, stop, step] ranges, Python's `range` meaning:
+    a detector at every 3rd event is one range, whatever the run's length."""
+    ranges: List[List[int]] = []
+    i = 0
+    while i < len(indices):
+        step = indices[i + 1] - indices[i] if i + 1 < len(indices) else 1
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] - indices[j] == step:
+            j += 1
+        ranges.append([indices[i], indices[j] + step, step])
+        i = j + 1
+    return ranges
+
+
+def holds(evt: Any, detector: str, interface: str = "raw") -> bool:
+    """Whether psana's event has a record of the detector's interface."""
+    return (detector, interface) in getattr(evt, "_det_segments", {})
+
+
+def missing(detector: str, index: int) -> SourceError:
+    return SourceError(NO_DATA, f"event {index} holds no data of {detector} (the detector "
+                                f"is read out in other events only)")
+
+
+def field_value(container: Any, field: FieldRef, evt: Any, index: int) -> Dict[str, Any]:
+    """One field's value in the event as JSON: {dtype, shape, data}; numbers
+    survive JSON exactly (floats are written with every digit)."""
+    iface = getattr(container, field.interface, None)
+    call = getattr(iface, field.attribute, None) if iface is not None else None
+    if not callable(call):
+        raise SourceError(UNKNOWN_DETECTOR, f"field {field.name!r}: {field.detector} has no "
+                                            f"{field.interface}.{field.attribute}")
+    if not holds(evt, field.detector, field.interface):
+        raise missing(field.detector, index)
+    value = call(evt)
+    if value is None:
+        raise missing(field.detector, index)
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf" or array.size > MAX_FIELD_ELEMENTS:
+        raise SourceError(NOT_AN_ARRAY, f"field {field.name!r} is {array.dtype} of shape "
+                                        f"{array.shape}: only numbers and arrays of at most "
+                                        f"{MAX_FIELD_ELEMENTS} numbers are served as fields")
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tolist()}
