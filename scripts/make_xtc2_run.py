@@ -28,6 +28,8 @@ DAQ's other kinds, each in a stream of its own after the area detectors':
     gasdet   gas detector BLD (gasdet_raw_1_0_0): f_11_ENRC, f_21_ENRC (float64)
     wave8    wave8 digitizer (wave8_raw_0_0_1): raw_0 .. raw_7, uint16 waveforms
              of 64 samples (psana's raw_all stacks them to (8, 64))
+    cspad    a cspad panel as psana 4.3.4 reads LCLS-II cspad (cspad_raw_2_3_42):
+             arrayRaw, int16 (185, 388); an area detector without a pixel mask
 
 their values are plain functions of the event index (`field_value`).
 `--rate DET=N[:FIRST]` writes DET only in events FIRST, FIRST+N, ... (default
@@ -74,7 +76,9 @@ FIELD_TYPES = {
                                    "damageMask": (np.uint32, 0)}),
     "gasdet": ("gasdet", (1, 0, 0), {"f_11_ENRC": (np.float64, 0), "f_21_ENRC": (np.float64, 0)}),
     "wave8": ("wave8", (0, 0, 1), {f"raw_{c}": (np.uint16, 1) for c in range(8)}),
+    "cspad": ("cspad", (2, 3, 42), {"arrayRaw": (np.int16, 2)}),
 }
+CSPAD_PANEL = (185, 388)
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
 # Panel pitch and detector distance of the epix10k2M test geometry, in micrometres.
@@ -114,6 +118,9 @@ def declare(config: DgramEdit, detector: str, node: int) -> List:
 
 def field_value(detector: str, field: str, event: int) -> object:
     """What a non-area detector's field holds in an event."""
+    if field == "arrayRaw":
+        n = int(np.prod(CSPAD_PANEL))
+        return ((np.arange(n) + 5 * event) % 3000 - 1000).astype(np.int16).reshape(CSPAD_PANEL)
     if field.startswith("raw_"):
         channel = int(field[4:])
         return ((np.arange(WAVE8_SAMPLES) * (channel + 1) + 7 * event) % 4096).astype(np.uint16)
@@ -145,8 +152,9 @@ def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Ite
 
 
 def record_bytes(detector: str) -> int:
+    """Bytes of one event's data beyond HEADROOM (which the small detectors fit in)."""
     if detector in FIELD_TYPES:
-        return 8 * WAVE8_SAMPLES * 2
+        return 0
     return int(np.prod(DETECTORS[detector][0])) * 2
 
 

@@ -24,11 +24,13 @@ GAIN_BITS_RUN = 3               # epix10k2M only, every pixel's gain bits set
 MIXED_RUN, MIXED_EVENTS = 4, 6  # epix10k2M, ebeam: every event
 MIXED_RATES = {"jungfrau4M": "2:1",   #  .  x  .  x  .  x
                "gasdet": "2",         #  x  .  x  .  x  .
-               "wave8": "3:1"}        #  .  x  .  .  x  .
-MIXED_DETECTORS = ("epix10k2M", "jungfrau4M", "ebeam", "gasdet", "wave8")
+               "wave8": "3:1",        #  .  x  .  .  x  .
+               "cspad": "3"}          #  x  .  .  x  .  .   (no _mask in psana's class)
+MIXED_DETECTORS = ("epix10k2M", "jungfrau4M", "ebeam", "gasdet", "wave8", "cspad")
 # what psana is asked for each event of the mixed run: (detector, interface, method)
 ORACLE_CALLS = (("epix10k2M", "raw", "raw"), ("epix10k2M", "raw", "calib"),
-                ("jungfrau4M", "raw", "raw"), ("wave8", "raw", "raw_all"),
+                ("jungfrau4M", "raw", "raw"), ("cspad", "raw", "raw"),
+                ("cspad", "raw", "calib"), ("wave8", "raw", "raw_all"),
                 ("wave8", "raw", "raw_3"), ("ebeam", "raw", "ebeamPhotonEnergy"),
                 ("ebeam", "raw", "ebeamCharge"), ("ebeam", "raw", "damageMask"),
                 ("gasdet", "raw", "f_11_ENRC"), ("gasdet", "raw", "f_21_ENRC"))

@@ -7,7 +7,9 @@ source serves must equal. Runs in the psana environment:
 SPEC.json: {"events": [...], "calls": [[detector, interface, method], ...]}
 (e.g. ["epix10k2M", "raw", "calib"], ["ebeam", "raw", "ebeamPhotonEnergy"]).
 OUT.npz holds "<detector>.<interface>.<method>/<event>" for every call psana
-answered (np.asarray of its answer); a call psana answered None is absent.
+answered (np.asarray of its answer); a call psana answered None for is
+absent, and so is one that failed in an event without the detector (psana's
+cspad class raises TypeError there instead of returning None).
 CALIB_DIR/<detector>/ holds pedestals.npy, pixel_gain.npy and optionally
 geometry.txt, handed to psana for the detectors that have them.
 """
@@ -47,7 +49,12 @@ def main(data_dir: str, calib_dir: str, exp: str, run: str, spec_path: str, out:
     for event in spec["events"]:
         evt = psana_run.event(timestamps[event])
         for det, iface, method in spec["calls"]:
-            value = getattr(getattr(dets[det], iface), method)(evt)
+            try:
+                value = getattr(getattr(dets[det], iface), method)(evt)
+            except TypeError:
+                if (det, iface) in evt._det_segments:
+                    raise
+                value = None
             if value is not None:
                 answers[f"{det}.{iface}.{method}/{event}"] = np.asarray(value)
     np.savez(out, **answers)

@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from psana2_helpers import EXP, MIXED_EVENTS, MIXED_RUN, RUN, psana_python
 from psana_ipc.client import BatchLoader, Client, RunDataset
-from psana_ipc.protocol.errors import (BAD_REQUEST, NO_DATA, NOT_AN_ARRAY, UNKNOWN_DETECTOR,
-                                       ProtocolError, ServerError)
+from psana_ipc.protocol.errors import (BAD_REQUEST, NO_DATA, NOT_AN_ARRAY, OUT_OF_RANGE,
+                                       UNKNOWN_DETECTOR, UNKNOWN_MODE, ProtocolError,
+                                       ServerError)
 
 pytestmark = pytest.mark.psana2
 
@@ -20,7 +21,8 @@ FIELDS = ("ebeam.ebeamPhotonEnergy", "ebeam.ebeamCharge", "ebeam.damageMask",
           "gasdet.f_11_ENRC", "gasdet.f_21_ENRC", "wave8.raw_all", "wave8.raw_3")
 # frames served per detector: (mode asked of the server, psana method it must equal)
 FRAMES = (("epix10k2M", "calib", "calib"), ("epix10k2M", "raw", "raw"),
-          ("jungfrau4M", "raw", "raw"), ("wave8", "raw", "raw_all"))
+          ("jungfrau4M", "raw", "raw"), ("wave8", "raw", "raw_all"),
+          ("cspad", "raw", "raw"), ("cspad", "calib", "calib"))
 
 
 @pytest.fixture
@@ -60,8 +62,9 @@ def test_run_info_lists_every_detector_with_its_kind_modes_and_events(mixed_serv
         assert {name: (d["kind"], d["modes"]) for name, d in found.items()} == {
             "epix10k2M": ("area", ["raw", "calib", "image"]),
             "jungfrau4M": ("area", ["raw", "calib", "image"]),
-            "ebeam": ("scalar", []), "gasdet": ("scalar", []), "wave8": ("waveform", ["raw"])}
-        for detector, method in (("epix10k2M", "raw"), ("jungfrau4M", "raw"),
+            "ebeam": ("scalar", []), "gasdet": ("scalar", []), "wave8": ("waveform", ["raw"]),
+            "cspad": ("area", ["raw", "calib", "image"])}
+        for detector, method in (("epix10k2M", "raw"), ("jungfrau4M", "raw"), ("cspad", "raw"),
                                  ("wave8", "raw_all"), ("ebeam", "ebeamPhotonEnergy"),
                                  ("gasdet", "f_11_ENRC")):
             held = held_by_psana(mixed_oracle, detector, method)
@@ -79,6 +82,7 @@ def test_run_info_lists_every_detector_with_its_kind_modes_and_events(mixed_serv
         assert c.info(EXP, MIXED_RUN, "wave8")["modes"] == {
             "raw": {"shape": [8, 64], "dtype": "uint16", "calibrated": True}}
         assert c.info(EXP, MIXED_RUN, "ebeam")["modes"] == {}
+        assert sorted(c.info(EXP, MIXED_RUN, "cspad")["modes"]) == ["calib", "raw"]
         assert c.info(EXP, RUN, "epix10k2M", present=True)["present"] == [[0, 12, 1]]
 
 
@@ -123,6 +127,12 @@ def test_a_detector_without_frames_gets_a_coded_error_and_disturbs_no_other(mixe
         with pytest.raises(ProtocolError) as e:     # refused before it is sent
             c.get(EXP, MIXED_RUN, "epix10k2M", 0, fields=["epix10k2M.raw._mask"])
         assert e.value.code == BAD_REQUEST
+        # psana's cspad class has no pixel mask: mask is not offered, the rest is served
+        assert error_of(c.get, EXP, MIXED_RUN, "cspad", 0, mode="mask").code == UNKNOWN_MODE
+        assert error_of(c.get, EXP, MIXED_RUN, "cspad", MIXED_EVENTS,
+                        mode="raw").code == OUT_OF_RANGE
+        assert_same(c.get(EXP, MIXED_RUN, "cspad", 3, mode="raw"),
+                    psana_answer(mixed_oracle, "cspad", "raw", 3))
         assert_same(c.get(EXP, MIXED_RUN, "wave8", 4, mode="raw"),
                     psana_answer(mixed_oracle, "wave8", "raw_all", 4))
         assert_same(c.get(EXP, MIXED_RUN, "epix10k2M", 2),

@@ -44,8 +44,8 @@ import numpy as np
 from psana_ipc.protocol.messages import FieldRef, RunKey
 
 from .base import Source, SourceFactory
-from .psana2_detectors import (AREA, as_ranges, field_value, frame_reader, holds, kind_modes,
-                               kind_of, missing, no_frames)
+from .psana2_detectors import (AREA, as_ranges, field_value, frame_reader, holds, kind_of,
+                               missing, no_frames, offered_modes)
 from .psana2_run import CALIB_FILES, OpenRun
 from .psana_common import PsanaDetectorSource
 
@@ -80,8 +80,9 @@ class Psana2Source(PsanaDetectorSource):
         return len(self._opened.timestamps)
 
     def modes(self) -> Tuple[str, ...]:
-        return tuple(m for m in kind_modes(self.kind, has_mask=True)
-                     if m != "mask" or self.mask(None) is not None)
+        iface = self._det.use()
+        offered = offered_modes(iface, has_mask=True)
+        return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
 
     def check(self, index: int, mode: str) -> None:
         if not self.modes():
@@ -193,12 +194,12 @@ class Factory(SourceFactory):
             for name, dettype, _, _ in opened.run.xtcinfo:
                 if name not in opened.run.detnames or name in found:
                     continue
-                classes = opened.interfaces(name)
-                kind = kind_of(classes.get("raw"))
+                raw = opened.interfaces(name).get("raw")
                 held = opened.events_of(name)
                 has_mask = "pixel_status" in opened.constants(name)
-                found[name] = {"type": dettype, "kind": kind, "interfaces": sorted(classes),
-                               "modes": list(kind_modes(kind, has_mask)), "events": len(held),
+                found[name] = {"type": dettype, "kind": kind_of(raw),
+                               "interfaces": sorted(opened.interfaces(name)),
+                               "modes": list(offered_modes(raw, has_mask)), "events": len(held),
                                "present": as_ranges(held)}
             return found
         finally:

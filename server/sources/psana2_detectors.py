@@ -5,8 +5,9 @@ A run holds detectors of every kind; psana picks each interface's class
 (`<dettype>_<alg>_<version>`) from what the run declares, so the class says
 what the detector can give:
 
-    area      an AreaDetector (epix10ka, jungfrau, opal, ...): raw, calib,
-              image, and mask where psana has one
+    area      an AreaDetector (epix10ka, jungfrau, opal, cspad, ...): those
+              of raw, calib and image its class has, and mask where the class
+              has `_mask` and psana has a mask for it
     waveform  a digitizer whose channels psana stacks (wave8 `raw_all`):
               raw only, as a (channels, samples) array
     scalar    everything else (EBeam, gas detectors, beam monitors, ...):
@@ -39,10 +40,14 @@ def kind_of(iface: Any) -> str:
     return SCALAR
 
 
-def kind_modes(kind: str, has_mask: bool) -> Tuple[str, ...]:
-    """The modes a kind offers; `has_mask`: psana has a pixel mask for it."""
+def offered_modes(iface: Any, has_mask: bool) -> Tuple[str, ...]:
+    """The modes a psana interface object or class offers; `has_mask`: psana
+    has a pixel mask for it (only asked of classes that have `_mask`)."""
+    kind = kind_of(iface)
     if kind == AREA:
-        return ("raw", "calib", "image") + (("mask",) if has_mask else ())
+        methods = tuple(m for m in ("raw", "calib", "image") if callable(getattr(iface, m, None)))
+        return methods + (("mask",) if has_mask and callable(getattr(iface, "_mask", None))
+                          else ())
     if kind == WAVEFORM:
         return ("raw",)
     return ()
