@@ -19,7 +19,7 @@ import numpy as np
 
 from psana_ipc.protocol.address import (Address, format_address, parse_address, ready_info,
                                         resolve_address, socket_family)
-from psana_ipc.protocol.errors import ServerError
+from psana_ipc.protocol.errors import UNKNOWN_DETECTOR, ServerError
 from psana_ipc.protocol.messages import FieldRef, encode_request, hello_request
 
 from .shm import SlotMaps
@@ -334,14 +334,17 @@ class Client:
                     skip_incomplete: bool = False) -> List[int]:
         """The events that hold `detector` and, with `skip_incomplete`, every
         field's detector too, in order: what loaders iterate over by default."""
-        needed = [detector] + ([FieldRef.parse(f).detector for f in fields or ()]
-                               if skip_incomplete else [])
-        held = None
-        for name in needed:
-            ranges = self.info(exp, run, name, present=True)["present"]
-            events = {e for r in ranges for e in range(*r)}
-            held = events if held is None else held & events
-        return sorted(held or ())
+        ranges = [self.info(exp, run, detector, present=True)["present"]]
+        others = {FieldRef.parse(f).detector for f in fields or ()} if skip_incomplete else ()
+        if others:
+            found = self.info(exp, run, present=True)["detectors"]
+            unknown = sorted(others - set(found))
+            if unknown:
+                raise ServerError(UNKNOWN_DETECTOR, f"run {run} of {exp} has no detector "
+                                                    f"{', '.join(unknown)}")
+            ranges += [found[name]["present"] for name in others]
+        held = set.intersection(*({e for r in rs for e in range(*r)} for rs in ranges))
+        return sorted(held)
 
     def stats(self) -> Dict[str, Any]:
         return self.call("stats")["stats"]

@@ -30,6 +30,10 @@ DAQ's other kinds, each in a stream of its own after the area detectors':
              of 64 samples (psana's raw_all stacks them to (8, 64))
     cspad    a cspad panel as psana 4.3.4 reads LCLS-II cspad (cspad_raw_2_3_42):
              arrayRaw, int16 (185, 388); an area detector without a pixel mask
+    epics    EPICS PVs HX2_DVD_GCC_01_PMON and XPP_VARS_FLOAT_02 (float64), in
+             SlowUpdate transitions just before events 0, 2, 4, ... rather than
+             in events; every stream of the run then gets those (empty)
+             SlowUpdates too, as the DAQ sends transitions to every stream
 
 their values are plain functions of the event index (`field_value`).
 `--rate DET=N[:FIRST]` writes DET only in events FIRST, FIRST+N, ... (default
@@ -53,7 +57,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
@@ -77,7 +81,10 @@ FIELD_TYPES = {
     "gasdet": ("gasdet", (1, 0, 0), {"f_11_ENRC": (np.float64, 0), "f_21_ENRC": (np.float64, 0)}),
     "wave8": ("wave8", (0, 0, 1), {f"raw_{c}": (np.uint16, 1) for c in range(8)}),
     "cspad": ("cspad", (2, 3, 42), {"arrayRaw": (np.int16, 2)}),
+    "epics": ("epics", (2, 0, 0), {"HX2_DVD_GCC_01_PMON": (np.float64, 0),
+                                   "XPP_VARS_FLOAT_02": (np.float64, 0)}),
 }
+EPICS_EVERY = 2
 CSPAD_PANEL = (185, 388)
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
@@ -126,7 +133,8 @@ def field_value(detector: str, field: str, event: int) -> object:
         return ((np.arange(WAVE8_SAMPLES) * (channel + 1) + 7 * event) % 4096).astype(np.uint16)
     if field == "damageMask":
         return np.uint32(event % 3)
-    offset = {"ebeamPhotonEnergy": 9500.0, "ebeamCharge": 0.25}.get(field, 1.5)
+    offset = {"ebeamPhotonEnergy": 9500.0, "ebeamCharge": 0.25,
+              "HX2_DVD_GCC_01_PMON": 41.0}.get(field, 1.5)
     return np.float64(offset + event / 7.0)
 
 
@@ -176,9 +184,11 @@ def parse_rate(text: str) -> Tuple[str, Callable[[int], bool]]:
 
 
 def write_stream(path: Path, detector: str, exp: str, run: int, events: int, node: int,
-                 gain_bits: int, present: Callable[[int], bool] = every_event) -> None:
+                 gain_bits: int, present: Callable[[int], bool] = every_event,
+                 slow_updates: Sequence[int] = ()) -> None:
     """Configure, BeginRun (with exp/run), the L1Accepts of the `events`
-    that `present` selects, EndRun."""
+    that `present` selects, each preceded by a SlowUpdate if listed in
+    `slow_updates` (holding the PVs for epics, which has no L1Accepts), EndRun."""
     bufsize = record_bytes(detector) + HEADROOM
     buf = bytearray(bufsize)
     t0 = timestamp_of(0) - (1 << 32)
@@ -199,7 +209,17 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         runinfo.runinfo.runnum = run
         begin.adddata(runinfo.runinfo)
         emit(begin)
-        for e in filter(present, range(events)):
+        for e in range(events):
+            if e in slow_updates:
+                update = DgramEdit(transition_id=TransitionId.SlowUpdate,
+                                   config_dgramedit=config, ts=timestamp_of(e) - 1,
+                                   bufsize=bufsize)
+                if detector == "epics":
+                    for data in event_data(detector, segments, e, gain_bits):
+                        update.adddata(data)
+                emit(update)
+            if detector == "epics" or not present(e):
+                continue
             event = DgramEdit(transition_id=TransitionId.L1Accept, config_dgramedit=config,
                               ts=timestamp_of(e), bufsize=bufsize)
             for data in event_data(detector, segments, e, gain_bits):
@@ -269,15 +289,16 @@ def main(argv: List[str] = None) -> int:
     if unknown:
         parser.error(f"--rate names detectors not written: {', '.join(sorted(unknown))}")
     area = [d for d in args.detectors if d in PSANA_TYPES]
+    slow_updates = range(0, args.events, EPICS_EVERY) if "epics" in args.detectors else ()
     for stream, detector in enumerate(area + [d for d in args.detectors if d not in area]):
         base = f"{args.exp}-r{args.run:04d}-s{stream:03d}-c000"
         bigdata = args.outdir / f"{base}.xtc2"
         present = rates.get(detector, every_event)
         write_stream(bigdata, detector, args.exp, args.run, args.events, stream + 1,
-                     args.gain_bits, present)
+                     args.gain_bits, present, slow_updates)
         subprocess.run([tool, "-f", str(bigdata), "-o", str(args.outdir / "smalldata" / f"{base}.smd.xtc2")],
                        check=True, stdout=subprocess.DEVNULL)
-        written = sum(map(present, range(args.events)))
+        written = 0 if detector == "epics" else sum(map(present, range(args.events)))
         print(f"{bigdata}: {detector}, {written} of {args.events} events")
         if args.calib_dir and detector in PSANA_TYPES:
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector

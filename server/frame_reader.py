@@ -61,7 +61,7 @@ class FrameReader:
         try:
             with self.state.busy(self.slot):
                 source = self.cache.get(get.key)
-                values = self._values(get, event)
+                values = {ref.name: source.field(event, ref) for ref in get.fields}
                 data, meta = source.read_into(event, get.mode, allocate)
         except ProtocolError:
             raise
@@ -74,13 +74,6 @@ class FrameReader:
         if values:
             meta = dataclasses.replace(meta, extra=dict(meta.extra, values=values))
         return data, meta
-
-    def _values(self, get: Get, event: int) -> Dict[str, Any]:
-        """The get's fields in this event, read before the frame so that an
-        event lacking one costs no frame read."""
-        return {ref.name: self.cache.get(RunKey(get.key.exp, get.key.run, ref.detector,
-                                                get.key.access_mode)).field(event, ref)
-                for ref in get.fields}
 
     def info(self, request: Info) -> Dict[str, Any]:
         """Run-level: every detector; with `present`, each one's events as

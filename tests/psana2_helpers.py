@@ -26,7 +26,9 @@ MIXED_RATES = {"jungfrau4M": "2:1",   #  .  x  .  x  .  x
                "gasdet": "2",         #  x  .  x  .  x  .
                "wave8": "3:1",        #  .  x  .  .  x  .
                "cspad": "3"}          #  x  .  .  x  .  .   (no _mask in psana's class)
-MIXED_DETECTORS = ("epix10k2M", "jungfrau4M", "ebeam", "gasdet", "wave8", "cspad")
+# and EPICS PVs, updated in SlowUpdates before events 0, 2, 4
+MIXED_DETECTORS = ("epix10k2M", "jungfrau4M", "ebeam", "gasdet", "wave8", "cspad", "epics")
+PVS = ("HX2_DVD_GCC_01_PMON", "XPP_VARS_FLOAT_02")
 # what psana is asked for each event of the mixed run: (detector, interface, method)
 ORACLE_CALLS = (("epix10k2M", "raw", "raw"), ("epix10k2M", "raw", "calib"),
                 ("jungfrau4M", "raw", "raw"), ("cspad", "raw", "raw"),
@@ -100,7 +102,8 @@ def mixed_oracle(psana2_runs, tmp_path_factory) -> Dict[str, np.ndarray]:
     folder = tmp_path_factory.mktemp("oracle")
     spec = folder / "spec.json"
     spec.write_text(json.dumps({"events": list(range(MIXED_EVENTS)),
-                                "calls": [list(call) for call in ORACLE_CALLS]}))
+                                "calls": [list(call) for call in ORACLE_CALLS],
+                                "pvs": list(PVS)}))
     out = folder / "answers.npz"
     run_psana([str(ROOT / "tests" / "psana2_values_oracle.py"), str(psana2_runs.data_dir),
                str(psana2_runs.calib_dir), EXP, str(MIXED_RUN), str(spec), str(out)])

@@ -4,12 +4,15 @@ source serves must equal. Runs in the psana environment:
 
     python psana2_values_oracle.py DATA_DIR CALIB_DIR EXP RUN SPEC.json OUT.npz
 
-SPEC.json: {"events": [...], "calls": [[detector, interface, method], ...]}
-(e.g. ["epix10k2M", "raw", "calib"], ["ebeam", "raw", "ebeamPhotonEnergy"]).
+SPEC.json: {"events": [...], "calls": [[detector, interface, method], ...],
+"pvs": [EPICS variable, ...]} (e.g. ["epix10k2M", "raw", "calib"], ["ebeam",
+"raw", "ebeamPhotonEnergy"]; "HX2_DVD_GCC_01_PMON").
 OUT.npz holds "<detector>.<interface>.<method>/<event>" for every call psana
 answered (np.asarray of its answer); a call psana answered None for is
 absent, and so is one that failed in an event without the detector (psana's
-cspad class raises TypeError there instead of returning None).
+cspad class raises TypeError there instead of returning None). PVs are read
+as "epics.<variable>/<event>" with `run.Detector(variable)(evt)` in a
+sequential pass over the run (psana's own lookup is right only there).
 CALIB_DIR/<detector>/ holds pedestals.npy, pixel_gain.npy and optionally
 geometry.txt, handed to psana for the detectors that have them.
 """
@@ -57,7 +60,21 @@ def main(data_dir: str, calib_dir: str, exp: str, run: str, spec_path: str, out:
                 value = None
             if value is not None:
                 answers[f"{det}.{iface}.{method}/{event}"] = np.asarray(value)
+    answers.update(pv_answers(data_dir, exp, int(run), spec.get("pvs", []), spec["events"]))
     np.savez(out, **answers)
+
+
+def pv_answers(data_dir: str, exp: str, run: int, pvs: list, events: list) -> dict:
+    ds = DataSource(exp=exp, run=run, dir=data_dir, skip_calib_load="all")
+    psana_run = next(ds.runs())
+    dets = {pv: psana_run.Detector(pv) for pv in pvs}
+    answers = {}
+    for event, evt in enumerate(psana_run.events()):
+        for pv, det in dets.items():
+            value = det(evt)
+            if event in events and value is not None:
+                answers[f"epics.{pv}/{event}"] = np.asarray(value)
+    return answers
 
 
 if __name__ == "__main__":

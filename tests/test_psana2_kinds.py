@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psana2_helpers import EXP, MIXED_EVENTS, MIXED_RUN, RUN, psana_python
+from psana2_helpers import EXP, MIXED_EVENTS, MIXED_RUN, PVS, RUN, psana_python
 from psana_ipc.client import BatchLoader, Client, RunDataset
 from psana_ipc.protocol.errors import (BAD_REQUEST, NO_DATA, NOT_AN_ARRAY, OUT_OF_RANGE,
                                        UNKNOWN_DETECTOR, UNKNOWN_MODE, ProtocolError,
@@ -18,7 +18,8 @@ from psana_ipc.protocol.errors import (BAD_REQUEST, NO_DATA, NOT_AN_ARRAY, OUT_O
 pytestmark = pytest.mark.psana2
 
 FIELDS = ("ebeam.ebeamPhotonEnergy", "ebeam.ebeamCharge", "ebeam.damageMask",
-          "gasdet.f_11_ENRC", "gasdet.f_21_ENRC", "wave8.raw_all", "wave8.raw_3")
+          "gasdet.f_11_ENRC", "gasdet.f_21_ENRC", "wave8.raw_all", "wave8.raw_3",
+          "epics.HX2_DVD_GCC_01_PMON", "epics.XPP_VARS_FLOAT_02")
 # frames served per detector: (mode asked of the server, psana method it must equal)
 FRAMES = (("epix10k2M", "calib", "calib"), ("epix10k2M", "raw", "raw"),
           ("jungfrau4M", "raw", "raw"), ("wave8", "raw", "raw_all"),
@@ -36,6 +37,8 @@ def psana_answer(oracle, detector: str, method: str, event: int):
 
 
 def field_answer(oracle, name: str, event: int):
+    if name.startswith("epics."):
+        return oracle.get(f"{name}/{event}")
     return psana_answer(oracle, *name.split("."), event)
 
 
@@ -63,7 +66,8 @@ def test_run_info_lists_every_detector_with_its_kind_modes_and_events(mixed_serv
             "epix10k2M": ("area", ["raw", "calib", "image"]),
             "jungfrau4M": ("area", ["raw", "calib", "image"]),
             "ebeam": ("scalar", []), "gasdet": ("scalar", []), "wave8": ("waveform", ["raw"]),
-            "cspad": ("area", ["raw", "calib", "image"])}
+            "cspad": ("area", ["raw", "calib", "image"]), "epics": ("epics", [])}
+        assert found["epics"]["variables"] == sorted(PVS)
         for detector, method in (("epix10k2M", "raw"), ("jungfrau4M", "raw"), ("cspad", "raw"),
                                  ("wave8", "raw_all"), ("ebeam", "ebeamPhotonEnergy"),
                                  ("gasdet", "f_11_ENRC")):
@@ -122,6 +126,8 @@ def test_a_detector_without_frames_gets_a_coded_error_and_disturbs_no_other(mixe
                         fields=["cspad.x"]).code == UNKNOWN_DETECTOR
         assert error_of(c.get, EXP, MIXED_RUN, "epix10k2M", 0,
                         fields=["ebeam.nosuch"]).code == UNKNOWN_DETECTOR
+        assert error_of(c.get, EXP, MIXED_RUN, "epix10k2M", 0,
+                        fields=["epics.NO_SUCH_PV"]).code == UNKNOWN_DETECTOR
         error = error_of(c.get, EXP, MIXED_RUN, "epix10k2M", 1, fields=["jungfrau4M.raw"])
         assert error.code == NOT_AN_ARRAY and "only numbers and arrays" in error.message
         with pytest.raises(ProtocolError) as e:     # refused before it is sent

@@ -95,7 +95,9 @@ class Source:
         return [[0, len(self), 1]]
 
     def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
-        """A per-event value of this detector as JSON {dtype, shape, data}."""
+        """A per-event value of another detector of this source's run, as JSON
+        {dtype, shape, data}; read before the frame, so that an event lacking
+        it costs no frame read."""
         raise SourceError(BAD_REQUEST, f"field {ref.name!r}: this source serves no fields")
 
     def close(self) -> None:

@@ -44,8 +44,9 @@ import numpy as np
 from psana_ipc.protocol.messages import FieldRef, RunKey
 
 from .base import Source, SourceFactory
-from .psana2_detectors import (AREA, as_ranges, field_value, frame_reader, holds, kind_of,
-                               missing, no_frames, offered_modes)
+from .psana2_detectors import (AREA, EPICS, as_ranges, epics_updates, epics_variables,
+                               field_value, frame_reader, holds, kind_of, missing, no_frames,
+                               offered_modes, pv_value)
 from .psana2_run import CALIB_FILES, OpenRun
 from .psana_common import PsanaDetectorSource
 
@@ -107,9 +108,14 @@ class Psana2Source(PsanaDetectorSource):
         return evt
 
     def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
+        """A value of any detector of the run (or an EPICS PV) in this event."""
         self.check_range(index)
-        self._det.use()
-        return field_value(self._det.container, ref, self._opened.event(index), index)
+        evt = self._opened.event(index)
+        if ref.detector == EPICS:
+            return pv_value(self._opened.run, ref.attribute, evt, index)
+        det = self._opened.detector(ref.detector)
+        det.use()
+        return field_value(det.container, ref, evt, index)
 
     def timestamp(self, index: int, evt: Any) -> Dict[str, int]:
         return {"time": int(evt.timestamp)}
@@ -201,6 +207,14 @@ class Factory(SourceFactory):
                                "interfaces": sorted(opened.interfaces(name)),
                                "modes": list(offered_modes(raw, has_mask)), "events": len(held),
                                "present": as_ranges(held)}
+            variables = epics_variables(opened.run)
+            if variables:
+                first = min(epics_updates(opened.run), default=None)
+                held = [i for i, ts in enumerate(opened.timestamps)
+                        if first is not None and ts >= first]
+                found[EPICS] = {"type": EPICS, "kind": EPICS, "interfaces": [], "modes": [],
+                                "variables": variables, "events": len(held),
+                                "present": as_ranges(held)}
             return found
         finally:
             self.release(opened)

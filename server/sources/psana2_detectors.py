@@ -12,6 +12,9 @@ what the detector can give:
               raw only, as a (channels, samples) array
     scalar    everything else (EBeam, gas detectors, beam monitors, ...):
               no frames; its values are read as fields (`ebeam.ebeamPhotonEnergy`)
+    epics     the run's EPICS PVs, recorded in SlowUpdate transitions rather
+              than in events: fields `epics.<variable>`, the value of the last
+              update at or before the event
 
 Which events hold a detector is known without reading them: the run's
 timestamp table lists, per event, the streams that have a record of it, and
@@ -27,7 +30,7 @@ from psana_ipc.protocol.messages import FieldRef
 
 from .base import SourceError
 
-AREA, WAVEFORM, SCALAR = "area", "waveform", "scalar"
+AREA, WAVEFORM, SCALAR, EPICS = "area", "waveform", "scalar", "epics"
 MAX_FIELD_ELEMENTS = 16384      # a field's value travels as JSON: small arrays only
 
 
@@ -112,8 +115,7 @@ def missing(detector: str, index: int) -> SourceError:
 
 
 def field_value(container: Any, field: FieldRef, evt: Any, index: int) -> Dict[str, Any]:
-    """One field's value in the event as JSON: {dtype, shape, data}; numbers
-    survive JSON exactly (floats are written with every digit)."""
+    """One field's value in the event (see `as_json`)."""
     iface = getattr(container, field.interface, None)
     call = getattr(iface, field.attribute, None) if iface is not None else None
     if not callable(call):
@@ -124,9 +126,48 @@ def field_value(container: Any, field: FieldRef, evt: Any, index: int) -> Dict[s
     value = call(evt)
     if value is None:
         raise missing(field.detector, index)
+    return as_json(field.name, value)
+
+
+def as_json(name: str, value: Any) -> Dict[str, Any]:
+    """A value as JSON, {dtype, shape, data}; numbers survive JSON exactly
+    (floats are written with every digit)."""
     array = np.asarray(value)
     if array.dtype.kind not in "biuf" or array.size > MAX_FIELD_ELEMENTS:
-        raise SourceError(NOT_AN_ARRAY, f"field {field.name!r} is {array.dtype} of shape "
+        raise SourceError(NOT_AN_ARRAY, f"field {name!r} is {array.dtype} of shape "
                                         f"{array.shape}: only numbers and arrays of at most "
                                         f"{MAX_FIELD_ELEMENTS} numbers are served as fields")
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tolist()}
+
+
+def epics_variables(run: Any) -> List[str]:
+    """The run's EPICS variable names."""
+    store = run.esm.stores[EPICS]
+    return sorted(var for segments in store.env_variables.values()
+                  for variables in segments.values() for var in variables)
+
+
+def epics_updates(run: Any) -> List[int]:
+    """Timestamps of the run's SlowUpdates that carry EPICS values."""
+    return sorted(int(ts) for manager in run.esm.stores[EPICS].env_managers
+                  if manager.env_variables for ts in manager.timestamps)
+
+
+def pv_value(run: Any, variable: str, evt: Any, index: int) -> Dict[str, Any]:
+    """The PV's value at the event: that of its last update at or before the
+    event. (Once a run's table is built, psana 4.3.4's own lookup holds every
+    update of the run and answers with the first update at or after the event,
+    i.e. a later value; read sequentially it answers this one.)"""
+    for manager in run.esm.stores[EPICS].env_managers:
+        where = manager.locate_variable(variable)
+        if where is None:
+            continue
+        alg, segment = where
+        last = int(np.searchsorted(manager.timestamps, evt.timestamp, side="right")) - 1
+        for pos in range(last, -1, -1):
+            records = getattr(manager.dgrams[pos], EPICS, None)
+            record = records.get(segment) if records else None
+            if record is not None and hasattr(record, alg):
+                return as_json(f"{EPICS}.{variable}", getattr(getattr(record, alg), variable))
+        raise missing(f"EPICS variable {variable}", index)
+    raise SourceError(UNKNOWN_DETECTOR, f"the run has no EPICS variable {variable!r}")
