@@ -372,14 +372,12 @@ class Client:
         while True:
             header, payload = self.reply(rid)
             done = header.get("done", True)
-            if header.get("skipped"):
-                pass
-            elif not header.get("ok"):
+            if not header.get("ok"):
                 error = error or ServerError.from_reply(header)
             elif error is not None:
                 if "slot" in header:
                     self.release(header["slot"])
-            else:
+            elif not header.get("skipped"):
                 yield self._frame(header, payload)
             if done:
                 break

@@ -44,9 +44,8 @@ import numpy as np
 from psana_ipc.protocol.messages import FieldRef, RunKey
 
 from .base import Source, SourceFactory
-from .psana2_detectors import (AREA, EPICS, as_ranges, epics_updates, epics_variables,
-                               field_value, frame_reader, holds, kind_of, missing, no_frames,
-                               offered_modes, pv_value)
+from .psana2_detectors import (AREA, EPICS, as_ranges, epics_info, field_value, frame_reader,
+                               holds, kind_of, missing, no_frames, offered_modes, pv_value)
 from .psana2_run import CALIB_FILES, OpenRun
 from .psana_common import PsanaDetectorSource
 
@@ -207,14 +206,9 @@ class Factory(SourceFactory):
                                "interfaces": sorted(opened.interfaces(name)),
                                "modes": list(offered_modes(raw, has_mask)), "events": len(held),
                                "present": as_ranges(held)}
-            variables = epics_variables(opened.run)
-            if variables:
-                first = min(epics_updates(opened.run), default=None)
-                held = [i for i, ts in enumerate(opened.timestamps)
-                        if first is not None and ts >= first]
-                found[EPICS] = {"type": EPICS, "kind": EPICS, "interfaces": [], "modes": [],
-                                "variables": variables, "events": len(held),
-                                "present": as_ranges(held)}
+            pvs = epics_info(opened.run, opened.timestamps)
+            if pvs:
+                found[EPICS] = pvs
             return found
         finally:
             self.release(opened)

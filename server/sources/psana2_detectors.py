@@ -21,7 +21,7 @@ timestamp table lists, per event, the streams that have a record of it, and
 a stream's Configure record lists its detectors. Detectors read out at a
 lower rate are simply absent from the other events' records.
 """
-from typing import Any, Dict, FrozenSet, List, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -140,17 +140,19 @@ def as_json(name: str, value: Any) -> Dict[str, Any]:
     return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tolist()}
 
 
-def epics_variables(run: Any) -> List[str]:
-    """The run's EPICS variable names."""
+def epics_info(run: Any, timestamps: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """Run-level info on the run's EPICS PVs (None without any): their names,
+    and the events from the first update on, which have values."""
     store = run.esm.stores[EPICS]
-    return sorted(var for segments in store.env_variables.values()
-                  for variables in segments.values() for var in variables)
-
-
-def epics_updates(run: Any) -> List[int]:
-    """Timestamps of the run's SlowUpdates that carry EPICS values."""
-    return sorted(int(ts) for manager in run.esm.stores[EPICS].env_managers
-                  if manager.env_variables for ts in manager.timestamps)
+    variables = sorted(var for segments in store.env_variables.values()
+                       for names in segments.values() for var in names)
+    if not variables:
+        return None
+    first = min((int(ts) for manager in store.env_managers if manager.env_variables
+                 for ts in manager.timestamps), default=None)
+    held = [i for i, ts in enumerate(timestamps) if first is not None and ts >= first]
+    return {"type": EPICS, "kind": EPICS, "interfaces": [], "modes": [], "variables": variables,
+            "events": len(held), "present": as_ranges(held)}
 
 
 def pv_value(run: Any, variable: str, evt: Any, index: int) -> Dict[str, Any]:
