@@ -113,6 +113,11 @@ def test_frames_and_fields_equal_psanas_answers_or_no_data(mixed_server, mixed_o
                 assert set(values) == {name, "ebeam.ebeamPhotonEnergy"}
                 assert_same(values[name], reference)
                 assert_same(frame, psana_answer(mixed_oracle, "epix10k2M", "raw", event))
+    with Client(mixed_server.address, transport="inline") as c:     # values ride inline too
+        frame, values = c.get(EXP, MIXED_RUN, "wave8", 4, mode="raw", fields=list(FIELDS))
+        assert_same(frame, psana_answer(mixed_oracle, "wave8", "raw_all", 4))
+        for name in FIELDS:
+            assert_same(values[name], field_answer(mixed_oracle, name, 4))
 
 
 def test_a_detector_without_frames_gets_a_coded_error_and_disturbs_no_other(mixed_server,
