@@ -10,13 +10,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from psana_ipc.protocol.address import Address, socket_family
+from psana_ipc.protocol.address import Address
 from psana_ipc.protocol.errors import BAD_JSON, ProtocolError, ServerError
 from psana_ipc.protocol.legacy import ACK, DONE
 
 from .connection import Client
 from .shm import attach
-from .wire import ConnectionClosed
+from .wire import ConnectionClosed, socket_family
 
 MAX_REPLY = 1 << 20
 DETECT_TIMEOUT = 1.0
