@@ -7,6 +7,7 @@ documented error."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from torch.utils.data import DataLoader
 
 from psana2_helpers import EXP, MIXED_EVENTS, MIXED_RUN, PVS, RUN, psana_python
@@ -14,6 +15,7 @@ from psana_ipc.client import BatchLoader, Client, RunDataset
 from psana_ipc.protocol.errors import (BAD_REQUEST, NO_DATA, NOT_AN_ARRAY, OUT_OF_RANGE,
                                        UNKNOWN_DETECTOR, UNKNOWN_MODE, ProtocolError,
                                        ServerError)
+from psana_ipc.server.sources.psana2_detectors import as_ranges
 
 pytestmark = pytest.mark.psana2
 
@@ -198,3 +200,13 @@ def test_loaders_default_to_the_events_holding_the_detector(mixed_server, mixed_
         assert_same(values[gas][row].numpy(), field_answer(mixed_oracle, gas, event))
     dataset.close()
     assert len(RunDataset(address, EXP, MIXED_RUN, "wave8", mode="raw")) == 2
+
+
+@given(st.sets(st.integers(0, 300), max_size=60))
+def test_present_ranges_expand_to_exactly_the_events(events):
+    indices = sorted(events)
+    ranges = as_ranges(indices)
+    assert [e for r in ranges for e in range(*r)] == indices
+    assert len(ranges) <= len(indices)
+    every_third = list(range(2, 300, 3))
+    assert as_ranges(every_third) == [[2, 302, 3]]
