@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 from torch.utils.data import DataLoader
 
 from psana2_helpers import EXP, MIXED_EVENTS, MIXED_RUN, PVS, RUN, psana_python
-from psana_ipc.client import BatchLoader, Client, RunDataset
+from psana_ipc.client import BatchLoader, Client, RunDataset, batch_handoff
 from psana_ipc.protocol.errors import (BAD_REQUEST, NO_DATA, NOT_AN_ARRAY, OUT_OF_RANGE,
                                        UNKNOWN_DETECTOR, UNKNOWN_MODE, ProtocolError,
                                        ServerError)
@@ -200,6 +200,33 @@ def test_loaders_default_to_the_events_holding_the_detector(mixed_server, mixed_
         assert_same(values[gas][row].numpy(), field_answer(mixed_oracle, gas, event))
     dataset.close()
     assert len(RunDataset(address, EXP, MIXED_RUN, "wave8", mode="raw")) == 2
+
+
+def test_an_event_without_the_detector_is_refused_before_memory_is_reserved(start_server,
+                                                                            psana2_runs):
+    server = start_server(psana2_runs.server_args(psana2_runs.calib_dir) + ["--shm-budget", "1M"],
+                          python=psana_python())
+    with Client(server.address) as c:
+        # a jungfrau4M frame (8 MiB) exceeds the budget: refused as absent, not as too large
+        assert error_of(c.get, EXP, MIXED_RUN, "jungfrau4M", 0, mode="raw").code == NO_DATA
+        frames, values = c.get_many(EXP, MIXED_RUN, "cspad", range(4), mode="raw",
+                                    fields=["ebeam.ebeamCharge"], skip_incomplete=True)
+        assert len(frames) == len(values["ebeam.ebeamCharge"]) == 2    # events 0 and 3
+        assert c.stats()["inflight_slots"] == 0
+
+
+def test_dataloader_workers_hand_fields_beside_a_ring_batch(mixed_server, mixed_oracle):
+    gas = "gasdet.f_11_ENRC"
+    dataset = RunDataset(mixed_server.address, EXP, MIXED_RUN, "epix10k2M", mode="raw",
+                         fields=[gas], skip_incomplete=True)
+    events = held_by_psana(mixed_oracle, "gasdet", "f_11_ENRC")
+    (frames, values), = list(DataLoader(dataset, batch_size=len(events), num_workers=1))
+    assert any(np.shares_memory(np.frombuffer(kept.memory, np.uint8), frames.numpy())
+               for kept in batch_handoff._kept.values())     # the ring batch, not a stack
+    for row, event in enumerate(events):
+        assert_same(frames[row].numpy(), psana_answer(mixed_oracle, "epix10k2M", "raw", event))
+        assert_same(values[gas][row].numpy(), field_answer(mixed_oracle, gas, event))
+    dataset.close()
 
 
 @given(st.sets(st.integers(0, 300), max_size=60))

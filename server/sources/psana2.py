@@ -40,6 +40,7 @@ detectors of one run use one DataSource, and each detector is made once. A run
 is closed when its last source is closed.
 """
 import argparse
+import bisect
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -90,9 +91,14 @@ class Psana2Source(PsanaDetectorSource):
         return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
 
     def check(self, index: int, mode: str) -> None:
+        """Also no_data for an event without the detector: told before the
+        server reserves memory for the frame."""
         if not self.modes():
             raise no_frames(self.detector, self._det.use())
         super().check(index, mode)
+        at = bisect.bisect_left(self._held, index)
+        if at == len(self._held) or self._held[at] != index:
+            raise missing(self.detector, index)
 
     def sample_event(self) -> int:
         return self._held[0] if self._held else 0
