@@ -25,7 +25,7 @@ previous chunk ends with a Disable. The stream keeps one small-data file,
 -c000.smd.xtc2, whose offsets point into the chunk file the last Enable
 named: that is how psana finds the chunks (psana lists only -c000 files).
 
-`--corrupt-event E` then damages event E's record in its big-data file: its
+`--corrupt-event E` then damages event E's record in each stream holding it: its
 header claims 1 MiB more than the record holds (the small data still gives
 the true size), so psana aborts parsing it ("corrupt xtc").
 
@@ -414,10 +414,11 @@ def main(argv: List[str] = None) -> int:
                              present, slow_updates)
         write_smalldata(files, args.outdir / "smalldata" / f"{base}.smd.xtc2", tool)
         written = 0 if detector == "epics" else sum(map(present, range(args.events)))
-        for path in files:
-            print(f"{path}: {detector}, {written} of {args.events} events")
-        if args.corrupt_event is not None:
-            print(f"{corrupt_event(files, args.corrupt_event)}: event {args.corrupt_event} corrupt")
+        chunks = f" (+{len(files) - 1} chunk files)" if len(files) > 1 else ""
+        print(f"{files[0]}{chunks}: {detector}, {written} of {args.events} events")
+        if args.corrupt_event is not None and detector != "epics" and present(args.corrupt_event):
+            nth = sum(map(present, range(args.corrupt_event)))   # the stream's nth L1Accept
+            print(f"{corrupt_event(files, nth)}: event {args.corrupt_event} corrupt")
         if args.calib_dir and detector in PSANA_TYPES:
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector
             for ctype, path in write_constants(folder, detector, args.pedestal, args.gain,
