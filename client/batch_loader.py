@@ -17,13 +17,19 @@ as DistributedSampler does; without torch, by numpy) is padded by wrapping
 around to a multiple of the world size, then rank r takes every world-th
 event from r, so every rank yields the same number of batches and the same
 events DistributedSampler would give it.
+
+Mixed rates: by default the loader iterates over the events that hold the
+detector. `fields` (other detectors' per-event values, e.g.
+"ebeam.ebeamPhotonEnergy") makes each batch `(frames, {name: values})`, the
+values batched as tensors (arrays); `skip_incomplete` also leaves out the
+events lacking a field's detector, as LCLStreamer's skip_incomplete_events.
 """
 import math
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .connection import Client, Frame
+from .connection import Client, Frame, stack_values
 from .optional import require
 from .distributed import rank_and_world, shard
 from .group import ConnectionGroup
@@ -93,6 +99,11 @@ class BatchLoader:
         access_mode: the btx access mode of the run ("idx").
         progress: show a tqdm progress bar per epoch (needs tqdm, in
             psana-ipc[torch]).
+        read_ahead: batches after the ones in flight whose events the server is
+            told of, so a server with a frame cache reads them while idle.
+        fields: other detectors' per-event values beside each frame, e.g.
+            "ebeam.ebeamPhotonEnergy"; batches are then `(frames, {name: values})`.
+        skip_incomplete: leave out the events lacking a field's detector.
 
     Raises:
         ValueError: a bad option, or a mode the detector does not have.
@@ -107,13 +118,16 @@ class BatchLoader:
                  drop_last: bool = False, connections: int = 0, depth: int = 2,
                  buffers: int = 2, output: str = "torch", pin_memory: Optional[bool] = None,
                  transport: str = "auto", access_mode: str = "idx",
-                 progress: bool = False, read_ahead: int = 8) -> None:
+                 progress: bool = False, read_ahead: int = 8,
+                 fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
             raise ValueError("batch_size and depth must be >= 1, buffers and read_ahead >= 0")
         self.exp, self.run, self.detector, self.mode = exp, int(run), detector, mode
         self.access_mode = access_mode
+        self.fields = list(fields or [])
+        self.skip_incomplete = skip_incomplete
         self.batch_size = batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.depth = depth
@@ -132,7 +146,10 @@ class BatchLoader:
             raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
-        self.events = list(range(info["events"])) if events is None else [int(e) for e in events]
+        if events is None:
+            events = self.group.clients[0].events_with(exp, run, detector, fields,
+                                                       skip_incomplete)
+        self.events = [int(e) for e in events]
         self.pin_memory = pin_memory
         self._ring = [self._new_buffer() for _ in range(buffers)]
 
@@ -181,7 +198,8 @@ class BatchLoader:
                 while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
                     in_flight.append(self.group.submit(self.exp, self.run, self.detector,
                                                        batches[k + len(in_flight)], self.mode,
-                                                       self.access_mode))
+                                                       self.access_mode, self.fields,
+                                                       self.skip_incomplete))
                 hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield k, events, in_flight.pop(0)
             completed = True
@@ -203,21 +221,39 @@ class BatchLoader:
         return end
 
     def __iter__(self) -> Iterator[Any]:
-        """Batches copied into the reused buffers (see the buffer lifetime rule)."""
+        """Batches copied into the reused buffers (see the buffer lifetime rule);
+        with `fields`, `(batch, {name: values})`. A batch the server skipped
+        events of (`skip_incomplete`) is shorter, and a fresh copy."""
         bar = self._progress_bar()
         try:
             for k, events, requests in self._batches():
                 out = self._buffer(k, len(events))
                 target = out.numpy() if self.output == "torch" else out
+                values = {}
                 for pos, frame in self.group.stream(requests):
                     with frame:
                         np.copyto(target[pos], frame.array, casting="no")
+                        values[pos] = frame.values
                 if bar is not None:
                     bar.update(len(events))
-                yield out
+                if not values:
+                    continue
+                if len(values) < len(events):
+                    out = out[sorted(values)]
+                if self.fields:
+                    yield out, self._batched([values[pos] for pos in sorted(values)])
+                else:
+                    yield out
         finally:
             if bar is not None:
                 bar.close()
+
+    def _batched(self, per_event: List[Any]) -> Any:
+        stacked = stack_values(per_event)
+        if self.output == "torch":
+            import torch
+            return {name: torch.from_numpy(v) for name, v in stacked.items()}
+        return stacked
 
     def _progress_bar(self) -> Any:
         if not self.progress:
@@ -228,12 +264,14 @@ class BatchLoader:
 
     def views(self) -> Iterator[List[Frame]]:
         """Zero-copy: each batch as a list of `Frame`s whose read-only `.array` is
-        the server's slot itself, in order. They are valid until the next batch
-        is drawn, when the loader releases them; copy what you keep."""
+        the server's slot itself, in order (`.values` holds the fields). They
+        are valid until the next batch is drawn, when the loader releases them;
+        copy what you keep."""
         for _, events, requests in self._batches():
-            frames: List[Optional[Frame]] = [None] * len(events)
+            slots: List[Optional[Frame]] = [None] * len(events)
             for pos, frame in self.group.stream(requests):
-                frames[pos] = frame
+                slots[pos] = frame
+            frames = [frame for frame in slots if frame is not None]
             try:
                 yield frames
             finally:

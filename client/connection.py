@@ -21,8 +21,8 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tu
 import numpy as np
 
 from psana_ipc.protocol.address import Address, format_address
-from psana_ipc.protocol.errors import ServerError
-from psana_ipc.protocol.messages import encode_request, hello_request
+from psana_ipc.protocol.errors import UNKNOWN_DETECTOR, ServerError
+from psana_ipc.protocol.messages import FieldRef, encode_request, hello_request
 
 from .discovery import find_token, resolve_address
 from .shm import EntryMaps, SlotMaps
@@ -30,6 +30,26 @@ from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
 RELEASE_BATCH = 16
 Reply = Tuple[Dict[str, Any], Optional[bytearray]]
+Fields = Optional[Sequence[str]]
+
+
+def field_names(fields: Fields) -> Optional[List[str]]:
+    """Fields as the wire names them, checked before anything is sent."""
+    return None if not fields else [FieldRef.parse(f).name for f in fields]
+
+
+def decode_values(desc: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """A descriptor's field values as arrays (0-d for scalars), exactly the
+    numbers psana returned."""
+    return {name: np.array(v["data"], dtype=np.dtype(v["dtype"])).reshape(v["shape"])
+            for name, v in desc.get("values", {}).items()}
+
+
+def stack_values(per_event: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Per-event field values batched: one array per name, events first."""
+    if not per_event:
+        return {}
+    return {name: np.stack([values[name] for values in per_event]) for name in per_event[0]}
 
 
 class Frame:
@@ -49,6 +69,11 @@ class Frame:
     def event(self) -> int:
         """The event index this frame is of."""
         return self.desc["event"]
+
+    @property
+    def values(self) -> Dict[str, np.ndarray]:
+        """The values of the fields the get named (see `Client.get`)."""
+        return decode_values(self.desc)
 
     def release(self) -> None:
         """Give the slot back; a no-op once the connection it came from is gone
@@ -314,11 +339,30 @@ class Client:
         """True if the server answers (else ConnectionError)."""
         return bool(self.call("ping").get("pong"))
 
-    def info(self, exp: str, run: int, detector: Optional[str] = None) -> Dict[str, Any]:
-        """Without `detector`: {"detectors": {name: {"events": N, ...}}} of the run.
-        With it: {"events": N, "modes": {mode: {"shape", "dtype", "calibrated"}}}."""
-        reply = self.call("info", exp=exp, run=int(run), detector=detector)
+    def info(self, exp: str, run: int, detector: Optional[str] = None,
+             present: bool = False) -> Dict[str, Any]:
+        """Run-level (no detector): every detector with its kind, modes and how
+        many events hold it; for one detector its events and shapes per mode.
+        `present`: also which events hold it, as [start, stop, step] ranges."""
+        reply = self.call("info", exp=exp, run=int(run), detector=detector,
+                          present=present or None)
         return {k: v for k, v in reply.items() if k not in ("ok", "id")}
+
+    def events_with(self, exp: str, run: int, detector: str, fields: Fields = None,
+                    skip_incomplete: bool = False) -> List[int]:
+        """The events that hold `detector` and, with `skip_incomplete`, every
+        field's detector too, in order: what loaders iterate over by default."""
+        ranges = [self.info(exp, run, detector, present=True)["present"]]
+        others = {FieldRef.parse(f).detector for f in fields or ()} if skip_incomplete else ()
+        if others:
+            found = self.info(exp, run, present=True)["detectors"]
+            unknown = sorted(others - set(found))
+            if unknown:
+                raise ServerError(UNKNOWN_DETECTOR, f"run {run} of {exp} has no detector "
+                                                    f"{', '.join(unknown)}")
+            ranges += [found[name]["present"] for name in others]
+        held = set.intersection(*({e for r in rs for e in range(*r)} for rs in ranges))
+        return sorted(held)
 
     def stats(self) -> Dict[str, Any]:
         """The server's counters: workers, connections, requests, events, bytes,
@@ -331,14 +375,18 @@ class Client:
         self.close()
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],
-               mode: str = "calib", access_mode: str = "idx", op: str = "get") -> int:
-        """Ask for several events without waiting; read them with `frames(rid)`."""
+               mode: str = "calib", access_mode: str = "idx", fields: Fields = None,
+               skip_incomplete: bool = False, op: str = "get") -> int:
+        """Ask for several events without waiting; read them with `frames(rid)`.
+        `fields` and `skip_incomplete`: see `get`; `op` "prefetch" only hints."""
         return self.send(op, exp=exp, run=int(run), detector=detector, mode=mode,
-                         events=[int(e) for e in events], access_mode=access_mode)
+                         events=[int(e) for e in events], access_mode=access_mode,
+                         fields=field_names(fields), skip_incomplete=skip_incomplete or None)
 
     def frames(self, rid: int) -> Iterator[Frame]:
         """The frames of a submitted get, in request order (zero-copy: see the
-        lifetime rule). An error reply raises ServerError after the request's
+        lifetime rule); events the server skipped (`skip_incomplete`) yield
+        nothing. An error reply raises ServerError after the request's
         remaining replies are drained and their slots released."""
         error = None
         while True:
@@ -349,7 +397,7 @@ class Client:
             elif error is not None:
                 if "slot" in header:
                     self.release(header["slot"])
-            else:
+            elif not header.get("skipped"):
                 yield self._frame(header, payload)
             if done:
                 break
@@ -377,33 +425,51 @@ class Client:
                                         op="prefetch"))
 
     def view(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
-             access_mode: str = "idx") -> Frame:
+             access_mode: str = "idx", fields: Fields = None) -> Frame:
         """One frame, zero-copy: use it in a `with` block or call `release()`."""
-        return next(self.frames(self.submit(exp, run, detector, [event], mode, access_mode)))
+        return next(self.frames(self.submit(exp, run, detector, [event], mode, access_mode,
+                                            fields)))
 
     def get_frame(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
-                  access_mode: str = "idx") -> Tuple[np.ndarray, Dict[str, Any]]:
-        """One frame as a private array, with its descriptor (timestamp, calibrated)."""
-        with self.view(exp, run, detector, event, mode, access_mode) as frame:
+                  access_mode: str = "idx", fields: Fields = None
+                  ) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """One frame as a private array, with its descriptor (timestamp,
+        calibrated, and `values` when fields were named)."""
+        with self.view(exp, run, detector, event, mode, access_mode, fields) as frame:
             copy = np.array(frame.array), frame.desc
         self.flush_releases()    # an idle client should not sit on a slot
         return copy
 
     def get(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
-            access_mode: str = "idx") -> np.ndarray:
-        """One frame as a private array."""
-        return self.get_frame(exp, run, detector, event, mode, access_mode)[0]
+            access_mode: str = "idx", fields: Fields = None) -> Any:
+        """One frame as a private array. With `fields` (names of other
+        detectors' per-event values, e.g. "ebeam.ebeamPhotonEnergy",
+        "gasdet.f_11_ENRC", "wave8.raw_all"), `(frame, {name: value})`, each
+        value a numpy array (0-d for a scalar)."""
+        frame, desc = self.get_frame(exp, run, detector, event, mode, access_mode, fields)
+        return (frame, decode_values(desc)) if fields else frame
 
     def get_many(self, exp: str, run: int, detector: str, events: Sequence[int],
                  mode: str = "calib", out: Optional[np.ndarray] = None,
-                 access_mode: str = "idx") -> np.ndarray:
+                 access_mode: str = "idx", fields: Fields = None,
+                 skip_incomplete: bool = False) -> Any:
         """Frames of several events stacked into one array (or into `out`), each
-        copied once straight from its slot; requests are pipelined."""
-        rid = self.submit(exp, run, detector, events, mode, access_mode)
-        for k, frame in enumerate(self.frames(rid)):
+        copied once straight from its slot; requests are pipelined. With
+        `fields`, `(frames, {name: values stacked})`. With `skip_incomplete`,
+        events lacking the detector or a field's detector are left out (as
+        LCLStreamer's skip_incomplete_events) instead of raising `no_data`: the
+        result then has fewer rows, `out` is filled from the start."""
+        rid = self.submit(exp, run, detector, events, mode, access_mode, fields,
+                          skip_incomplete)
+        values = []
+        k = 0
+        for k, frame in enumerate(self.frames(rid), 1):
             with frame:
                 if out is None:
                     out = np.empty((len(events),) + frame.array.shape, frame.array.dtype)
-                np.copyto(out[k], frame.array)
+                np.copyto(out[k - 1], frame.array)
+                values.append(frame.values)
         self.flush_releases()
-        return out
+        if out is not None and k < len(events):
+            out = out[:k]
+        return (out, stack_values(values)) if fields else out

@@ -20,7 +20,7 @@ never needed for correctness; `buffers=0` gives every batch fresh memory.
 """
 import logging
 from itertools import groupby
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -64,6 +64,7 @@ class IPCRemotePsanaDataset(Dataset):
     `dataset[i]` is a private copy. `close()` drops the connections (also
     done when the dataset is garbage collected).
     """
+    fields: Optional[List[str]] = None     # other detectors' values beside each frame
 
     def __init__(self, server_address: Any, requests_list: Sequence[Request],
                  mode: str = "calib", protocol: str = "auto", transport: str = "auto",
@@ -103,7 +104,7 @@ class IPCRemotePsanaDataset(Dataset):
             return legacy.fetch(self._group.address, exp, run, access_mode, detector_name,
                                 event, self.mode, self.timeout)
         return self._group.clients[0].get(exp, run, detector_name, event, self.mode,
-                                          access_mode)
+                                          access_mode, self.fields)
 
     def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
         """A DataLoader batch: rows of one ring batch (see the module docstring)."""
@@ -120,10 +121,11 @@ class IPCRemotePsanaDataset(Dataset):
         torch does for any dataset."""
         batch: Optional[RingBatch] = None
         odd = {}
+        values: Dict[int, Dict[str, np.ndarray]] = {}
         base = 0
         for (exp, run, access, det), group in groupby(requests, key=lambda r: tuple(r[:4])):
             events = [r[4] for r in group]
-            split = self._group.submit(exp, run, det, events, self.mode, access)
+            split = self._group.submit(exp, run, det, events, self.mode, access, self.fields)
             for pos, frame in self._group.stream(split):
                 with frame:
                     if batch is None:
@@ -133,11 +135,17 @@ class IPCRemotePsanaDataset(Dataset):
                         np.copyto(batch.array[base + pos], frame.array, casting="no")
                     else:
                         odd[base + pos] = np.array(frame.array)
+                    if self.fields:
+                        values[base + pos] = frame.values
             base += len(events)
         self._group.flush_releases()
         if odd:
-            return [odd.get(k, np.array(batch.array[k])) for k in range(len(requests))]
-        return batch.rows()
+            items = [odd.get(k, np.array(batch.array[k])) for k in range(len(requests))]
+        else:
+            items = batch.rows()
+        if self.fields:
+            return [(item, values[k]) for k, item in enumerate(items)]
+        return items
 
     def close(self) -> None:
         """Drop this process's connections (they reconnect on the next fetch)."""
@@ -146,15 +154,20 @@ class IPCRemotePsanaDataset(Dataset):
 
 class RunDataset(IPCRemotePsanaDataset):
     """One detector of one run as a map-style dataset: item i is the frame of
-    event `events[i]` (all of the run's events by default).
+    event `events[i]` (by default every event that holds the detector). With
+    `fields` an item is `(frame, {name: value})`, which DataLoader batches
+    into `(frames, {name: values})`, the frames still one ring batch.
 
     Args:
         server_address: as for IPCRemotePsanaDataset.
         exp, run, detector: the run and detector (`psana-ipc info EXP RUN`).
         mode: "raw", "calib", "image" or "mask"; checked against the detector
             at construction (one `info` call).
-        events: event indices (default: every event of the run).
-        transport, timeout: as for IPCRemotePsanaDataset.
+        events: event indices (default: every event that holds the detector).
+        transport, timeout, buffers: as for IPCRemotePsanaDataset.
+        fields: other detectors' per-event values, e.g. "ebeam.ebeamPhotonEnergy".
+        skip_incomplete: the default events are those holding every field's
+            detector too (as LCLStreamer's skip_incomplete_events).
 
     Raises:
         ValueError: a mode the detector does not have.
@@ -164,15 +177,17 @@ class RunDataset(IPCRemotePsanaDataset):
     def __init__(self, server_address: Any, exp: str, run: int, detector: str,
                  mode: str = "calib", events: Optional[Sequence[int]] = None,
                  transport: str = "auto", timeout: Optional[float] = 300.0,
-                 buffers: int = 2) -> None:
+                 buffers: int = 2, fields: Optional[Sequence[str]] = None,
+                 skip_incomplete: bool = False) -> None:
         with Client(server_address, transport=transport, timeout=timeout) as client:
             info = client.info(exp, run, detector)
-        if mode not in info["modes"]:
-            raise ValueError(f"{detector} has no {mode!r} mode; it has "
-                             f"{', '.join(sorted(info['modes']))}")
-        if events is None:
-            events = range(info["events"])
+            if mode not in info["modes"]:
+                raise ValueError(f"{detector} has no {mode!r} mode; it has "
+                                 f"{', '.join(sorted(info['modes']))}")
+            if events is None:
+                events = client.events_with(exp, run, detector, fields, skip_incomplete)
         super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
                          mode=mode, protocol="v1", transport=transport, timeout=timeout,
                          buffers=buffers)
         self.exp, self.run, self.detector = exp, run, detector
+        self.fields = list(fields) if fields else None

@@ -68,13 +68,15 @@ class ConnectionGroup:
         return sum(c.server_window() for c in self.clients)
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int], mode: str,
-               access_mode: str = "idx") -> List[Tuple[Client, int, int]]:
+               access_mode: str = "idx", fields: Optional[Sequence[str]] = None,
+               skip_incomplete: bool = False) -> List[Tuple[Client, int, int]]:
         """Split the events over the connections; (connection, request id, first
         position) for each connection that got any."""
         requests, start = [], 0
         for client, chunk in zip(self.clients, self._split(events)):
             if len(chunk):
-                rid = client.submit(exp, run, detector, chunk.tolist(), mode, access_mode)
+                rid = client.submit(exp, run, detector, chunk.tolist(), mode, access_mode,
+                                    fields, skip_incomplete)
                 requests.append((client, rid, start))
             start += len(chunk)
         return requests
@@ -93,16 +95,16 @@ class ConnectionGroup:
                             access_mode)
 
     def stream(self, requests: List[Tuple[Client, int, int]]) -> Iterator[Tuple[int, Frame]]:
-        """(position, frame) for every event of a submitted split, round-robin."""
-        cursors = [[client.frames(rid), start] for client, rid, start in requests]
+        """(position, frame) for every event of a submitted split, round-robin;
+        an event the server skipped leaves its position out."""
+        cursors = [(client.frames(rid), start) for client, rid, start in requests]
         while cursors:
             for cursor in list(cursors):
                 frame = next(cursor[0], None)
                 if frame is None:
                     cursors.remove(cursor)
                     continue
-                yield cursor[1], frame
-                cursor[1] += 1
+                yield cursor[1] + frame.desc["seq"], frame
 
     def flush_releases(self) -> None:
         for client in self._clients:

@@ -17,6 +17,7 @@ MODES = ("raw", "calib", "image", "mask")
 TRANSPORTS = ("shm", "inline")
 MAX_EVENTS_PER_GET = 4096
 MAX_NAME = 256
+MAX_FIELDS = 64
 
 
 def _field(header: Dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -83,16 +84,64 @@ class Info:
     exp: str
     run: int
     detector: Optional[str] = None
+    present: bool = False    # also list which events hold each detector (as ranges)
+
+
+@dataclass(frozen=True)
+class FieldRef:
+    """One per-event value of another detector of the run, named on the wire
+    `detector.attribute` (psana's `det.raw.attribute(evt)`) or
+    `detector.interface.attribute`: EBeam's `ebeam.ebeamPhotonEnergy`, a
+    gas detector's `gasdet.f_11_ENRC`, a wave8's `wave8.raw_all`."""
+    detector: str
+    attribute: str
+    interface: str = "raw"
+
+    def __post_init__(self) -> None:
+        for part in (self.detector, self.interface, self.attribute):
+            if not isinstance(part, str) or not part or "." in part or len(part) > MAX_NAME:
+                raise ProtocolError(BAD_REQUEST, f"field {self.name!r} must be "
+                                                 f"'detector.attribute' or "
+                                                 f"'detector.interface.attribute'")
+        if self.interface.startswith("_") or self.attribute.startswith("_"):
+            raise ProtocolError(BAD_REQUEST, f"field {self.name!r}: private attributes "
+                                             f"cannot be read")
+
+    @property
+    def name(self) -> str:
+        """The name a request gives and a reply's `values` uses."""
+        if self.interface == "raw":
+            return f"{self.detector}.{self.attribute}"
+        return f"{self.detector}.{self.interface}.{self.attribute}"
+
+    @classmethod
+    def parse(cls, text: Any) -> "FieldRef":
+        if not isinstance(text, str):
+            raise ProtocolError(BAD_REQUEST, "fields must be a list of strings")
+        parts = text.split(".")
+        if len(parts) == 2:
+            return cls(parts[0], parts[1])
+        if len(parts) == 3:
+            return cls(parts[0], parts[2], parts[1])
+        return cls(text, "")   # refused with the message above
 
 
 @dataclass(frozen=True)
 class Get:
+    """Events of one detector in one mode; with `fields`, each event's reply
+    also carries those values of other detectors (`values`). With
+    `skip_incomplete`, an event lacking the detector or a field's detector is
+    answered `skipped` rather than with the error `no_data`."""
     key: RunKey
     mode: str
     events: Tuple[int, ...]
+    fields: Tuple[FieldRef, ...] = ()
+    skip_incomplete: bool = False
 
     def __post_init__(self) -> None:
         check_events(self.mode, self.events, "get")
+        if len(self.fields) > MAX_FIELDS:
+            raise ProtocolError(BAD_REQUEST, f"at most {MAX_FIELDS} fields per get")
 
 
 @dataclass(frozen=True)
@@ -158,13 +207,20 @@ def _events_of(h: Dict[str, Any]) -> Tuple[RunKey, str, Tuple[int, ...]]:
     return key, _field(h, "mode", str, "calib"), events
 
 
+def _get(h: Dict[str, Any]) -> Get:
+    key, mode, events = _events_of(h)
+    fields = tuple(FieldRef.parse(f) for f in _field(h, "fields", list, []))
+    return Get(key, mode, events, fields,
+               _field(h, "skip_incomplete", bool, False))
+
+
 _PARSERS = {
     "hello": lambda h: Hello(_field(h, "version", int), _field(h, "token", str, None),
                              _field(h, "host", str, ""), _field(h, "transport", str, "shm"),
                              _field(h, "window", int, 0)),
     "info": lambda h: Info(_field(h, "exp", str), _field(h, "run", int),
-                           _field(h, "detector", str, None)),
-    "get": lambda h: Get(*_events_of(h)),
+                           _field(h, "detector", str, None), _field(h, "present", bool, False)),
+    "get": _get,
     "prefetch": lambda h: Prefetch(*_events_of(h)),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),

@@ -25,12 +25,32 @@ previous chunk ends with a Disable. The stream keeps one small-data file,
 -c000.smd.xtc2, whose offsets point into the chunk file the last Enable
 named: that is how psana finds the chunks (psana lists only -c000 files).
 
-`--corrupt-event E` then damages event E's record in its big-data file: its
+`--corrupt-event E` then damages event E's record in each stream holding it: its
 header claims 1 MiB more than the record holds (the small data still gives
 the true size), so psana aborts parsing it ("corrupt xtc").
 
 `--gain-bits` sets the two gain bits (raw | 0xc000) of every pixel, to check
 that uncalibrated epix10k data is served with them masked.
+
+Beside the area detectors, `--detectors` accepts detectors shaped like the
+DAQ's other kinds, each in a stream of its own after the area detectors':
+
+    ebeam    EBeam BLD (ebeam_raw_2_0_0): ebeamPhotonEnergy, ebeamCharge (float64),
+             damageMask (uint32), per event
+    gasdet   gas detector BLD (gasdet_raw_1_0_0): f_11_ENRC, f_21_ENRC (float64)
+    wave8    wave8 digitizer (wave8_raw_0_0_1): raw_0 .. raw_7, uint16 waveforms
+             of 64 samples (psana's raw_all stacks them to (8, 64))
+    cspad    a cspad panel as psana 4.3.4 reads LCLS-II cspad (cspad_raw_2_3_42):
+             arrayRaw, int16 (185, 388); an area detector without a pixel mask
+    epics    EPICS PVs HX2_DVD_GCC_01_PMON and XPP_VARS_FLOAT_02 (float64), in
+             SlowUpdate transitions just before events 0, 2, 4, ... rather than
+             in events; every stream of the run then gets those (empty)
+             SlowUpdates too, as the DAQ sends transitions to every stream
+
+their values are plain functions of the event index (`field_value`).
+`--rate DET=N[:FIRST]` writes DET only in events FIRST, FIRST+N, ... (default
+every event), as a detector read out at a lower rate: its stream then has no
+record at all for the other events, as the DAQ writes it.
 
 `--calib-dir CDIR` writes offline constants in the layout the psana2 source
 reads with `--calib-dir`:
@@ -54,7 +74,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
@@ -69,6 +89,21 @@ PSANA_TYPES = {
     "epix10k2M": ("epix10ka", (2, 0, 1), 7),
     "jungfrau4M": ("jungfrau", (0, 2, 0), 3),
 }
+# name -> psana detector type, version of its `raw` data and its per-event
+# fields {name: (dtype, rank)}: one segment, no constants
+WAVE8_SAMPLES = 64
+FIELD_TYPES = {
+    "ebeam": ("ebeam", (2, 0, 0), {"ebeamPhotonEnergy": (np.float64, 0),
+                                   "ebeamCharge": (np.float64, 0),
+                                   "damageMask": (np.uint32, 0)}),
+    "gasdet": ("gasdet", (1, 0, 0), {"f_11_ENRC": (np.float64, 0), "f_21_ENRC": (np.float64, 0)}),
+    "wave8": ("wave8", (0, 0, 1), {f"raw_{c}": (np.uint16, 1) for c in range(8)}),
+    "cspad": ("cspad", (2, 3, 42), {"arrayRaw": (np.int16, 2)}),
+    "epics": ("epics", (2, 0, 0), {"HX2_DVD_GCC_01_PMON": (np.float64, 0),
+                                   "XPP_VARS_FLOAT_02": (np.float64, 0)}),
+}
+EPICS_EVERY = 2
+CSPAD_PANEL = (185, 388)
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
 EXTENT_AT = RECORD_HEADER + 8    # a record's size is RECORD_HEADER + its Xtc's extent
@@ -108,18 +143,81 @@ def declare(config: DgramEdit, detector: str, node: int) -> List:
     return segments
 
 
+def field_value(detector: str, field: str, event: int) -> object:
+    """What a non-area detector's field holds in an event."""
+    if field == "arrayRaw":
+        n = int(np.prod(CSPAD_PANEL))
+        return ((np.arange(n) + 5 * event) % 3000 - 1000).astype(np.int16).reshape(CSPAD_PANEL)
+    if field.startswith("raw_"):
+        channel = int(field[4:])
+        return ((np.arange(WAVE8_SAMPLES) * (channel + 1) + 7 * event) % 4096).astype(np.uint16)
+    if field == "damageMask":
+        return np.uint32(event % 3)
+    offset = {"ebeamPhotonEnergy": 9500.0, "ebeamCharge": 0.25,
+              "HX2_DVD_GCC_01_PMON": 41.0}.get(field, 1.5)
+    return np.float64(offset + event / 7.0)
+
+
+def declare_fields(config: DgramEdit, detector: str, node: int) -> List:
+    """One segment holding the detector's per-event fields."""
+    dettype, version, fields = FIELD_TYPES[detector]
+    serial = DetectorDef(detector, dettype, f"{detector}-0")
+    return [config.Detector(serial, AlgDef("raw", *version), dict(fields), nodeId=node, segment=0)]
+
+
+def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Iterator:
+    """The filled `raw` containers of one event, one per segment."""
+    if detector in FIELD_TYPES:
+        names = segments[0]
+        for field in FIELD_TYPES[detector][2]:
+            setattr(names.raw, field, field_value(detector, field, event))
+        yield names.raw
+        return
+    raw = expected(detector, "raw", event) | np.uint16(gain_bits)
+    for seg, names in enumerate(segments):
+        names.raw.raw = raw[seg]
+        yield names.raw
+
+
+def record_bytes(detector: str) -> int:
+    """Bytes of one event's data beyond HEADROOM (which the small detectors fit in)."""
+    if detector in FIELD_TYPES:
+        return 0
+    return int(np.prod(DETECTORS[detector][0])) * 2
+
+
+def every_event(event: int) -> bool:
+    return True
+
+
+def parse_rate(text: str) -> Tuple[str, Callable[[int], bool]]:
+    """DET=N[:FIRST] -> (DET, whether an event holds DET)."""
+    try:
+        detector, spec = text.split("=")
+        every, _, first = spec.partition(":")
+        every, first = int(every), int(first or 0)
+        if every < 1 or first < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate {text!r}: expected DET=N[:FIRST], N >= 1")
+    return detector, lambda e: e >= first and (e - first) % every == 0
+
+
 def chunk_path(path: Path, chunk: int) -> Path:
     """The stream's file for chunk `chunk`: ...-c000.xtc2 -> ...-c001.xtc2."""
     return path.with_name(path.name.replace("-c000.", f"-c{chunk:03d}."))
 
 
 def write_stream(path: Path, detector: str, exp: str, run: int, events: int, node: int,
-                 gain_bits: int, chunk_events: int = 0) -> List[Path]:
-    """Configure, BeginRun (with exp/run), `events` L1Accepts, EndRun; split
-    into chunk files of `chunk_events` events if it is not 0. Returns the
-    files written, chunk 0 first."""
-    shape = DETECTORS[detector][0]
-    bufsize = int(np.prod(shape)) * 2 + HEADROOM
+                 gain_bits: int, chunk_events: int = 0,
+                 present: Callable[[int], bool] = every_event,
+                 slow_updates: Sequence[int] = ()) -> List[Path]:
+    """Configure, BeginRun (with exp/run), the L1Accepts of the `events`
+    that `present` selects, each preceded by a SlowUpdate if listed in
+    `slow_updates` (holding the PVs for epics, which has no L1Accepts), EndRun;
+    split into chunk files of `chunk_events` events if it is not 0. Returns
+    the files written, chunk 0 first."""
+    bufsize = record_bytes(detector) + HEADROOM
     buf = bytearray(bufsize)
     t0 = timestamp_of(0) - (1 << 32)
     config = DgramEdit(transition_id=TransitionId.Configure, ts=t0, bufsize=bufsize)
@@ -129,7 +227,7 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
                                 AlgDef("chunkinfo", 0, 0, 1),
                                 {"filename": (str, 1), "chunkid": (np.uint32, 0)},
                                 nodeId=node, segment=0) if chunk_events else None
-    segments = declare(config, detector, node)
+    segments = (declare_fields if detector in FIELD_TYPES else declare)(config, detector, node)
     files = [path]
 
     def emit(dgram: DgramEdit) -> None:
@@ -140,13 +238,13 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         """Disable, then a new chunk file: Configure, Enable naming the file."""
         nonlocal out
         emit(DgramEdit(transition_id=TransitionId.Disable, config_dgramedit=config,
-                       ts=timestamp_of(e) - 2, bufsize=bufsize))
+                       ts=timestamp_of(e) - 3, bufsize=bufsize))
         out.close()
         files.append(chunk_path(path, len(files)))
         out = open(files[-1], "wb")
         emit(config)
         enable = DgramEdit(transition_id=TransitionId.Enable, config_dgramedit=config,
-                           ts=timestamp_of(e) - 1, bufsize=bufsize)
+                           ts=timestamp_of(e) - 2, bufsize=bufsize)
         chunkinfo.chunkinfo.filename = files[-1].name
         chunkinfo.chunkinfo.chunkid = len(files) - 1
         enable.adddata(chunkinfo.chunkinfo)
@@ -164,12 +262,20 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         for e in range(events):
             if chunk_events and e and e % chunk_events == 0:
                 next_chunk(e)
+            if e in slow_updates:
+                update = DgramEdit(transition_id=TransitionId.SlowUpdate,
+                                   config_dgramedit=config, ts=timestamp_of(e) - 1,
+                                   bufsize=bufsize)
+                if detector == "epics":
+                    for data in event_data(detector, segments, e, gain_bits):
+                        update.adddata(data)
+                emit(update)
+            if detector == "epics" or not present(e):
+                continue
             event = DgramEdit(transition_id=TransitionId.L1Accept, config_dgramedit=config,
                               ts=timestamp_of(e), bufsize=bufsize)
-            raw = expected(detector, "raw", e) | np.uint16(gain_bits)
-            for seg, names in enumerate(segments):
-                names.raw.raw = raw[seg]
-                event.adddata(names.raw)
+            for data in event_data(detector, segments, e, gain_bits):
+                event.adddata(data)
             emit(event)
         emit(DgramEdit(transition_id=TransitionId.EndRun, config_dgramedit=config,
                        ts=timestamp_of(events), bufsize=bufsize))
@@ -266,8 +372,12 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--run", type=int, default=1, help="run number (default: %(default)s)")
     parser.add_argument("-n", "--events", type=int, default=10,
                         help="events to write (default: %(default)s)")
-    parser.add_argument("--detectors", nargs="+", choices=sorted(PSANA_TYPES),
-                        default=sorted(PSANA_TYPES), help="detectors to write (default: all)")
+    parser.add_argument("--detectors", nargs="+", choices=sorted(PSANA_TYPES) + sorted(FIELD_TYPES),
+                        default=sorted(PSANA_TYPES),
+                        help="detectors to write (default: the area detectors)")
+    parser.add_argument("--rate", type=parse_rate, action="append", default=[],
+                        metavar="DET=N[:FIRST]",
+                        help="write DET only in events FIRST, FIRST+N, ... (repeatable)")
     parser.add_argument("--chunk-events", type=int, default=0, metavar="N",
                         help="split each stream into chunk files of N events (default: one file)")
     parser.add_argument("--corrupt-event", type=int, metavar="E",
@@ -290,16 +400,26 @@ def main(argv: List[str] = None) -> int:
 
     (args.outdir / "smalldata").mkdir(parents=True, exist_ok=True)
     tool = smdwriter()
-    for stream, detector in enumerate(args.detectors):
+    rates = dict(args.rate)
+    unknown = set(rates) - set(args.detectors)
+    if unknown:
+        parser.error(f"--rate names detectors not written: {', '.join(sorted(unknown))}")
+    area = [d for d in args.detectors if d in PSANA_TYPES]
+    slow_updates = range(0, args.events, EPICS_EVERY) if "epics" in args.detectors else ()
+    for stream, detector in enumerate(area + [d for d in args.detectors if d not in area]):
         base = f"{args.exp}-r{args.run:04d}-s{stream:03d}-c000"
+        present = rates.get(detector, every_event)
         files = write_stream(args.outdir / f"{base}.xtc2", detector, args.exp, args.run,
-                             args.events, stream + 1, args.gain_bits, args.chunk_events)
+                             args.events, stream + 1, args.gain_bits, args.chunk_events,
+                             present, slow_updates)
         write_smalldata(files, args.outdir / "smalldata" / f"{base}.smd.xtc2", tool)
-        for path in files:
-            print(f"{path}: {detector}")
-        if args.corrupt_event is not None:
-            print(f"{corrupt_event(files, args.corrupt_event)}: event {args.corrupt_event} corrupt")
-        if args.calib_dir:
+        written = 0 if detector == "epics" else sum(map(present, range(args.events)))
+        chunks = f" (+{len(files) - 1} chunk files)" if len(files) > 1 else ""
+        print(f"{files[0]}{chunks}: {detector}, {written} of {args.events} events")
+        if args.corrupt_event is not None and detector != "epics" and present(args.corrupt_event):
+            nth = sum(map(present, range(args.corrupt_event)))   # the stream's nth L1Accept
+            print(f"{corrupt_event(files, nth)}: event {args.corrupt_event} corrupt")
+        if args.calib_dir and detector in PSANA_TYPES:
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector
             for ctype, path in write_constants(folder, detector, args.pedestal, args.gain,
                                                args.bad_pixel_every, args.pixel_offset).items():

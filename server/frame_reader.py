@@ -1,6 +1,7 @@
 """Opening sources (through a per-worker LRU cache), telling a frame's size
-before reading it, and reading frames: the part of serving that both
-dialects share."""
+before reading it, and reading frames with the fields asked beside them: the
+part of serving that both dialects share."""
+import dataclasses
 import logging
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -100,15 +101,25 @@ class FrameReader:
                                                f"{reserved} its source announced")
             return into(shape, dtype)
 
+        values = self._values(get, event)
         if prefetched is not None:
             data, meta = prefetched
             out = allocate(data.shape, data.dtype)
             np.copyto(out, data, casting="no")
-            return out, meta
+            return out, _with_values(meta, values)
         with self._source_call(f"reading event {event}", READ_FAILED):
             data, meta = self.cache.get(get.key).read_into(event, get.mode, allocate)
         self.counters.frame(data.nbytes)
-        return data, meta
+        return data, _with_values(meta, values)
+
+    def _values(self, get: Get, event: int) -> Dict[str, Any]:
+        """The fields a get asks beside its frame (read first: an event
+        without one fails before the frame is written)."""
+        if not get.fields:
+            return {}
+        with self._source_call(f"reading fields of event {event}", READ_FAILED):
+            source = self.cache.get(get.key)
+            return {ref.name: source.field(event, ref) for ref in get.fields}
 
     def read_private(self, get: Get, event: int) -> Frame:
         """The frame in fresh private memory: for a source whose frame size is
@@ -119,7 +130,24 @@ class FrameReader:
         return data, meta
 
     def info(self, request: Info) -> Dict[str, Any]:
+        """Run-level: every detector; with `present`, each one's events as
+        [start, stop, step] ranges. Detector-level: its events and modes."""
         with self._source_call(f"info for {request}", INTERNAL):
             if request.detector is None:
-                return {"detectors": self.cache.factory.detectors(request.exp, request.run)}
-            return self.cache.get(RunKey(request.exp, request.run, request.detector)).info()
+                found = self.cache.factory.detectors(request.exp, request.run)
+                for det in found.values():
+                    held = det.pop("present", [[0, det["events"], 1]])
+                    if request.present:
+                        det["present"] = held
+                return {"detectors": found}
+            source = self.cache.get(RunKey(request.exp, request.run, request.detector))
+            info = source.info()
+            if request.present:
+                info["present"] = source.present()
+            return info
+
+
+def _with_values(meta: FrameMeta, values: Dict[str, Any]) -> FrameMeta:
+    if not values:
+        return meta
+    return dataclasses.replace(meta, extra=dict(meta.extra, values=values))

@@ -21,7 +21,8 @@ from typing import Any, Deque, Dict, Optional
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
-from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMORY, NOT_FOUND, NOT_READY,
+from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_DATA, NO_MEMORY,
+                                       NOT_FOUND, NOT_READY,
                                        UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
                                        ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
@@ -248,6 +249,10 @@ class V1Connection(Channel):
                 self.holding.give(item.reserved)
             self.cached.forget(item)
             done = item.done
+            if e.code == NO_DATA and item.get.skip_incomplete:
+                self._reply(ok_reply(item.rid, seq=item.seq, event=item.event, skipped=True,
+                                     message=e.message, done=done))
+                return
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True

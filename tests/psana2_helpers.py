@@ -1,11 +1,12 @@
 """What the psana2 tests share: the psana environment's python and the XTC2
 runs they read, written once per session with psana's own writer by
 scripts/make_xtc2_run.py (in that environment; pytest's has no psana)."""
+import json
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -18,6 +19,23 @@ DETECTORS = ("epix10k2M", "jungfrau4M")
 RUN, EVENTS = 1, 12             # constants for all runs: pedestal 10, gain 2
 OTHER_RUN, OTHER_EVENTS = 2, 4  # its own constants: pedestal 20, gain 4
 GAIN_BITS_RUN = 3               # epix10k2M only, every pixel's gain bits set
+# A run shaped like DAQ output: area detectors, BLD scalars and a wave8 at
+# mixed rates. event:      0  1  2  3  4  5
+MIXED_RUN, MIXED_EVENTS = 4, 6  # epix10k2M, ebeam: every event
+MIXED_RATES = {"jungfrau4M": "2:1",   #  .  x  .  x  .  x
+               "gasdet": "2",         #  x  .  x  .  x  .
+               "wave8": "3:1",        #  .  x  .  .  x  .
+               "cspad": "3"}          #  x  .  .  x  .  .   (no _mask in psana's class)
+# and EPICS PVs, updated in SlowUpdates before events 0, 2, 4
+MIXED_DETECTORS = ("epix10k2M", "jungfrau4M", "ebeam", "gasdet", "wave8", "cspad", "epics")
+PVS = ("HX2_DVD_GCC_01_PMON", "XPP_VARS_FLOAT_02")
+# what psana is asked for each event of the mixed run: (detector, interface, method)
+ORACLE_CALLS = (("epix10k2M", "raw", "raw"), ("epix10k2M", "raw", "calib"),
+                ("jungfrau4M", "raw", "raw"), ("cspad", "raw", "raw"),
+                ("cspad", "raw", "calib"), ("wave8", "raw", "raw_all"),
+                ("wave8", "raw", "raw_3"), ("ebeam", "raw", "ebeamPhotonEnergy"),
+                ("ebeam", "raw", "ebeamCharge"), ("ebeam", "raw", "damageMask"),
+                ("gasdet", "raw", "f_11_ENRC"), ("gasdet", "raw", "f_21_ENRC"))
 CONSTANTS = {RUN: (10.0, 2.0), OTHER_RUN: (20.0, 4.0)}
 
 
@@ -65,12 +83,32 @@ def psana2_runs(tmp_path_factory) -> Runs:
                   + (["--per-run"] if run != RUN else []))
     run_psana(common + ["--run", str(GAIN_BITS_RUN), "-n", "2", "--detectors", "epix10k2M",
                         "--gain-bits"])
+    run_psana(common + ["--run", str(MIXED_RUN), "-n", str(MIXED_EVENTS), "--detectors",
+                        *MIXED_DETECTORS]
+              + [f"--rate={det}={rate}" for det, rate in MIXED_RATES.items()])
     for detector in DETECTORS:
         folder = runs.no_geometry / detector
         folder.mkdir(parents=True)
         for name in ("pedestals.npy", "pixel_gain.npy"):
             (folder / name).symlink_to(runs.calib_dir / detector / name)
     return runs
+
+
+@pytest.fixture(scope="session")
+def mixed_oracle(psana2_runs, tmp_path_factory) -> Dict[str, np.ndarray]:
+    """psana's own answer to every ORACLE_CALLS call in every event of the
+    mixed run, keyed "<detector>.<interface>.<method>/<event>"; a call psana
+    answers None for is absent."""
+    folder = tmp_path_factory.mktemp("oracle")
+    spec = folder / "spec.json"
+    spec.write_text(json.dumps({"events": list(range(MIXED_EVENTS)),
+                                "calls": [list(call) for call in ORACLE_CALLS],
+                                "pvs": list(PVS)}))
+    out = folder / "answers.npz"
+    run_psana([str(ROOT / "tests" / "psana2_values_oracle.py"), str(psana2_runs.data_dir),
+               str(psana2_runs.calib_dir), EXP, str(MIXED_RUN), str(spec), str(out)])
+    with np.load(out) as answers:
+        return dict(answers)
 
 
 CHUNKED_RUN, CHUNKED_EVENTS, CHUNK_EVENTS = 5, 5, 2      # both detectors in chunks of 2 events

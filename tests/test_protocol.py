@@ -10,8 +10,9 @@ from psana_ipc.protocol.address import address_family, format_address, parse_add
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import MAX_HEADER, FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import Done, is_v1, parse_legacy
-from psana_ipc.protocol.messages import (MAX_EVENTS_PER_GET, MODES, Get, Hello, Prefetch, Release,
-                                         RunKey, encode_request, parse_request)
+from psana_ipc.protocol.messages import (MAX_EVENTS_PER_GET, MAX_FIELDS, MODES, FieldRef, Get,
+                                         Hello, Prefetch, Release, RunKey, encode_request,
+                                         parse_request)
 from psana_ipc.protocol.shm_names import ours, parse_segment_name, segment_name, segment_path
 
 json_values = st.recursive(
@@ -21,8 +22,11 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@given(st.lists(st.dictionaries(st.text(max_size=10), json_values, max_size=5), min_size=1,
-                max_size=5), st.integers(1, 64))
+header_keys = st.text(max_size=10).filter(lambda k: k != "nbytes")   # nbytes: a payload follows
+
+
+@given(st.lists(st.dictionaries(header_keys, json_values, max_size=5), min_size=1, max_size=5),
+       st.integers(1, 64))
 def test_frames_survive_any_split(headers, chunk):
     stream = b"".join(encode_frame(h) for h in headers)
     decoder = FrameDecoder()
@@ -140,11 +144,48 @@ def test_a_prefetch_is_validated_like_a_get():
      errors.BAD_REQUEST),
     ({"op": "hello", "id": 1, "version": 1, "transport": "pigeon"}, errors.BAD_REQUEST),
     ({"op": "release", "id": 1, "slots": ["a"]}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": "ebeam.ebeamPhotonEnergy"}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": [3]}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": ["ebeam"]}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": ["a.b.c.d"]}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": ["epix.raw._mask"]}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": ["ebeam..x"]}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "fields": ["e.x"] * (MAX_FIELDS + 1)}, errors.BAD_REQUEST),
+    ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
+      "skip_incomplete": 1}, errors.BAD_REQUEST),
+    ({"op": "info", "id": 1, "exp": "x", "run": 1, "present": "yes"}, errors.BAD_REQUEST),
 ])
 def test_bad_requests_have_codes(header, code):
     with pytest.raises(ProtocolError) as e:
         parse_request(header)
     assert e.value.code == code
+
+
+names = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:-",
+                min_size=1, max_size=12).filter(lambda n: not n.startswith("_"))
+field_refs = st.builds(FieldRef, names, names, names)
+
+
+@given(st.lists(field_refs, max_size=MAX_FIELDS), st.booleans(),
+       st.lists(st.integers(0, 2**40), min_size=1, max_size=8))
+def test_field_lists_round_trip(fields, skip, events):
+    """A get's fields as the client writes them parse back into the same
+    frozen values, through the JSON a frame carries."""
+    header = encode_request("get", 3, exp="x", run=1, detector="epix10k2M", events=events,
+                            fields=[f.name for f in fields], skip_incomplete=skip)
+    decoded = FrameDecoder()
+    decoded.receive_data(encode_frame(header))
+    rid, get = parse_request(decoded.next_frame().header)
+    assert rid == 3 and get.fields == tuple(fields) and get.skip_incomplete is skip
+    assert get == Get(get.key, "calib", tuple(events), tuple(fields), skip)
+    assert all(FieldRef.parse(f.name) == f for f in fields)
 
 
 def test_legacy_requests_parse_when_complete():

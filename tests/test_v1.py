@@ -83,12 +83,22 @@ def test_info_lists_detectors_and_modes(server):
     assert det["modes"]["image"]["shape"] == list(expected("jungfrau4M", "image", 0).shape)
 
 
+def test_every_event_is_present_where_sources_have_no_rates(server):
+    with Client(server.address) as c:
+        assert c.info("x", 1, "epix100", present=True)["present"] == [[0, 1000, 1]]
+        found = c.info("x", 1, present=True)["detectors"]
+        assert found["rayonix"]["present"] == [[0, 1000, 1]]
+        assert "present" not in c.info("x", 1)["detectors"]["rayonix"]
+        assert c.events_with("x", 1, "epix100") == list(range(1000))
+
+
 @pytest.mark.parametrize("call, code", [
     (lambda c: c.get("x", 1, "nonexistent", 0), errors.UNKNOWN_DETECTOR),
     (lambda c: c.get("x", 1, "epix100", 1000), errors.OUT_OF_RANGE),
     (lambda c: c.get("x", 1, "epix100", 0, "fancy"), errors.UNKNOWN_MODE),
     (lambda c: c.get_many("x", 1, "epix100", [0, 5000, 1]), errors.OUT_OF_RANGE),
     (lambda c: c.call("release", slots=[12345]), errors.BAD_SLOT),
+    (lambda c: c.get("x", 1, "epix100", 0, fields=["opal.x"]), errors.BAD_REQUEST),
 ])
 def test_errors_are_replies_and_the_connection_goes_on(server, call, code):
     with Client(server.address) as c:

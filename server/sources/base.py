@@ -9,12 +9,12 @@ an event) or `internal` (while answering `info`).
 """
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import OUT_OF_RANGE, UNKNOWN_MODE, ProtocolError
-from psana_ipc.protocol.messages import RunKey
+from psana_ipc.protocol.errors import BAD_REQUEST, OUT_OF_RANGE, UNKNOWN_MODE, ProtocolError
+from psana_ipc.protocol.messages import FieldRef, RunKey
 
 # Gives the memory a frame is written into: (shape, dtype) -> writable array.
 Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
@@ -94,12 +94,25 @@ class Source:
         if mode not in modes:
             raise SourceError(UNKNOWN_MODE, f"mode {mode!r} is not available here; "
                                             f"available: {', '.join(sorted(modes))}")
+        self.check_range(index)
+
+    def check_range(self, index: int) -> None:
         if not 0 <= index < len(self):
             raise SourceError(OUT_OF_RANGE, f"event {index} is out of range: the run has "
                                             f"{len(self)} events")
 
     def info(self) -> Dict[str, Any]:
         return {"events": len(self), "modes": {m: s.to_json() for m, s in self.specs().items()}}
+
+    def present(self) -> List[List[int]]:
+        """The events that hold this detector, as [start, stop, step] ranges."""
+        return [[0, len(self), 1]]
+
+    def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
+        """A per-event value of another detector of this source's run, as JSON
+        {dtype, shape, data}; read before the frame, so that an event lacking
+        it costs no frame read."""
+        raise SourceError(BAD_REQUEST, f"field {ref.name!r}: this source serves no fields")
 
     def close(self) -> None:
         """Release files and handles; called when the cache evicts the source."""

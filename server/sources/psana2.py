@@ -2,11 +2,14 @@
 
 A request names exp, run and detector; the run is opened with
 `psana.DataSource(exp=, run=[, dir=])` and read by event index through the
-run's timestamp table (see psana2_run). Modes: raw, calib, image and, when
-psana has a pixel mask for the detector (it needs pixel_status constants),
-mask. Every frame's descriptor carries the event's 64-bit psana timestamp
-(sec << 32 | nsec) as {"time": ts}. A request's access_mode is not used:
-psana2 runs are always read by index.
+run's timestamp table (see psana2_run). Modes depend on the detector's kind
+(see psana2_detectors): an area detector offers raw, calib, image and, when
+psana has a pixel mask for it (it needs pixel_status constants), mask; a
+waveform digitizer raw; a scalar detector no frames, only fields beside
+another detector's frame. An event without the detector (one read out at a
+lower rate) is the error no_data. Every frame's descriptor carries the
+event's 64-bit psana timestamp (sec << 32 | nsec) as {"time": ts}. A
+request's access_mode is not used: psana2 runs are always read by index.
 
 Options:
   --data-dir DIR, --data-root ROOT, --files FILE ...
@@ -37,15 +40,18 @@ detectors of one run use one DataSource, and each detector is made once. A run
 is closed when its last source is closed.
 """
 import argparse
+import bisect
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.messages import MODES, RunKey
+from psana_ipc.protocol.messages import FieldRef, RunKey
 
 from .base import Source, SourceFactory
 from . import psana2_location
+from .psana2_detectors import (AREA, EPICS, as_ranges, epics_info, field_value, frame_reader,
+                               holds, kind_of, missing, no_frames, offered_modes, pv_value)
 from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
 from .psana_common import PsanaDetectorSource, check_data_dir
 
@@ -69,24 +75,63 @@ class Psana2Source(PsanaDetectorSource):
         self._opened = opened
         self._det = opened.detector(detector)
         iface = self._det.use()
+        self.kind = kind_of(iface)
+        self._held = opened.events_of(detector)
         self._mask: Optional[np.ndarray] = None
         self._mask_read = False
-        super().__init__(detector, "pedestals" in opened.constants(detector), geometry_fits(iface))
+        calibrated = self.kind != AREA or "pedestals" in opened.constants(detector)
+        super().__init__(detector, calibrated, self.kind == AREA and geometry_fits(iface))
 
     def __len__(self) -> int:
         return len(self._opened.timestamps)
 
     def modes(self) -> Tuple[str, ...]:
-        return tuple(m for m in MODES if m != "mask" or self.mask(None) is not None)
+        iface = self._det.use()
+        offered = offered_modes(iface, has_mask=True)
+        return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
+
+    def check(self, index: int, mode: str) -> None:
+        """Also no_data for an event without the detector: told before the
+        server reserves memory for the frame."""
+        if not self.modes():
+            raise no_frames(self.detector, self._det.use())
+        super().check(index, mode)
+        at = bisect.bisect_left(self._held, index)
+        if at == len(self._held) or self._held[at] != index:
+            raise missing(self.detector, index)
+
+    def sample_event(self) -> int:
+        return self._held[0] if self._held else 0
+
+    def info(self) -> Dict[str, Any]:
+        """Events counts those that hold the detector; run_events all of the run's."""
+        return dict(super().info(), events=len(self._held), run_events=len(self),
+                    kind=self.kind)
+
+    def present(self) -> List[List[int]]:
+        return as_ranges(self._held)
 
     def event(self, index: int) -> Any:
-        return self._opened.event(index)
+        evt = self._opened.event(index)
+        if not holds(evt, self.detector):
+            raise missing(self.detector, index)
+        return evt
+
+    def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
+        """A value of any detector of the run (or an EPICS PV) in this event."""
+        self.check_range(index)
+        evt = self._opened.event(index)
+        if ref.detector == EPICS:
+            return pv_value(self._opened.run, ref.attribute, evt, index)
+        det = self._opened.detector(ref.detector)
+        det.use()
+        return field_value(det.container, ref, evt, index)
 
     def timestamp(self, index: int, evt: Any) -> Dict[str, int]:
         return {"time": int(evt.timestamp)}
 
     def raw(self, evt: Any) -> Optional[np.ndarray]:
-        return self._det.use().raw(evt)
+        return frame_reader(self._det.use())(evt)
 
     def calib(self, evt: Any) -> Optional[np.ndarray]:
         return self._det.use().calib(evt)
@@ -156,14 +201,25 @@ class Factory(SourceFactory):
             raise
 
     def detectors(self, exp: str, run: int) -> Dict[str, Any]:
+        """Every detector with its kind and modes, judged from the class psana
+        picks for its raw interface (no detector is made), and the events
+        holding it; mask is listed where pixel_status constants are known."""
         opened = self._acquire(exp, run)
         try:
             found: Dict[str, Any] = {}
-            for name, dettype, iface, _ in opened.run.xtcinfo:
-                if name in opened.run.detnames:
-                    found.setdefault(name, {"type": dettype, "interfaces": [],
-                                            "events": len(opened.timestamps)})
-                    found[name]["interfaces"].append(iface)
+            for name, dettype, _, _ in opened.run.xtcinfo:
+                if name not in opened.run.detnames or name in found:
+                    continue
+                raw = opened.interfaces(name).get("raw")
+                held = opened.events_of(name)
+                has_mask = "pixel_status" in opened.constants(name)
+                found[name] = {"type": dettype, "kind": kind_of(raw),
+                               "interfaces": sorted(opened.interfaces(name)),
+                               "modes": list(offered_modes(raw, has_mask)), "events": len(held),
+                               "present": as_ranges(held)}
+            pvs = epics_info(opened.run, opened.timestamps)
+            if pvs:
+                found[EPICS] = pvs
             return found
         finally:
             self.release(opened)

@@ -19,7 +19,7 @@ psana parses it, so a corrupt one is an error reply, not a dead worker.
 """
 import bisect
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from psana_ipc.protocol.errors import READ_FAILED
 
@@ -67,6 +67,11 @@ class EventTable:
         finally:
             del run._handle_transition
         self._offsets = run._ts_table
+
+    def event_streams(self) -> List[FrozenSet[int]]:
+        """Per event, the streams holding a record of it; a stream's index is
+        its place in `run.configs`."""
+        return [frozenset(self._offsets[ts]) for ts in self.timestamps]
 
     def chunk_file(self, stream: int, index: int) -> str:
         starts, files = self._chunks[stream]

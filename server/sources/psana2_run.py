@@ -20,6 +20,7 @@ from psana_ipc.protocol.errors import NOT_FOUND, UNKNOWN_DETECTOR
 
 from .base import SourceError
 from .psana2_chunks import EventTable
+from .psana2_detectors import events_with, streams_of
 from .psana2_location import RunFiles, files_listed
 from .psana2_shared import RunDetector, release_all
 
@@ -105,6 +106,10 @@ class OpenRun:
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where} ({found})")
         self._table = EventTable(self.run)
         self.timestamps: List[int] = self._table.timestamps
+        # per event, the streams holding a record of it: which detectors it has
+        self.event_streams = self._table.event_streams()
+        self._held: Dict[str, List[int]] = {}
+        self._last: Tuple[int, Any] = (-1, None)
         log.info("opened run %d of %s from %s: %d events, detectors %s", run, exp, where,
                  len(self.timestamps), ", ".join(sorted(self.run.detnames)))
 
@@ -125,10 +130,26 @@ class OpenRun:
     def constants(self, name: str) -> Dict[str, Any]:
         return self.run.dsparms.calibconst.get(name) or {}
 
+    def events_of(self, name: str) -> List[int]:
+        """Indices of the events that hold detector `name`."""
+        if name not in self._held:
+            self._held[name] = events_with(self.event_streams, streams_of(self.run.configs, name))
+        return self._held[name]
+
+    def interfaces(self, name: str) -> Dict[str, Any]:
+        """Interface name -> the psana class serving it, without making the detector."""
+        return {iface: cls for (det, iface), cls in self.run.dsparms.det_classes["normal"].items()
+                if det == name}
+
     def event(self, index: int) -> Any:
-        return self._table.event(index)
+        """psana's event; the last one is kept, so a frame and the fields read
+        beside it cost one read."""
+        if self._last[0] != index:
+            self._last = (index, self._table.event(index))
+        return self._last[1]
 
     def close(self) -> None:
+        self._last = (-1, None)
         for det in self._detectors.values():
             det.forget()
         self._detectors.clear()

@@ -35,7 +35,8 @@ class RunDetector:
         if holder is not None:
             holder.release()
         self.name = name
-        self.iface = run.Detector(name).raw
+        self.container = run.Detector(name)     # one attribute per interface: raw, fex, ...
+        self.iface = getattr(self.container, "raw", None)
         self._saved: List[Tuple[Any, Dict[str, Any]]] = []
         _holders[name] = self
 
@@ -53,7 +54,7 @@ class RunDetector:
 
     def release(self) -> None:
         """Save this run's state of the shared objects; it no longer holds them."""
-        objects = [self.iface]
+        objects = [self.iface] if self.iface is not None else []
         constants = getattr(self.iface, "_calibc_", None)
         if constants is not None:
             objects.append(constants)

@@ -92,13 +92,17 @@ class PsanaDetectorSource(Source):
     def modes(self) -> Tuple[str, ...]:
         return MODES
 
+    def sample_event(self) -> int:
+        """An event that holds the detector, to read shapes from."""
+        return 0
+
     def specs(self) -> Dict[str, FrameSpec]:
-        """Shapes come from reading the first event once in every mode that works."""
+        """Shapes come from reading a sample event once in every mode that works."""
         if self._specs is None:
             specs = {}
-            for mode in MODES:
+            for mode in self.modes():
                 try:
-                    data, meta = self.read(0, mode)
+                    data, meta = self.read(self.sample_event(), mode)
                 except SourceError:
                     continue
                 specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
