@@ -73,8 +73,11 @@ class CachedFrames:
         """The item's pinned entry and its descriptor, written first on a miss."""
         use = item.cache_use
         if isinstance(use, Entry):
+            fields = use.fields()
+            if item.get.fields:      # values of other detectors are read, never cached
+                fields["values"] = self.reader.values(item.get, item.event)
             item.cache_use = None
-            return use, use.fields()
+            return use, fields
         item.cache_use = None
         try:
             data, meta = self.reader.read(item.get, item.event, use.segment.array, use.capacity,
@@ -85,7 +88,8 @@ class CachedFrames:
         fields = frame_fields(data, meta)
         nbytes = data.nbytes
         del data
-        return self.cache.commit(use, fields, nbytes, pin=True), fields
+        frame_only = {k: v for k, v in fields.items() if k != "values"}
+        return self.cache.commit(use, frame_only, nbytes, pin=True), fields
 
     def hand_over(self, handle: int, entry: Entry) -> None:
         self.held[handle] = entry

@@ -101,7 +101,7 @@ class FrameReader:
                                                f"{reserved} its source announced")
             return into(shape, dtype)
 
-        values = self._values(get, event)
+        values = self.values(get, event)
         if prefetched is not None:
             data, meta = prefetched
             out = allocate(data.shape, data.dtype)
@@ -112,7 +112,7 @@ class FrameReader:
         self.counters.frame(data.nbytes)
         return data, _with_values(meta, values)
 
-    def _values(self, get: Get, event: int) -> Dict[str, Any]:
+    def values(self, get: Get, event: int) -> Dict[str, Any]:
         """The fields a get asks beside its frame (read first: an event
         without one fails before the frame is written)."""
         if not get.fields:

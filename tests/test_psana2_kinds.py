@@ -237,3 +237,19 @@ def test_present_ranges_expand_to_exactly_the_events(events):
     assert len(ranges) <= len(indices)
     every_third = list(range(2, 300, 3))
     assert as_ranges(every_third) == [[2, 302, 3]]
+
+
+def test_a_cached_frame_carries_the_fields_its_own_request_asked_for(start_server, psana2_runs,
+                                                                      mixed_oracle):
+    server = start_server(psana2_runs.server_args(psana2_runs.calib_dir)
+                          + ["--workers", "1", "--frame-cache", "64M"], python=psana_python())
+    names = [n for n in FIELDS if field_answer(mixed_oracle, n, 0) is not None]
+    with Client(server.address) as c:
+        for name in names:        # the first get fills the cache, the others are hits
+            frame, values = c.get(EXP, MIXED_RUN, "epix10k2M", 0, mode="raw", fields=[name])
+            assert set(values) == {name}
+            assert_same(values[name], field_answer(mixed_oracle, name, 0))
+            assert_same(frame, psana_answer(mixed_oracle, "epix10k2M", "raw", 0))
+        assert c.get(EXP, MIXED_RUN, "epix10k2M", 0, mode="raw").shape == frame.shape
+        cache = c.stats()["frame_cache"]
+    assert cache["hits"] >= len(names)
