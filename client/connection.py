@@ -78,38 +78,11 @@ class Frame:
             self._client.release(self._slot)
         self._slot = None
 
-    def lease(self) -> np.ndarray:
-        """The frame as an array that holds its slot for as long as it, or any
-        view of it, is alive: nothing can overwrite it while it is in use, and
-        the slot is released when the last reference goes (numpy keeps the
-        lease as the array's base)."""
-        lease = _Lease(self)
-        self._slot = None          # the lease releases it now
-        return np.asarray(lease)
-
     def __enter__(self) -> "Frame":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-class _Lease:
-    """Exposes a frame's memory through `__array_interface__`; gives the slot
-    back when garbage-collected. A finalizer may run on any thread at any
-    moment, so it only queues the release; the owning client sends it with
-    its next request."""
-
-    def __init__(self, frame: Frame) -> None:
-        self.__array_interface__ = frame.array.__array_interface__
-        self._view = frame.array                     # keeps the mapping alive
-        self._client, self._slot, self._generation = frame._client, frame._slot, frame._generation
-        self._client.leased += 1
-
-    def __del__(self) -> None:
-        self._client.leased -= 1
-        if self._slot is not None and self._generation == self._client.generation:
-            self._client.queue_release(self._slot)
 
 
 class Client:
@@ -133,7 +106,6 @@ class Client:
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self.generation = 0
-        self.leased = 0          # frames held by leases (see Frame.lease)
         self._reset()
 
     def _reset(self) -> None:
@@ -210,7 +182,6 @@ class Client:
         self.__dict__.update(state)
         self._pid = os.getpid()
         self.generation = 0
-        self.leased = 0
         self._reset()
 
     # -- messages -----------------------------------------------------------------------

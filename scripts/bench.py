@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Throughput of every way to get frames out of an iserver, measured in one run.
 
-Starts its own server (synthetic source; `--cost-ms` emulates per-event psana
-work) and times, per detector, calib frames through:
+Starts its own server (synthetic source; `--cost-ms` burns that much CPU per
+event, as psana does) and times, per detector, calib frames through:
 
   legacy        the btx dialect: IPCRemotePsanaDataset(protocol="legacy") in a
                 DataLoader (a connection and a fresh segment per event)
   dataset-w0    IPCRemotePsanaDataset over v1, DataLoader num_workers=0
-  dataset-w2    the same with num_workers=2
+  dataset-w2    the same with num_workers=2 (new worker processes every pass)
+  dataset-w2p   the same with persistent_workers=True
   batchloader   BatchLoader: requests in flight on every server worker, one
                 copy per frame into a reused batch buffer
   zero-copy     BatchLoader.views(): the slots themselves, no client copy
@@ -15,7 +16,8 @@ work) and times, per detector, calib frames through:
                 ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
 
-Each figure is the median of `--repeats` timed passes after one warm-up pass.
+Each figure is the median of `--repeats` timed passes after one warm-up pass;
+every pass of a path iterates the same DataLoader, as epochs of training do.
 Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
 bandwidth, and CPU milliseconds per frame spent in this process and in the
 server's workers over the timed passes) and the server's peak shared memory;
@@ -69,12 +71,14 @@ def timed(run: Callable[[], int], repeats: int, server: List[int]) -> Dict[str, 
 
 
 def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
-                 batch: int) -> Callable[[], int]:
+                 batch: int, persistent: bool = False) -> Callable[[], int]:
     requests = [("bench", 1, "idx", det, e) for e in events]
+    ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers,
+                        persistent_workers=persistent)
 
     def run() -> int:
-        ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
-        return sum(b.shape[0] for b in DataLoader(ds, batch_size=batch, num_workers=workers))
+        return sum(b.shape[0] for b in loader)
     return run
 
 
@@ -130,6 +134,9 @@ def bench_detector(address: str, workers: List[int], det: str,
         "dataset-w0": dataset_pass(address, det, events, "v1", 0, args.batch_size),
         f"dataset-w{args.loader_workers}": dataset_pass(address, det, events, "v1",
                                                         args.loader_workers, args.batch_size),
+        f"dataset-w{args.loader_workers}p": dataset_pass(address, det, events, "v1",
+                                                         args.loader_workers, args.batch_size,
+                                                         persistent=True),
         "batchloader": loader_pass(loader, views=False),
         "zero-copy": loader_pass(loader, views=True),
         "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
@@ -197,7 +204,7 @@ def main() -> int:
     ap.add_argument("--server-workers", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--cost-ms", type=float, default=0.0,
-                    help="per-event latency the synthetic source adds (emulates psana)")
+                    help="CPU time the synthetic source burns per event (emulates psana)")
     ap.add_argument("--shm-budget", default="1G")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
