@@ -90,10 +90,13 @@ class Client:
 
     def __init__(self, address: Any = None, *, transport: str = "auto",
                  token: Optional[str] = None, window: int = 0, writable: bool = False,
-                 timeout: Optional[float] = 300.0, connect_timeout: float = 10.0) -> None:
+                 timeout: Optional[float] = 300.0, connect_timeout: float = 10.0,
+                 group: Optional[str] = None) -> None:
         """`window`: frames this connection may hold (0: the server's default).
         `writable`: map slots writable, for code that insists on writable arrays
-        and does not write them (torch.as_tensor)."""
+        and does not write them (torch.as_tensor). `group`: a connection group
+        id the server issued to another connection (batch arenas); without
+        one, the server issues a new one (`Client.group` once connected)."""
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'")
         self.address: Address = resolve_address(address)
@@ -103,6 +106,7 @@ class Client:
         self.writable = writable
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.group = group
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self.generation = 0
@@ -147,8 +151,9 @@ class Client:
         try:
             rid = self._send_header(hello_request(self._new_id(), socket.gethostname(), transport,
                                                   find_token(self.token, self.address),
-                                                  self.window))
+                                                  self.window, self.group))
             self.server = self._result(rid)
+            self.group = self.server.get("group")
         except BaseException:
             self.close()
             raise
@@ -180,6 +185,7 @@ class Client:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.group = None
         self._pid = os.getpid()
         self.generation = 0
         self._reset()
@@ -300,15 +306,24 @@ class Client:
         self.close()
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],
-               mode: str = "calib", access_mode: str = "idx") -> int:
-        """Ask for several events without waiting; read them with `frames(rid)`."""
+               mode: str = "calib", access_mode: str = "idx",
+               into: Optional[Dict[str, Any]] = None) -> int:
+        """Ask for several events without waiting; read them with `frames(rid)`,
+        or, written `into` a batch arena ({arena, offsets, shape, dtype}), wait
+        for them with `replies(rid)`."""
         return self.send("get", exp=exp, run=int(run), detector=detector, mode=mode,
-                         events=[int(e) for e in events], access_mode=access_mode)
+                         events=[int(e) for e in events], access_mode=access_mode, into=into)
 
     def frames(self, rid: int) -> Iterator[Frame]:
         """The frames of a submitted get, in request order (zero-copy: see the
         lifetime rule). An error reply raises ServerError after the request's
         remaining replies are drained and their slots released."""
+        for header, payload in self.replies(rid):
+            yield self._frame(header, payload)
+
+    def replies(self, rid: int) -> Iterator[Reply]:
+        """The successful replies to a submitted get, in request order; an error
+        reply raises ServerError once the rest are drained (slots released)."""
         error = None
         while True:
             header, payload = self.reply(rid)
@@ -319,11 +334,17 @@ class Client:
                 if "slot" in header:
                     self.release(header["slot"])
             else:
-                yield self._frame(header, payload)
+                yield header, payload
             if done:
                 break
         if error is not None:
             raise error
+
+    def make_arena(self, nbytes: int) -> Dict[str, Any]:
+        """A batch arena of at least `nbytes` on this connection, writable by
+        every connection of its group: {name, size}. It lives until this
+        connection closes."""
+        return self.call("arena", size=int(nbytes))
 
     def _frame(self, header: Dict[str, Any], payload: Optional[bytearray]) -> Frame:
         dtype = np.dtype(header["dtype"])

@@ -24,6 +24,7 @@ NO_GEOMETRY = "no_geometry"
 READ_FAILED = "read_failed"          # the data source raised or returned nothing
 NO_MEMORY = "no_memory"              # shared-memory budget or /dev/shm exhausted
 BAD_SLOT = "bad_slot"
+BAD_ARENA = "bad_arena"              # a batch arena that is not the group's, or a bad offset in it
 BUSY = "busy"                        # too many requests queued on one connection
 TIMEOUT = "timeout"
 INTERNAL = "internal"

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 from . import PROTOCOL_VERSION
-from .errors import BAD_REQUEST, UNKNOWN_MODE, UNKNOWN_OP, ProtocolError
+from .errors import BAD_ARENA, BAD_REQUEST, UNKNOWN_MODE, UNKNOWN_OP, ProtocolError
 
 MODES = ("raw", "calib", "image", "mask")
 TRANSPORTS = ("shm", "inline")
 MAX_EVENTS_PER_GET = 4096
 MAX_NAME = 256
+MAX_DIMS = 8
 
 
 def _field(header: Dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -49,6 +50,7 @@ class Hello:
     host: str = ""
     transport: str = "shm"
     window: int = 0          # 0: the server's default
+    group: Optional[str] = None   # a connection group id the server issued (batch arenas)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -74,10 +76,29 @@ class Info:
 
 
 @dataclass(frozen=True)
+class Into:
+    """Where a get's frames go instead of slots: a batch arena of the
+    connection group, frame k at `offsets[k]`, each of `shape` and `dtype`
+    (checked by the server against the frame it reads before writing)."""
+    arena: str
+    offsets: Tuple[int, ...]
+    shape: Tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if any(o < 0 for o in self.offsets):
+            raise ProtocolError(BAD_ARENA, "arena offsets must be >= 0")
+        if len(self.shape) > MAX_DIMS or any(n < 0 for n in self.shape):
+            raise ProtocolError(BAD_ARENA, f"a frame shape has at most {MAX_DIMS} dimensions, "
+                                           f"none negative")
+
+
+@dataclass(frozen=True)
 class Get:
     key: RunKey
     mode: str
     events: Tuple[int, ...]
+    into: Optional[Into] = None
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -87,6 +108,18 @@ class Get:
             raise ProtocolError(BAD_REQUEST, f"at most {MAX_EVENTS_PER_GET} events per get")
         for e in self.events:
             check_event(e)
+        if self.into is not None and len(self.into.offsets) != len(self.events):
+            raise ProtocolError(BAD_ARENA, "a get into an arena needs one offset per event")
+
+
+@dataclass(frozen=True)
+class MakeArena:
+    """A batch arena of at least `size` bytes for this connection's group (op `arena`)."""
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ProtocolError(BAD_REQUEST, "an arena needs a size >= 1")
 
 
 @dataclass(frozen=True)
@@ -109,7 +142,7 @@ class Shutdown:
     token: Optional[str] = None
 
 
-Request = Union[Hello, Info, Get, Release, Ping, Stats, Shutdown]
+Request = Union[Hello, Info, Get, MakeArena, Release, Ping, Stats, Shutdown]
 
 
 def request_id(header: Dict[str, Any]) -> int:
@@ -133,16 +166,25 @@ def _get(h: Dict[str, Any]) -> Get:
         events = _int_list(h, "events")
     key = RunKey(_field(h, "exp", str), _field(h, "run", int), _field(h, "detector", str),
                  _field(h, "access_mode", str, "idx"))
-    return Get(key, _field(h, "mode", str, "calib"), events)
+    return Get(key, _field(h, "mode", str, "calib"), events, _into(h))
+
+
+def _into(h: Dict[str, Any]) -> Optional[Into]:
+    into = _field(h, "into", dict, None)
+    if into is None:
+        return None
+    return Into(_field(into, "arena", str), _int_list(into, "offsets"), _int_list(into, "shape"),
+                _field(into, "dtype", str))
 
 
 _PARSERS = {
     "hello": lambda h: Hello(_field(h, "version", int), _field(h, "token", str, None),
                              _field(h, "host", str, ""), _field(h, "transport", str, "shm"),
-                             _field(h, "window", int, 0)),
+                             _field(h, "window", int, 0), _field(h, "group", str, None)),
     "info": lambda h: Info(_field(h, "exp", str), _field(h, "run", int),
                            _field(h, "detector", str, None)),
     "get": _get,
+    "arena": lambda h: MakeArena(_field(h, "size", int)),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),
@@ -182,6 +224,6 @@ def error_reply(rid: int, code: str, message: str, **fields: Any) -> Dict[str, A
 
 
 def hello_request(rid: int, host: str, transport: str, token: Optional[str] = None,
-                  window: int = 0) -> Dict[str, Any]:
+                  window: int = 0, group: Optional[str] = None) -> Dict[str, Any]:
     return encode_request("hello", rid, version=PROTOCOL_VERSION, host=host,
-                          transport=transport, token=token, window=window or None)
+                          transport=transport, token=token, window=window or None, group=group)

@@ -12,6 +12,8 @@ event, as psana does) and times, per detector, calib frames through:
   batchloader   BatchLoader: requests in flight on every server worker, one
                 copy per frame into a reused batch buffer
   zero-copy     BatchLoader.views(): the slots themselves, no client copy
+  arena         BatchLoader over batch arenas: the server's workers write every
+                frame in place, the batch is one contiguous tensor, no client copy
   collate-wN    DataLoader alone over frames already in memory (no server): the
                 ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
@@ -127,7 +129,10 @@ def bench_detector(address: str, workers: List[int], det: str,
                    args: argparse.Namespace) -> List[Dict]:
     events = list(range(args.frames))
     frame_bytes = expected(det, "calib", 0).nbytes
-    loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size)
+    loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
+                         arenas=False)
+    in_place = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
+                           arenas=True)
     paths = {
         "legacy": dataset_pass(address, det, events, "legacy", args.loader_workers,
                                args.batch_size),
@@ -139,6 +144,7 @@ def bench_detector(address: str, workers: List[int], det: str,
                                                          persistent=True),
         "batchloader": loader_pass(loader, views=False),
         "zero-copy": loader_pass(loader, views=True),
+        "arena": loader_pass(in_place, views=False),
         "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
         f"collate-w{args.loader_workers}": collate_pass(det, args.frames, args.loader_workers,
                                                         args.batch_size),
@@ -149,6 +155,7 @@ def bench_detector(address: str, workers: List[int], det: str,
         measured[name] = timed(run, args.repeats, workers)
         print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
     loader.close()
+    in_place.close()
     rows = []
     for name, m in measured.items():
         rows.append({"name": name, "detector": det, "frames_per_s": round(m["fps"], 1),

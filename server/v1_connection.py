@@ -16,41 +16,45 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Union
 
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
-from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMORY, NOT_FOUND, NOT_READY,
+from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMORY, NOT_FOUND, NOT_READY,
                                        UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
                                        ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Release, Shutdown, Stats,
-                                         error_reply, ok_reply, parse_request, request_id)
+from psana_ipc.protocol.messages import (Get, Hello, Info, MakeArena, Ping, Release, Shutdown,
+                                         Stats, error_reply, ok_reply, parse_request, request_id)
 
+from .arenas import Arenas, frame_layout, group_is_ours, issue_group
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .frame_reader import Frame
 from .shared_state import Grant
 from .slots import Holding, Slot, SlotPool, budget_in_use, too_large
+from .sources.base import Allocator
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
 MAX_BEFORE_HELLO = 4096        # bytes buffered before a hello is complete
-REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE)   # no use trying further events
+# no use trying further events
+REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)
 
 
 @dataclass
 class Item:
-    """One event of a get, and the memory reserved for it."""
+    """One event of a get (or one arena to make), and the memory reserved for it."""
     rid: int
-    get: Get
+    get: Union[Get, MakeArena]
     seq: int
     arrived: float
     nbytes: Optional[int] = None          # the frame's size, once known
     prefetched: Optional[Frame] = None    # read ahead: its size was not known before
     slot: Optional[Slot] = None           # shm: the slot reserved for it
     reserved: int = 0                     # inline: the bytes reserved for it
+    place: Optional[Allocator] = None     # its place in a batch arena
     error: Optional[ProtocolError] = None
 
     @property
@@ -59,7 +63,11 @@ class Item:
 
     @property
     def done(self) -> bool:
-        return self.seq == len(self.get.events) - 1
+        return isinstance(self.get, MakeArena) or self.seq == len(self.get.events) - 1
+
+    def where(self) -> Dict[str, int]:
+        """What a reply about this item names besides the request id."""
+        return {} if isinstance(self.get, MakeArena) else {"seq": self.seq, "event": self.event}
 
 
 class V1Connection(Channel):
@@ -70,6 +78,8 @@ class V1Connection(Channel):
         self.local = is_local_peer(sock)
         self.hello: Optional[Hello] = None
         self.pool: Optional[SlotPool] = None
+        self.arenas: Optional[Arenas] = None     # batch arenas: shm connections only
+        self.written: Dict[int, list] = {}      # per get into an arena: frames written so far
         self.inline = False
         self.window = ctx.window
         self.queue: Deque[Item] = deque()
@@ -117,6 +127,8 @@ class V1Connection(Channel):
                 return
             now = time.monotonic()
             self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
+        elif isinstance(request, MakeArena):
+            self.queue.append(Item(rid, request, 0, time.monotonic()))
         elif isinstance(request, Release):
             bad = self.pool.release(request.slots) if self.pool else list(request.slots)
             if bad:
@@ -149,15 +161,20 @@ class V1Connection(Channel):
         if self.hello is not None:
             self._fail(rid, NOT_READY, "hello was already received")
             return
+        if hello.group is not None and not group_is_ours(hello.group):
+            self._fail(rid, BAD_ARENA, "this connection group id was not issued by this server")
+            return
+        group = hello.group or issue_group()
         self.hello = hello
         self.window = min(hello.window or self.ctx.window, self.ctx.max_window)
         self.inline = not (hello.transport == "shm" and self.local
                            and hello.host == self.ctx.hostname)
         if not self.inline:
             self.pool = SlotPool(self.ctx.budget, self.window)
+            self.arenas = Arenas(self.pool.holding, group)
         self._reply(ok_reply(rid, version=PROTOCOL_VERSION, transport="inline" if self.inline
                              else "shm", window=self.window, source=self.ctx.source,
-                             worker=os.getpid()))
+                             worker=os.getpid(), group=group))
 
     def _info(self, rid: int, request: Info) -> None:
         try:
@@ -195,6 +212,8 @@ class V1Connection(Channel):
     def reserve(self) -> Grant:
         item = self.queue[0]
         try:
+            if isinstance(item.get, MakeArena) or item.get.into is not None:
+                return self._reserve_arena(item)
             nbytes = self._frame_size(item)
             if self.inline:
                 if nbytes > self.ctx.budget.limit:
@@ -209,20 +228,52 @@ class V1Connection(Channel):
             item.error = e          # `work` answers it
             return Grant.GRANTED
 
+    def _reserve_arena(self, item: Item) -> Grant:
+        """An arena to make: its bytes from the budget. A frame into an arena:
+        nothing to reserve, only its place to check (before any read, its size
+        against the source's)."""
+        if self.arenas is None:
+            raise ProtocolError(BAD_ARENA, "batch arenas need shared memory with the server "
+                                           "(transport shm, same host)")
+        if isinstance(item.get, MakeArena):
+            item.nbytes = item.get.size
+            return self.arenas.reserve(item.nbytes)
+        _, nbytes = frame_layout(item.get.into)
+        known = self.ctx.reader.frame_size(item.get, item.event)
+        if known is not None and known != nbytes:
+            raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
+                                           f"{item.get.mode}; the arena's frames are {nbytes}")
+        item.place, item.reserved = self.arenas.allocator(item.get.into, item.seq)
+        return Grant.GRANTED
+
     def refuse(self, grant: Grant) -> None:
         """The request's other events would wait as long: it ends here."""
         item = self.queue.popleft()
         self._drop(item.rid)
         why = too_large if grant is Grant.TOO_LARGE else budget_in_use
-        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit), seq=item.seq,
-                   event=item.event, done=True)
+        what = "an arena" if isinstance(item.get, MakeArena) else "a frame"
+        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit, what),
+                   done=True, **item.where())
+
+    def _make_arena(self, item: Item) -> None:
+        try:
+            segment = self.arenas.make(item.nbytes)
+        except ProtocolError as e:
+            self._fail(item.rid, e.code, e.message)
+            return
+        self._reply(ok_reply(item.rid, name=segment.name, size=segment.size))
 
     def work(self) -> None:
         item = self.queue.popleft()
+        if item.error is None and isinstance(item.get, MakeArena):
+            self._make_arena(item)
+            return
         try:
             if item.error is not None:
                 raise item.error
-            if item.slot is not None:
+            if item.place is not None:
+                into, reserved = item.place, item.reserved
+            elif item.slot is not None:
                 into, reserved = item.slot.segment.array, item.slot.segment.size
             else:
                 into, reserved = np.empty, item.reserved
@@ -231,18 +282,22 @@ class V1Connection(Channel):
         except ProtocolError as e:
             if item.slot is not None:
                 self.pool.release([item.slot.id])
-            if item.reserved:
+            if item.reserved and item.place is None:
                 self.holding.give(item.reserved)
             done = item.done
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True
-            self._fail(item.rid, e.code, e.message, seq=item.seq, event=item.event, done=done)
+            if done:
+                self.written.pop(item.rid, None)
+            self._fail(item.rid, e.code, e.message, done=done, **item.where())
             return
         desc = ok_reply(item.rid, seq=item.seq, event=item.event, shape=list(data.shape),
                         dtype=data.dtype.str, timestamp=meta.timestamp,
                         calibrated=meta.calibrated, done=item.done, **meta.extra)
-        if item.slot is not None:
+        if item.place is not None:
+            self._written(item, desc)
+        elif item.slot is not None:
             desc.update(slot=item.slot.id, name=item.slot.segment.name,
                         size=item.slot.segment.size)
             self._reply(desc)
@@ -251,6 +306,18 @@ class V1Connection(Channel):
             self.inline_pending += 1
             self._reply(desc, memoryview(data.reshape(-1)).cast("B"),
                         lambda: self._inline_sent(item.reserved))
+
+    def _written(self, item: Item, desc: Dict[str, Any]) -> None:
+        """Frames written into an arena are told in one reply per request, once
+        its last frame is there: the client waits for the batch, not for each
+        frame."""
+        for key in ("ok", "id", "done"):
+            del desc[key]
+        written = self.written.setdefault(item.rid, [])
+        written.append(desc)
+        if item.done:
+            del self.written[item.rid]
+            self._reply(ok_reply(item.rid, done=True, arena=item.get.into.arena, frames=written))
 
     def _inline_sent(self, reserved: int) -> None:
         self.inline_pending -= 1
@@ -261,7 +328,8 @@ class V1Connection(Channel):
 
     def _holds_nothing(self) -> bool:
         return not (self.queue or self.out or self.inline_pending
-                    or (self.pool is not None and self.pool.busy_count))
+                    or (self.pool is not None and self.pool.busy_count)
+                    or (self.arenas is not None and self.arenas.made))
 
     def expendable_since(self) -> Optional[float]:
         if self.hello is None:
@@ -302,6 +370,8 @@ class V1Connection(Channel):
 
     def release(self) -> None:
         self.queue.clear()
+        if self.arenas is not None:
+            self.arenas.close()
         if self.pool is not None:
             self.pool.close()
         if self.holding.bytes:              # inline frames that were never sent
