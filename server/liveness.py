@@ -2,9 +2,10 @@
 
 The master holds an exclusive `flock` on /dev/shm/psipc_<pid>.lock (beside
 its segments, on the same node-wide tmpfs) for as long as it runs, and
-removes the file when it stops. The kernel drops the lock when the last
-process holding it dies, so a lock that can be taken means a dead server,
-whatever its command line looked like. A lock file someone else planted is
+removes the file when it stops (orphaned workers do, if the master was
+killed). The kernel drops the lock when the last process holding it (the
+master and the workers that inherited it) dies, so a lock that can be taken
+means a dead server, whatever its command line looked like. A lock file someone else planted is
 left alone: the server runs without one (cleanup then keeps its segments).
 """
 import fcntl
@@ -60,3 +61,14 @@ def release(fd: Optional[int], server_pid: int) -> None:
     except OSError as e:
         log.warning("cannot remove the liveness lock: %s", e.strerror)
     os.close(fd)
+
+
+def abandon(server_pid: int) -> None:
+    """The master died without stopping: its last orphaned workers remove the
+    lock file (each tries; they exit right after)."""
+    path = segment_path(lock_name(server_pid))
+    try:
+        if os.lstat(path).st_uid == os.geteuid():
+            os.unlink(path)
+    except OSError:
+        pass

@@ -139,8 +139,9 @@ class SharedState:
                 self.table[slot, _COL["holders"]] -= 1
 
     def share(self) -> int:
-        """What one connection holding memory may keep now."""
-        return self.shm_budget // (self._total("holders") + 1)
+        """What one connection holding memory may keep: its part of the budget
+        split among the holders (newcomers get room by pressure on idle slots)."""
+        return self.shm_budget // max(1, self._total("holders"))
 
     def request_trim(self) -> None:
         """Ask every worker to give its idle slots back to the budget."""

@@ -1,7 +1,7 @@
 """The budget a worker's connections draw from, and the reusable slots of a
 v1 connection.
 
-Every frame's memory follows one lifecycle (README, "how memory flows"):
+Every frame's memory follows one lifecycle (README, "Reliability on a shared node"):
 reserve its bytes first (`Holding.take`, within the server-wide budget and
 the connection's fair share), write the frame into it once, hand it over,
 take it back on release, and retire it (truncate, then unlink) when the

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
+from . import liveness
 from .channel import Channel
 from .context import WorkerContext
 from .legacy_connection import LegacyConnection
@@ -60,6 +61,7 @@ class Worker:
         self.unsorted: Dict[int, socket.socket] = {}   # accepted, dialect not known yet
         self.accepted_at: Dict[int, float] = {}
         self.stopping = False
+        self.orphaned = False
         self.sel = selectors.DefaultSelector()
         self.pending_since: Optional[float] = None
         self.accept_paused_until: Optional[float] = None
@@ -86,6 +88,8 @@ class Worker:
             for sock in self.unsorted.values():
                 sock.close()
             self.ctx.reader.cache.close()
+            if self.orphaned:
+                liveness.abandon(self.master_pid)
         return 0
 
     def _on_stop_signal(self, signum, frame) -> None:
@@ -117,6 +121,7 @@ class Worker:
                 last_parent_check = now
                 if os.getppid() != self.master_pid:
                     log.warning("master is gone: worker exiting")
+                    self.orphaned = True
                     return
 
     def _next_deadline(self, now: float) -> float:
