@@ -19,6 +19,8 @@ from .connection import Client
 from .group import ConnectionGroup
 from .shm import attach
 
+HOST_REGISTER_PORTABLE = 1      # pinned for every CUDA context, not only the current one
+
 
 def _pin(memory: Any) -> int:
     """Register a mapping as pinned host memory when CUDA is there; its
@@ -27,7 +29,8 @@ def _pin(memory: Any) -> int:
     if not torch.cuda.is_available():
         return 0
     address = np.frombuffer(memory, np.uint8).ctypes.data
-    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(address, len(memory), 0))
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(address, len(memory),
+                                                                 HOST_REGISTER_PORTABLE))
     return address
 
 

@@ -61,6 +61,8 @@ class BatchLoader:
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0:
             raise ValueError("batch_size and depth must be >= 1, buffers >= 0")
+        if arenas and not buffers:
+            raise ValueError("batch arenas are reused: they need buffers >= 1")
         self.exp, self.run, self.detector, self.mode = exp, int(run), detector, mode
         self.access_mode = access_mode
         self.batch_size = batch_size

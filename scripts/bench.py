@@ -212,7 +212,8 @@ def main() -> int:
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--cost-ms", type=float, default=0.0,
                     help="CPU time the synthetic source burns per event (emulates psana)")
-    ap.add_argument("--shm-budget", default="1G")
+    ap.add_argument("--shm-budget", default="2G",
+                    help="room for three in-flight batch arenas of jungfrau4M on top of the slots")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     args = ap.parse_args()

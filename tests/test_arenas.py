@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -16,17 +15,9 @@ from psana_ipc.protocol.shm_names import our_segments, parse_segment_name
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import ROOT
+from test_batch_loader import _eventually
 
 FRAME = expected("epix100", "raw", 0)
-
-
-def _eventually(condition, tries=200):
-    """Poll a condition the server reaches asynchronously (bounded, not timed)."""
-    for _ in range(tries):
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _backing(array) -> str:
@@ -95,6 +86,17 @@ def test_no_arena_batch_is_overwritten_while_held_under_the_rule(server, buffers
     for k in range(len(held) - ring):
         assert np.shares_memory(held[k][0], held[k + ring][0])
         assert not any(np.shares_memory(held[k][0], held[j][0]) for j in range(k + 1, k + ring))
+    loader.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_arenas_are_pinned_and_go_to_the_gpu_as_written(server):
+    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(4), batch_size=2)
+    for k, batch in enumerate(loader):
+        assert batch.is_pinned()
+        on_gpu = batch.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        _check(on_gpu.cpu(), [2 * k, 2 * k + 1])
     loader.close()
 
 
