@@ -25,6 +25,7 @@ them when its connection closes.
 import hashlib
 import hmac
 import itertools
+import math
 import mmap
 import os
 import secrets
@@ -41,7 +42,7 @@ from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 from .shared_state import Grant
 from .shm import Segment, round_up
 from .slots import Holding
-from .sources.base import Allocator, frame_bytes
+from .sources.base import Allocator
 
 GROUP_KEY = secrets.token_bytes(32)   # made in the master at import; forked workers share it
 MAX_MAPPED = 64                       # arenas of other workers one connection keeps mapped
@@ -76,11 +77,11 @@ def frame_layout(into: Into) -> Tuple[np.dtype, int]:
     """The dtype and byte size of one frame as the request laid it out."""
     try:
         dtype = np.dtype(into.dtype)
-    except TypeError:
+    except (TypeError, ValueError):
         raise _refuse(f"dtype {into.dtype!r} is not a numpy dtype") from None
     if dtype.kind not in DTYPE_KINDS or dtype.itemsize == 0 or dtype.fields is not None:
         raise _refuse(f"dtype {into.dtype!r} is not a plain numeric dtype")
-    return dtype, frame_bytes(into.shape, dtype)
+    return dtype, math.prod(into.shape) * dtype.itemsize     # Python ints: no overflow
 
 
 class _Mapped:

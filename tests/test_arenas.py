@@ -135,6 +135,7 @@ def test_a_group_member_writes_frames_at_their_offsets(server, arena):
     ("wrong dtype", [0], FRAME.shape, "<u4"),
     ("object dtype", [0], FRAME.shape, "|O"),
     ("not a dtype", [0], FRAME.shape, "nonsense"),
+    ("huge shape", [0], (2 ** 40, 2 ** 40), FRAME.dtype.str),
 ])
 def test_a_bad_place_in_an_arena_is_refused_before_anything_is_written(arena, case,
                                                                        code_offsets, shape,
