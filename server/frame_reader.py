@@ -72,11 +72,16 @@ class FrameReader:
 
     def frame_size(self, get: Get, event: int) -> Optional[int]:
         """The bytes the frame of this event will take, before reading it (None:
-        the source cannot tell ahead; read it with `read_private` first)."""
-        with self._source_call(f"sizing event {event}", READ_FAILED):
+        the source cannot tell ahead, or failed to; read it with `read_private`
+        first)."""
+        with self._source_call(f"opening {get.key}", READ_FAILED):
             source = self.cache.get(get.key)
             source.check(event, get.mode)
+        try:
             return source.frame_nbytes(get.mode)
+        except Exception:       # the read that follows says what is wrong, if anything
+            log.exception("sizing a frame of %s failed: reading it first", get.key)
+            return None
 
     def read(self, get: Get, event: int, into: Allocator, reserved: int,
              prefetched: Optional[Frame] = None) -> Frame:

@@ -45,6 +45,7 @@ class Master:
         self.workers: Dict[int, int] = {}        # pid -> slot
         self.signals: List[int] = []
         self.condemned: Dict[int, float] = {}    # stalled worker pid -> SIGKILL then
+        self.lock: Optional[int] = None           # the liveness lock, while running
         self.stopping = False
         self.exit_code = 0
 

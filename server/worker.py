@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
@@ -183,6 +183,8 @@ class Worker:
 
     def _sort(self, sock: socket.socket) -> None:
         """Tell the dialect from the first byte, without consuming it."""
+        if sock.fileno() < 0:         # closed earlier in this pass to make room
+            return
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -212,6 +214,9 @@ class Worker:
         self._update(conn)
 
     def _io(self, conn: Channel, mask: int) -> None:
+        if conn.closed:               # closed earlier in this pass to make room
+            return
+
         def step() -> None:
             if mask & selectors.EVENT_READ:
                 conn.on_readable()
@@ -219,7 +224,7 @@ class Worker:
                 conn.on_writable()
         self._step(conn, step)
 
-    def _ready(self, now: float) -> list:
+    def _ready(self, now: float) -> List[Channel]:
         return [c for c in self.conns.values()
                 if c.has_work() and now >= self.wake_at.get(c, now)]
 

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import List, Optional, Set
 
 import pytest
 
@@ -18,21 +18,17 @@ pytest_plugins = ["psana2_helpers"]   # the psana2 runs are written once per ses
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
-WATCH_EVERY = 0.05
+WATCH_EVERY = 0.1
 
 
-def _children() -> Dict[int, List[int]]:
-    """Parent pid -> live child pids, from /proc (no psutil on the server side)."""
-    children: Dict[int, List[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+def _children(pid: int) -> List[int]:
+    """Child pids of a process (of every thread of it), from /proc."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
     return children
 
 
@@ -69,13 +65,12 @@ class OurProcesses:
         self.pids.add(pid)
 
     def scan(self) -> None:
-        children = _children()
         todo = [os.getpid()]
         while todo:
             pid = todo.pop()
             self.pids.add(pid)
             self.mapped |= _mapped_shm(pid)
-            todo.extend(children.get(pid, ()))
+            todo.extend(_children(pid))
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_EVERY):
@@ -186,7 +181,7 @@ class ServerProcess:
 
 def worker_pids(parent: int) -> List[int]:
     """Live children of a process."""
-    return _children().get(parent, [])
+    return [pid for pid in _children(parent) if pid_alive(pid)]
 
 
 def pid_alive(pid: int) -> bool:

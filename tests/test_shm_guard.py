@@ -41,7 +41,7 @@ def test_a_file_a_child_maps_is_ours_whatever_its_name():
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "mapped"
-        ours.scan()                       # the session's watcher does this every 50 ms
+        ours.scan()                       # the session's watcher does this every 0.1 s
     finally:
         child.communicate("")
     assert guard.leaked(grace=0) == {name}
