@@ -29,6 +29,10 @@ from .connection import Client
 from .group import ConnectionGroup
 
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
+# Frames each connection may hold: the client copies and releases each frame at
+# once, so a few suffice, and DataLoader workers that live one epoch then cost
+# the server a few fresh slots per connection rather than one per frame in flight.
+WINDOW = 8
 
 
 class IPCRemotePsanaDataset(Dataset):
@@ -50,7 +54,8 @@ class IPCRemotePsanaDataset(Dataset):
         self.mode = mode
         self.protocol = protocol
         self.timeout = timeout
-        self._group = ConnectionGroup(server_address, transport=transport, timeout=timeout)
+        self._group = ConnectionGroup(server_address, transport=transport, window=WINDOW,
+                                      timeout=timeout)
         self._ring = BatchRing(buffers, batch_handoff.claim)
 
     def __len__(self) -> int:

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,20 +57,46 @@ def cpu_seconds(pids: List[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def timed(run: Callable[[], int], repeats: int, server: List[int]) -> Dict[str, float]:
+def live_children(server: int) -> Dict[int, float]:
+    """CPU seconds of this process's live children other than the server
+    (persistent DataLoader workers: os.times counts children once reaped)."""
+    me = os.getpid()
+    pids = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        with open(f"/proc/{me}/task/{task}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    pids.discard(server)
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = cpu_seconds([pid])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
+def client_cpu(server: int, since: Dict[int, float]) -> float:
+    """This process's CPU, reaped children's, and live children's since `since`."""
+    live = live_children(server)
+    return sum(os.times()[:4]) + sum(t - since.get(pid, 0.0) for pid, t in live.items())
+
+
+def timed(run: Callable[[], int], repeats: int, server: subprocess.Popen) -> Dict[str, float]:
     """Median frames/s of `repeats` passes after one warm-up pass, with the CPU
-    per frame of this process (children included) and of the server."""
+    per frame of this process (DataLoader workers included) and of the
+    server's workers."""
     run()
     rates, frames = [], 0
-    mine0, server0 = sum(os.times()[:4]), cpu_seconds(server)
+    children0 = live_children(server.pid)
+    mine0, server0 = client_cpu(server.pid, children0), cpu_seconds(server.workers)
     for _ in range(repeats):
         t0 = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - t0))
         frames += n
     return {"fps": statistics.median(rates),
-            "client_ms": 1e3 * (sum(os.times()[:4]) - mine0) / frames,
-            "server_ms": 1e3 * (cpu_seconds(server) - server0) / frames}
+            "client_ms": 1e3 * (client_cpu(server.pid, children0) - mine0) / frames,
+            "server_ms": 1e3 * (cpu_seconds(server.workers) - server0) / frames}
 
 
 def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
@@ -125,8 +152,9 @@ def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
     return run
 
 
-def bench_detector(address: str, workers: List[int], det: str,
+def bench_detector(server: subprocess.Popen, det: str,
                    args: argparse.Namespace) -> List[Dict]:
+    address = server.address
     events = list(range(args.frames))
     frame_bytes = expected(det, "calib", 0).nbytes
     loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
@@ -152,7 +180,7 @@ def bench_detector(address: str, workers: List[int], det: str,
     }
     measured = {}
     for name, run in paths.items():
-        measured[name] = timed(run, args.repeats, workers)
+        measured[name] = timed(run, args.repeats, server)
         print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
     loader.close()
     in_place.close()
@@ -223,7 +251,7 @@ def main() -> int:
                               "--synthetic-events", str(args.frames))
         try:
             rows = [r for det in args.detectors
-                    for r in bench_detector(server.address, server.workers, det, args)]
+                    for r in bench_detector(server, det, args)]
             with Client(server.address) as c:
                 stats = c.stats()
                 c.shutdown()
