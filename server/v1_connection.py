@@ -8,7 +8,9 @@ event gets its own reply (with `seq`); the last reply of a request carries
 or inline after the header; either way at most `window` frames are
 outstanding, which is the back-pressure a slow client feels, and every
 frame's bytes are reserved from the budget before it is read (inline ones
-until they are sent).
+until they are sent). A get into a batch arena (server/arenas.py) writes
+each frame at the place the request names and is answered once, when its
+last frame is there, with the list of its frames.
 """
 import hmac
 import logging
@@ -21,9 +23,9 @@ from typing import Any, Deque, Dict, Optional, Union
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
-from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMORY, NOT_FOUND, NOT_READY,
-                                       UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
-                                       ProtocolError)
+from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMORY,
+                                       NOT_FOUND, NOT_READY, UNAUTHORIZED, UNKNOWN_DETECTOR,
+                                       UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.messages import (Get, Hello, Info, MakeArena, Ping, Release, Shutdown,
                                          Stats, error_reply, ok_reply, parse_request, request_id)
@@ -39,8 +41,7 @@ from .sources.base import Allocator
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
 MAX_BEFORE_HELLO = 4096        # bytes buffered before a hello is complete
-# no use trying further events
-REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)
+REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)  # no use going on
 
 
 @dataclass
