@@ -63,8 +63,11 @@ def live_children(server: int) -> Dict[int, float]:
     me = os.getpid()
     pids = set()
     for task in os.listdir(f"/proc/{me}/task"):
-        with open(f"/proc/{me}/task/{task}/children") as f:
-            pids.update(int(p) for p in f.read().split())
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:      # a thread that ended meanwhile
+            pass
     pids.discard(server)
     found = {}
     for pid in pids:

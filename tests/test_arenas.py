@@ -1,6 +1,7 @@
 """Batch arenas: the server's workers write every frame of a batch in place,
 the client wraps the batch with no copy. Bytes, order, the lifetime rule,
 what the server refuses, and that nothing outlives a client or the server."""
+import os
 import signal
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from psana_ipc.client import BatchLoader, Client, ServerError
 from psana_ipc.protocol.shm_names import our_segments, parse_segment_name
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import ROOT
+from conftest import ROOT, pid_alive
 from test_batch_loader import _eventually
+from test_lifecycle import _psana_ipc
 
 FRAME = expected("epix100", "raw", 0)
 
@@ -248,5 +250,24 @@ def test_a_server_stopped_with_arenas_in_use_leaves_nothing(start_server):
     assert server.stop() == 0
     assert not list(our_segments(server.pid))
     _check(batch, [0, 1])           # what the client mapped stays readable
+    del batches
+    loader.close()
+
+
+def test_cleanup_removes_the_arenas_of_a_killed_server(start_server):
+    server = start_server(["--workers", "2"])
+    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(8), batch_size=2,
+                         output="numpy")
+    batches = iter(loader)
+    next(batches)
+    workers = server.workers
+    for pid in [server.pid] + workers:          # nothing of the server gets to clean up
+        os.kill(pid, signal.SIGKILL)
+    server.proc.wait(10)
+    assert _eventually(lambda: not any(pid_alive(p) for p in workers))
+    assert _arenas_of(server)
+    result = _psana_ipc("cleanup")
+    assert result.returncode == 0, result.stderr
+    assert not list(our_segments(server.pid))
     del batches
     loader.close()
