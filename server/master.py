@@ -3,8 +3,10 @@ replaces the ones that die, and stops everything cleanly.
 
 Signal handlers only enqueue; the loop drains the queue. Stopping closes the
 listener, asks workers to stop, reaps them until a deadline, then SIGKILLs
-the rest, and finally unlinks every segment named with this server's pid, so
-nothing survives a stop whatever state the workers were in. A worker that
+the rest, and finally unlinks every segment named with this server's pid (of
+this user's files only), so nothing survives a stop whatever state the
+workers were in. While it runs it holds the liveness lock `psana-ipc
+cleanup` looks at. A worker that
 dies before it ever accepted stops the server instead of being respawned
 forever; one whose loop stalls longer than the request timeout (stuck in a
 source call, or frozen) logs its traceback and is replaced.
@@ -20,9 +22,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from . import liveness
-from .shm import sweep
-
 from .shared_state import SharedState
+from .shm import sweep
 from .wakeup import drain, wakeup_pipe
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,6 @@ class Counters:
     """One worker's row: what it counts and the gauges the master and `stats` read."""
 
     def __init__(self, state: "SharedState", slot: int) -> None:
-        self._state = state
         self._row = state.table[slot]
         self.slot = slot
 
@@ -99,7 +98,7 @@ class SharedState:
         return Counters(self, slot)
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def _locked(self) -> Iterator[None]:
         fcntl.lockf(self._lockfile, fcntl.LOCK_EX)
         try:
             yield
@@ -117,7 +116,7 @@ class SharedState:
         budget // (connections holding memory + 1), so newcomers always find room."""
         if nbytes > self.shm_budget:
             return Grant.TOO_LARGE
-        with self.locked():
+        with self._locked():
             in_use = self._total("shm_bytes")
             if in_use + nbytes > self.shm_budget:
                 return Grant.WAIT
@@ -133,7 +132,7 @@ class SharedState:
 
     def unreserve(self, slot: int, nbytes: int, still_held: int) -> None:
         """Give `nbytes` back; a connection left holding nothing is no longer a holder."""
-        with self.locked():
+        with self._locked():
             self.table[slot, _COL["shm_bytes"]] -= nbytes
             if not still_held:
                 self.table[slot, _COL["holders"]] -= 1
@@ -145,7 +144,7 @@ class SharedState:
 
     def request_trim(self) -> None:
         """Ask every worker to give its idle slots back to the budget."""
-        with self.locked():
+        with self._locked():
             self.table[self.workers, _COL["trims"]] += 1
 
     def trim_requests(self) -> int:
@@ -154,7 +153,7 @@ class SharedState:
     # -- the master's view ------------------------------------------------------------
     def reset_gauges(self, slot: int) -> None:
         """Forget what a dead worker held; its counters stay in the totals."""
-        with self.locked():
+        with self._locked():
             for name in _GAUGES:
                 self.table[slot, _COL[name]] = 0
 

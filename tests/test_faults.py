@@ -269,12 +269,14 @@ def test_a_frozen_worker_logs_its_traceback_and_is_replaced(start_server, pytest
     noticed = time.monotonic() - started
     wait_for(lambda: frozen_pid not in server.workers and len(server.workers) == 2,
              "a new worker replaces the frozen one")
+    replaced = time.monotonic() - started
     log = server.log()
     assert f"worker {frozen_pid} made no progress" in log
     assert "most recent call first" in log and "worker.py" in log      # faulthandler's dump
     assert _served(frozen) and _served(other)
     record_figure(pytestconfig, f"frozen worker (SIGSTOP, --request-timeout 2): its client's "
-                                f"connection closed after {noticed:.1f} s, traceback logged")
+                                f"connection closed after {noticed:.1f} s, traceback logged, "
+                                f"a new worker in place after {replaced:.1f} s")
     frozen.close()
     other.close()
 

@@ -13,6 +13,7 @@ from psana_ipc.protocol import errors
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.framing import encode_frame
 from psana_ipc.protocol.messages import encode_request
+from psana_ipc.server.shared_state import Grant, SharedState
 from psana_ipc.server.shm import round_up
 from psana_ipc.server.sources.synthetic import expected
 
@@ -130,3 +131,19 @@ def test_a_frame_waiting_for_memory_is_read_once(start_server, tmp_path):
     assert log.read_text().split() == ["1", "2"]
     holder.close()
     waiter.close()
+
+
+def test_the_fair_share_rule():
+    """budget // (holders + 1) for a connection that holds memory; one that
+    holds nothing may take any room left; larger than the budget is never."""
+    state = SharedState(workers=2, shm_budget=120)
+    assert state.reserve(0, 121, held=0) is Grant.TOO_LARGE
+    assert state.reserve(0, 50, held=0) is Grant.GRANTED        # greedy: first frame
+    assert state.reserve(0, 20, held=50) is Grant.WAIT          # 70 > 120 // (1 + 1)
+    assert state.reserve(0, 10, held=50) is Grant.GRANTED       # 60: exactly its share
+    assert state.reserve(1, 40, held=0) is Grant.GRANTED        # a newcomer finds room
+    assert state.reserve(1, 1, held=40) is Grant.WAIT           # 41 > 120 // (2 + 1)
+    assert state.reserve(0, 1, held=60) is Grant.WAIT
+    assert state.stats()["holders"] == 2 and state.stats()["shm_bytes"] == 100
+    state.unreserve(1, 40, still_held=0)
+    assert state.stats()["holders"] == 1 and state.stats()["shm_bytes"] == 60
