@@ -240,13 +240,19 @@ def test_a_client_that_vanishes_frees_its_arenas(server):
             child.wait()
 
 
-def test_a_server_stopped_with_arenas_in_use_leaves_nothing(start_server):
+def _arenas_in_use(start_server):
+    """A server, a loader with its arenas made, the loader's iterator and its first batch."""
     server = start_server(["--workers", "2"])
     loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(8), batch_size=2,
                          output="numpy")
     batches = iter(loader)
     batch = next(batches)
     assert _arenas_of(server)
+    return server, loader, batches, batch
+
+
+def test_a_server_stopped_with_arenas_in_use_leaves_nothing(start_server):
+    server, loader, batches, batch = _arenas_in_use(start_server)
     assert server.stop() == 0
     assert not list(our_segments(server.pid))
     _check(batch, [0, 1])           # what the client mapped stays readable
@@ -255,11 +261,7 @@ def test_a_server_stopped_with_arenas_in_use_leaves_nothing(start_server):
 
 
 def test_cleanup_removes_the_arenas_of_a_killed_server(start_server):
-    server = start_server(["--workers", "2"])
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(8), batch_size=2,
-                         output="numpy")
-    batches = iter(loader)
-    next(batches)
+    server, loader, batches, _ = _arenas_in_use(start_server)
     workers = server.workers
     for pid in [server.pid] + workers:          # nothing of the server gets to clean up
         os.kill(pid, signal.SIGKILL)
