@@ -10,11 +10,19 @@ connections, so the memory counts against each connection's fair share of
 the server's budget. With CUDA, each arena is registered once as pinned
 host memory, so `batch.to("cuda", non_blocking=True)` copies straight from
 what the server wrote.
+
+`arena_buffer` gives a batch_ring `Buffer` whose memory is an arena, so
+IPCRemotePsanaDataset's batches (without DataLoader workers) are written in
+place too, under the ring's own reuse rule.
 """
+import os
 from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
+from psana_ipc.protocol.shm_names import segment_path
+
+from .batch_ring import Buffer, lock
 from .connection import Client
 from .group import ConnectionGroup
 from .shm import attach
@@ -105,3 +113,41 @@ class ArenaRing:
         for arena in self.arenas:
             arena.close()
         self.arenas = []
+
+
+class ArenaBuffer(Buffer):
+    """A ring buffer over an arena (its last byte is the ring's flag)."""
+
+    def __init__(self, client: Client, capacity: int, pinned: bool) -> None:
+        made = client.make_arena(capacity + 1)
+        self.name = made["name"]
+        self._client, self._generation = client, client.generation
+        fd = os.open(segment_path(self.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        super().__init__(capacity, fd=fd, locked=lock(fd))
+        self.pinned = pinned
+        self._pinned = _pin(self._memory) if pinned else 0
+
+    def alive(self) -> bool:
+        return self._generation == self._client.generation
+
+    def close(self) -> None:
+        if getattr(self, "_pinned", 0):
+            _unpin(self._pinned)
+            self._pinned = 0
+        if getattr(self, "name", None) and self.alive():
+            self._client.free_arena(self.name)
+            self.name = None
+        super().close()
+
+    __del__ = close
+
+
+def arena_buffer(group: ConnectionGroup) -> Callable[[int, bool], Buffer]:
+    """A batch_ring `make` whose buffers are arenas, spread over the group's connections."""
+    made = [0]
+
+    def make(nbytes: int, pinned: bool) -> Buffer:
+        clients = group.clients
+        made[0] += 1
+        return ArenaBuffer(clients[made[0] % len(clients)], nbytes, pinned)
+    return make

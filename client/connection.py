@@ -120,6 +120,7 @@ class Client:
         self._next_id = 0
         self._pending: Dict[int, Deque[Reply]] = {}
         self._to_release: List[int] = []
+        self._to_free: List[str] = []      # arenas to give back with the next message
         self._held: Set[int] = set()     # slots handed out and not released
         self.server: Dict[str, Any] = {}
 
@@ -273,6 +274,11 @@ class Client:
             while self._to_release:
                 slots.append(self._to_release.pop())
             send_message(self._sock, encode_request("release", self._new_id(), slots=slots))
+        if self._to_free and self._sock is not None:
+            names = []
+            while self._to_free:
+                names.append(self._to_free.pop())
+            send_message(self._sock, encode_request("free_arenas", self._new_id(), names=names))
 
     def connect(self) -> "Client":
         """Connect now rather than on first use."""
@@ -339,6 +345,10 @@ class Client:
                 break
         if error is not None:
             raise error
+
+    def free_arena(self, name: str) -> None:
+        """Give an arena back with the next message; no I/O, safe anywhere."""
+        self._to_free.append(name)
 
     def make_arena(self, nbytes: int) -> Dict[str, Any]:
         """A batch arena of at least `nbytes` on this connection, writable by

@@ -142,7 +142,13 @@ class Shutdown:
     token: Optional[str] = None
 
 
-Request = Union[Hello, Info, Get, MakeArena, Release, Ping, Stats, Shutdown]
+@dataclass(frozen=True)
+class FreeArenas:
+    """Arenas of this connection it no longer needs (op `free_arenas`)."""
+    names: Tuple[str, ...]
+
+
+Request = Union[Hello, Info, Get, MakeArena, FreeArenas, Release, Ping, Stats, Shutdown]
 
 
 def request_id(header: Dict[str, Any]) -> int:
@@ -156,6 +162,13 @@ def _int_list(header: Dict[str, Any], name: str) -> Tuple[int, ...]:
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool):
             raise ProtocolError(BAD_REQUEST, f"{name} must be a list of integers")
+    return tuple(values)
+
+
+def _str_list(header: Dict[str, Any], name: str) -> Tuple[str, ...]:
+    values = _field(header, name, list)
+    if not all(isinstance(v, str) for v in values):
+        raise ProtocolError(BAD_REQUEST, f"{name} must be a list of strings")
     return tuple(values)
 
 
@@ -185,6 +198,7 @@ _PARSERS = {
                            _field(h, "detector", str, None)),
     "get": _get,
     "arena": lambda h: MakeArena(_field(h, "size", int)),
+    "free_arenas": lambda h: FreeArenas(_str_list(h, "names")),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),

@@ -31,7 +31,7 @@ import os
 import secrets
 import stat
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -129,6 +129,18 @@ class Arenas:
             raise
         self.made[segment.name] = segment
         return segment
+
+    def free(self, names: Tuple[str, ...]) -> List[str]:
+        """Unlink arenas this connection made; returns the names that were not."""
+        bad = []
+        for name in names:
+            segment = self.made.pop(name, None)
+            if segment is None:
+                bad.append(name)
+                continue
+            segment.destroy()
+            self.holding.give(segment.size)
+        return bad
 
     # -- writing --------------------------------------------------------------------
     def allocator(self, into: Into, seq: int) -> Tuple[Allocator, int]:

@@ -27,8 +27,9 @@ from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LAR
                                        NOT_FOUND, NOT_READY, UNAUTHORIZED, UNKNOWN_DETECTOR,
                                        UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (Get, Hello, Info, MakeArena, Ping, Release, Shutdown,
-                                         Stats, error_reply, ok_reply, parse_request, request_id)
+from psana_ipc.protocol.messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Release,
+                                         Shutdown, Stats, error_reply, ok_reply, parse_request,
+                                         request_id)
 
 from .arenas import Arenas, frame_layout, group_is_ours, issue_group
 from .channel import Channel
@@ -130,6 +131,10 @@ class V1Connection(Channel):
             self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
         elif isinstance(request, MakeArena):
             self.queue.append(Item(rid, request, 0, time.monotonic()))
+        elif isinstance(request, FreeArenas):
+            bad = self.arenas.free(request.names) if self.arenas else list(request.names)
+            if bad:
+                self._fail(rid, BAD_ARENA, f"arenas {bad} were not made by this connection")
         elif isinstance(request, Release):
             bad = self.pool.release(request.slots) if self.pool else list(request.slots)
             if bad:

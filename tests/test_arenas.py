@@ -10,8 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from psana_ipc.client import BatchLoader, Client, ServerError
+from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, RunDataset,
+                              ServerError)
 from psana_ipc.protocol.shm_names import our_segments, parse_segment_name
 from psana_ipc.server.sources.synthetic import expected
 
@@ -273,3 +275,47 @@ def test_cleanup_removes_the_arenas_of_a_killed_server(start_server):
     assert not list(our_segments(server.pid))
     del batches
     loader.close()
+
+
+def _dataset(server, events, **kw):
+    return IPCRemotePsanaDataset(server.address, [("x", 1, "idx", "epix100", e) for e in events],
+                                 mode="raw", **kw)
+
+
+def test_dataloader_batches_without_workers_are_arenas_in_order(server):
+    events = [11, 3, 7, 0, 42, 5, 9, 1, 30, 8]
+    for ds in (_dataset(server, events), RunDataset(server.address, "x", 1, "epix100", "raw",
+                                                    events=events)):
+        loader = DataLoader(ds, batch_size=4)
+        for epoch in range(2):
+            batches = list(loader)
+            assert all(_backing(b).startswith(f"/dev/shm/psipc_{server.pid}_") for b in batches)
+            _check(torch.cat([b.clone() for b in batches]), events)
+            del batches
+        ds.close()
+    assert _eventually(lambda: not _arenas_of(server))
+
+
+def test_arenas_a_dataset_no_longer_keeps_are_given_back(server):
+    ds = _dataset(server, range(24), buffers=2)
+    kept = list(DataLoader(ds, batch_size=3))         # every batch held: the ring grows
+    assert len(_arenas_of(server)) >= 8
+    _check(torch.cat(kept), range(24))
+    del kept
+    for _ in DataLoader(ds, batch_size=3):
+        pass
+    with Client(server.address) as c:
+        c.ping()
+    assert _eventually(lambda: len(_arenas_of(server)) <= 3), _arenas_of(server)
+    ds.close()
+
+
+def test_only_arenas_of_the_connection_can_be_freed(server, arena):
+    owner, made = arena
+    with Client(server.address, group=owner.group) as member:
+        with pytest.raises(ServerError) as err:
+            member.call("free_arenas", names=[made["name"]])
+        assert err.value.code == "bad_arena"
+    owner.free_arena(made["name"])
+    assert owner.ping()
+    assert made["name"] not in _arenas_of(server)
