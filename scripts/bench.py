@@ -111,6 +111,7 @@ def dataset_pass(address: str, det: str, events: List[int], protocol: str, worke
 
     def run() -> int:
         return sum(b.shape[0] for b in loader)
+    run.close = ds.close        # what the path holds on the server goes before the next path
     return run
 
 
@@ -141,6 +142,13 @@ def loader_pass(loader: BatchLoader, views: bool) -> Callable[[], int]:
         if views:
             return sum(len(frames) for frames in loader.views())
         return sum(b.shape[0] for b in loader)
+    return run
+
+
+def in_place_pass(loader: BatchLoader) -> Callable[[], int]:
+    """Batches written in place into arenas, which the loader gives back once timed."""
+    run = loader_pass(loader, views=False)
+    run.close = loader.close
     return run
 
 
@@ -175,7 +183,7 @@ def bench_detector(server: subprocess.Popen, det: str,
                                                          persistent=True),
         "batchloader": loader_pass(loader, views=False),
         "zero-copy": loader_pass(loader, views=True),
-        "arena": loader_pass(in_place, views=False),
+        "arena": in_place_pass(in_place),
         "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
         f"collate-w{args.loader_workers}": collate_pass(det, args.frames, args.loader_workers,
                                                         args.batch_size),
@@ -185,8 +193,8 @@ def bench_detector(server: subprocess.Popen, det: str,
     for name, run in paths.items():
         measured[name] = timed(run, args.repeats, server)
         print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
+        getattr(run, "close", lambda: None)()
     loader.close()
-    in_place.close()
     rows = []
     for name, m in measured.items():
         rows.append({"name": name, "detector": det, "frames_per_s": round(m["fps"], 1),
