@@ -36,8 +36,8 @@ class RingBatch:
         self._handed_over = get_worker_info() is not None
         pinned = not self._handed_over and _cuda()
         self._ring = ring
-        self._buffer = ring.lease(shape, dtype, self._handed_over, pinned)
-        self.array = self._buffer.lease(shape, np.dtype(dtype))
+        self.buffer = ring.lease(shape, dtype, self._handed_over, pinned)
+        self.array = self.buffer.lease(shape, np.dtype(dtype))
 
     def fits(self, frame: np.ndarray) -> bool:
         return frame.shape == self.array.shape[1:] and frame.dtype == self.array.dtype
@@ -53,7 +53,7 @@ class RingBatch:
         """The whole batch as this process hands it on."""
         if self._handed_over:
             retired, self._ring.retired = self._ring.retired, []
-            return SharedBatch(self._buffer, self.array, retired)
+            return SharedBatch(self.buffer, self.array, retired)
         import torch
         return torch.from_numpy(self.array)
 

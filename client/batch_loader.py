@@ -2,14 +2,18 @@
 can produce frames.
 
 It splits every batch over a ConnectionGroup (one connection per server
-worker), keeps the next batches' requests in flight, and copies each frame
-once from its slot straight into a preallocated batch buffer, releasing the
-slot at once. No DataLoader worker processes, no pickling, no collate copy.
+worker) and keeps the next batches' requests in flight. On the server's
+host, every batch is a batch arena (client/arena.py): the server's workers
+write each frame straight into its place in it, and the batch is a tensor
+over the arena, with no copy in the client. Elsewhere (frames inline), or
+when the server's budget has no room for the arenas, each frame is copied
+once from its slot into a reused batch buffer. No DataLoader worker
+processes, no pickling, no collate copy.
 
-Buffer lifetime rule: the loader reuses `buffers` batch buffers (pinned when
-CUDA is available). A yielded batch stays valid until `buffers` further
-batches have been drawn; `.clone()` (or `.copy()`) what you keep longer, or
-pass `buffers=0` for a fresh tensor every batch.
+Buffer lifetime rule, the same for both: a yielded batch stays valid until
+`buffers` further batches have been drawn (arenas and buffers are pinned
+when CUDA is available); `.clone()` (or `.copy()`) what you keep longer, or
+pass `buffers=0` for a fresh tensor every batch (copied, never an arena).
 
 Sharding follows torch's DistributedSampler exactly: each epoch's order
 (with torch present, shuffled by `torch.randperm` seeded with `seed + epoch`,
@@ -25,10 +29,14 @@ values batched as tensors (arrays); `skip_incomplete` also leaves out the
 events lacking a field's detector, as LCLStreamer's skip_incomplete_events.
 """
 import math
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from psana_ipc.protocol.errors import NO_MEMORY, ServerError
+
+from .arena import ArenaRing
 from .connection import Client, Frame, stack_values
 from .optional import require
 from .distributed import rank_and_world, shard
@@ -104,6 +112,9 @@ class BatchLoader:
         fields: other detectors' per-event values beside each frame, e.g.
             "ebeam.ebeamPhotonEnergy"; batches are then `(frames, {name: values})`.
         skip_incomplete: leave out the events lacking a field's detector.
+        arenas: True to require batch arenas, False to always copy, None
+            (default) for arenas wherever they can be had (see the module
+            docstring); never with `fields` or `skip_incomplete`.
 
     Raises:
         ValueError: a bad option, or a mode the detector does not have.
@@ -119,11 +130,17 @@ class BatchLoader:
                  buffers: int = 2, output: str = "torch", pin_memory: Optional[bool] = None,
                  transport: str = "auto", access_mode: str = "idx",
                  progress: bool = False, read_ahead: int = 8,
-                 fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False) -> None:
+                 fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
+                 arenas: Optional[bool] = None) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
             raise ValueError("batch_size and depth must be >= 1, buffers and read_ahead >= 0")
+        if arenas and not buffers:
+            raise ValueError("batch arenas are reused: they need buffers >= 1")
+        if arenas and (fields or skip_incomplete):
+            raise ValueError("batch arenas take neither fields nor skip_incomplete "
+                             "(use arenas=None or False)")
         self.exp, self.run, self.detector, self.mode = exp, int(run), detector, mode
         self.access_mode = access_mode
         self.fields = list(fields or [])
@@ -151,7 +168,11 @@ class BatchLoader:
                                                        skip_incomplete)
         self.events = [int(e) for e in events]
         self.pin_memory = pin_memory
-        self._ring = [self._new_buffer() for _ in range(buffers)]
+        self.buffers = buffers
+        self.arenas = arenas if buffers and not (fields or skip_incomplete) else False
+        self._ring: List[Any] = []
+        self._arena_ring: Optional[ArenaRing] = None
+        self._drawn = 0
 
     # -- sizes and epochs ---------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -171,23 +192,65 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     # -- buffers --------------------------------------------------------------------------
+    def _pin(self) -> bool:
+        if self.output == "numpy":
+            return False
+        torch = require("torch", "torch", "BatchLoader(output='torch')")
+        return torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+
     def _new_buffer(self) -> Any:
         shape = (self.batch_size,) + self.frame_shape
         if self.output == "numpy":
             return np.empty(shape, self.dtype)
         torch = require("torch", "torch", "BatchLoader(output='torch')")
-        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, self.dtype)).dtype,
-                           pin_memory=pin)
+                           pin_memory=self._pin())
 
     def _buffer(self, k: int, n: int) -> Any:
-        buf = self._ring[k % len(self._ring)] if self._ring else self._new_buffer()
-        return buf[:n]
+        if not self.buffers:
+            return self._new_buffer()[:n]
+        if not self._ring:
+            self._ring = [self._new_buffer() for _ in range(self.buffers)]
+        return self._ring[k % len(self._ring)][:n]
+
+    def _arenas(self) -> Optional[ArenaRing]:
+        """The ring of batch arenas (made again after the connections were
+        dropped), or None for the copy path. Enough arenas that the server
+        writes the `depth` batches asked ahead while the last `buffers`
+        drawn stay intact."""
+        if self._arena_ring is not None and self._arena_ring.alive():
+            return self._arena_ring
+        if self._arena_ring is not None:
+            self._arena_ring.close()
+            self._arena_ring = None
+        if self.arenas is False or self.group.clients[0].server["transport"] != "shm":
+            if self.arenas:
+                raise ValueError("batch arenas need shared memory with the server (same host)")
+            return None
+        try:
+            self._arena_ring = ArenaRing(self.group, self.buffers + self.depth - 1,
+                                         self.frame_shape, self.dtype, self.batch_size,
+                                         self._pin())
+        except ServerError as e:
+            if self.arenas or e.code != NO_MEMORY:
+                raise
+            warnings.warn(f"no room for batch arenas ({e.message}); copying frames instead")
+            self.close()           # gives back the arenas made so far
+            self.arenas = False
+        return self._arena_ring
+
+    def _output(self, batch: np.ndarray) -> Any:
+        if self.output == "numpy":
+            return batch
+        import torch
+        return torch.from_numpy(batch)
 
     # -- iteration ------------------------------------------------------------------------
-    def _batches(self) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
-        """(batch number, events, the group's requests) with `depth` batches asked ahead.
-        Abandoning it mid-epoch drops the connections, which frees their slots."""
+    def _batches(self, into: Optional[Callable[[int], Callable[[int, int], Dict[str, Any]]]]
+                 = None) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
+        """(batch number, events, the group's requests) with `depth` batches asked
+        ahead, batch k written `into(k)` when given. Abandoning it mid-epoch
+        drops the connections, which frees their slots and arenas."""
         order = self._order()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         in_flight: List[List[Tuple[Client, int, int]]] = []
@@ -196,10 +259,12 @@ class BatchLoader:
         try:
             for k, events in enumerate(batches):
                 while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
+                    ahead = k + len(in_flight)
                     in_flight.append(self.group.submit(self.exp, self.run, self.detector,
-                                                       batches[k + len(in_flight)], self.mode,
+                                                       batches[ahead], self.mode,
                                                        self.access_mode, self.fields,
-                                                       self.skip_incomplete))
+                                                       self.skip_incomplete,
+                                                       into=into(ahead) if into else None))
                 hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield k, events, in_flight.pop(0)
             completed = True
@@ -221,13 +286,25 @@ class BatchLoader:
         return end
 
     def __iter__(self) -> Iterator[Any]:
-        """Batches copied into the reused buffers (see the buffer lifetime rule);
-        with `fields`, `(batch, {name: values})`. A batch the server skipped
-        events of (`skip_incomplete`) is shorter, and a fresh copy."""
+        """Batches in arenas or copied into the reused buffers (see the buffer
+        lifetime rule); with `fields`, `(batch, {name: values})`. A batch the
+        server skipped events of (`skip_incomplete`) is shorter, and a fresh
+        copy."""
+        ring = self._arenas()
+        first = self._drawn       # ring places count on across epochs
         bar = self._progress_bar()
         try:
+            if ring is not None:
+                for k, events, requests in self._batches(lambda k: ring.into(first + k)):
+                    self.group.wait(requests)
+                    self._drawn += 1
+                    if bar is not None:
+                        bar.update(len(events))
+                    yield self._output(ring.batch(first + k, len(events)))
+                return
             for k, events, requests in self._batches():
-                out = self._buffer(k, len(events))
+                self._drawn += 1
+                out = self._buffer(first + k, len(events))
                 target = out.numpy() if self.output == "torch" else out
                 values = {}
                 for pos, frame in self.group.stream(requests):
@@ -279,8 +356,12 @@ class BatchLoader:
                     frame.release()
 
     def close(self) -> None:
-        """Drop the connections (they reconnect on the next iteration)."""
+        """Drop the connections and with them the arenas (both are made again
+        on the next iteration)."""
         self.group.close()
+        if self._arena_ring is not None:
+            self._arena_ring.close()
+            self._arena_ring = None
 
     def __enter__(self) -> "BatchLoader":
         return self

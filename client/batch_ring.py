@@ -67,6 +67,7 @@ class Buffer:
         """A new buffer, or (`fd`, `locked`) one this process claimed."""
         self.capacity = capacity
         self.fd = fd
+        self.pinned = pinned
         self._locked = locked
         if pinned:
             import torch
@@ -110,6 +111,10 @@ class Buffer:
     def idle(self) -> bool:
         return (self._lease is None or self._lease() is None) and not self.handed_over
 
+    def alive(self) -> bool:
+        """The memory can still be filled (a batch arena: while its connection lives)."""
+        return True
+
     def lease(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """The first bytes as an array that keeps the buffer busy while it, or
         anything made from it, is alive."""
@@ -139,19 +144,23 @@ class _Lease:
 
 
 Claimed = Callable[[int, List[Key]], Optional[Buffer]]   # (bytes, keys not to try) -> buffer
+Make = Callable[[int, bool], Buffer]                      # (bytes, pinned) -> a new buffer
 
 
 class BatchRing:
     """The buffers of one process (a forked DataLoader worker starts with none)."""
 
-    def __init__(self, keep: int = 2, claimed: Optional[Claimed] = None) -> None:
+    def __init__(self, keep: int = 2, claimed: Optional[Claimed] = None,
+                 make: Make = Buffer) -> None:
         """`keep`: newer batches handed out before a buffer is reused, and idle
         buffers kept for reuse; 0 gives fresh memory to every batch.
-        `claimed`: finds a buffer left by an earlier process to use first."""
+        `claimed`: finds a buffer left by an earlier process to use first.
+        `make`: a new buffer (batch arenas make theirs; not pickled)."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
         self.keep = keep
         self._claimed = claimed
+        self._make = make
         self._buffers: List[Buffer] = []
         self._count = 0
         self._pid = os.getpid()
@@ -172,13 +181,14 @@ class BatchRing:
             self._buffers, self._count, self._pid, self.retired = [], 0, os.getpid(), []
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         spacing = 0 if handed_over else self.keep
-        idle = [b for b in self._buffers if b.idle() and self._count - b.serial >= spacing]
+        idle = [b for b in self._buffers
+                if b.idle() and b.alive() and self._count - b.serial >= spacing]
         chosen = next((b for b in sorted(idle, key=lambda b: b.serial)
-                       if b.capacity >= nbytes and (b.fd is None) == pinned), None)
+                       if b.capacity >= nbytes and b.pinned == pinned), None)
         if chosen is None and self.keep and not pinned and self._claimed is not None:
             chosen = self._claimed(nbytes, [b.key for b in self._buffers])
         if chosen is None:
-            chosen = Buffer(nbytes, pinned)
+            chosen = self._make(nbytes, pinned)
         if self.keep and not chosen.kept:
             chosen.kept = True
             self._buffers.append(chosen)
@@ -188,10 +198,11 @@ class BatchRing:
         return chosen
 
     def _trim(self, chosen: Buffer) -> None:
-        """Close idle buffers beyond `keep` (the oldest first)."""
+        """Close idle buffers beyond `keep` (the oldest first), and dead ones."""
         idle = sorted((b for b in self._buffers if b is not chosen and b.idle()),
-                      key=lambda b: b.serial)
-        for buffer in idle[: max(0, len(idle) - self.keep)]:
+                      key=lambda b: (b.alive(), b.serial))
+        dead = sum(not b.alive() for b in idle)
+        for buffer in idle[: max(dead, len(idle) - self.keep)]:
             if buffer.key is not None:
                 self.retired.append(buffer.key)
             buffer.close()

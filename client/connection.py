@@ -108,6 +108,9 @@ class Client:
             and does not write them (torch.as_tensor).
         timeout: seconds to wait for a reply (None: forever).
         connect_timeout: seconds to wait for the connection.
+        group: a connection group id the server issued to another connection
+            (batch arenas); without one, the server issues a new one
+            (`Client.group` once connected).
 
     It connects on first use (and again in a forked child). Errors the server
     replies with raise `ServerError` (`.code`, `.message`); no server, or a
@@ -118,7 +121,8 @@ class Client:
 
     def __init__(self, address: Any = None, *, transport: str = "auto",
                  token: Optional[str] = None, window: int = 0, writable: bool = False,
-                 timeout: Optional[float] = 300.0, connect_timeout: float = 10.0) -> None:
+                 timeout: Optional[float] = 300.0, connect_timeout: float = 10.0,
+                 group: Optional[str] = None) -> None:
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'")
         self.address: Address = resolve_address(address)
@@ -128,6 +132,7 @@ class Client:
         self.writable = writable
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.group = group
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self.generation = 0
@@ -143,6 +148,7 @@ class Client:
         self._next_id = 0
         self._pending: Dict[int, Deque[Reply]] = {}
         self._to_release: List[int] = []
+        self._to_free: List[str] = []      # arenas to give back with the next message
         self._held: Set[int] = set()     # slots handed out and not released
         self.server: Dict[str, Any] = {}
 
@@ -174,8 +180,9 @@ class Client:
         try:
             rid = self._send_header(hello_request(self._new_id(), socket.gethostname(), transport,
                                                   find_token(self.token, self.address),
-                                                  self.window))
+                                                  self.window, self.group))
             self.server = self._result(rid)
+            self.group = self.server.get("group")
         except BaseException:
             self.close()
             raise
@@ -218,6 +225,7 @@ class Client:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.group = None
         self._pid = os.getpid()
         self.generation = 0
         self._reset()
@@ -318,6 +326,11 @@ class Client:
             while self._to_release:
                 slots.append(self._to_release.pop())
             send_message(self._sock, encode_request("release", self._new_id(), slots=slots))
+        if self._to_free and self._sock is not None:
+            names = []
+            while self._to_free:
+                names.append(self._to_free.pop())
+            send_message(self._sock, encode_request("free_arenas", self._new_id(), names=names))
 
     def connect(self) -> "Client":
         """Connect now rather than on first use."""
@@ -376,18 +389,30 @@ class Client:
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],
                mode: str = "calib", access_mode: str = "idx", fields: Fields = None,
-               skip_incomplete: bool = False, op: str = "get") -> int:
-        """Ask for several events without waiting; read them with `frames(rid)`.
-        `fields` and `skip_incomplete`: see `get`; `op` "prefetch" only hints."""
+               skip_incomplete: bool = False, op: str = "get",
+               into: Optional[Dict[str, Any]] = None) -> int:
+        """Ask for several events without waiting; read them with `frames(rid)`,
+        or, written `into` a batch arena ({arena, offsets, shape, dtype}), wait
+        for them with `replies(rid)`. `fields` and `skip_incomplete`: see `get`
+        (a get into an arena takes neither); `op` "prefetch" only hints."""
         return self.send(op, exp=exp, run=int(run), detector=detector, mode=mode,
                          events=[int(e) for e in events], access_mode=access_mode,
-                         fields=field_names(fields), skip_incomplete=skip_incomplete or None)
+                         fields=field_names(fields), skip_incomplete=skip_incomplete or None,
+                         into=into)
 
     def frames(self, rid: int) -> Iterator[Frame]:
         """The frames of a submitted get, in request order (zero-copy: see the
         lifetime rule); events the server skipped (`skip_incomplete`) yield
         nothing. An error reply raises ServerError after the request's
         remaining replies are drained and their slots released."""
+        for header, payload in self.replies(rid):
+            if not header.get("skipped"):
+                yield self._frame(header, payload)
+
+    def replies(self, rid: int) -> Iterator[Reply]:
+        """The successful replies to a submitted get (skipped events included),
+        in request order; an error reply raises ServerError once the rest are
+        drained (slots released)."""
         error = None
         while True:
             header, payload = self.reply(rid)
@@ -397,12 +422,22 @@ class Client:
             elif error is not None:
                 if "slot" in header:
                     self.release(header["slot"])
-            elif not header.get("skipped"):
-                yield self._frame(header, payload)
+            else:
+                yield header, payload
             if done:
                 break
         if error is not None:
             raise error
+
+    def free_arena(self, name: str) -> None:
+        """Give an arena back with the next message; no I/O, safe anywhere."""
+        self._to_free.append(name)
+
+    def make_arena(self, nbytes: int) -> Dict[str, Any]:
+        """A batch arena of at least `nbytes` on this connection, writable by
+        every connection of its group: {name, size}. It lives until this
+        connection closes."""
+        return self.call("arena", size=int(nbytes))
 
     def _frame(self, header: Dict[str, Any], payload: Optional[bytearray]) -> Frame:
         dtype = np.dtype(header["dtype"])

@@ -8,9 +8,12 @@ for the same run and detector become one request split over all server
 workers, and each frame is copied once, straight from its slot, into a
 reused batch buffer (batch_ring); the items are rows of that buffer, which
 the default collate hands on as the batch itself (batch_collate), through
-workers as a handle (batch_handoff). Read in order, the next batches are
-hinted to the server's frame cache (read_ahead). `dataset[i]` always returns
-a private copy.
+workers as a handle (batch_handoff). Without DataLoader workers, on the
+server's host, a batch of one detector without `fields` is a batch arena
+instead (client/arena.py): the server's workers write each frame in place
+and the client copies nothing. Read in order, the next batches are hinted
+to the server's frame cache (read_ahead). `dataset[i]` always returns a
+private copy.
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
 tensor, a view or slice, an array made from it); without workers it also
@@ -19,15 +22,19 @@ Code that keeps every batch stays correct (the ring grows), so `.clone()` is
 never needed for correctness; `buffers=0` gives every batch fresh memory.
 """
 import logging
+import warnings
 from itertools import groupby
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
+
+from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, ServerError
 
 from psana_ipc.protocol.messages import MODES
 
 from . import batch_handoff, legacy
+from .arena import arena_buffer
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing
 from .connection import Client
@@ -82,6 +89,8 @@ class IPCRemotePsanaDataset(Dataset):
                                       timeout=timeout)
         self._ring = BatchRing(buffers, batch_handoff.claim)
         self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
+        self._arenas = BatchRing(buffers, make=arena_buffer(self._group)) if buffers else None
+        self._specs: Dict[Tuple[Any, ...], Any] = {}
 
     def __len__(self) -> int:
         return len(self.requests_list)
@@ -112,7 +121,51 @@ class IPCRemotePsanaDataset(Dataset):
         if self._dialect() == "legacy":
             return [self.fetch_event(*r) for r in requests]
         self._read_ahead.follow(indices)
-        return self._assemble(requests)
+        batch = self._in_arena(requests)
+        return batch.rows() if batch is not None else self._assemble(requests)
+
+    def _in_arena(self, requests: List[Request]) -> Optional[RingBatch]:
+        """The batch written in place into an arena, or None where that cannot
+        be: in a DataLoader worker (batches go to another process), several
+        detectors in one batch, `fields` (their values come with each frame's
+        reply, which a get into an arena does not send), no shared memory, no
+        room in the budget (warned once), or frames unlike the detector's spec."""
+        keys = {tuple(r[:4]) for r in requests}
+        if (self._arenas is None or self.fields or get_worker_info() is not None
+                or len(keys) != 1):
+            return None
+        exp, run, access, det = keys.pop()
+        if self._group.clients[0].server["transport"] != "shm":
+            return None
+        if (exp, run, det) not in self._specs:
+            modes = self._group.clients[0].info(exp, run, det)["modes"]
+            self._specs[exp, run, det] = modes.get(self.mode)
+        spec = self._specs[exp, run, det]
+        if spec is None:
+            return None
+        shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+        try:
+            batch = RingBatch(self._arenas, (len(requests),) + shape, dtype)
+        except ServerError as e:
+            if e.code != NO_MEMORY:
+                raise
+            warnings.warn(f"no room for batch arenas ({e.message}); copying frames instead")
+            self._arenas = None
+            return None
+        stride = batch.array[0].nbytes
+        name = batch.buffer.name
+
+        def into(start: int, count: int) -> Dict[str, Any]:
+            return {"arena": name, "offsets": [(start + i) * stride for i in range(count)],
+                    "shape": list(shape), "dtype": dtype.str}
+        try:
+            self._group.wait(self._group.submit(exp, run, det, [r[4] for r in requests],
+                                                self.mode, access, into=into))
+        except ServerError as e:
+            if e.code != BAD_ARENA:
+                raise
+            return None
+        return batch
 
     def _assemble(self, requests: List[Request]) -> List[np.ndarray]:
         """Copy every frame once from its slot into a ring batch, releasing the

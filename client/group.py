@@ -7,7 +7,7 @@ round-robin, one per connection in turn, so no worker waits for the client
 to drain another. BatchLoader and IPCRemotePsanaDataset both fetch this way.
 """
 import os
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,7 +51,8 @@ class ConnectionGroup:
         for _ in range(3 * size):
             if len(placed) >= size:
                 break
-            client = Client(self._first.address, **self._settings).connect()
+            client = Client(self._first.address, group=self._first.group,
+                            **self._settings).connect()
             if client.worker in placed:
                 spare.append(client)
             else:
@@ -69,14 +70,18 @@ class ConnectionGroup:
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int], mode: str,
                access_mode: str = "idx", fields: Optional[Sequence[str]] = None,
-               skip_incomplete: bool = False) -> List[Tuple[Client, int, int]]:
+               skip_incomplete: bool = False,
+               into: Optional[Callable[[int, int], Dict[str, Any]]] = None
+               ) -> List[Tuple[Client, int, int]]:
         """Split the events over the connections; (connection, request id, first
-        position) for each connection that got any."""
+        position) for each connection that got any. `into(first position,
+        count)`: where in a batch arena that connection's frames go."""
         requests, start = [], 0
         for client, chunk in zip(self.clients, self._split(events)):
             if len(chunk):
                 rid = client.submit(exp, run, detector, chunk.tolist(), mode, access_mode,
-                                    fields, skip_incomplete)
+                                    fields, skip_incomplete,
+                                    into=into(start, len(chunk)) if into else None)
                 requests.append((client, rid, start))
             start += len(chunk)
         return requests
@@ -93,6 +98,13 @@ class ConnectionGroup:
         for client, share in zip(self.clients, shares):
             client.prefetch(exp, run, detector, np.concatenate(share).tolist(), mode,
                             access_mode)
+
+    @staticmethod
+    def wait(requests: List[Tuple[Client, int, int]]) -> int:
+        """Wait until every frame of a split written into a batch arena is
+        there; returns how many (an error reply raises ServerError)."""
+        return sum(len(header["frames"]) for client, rid, _ in requests
+                   for header, _ in client.replies(rid))
 
     def stream(self, requests: List[Tuple[Client, int, int]]) -> Iterator[Tuple[int, Frame]]:
         """(position, frame) for every event of a submitted split, round-robin;

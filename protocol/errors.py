@@ -27,6 +27,7 @@ NO_DATA = "no_data"                  # the event does not hold the detector (low
 NOT_AN_ARRAY = "not_an_array"        # the detector has no frames (scalars: ask for fields)
 NO_MEMORY = "no_memory"              # shared-memory budget or /dev/shm exhausted
 BAD_SLOT = "bad_slot"
+BAD_ARENA = "bad_arena"              # a batch arena that is not the group's, or a bad offset in it
 BUSY = "busy"                        # too many requests queued on one connection
 TIMEOUT = "timeout"
 INTERNAL = "internal"

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 from . import PROTOCOL_VERSION
-from .errors import BAD_REQUEST, UNKNOWN_MODE, UNKNOWN_OP, ProtocolError
+from .errors import BAD_ARENA, BAD_REQUEST, UNKNOWN_MODE, UNKNOWN_OP, ProtocolError
 
 MODES = ("raw", "calib", "image", "mask")
 TRANSPORTS = ("shm", "inline")
 MAX_EVENTS_PER_GET = 4096
 MAX_NAME = 256
 MAX_FIELDS = 64
+MAX_DIMS = 8
 
 
 def _field(header: Dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -62,6 +63,7 @@ class Hello:
     host: str = ""
     transport: str = "shm"
     window: int = 0          # 0: the server's default
+    group: Optional[str] = None   # a connection group id the server issued (batch arenas)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -127,6 +129,24 @@ class FieldRef:
 
 
 @dataclass(frozen=True)
+class Into:
+    """Where a get's frames go instead of slots: a batch arena of the
+    connection group, frame k at `offsets[k]`, each of `shape` and `dtype`
+    (checked by the server against the frame it reads before writing)."""
+    arena: str
+    offsets: Tuple[int, ...]
+    shape: Tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if any(o < 0 for o in self.offsets):
+            raise ProtocolError(BAD_ARENA, "arena offsets must be >= 0")
+        if len(self.shape) > MAX_DIMS or any(n < 0 for n in self.shape):
+            raise ProtocolError(BAD_ARENA, f"a frame shape has at most {MAX_DIMS} dimensions, "
+                                           f"none negative")
+
+
+@dataclass(frozen=True)
 class Get:
     """Events of one detector in one mode; with `fields`, each event's reply
     also carries those values of other detectors (`values`). With
@@ -137,11 +157,19 @@ class Get:
     events: Tuple[int, ...]
     fields: Tuple[FieldRef, ...] = ()
     skip_incomplete: bool = False
+    into: Optional[Into] = None
 
     def __post_init__(self) -> None:
         check_events(self.mode, self.events, "get")
         if len(self.fields) > MAX_FIELDS:
             raise ProtocolError(BAD_REQUEST, f"at most {MAX_FIELDS} fields per get")
+        if self.into is None:
+            return
+        if len(self.into.offsets) != len(self.events):
+            raise ProtocolError(BAD_ARENA, "a get into an arena needs one offset per event")
+        if self.fields or self.skip_incomplete:
+            raise ProtocolError(BAD_REQUEST, "a get into an arena takes neither fields "
+                                             "nor skip_incomplete")
 
 
 @dataclass(frozen=True)
@@ -157,6 +185,16 @@ class Prefetch:
 
     def get(self) -> Get:
         return Get(self.key, self.mode, self.events)
+
+
+@dataclass(frozen=True)
+class MakeArena:
+    """A batch arena of at least `size` bytes for this connection's group (op `arena`)."""
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ProtocolError(BAD_REQUEST, "an arena needs a size >= 1")
 
 
 @dataclass(frozen=True)
@@ -179,7 +217,14 @@ class Shutdown:
     token: Optional[str] = None
 
 
-Request = Union[Hello, Info, Get, Prefetch, Release, Ping, Stats, Shutdown]
+@dataclass(frozen=True)
+class FreeArenas:
+    """Arenas of this connection it no longer needs (op `free_arenas`)."""
+    names: Tuple[str, ...]
+
+
+Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, Release, Ping, Stats,
+                Shutdown]
 
 
 def request_id(header: Dict[str, Any]) -> int:
@@ -193,6 +238,13 @@ def _int_list(header: Dict[str, Any], name: str) -> Tuple[int, ...]:
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool):
             raise ProtocolError(BAD_REQUEST, f"{name} must be a list of integers")
+    return tuple(values)
+
+
+def _str_list(header: Dict[str, Any], name: str) -> Tuple[str, ...]:
+    values = _field(header, name, list)
+    if not all(isinstance(v, str) for v in values):
+        raise ProtocolError(BAD_REQUEST, f"{name} must be a list of strings")
     return tuple(values)
 
 
@@ -211,17 +263,27 @@ def _get(h: Dict[str, Any]) -> Get:
     key, mode, events = _events_of(h)
     fields = tuple(FieldRef.parse(f) for f in _field(h, "fields", list, []))
     return Get(key, mode, events, fields,
-               _field(h, "skip_incomplete", bool, False))
+               _field(h, "skip_incomplete", bool, False), _into(h))
+
+
+def _into(h: Dict[str, Any]) -> Optional[Into]:
+    into = _field(h, "into", dict, None)
+    if into is None:
+        return None
+    return Into(_field(into, "arena", str), _int_list(into, "offsets"), _int_list(into, "shape"),
+                _field(into, "dtype", str))
 
 
 _PARSERS = {
     "hello": lambda h: Hello(_field(h, "version", int), _field(h, "token", str, None),
                              _field(h, "host", str, ""), _field(h, "transport", str, "shm"),
-                             _field(h, "window", int, 0)),
+                             _field(h, "window", int, 0), _field(h, "group", str, None)),
     "info": lambda h: Info(_field(h, "exp", str), _field(h, "run", int),
                            _field(h, "detector", str, None), _field(h, "present", bool, False)),
     "get": _get,
     "prefetch": lambda h: Prefetch(*_events_of(h)),
+    "arena": lambda h: MakeArena(_field(h, "size", int)),
+    "free_arenas": lambda h: FreeArenas(_str_list(h, "names")),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),
@@ -261,6 +323,6 @@ def error_reply(rid: int, code: str, message: str, **fields: Any) -> Dict[str, A
 
 
 def hello_request(rid: int, host: str, transport: str, token: Optional[str] = None,
-                  window: int = 0) -> Dict[str, Any]:
+                  window: int = 0, group: Optional[str] = None) -> Dict[str, Any]:
     return encode_request("hello", rid, version=PROTOCOL_VERSION, host=host,
-                          transport=transport, token=token, window=window or None)
+                          transport=transport, token=token, window=window or None, group=group)

@@ -12,6 +12,8 @@ event, as psana does) and times, per detector, calib frames through:
   batchloader   BatchLoader: requests in flight on every server worker, one
                 copy per frame into a reused batch buffer
   zero-copy     BatchLoader.views(): the slots themselves, no client copy
+  arena         BatchLoader over batch arenas: the server's workers write every
+                frame in place, the batch is one contiguous tensor, no client copy
   collate-wN    DataLoader alone over frames already in memory (no server): the
                 ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
@@ -100,6 +102,7 @@ def dataset_pass(address: str, det: str, events: List[int], protocol: str, worke
 
     def run() -> int:
         return sum(b.shape[0] for b in loader)
+    run.close = ds.close        # what the path holds on the server goes before the next path
     return run
 
 
@@ -133,6 +136,13 @@ def loader_pass(loader: BatchLoader, views: bool) -> Callable[[], int]:
     return run
 
 
+def in_place_pass(loader: BatchLoader) -> Callable[[], int]:
+    """Batches written in place into arenas, which the loader gives back once timed."""
+    run = loader_pass(loader, views=False)
+    run.close = loader.close
+    return run
+
+
 def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
     sources = np.stack([expected(det, "calib", e) for e in range(16)])
     out = np.empty((batch,) + sources.shape[1:], sources.dtype)
@@ -149,7 +159,10 @@ def bench_detector(server: ServerProcess, det: str,
     address = server.address
     events = list(range(args.frames))
     frame_bytes = expected(det, "calib", 0).nbytes
-    loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size)
+    loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
+                         arenas=False)
+    in_place = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
+                           arenas=True)
     paths = {
         "legacy": dataset_pass(address, det, events, "legacy", args.loader_workers,
                                args.batch_size),
@@ -161,6 +174,7 @@ def bench_detector(server: ServerProcess, det: str,
                                                          persistent=True),
         "batchloader": loader_pass(loader, views=False),
         "zero-copy": loader_pass(loader, views=True),
+        "arena": in_place_pass(in_place),
         "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
         f"collate-w{args.loader_workers}": collate_pass(det, args.frames, args.loader_workers,
                                                         args.batch_size),
@@ -170,6 +184,7 @@ def bench_detector(server: ServerProcess, det: str,
     for name, run in paths.items():
         measured[name] = timed(run, args.repeats, server)
         print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
+        getattr(run, "close", lambda: None)()
     loader.close()
     rows = []
     for name, m in measured.items():
@@ -365,7 +380,8 @@ def main() -> int:
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--cost-ms", type=float, default=0.0,
                     help="CPU time the synthetic source burns per event (emulates psana)")
-    ap.add_argument("--shm-budget", default="1G")
+    ap.add_argument("--shm-budget", default="2G",
+                    help="room for three in-flight batch arenas of jungfrau4M on top of the slots")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     ap.add_argument("--frame-cache", action="store_true",

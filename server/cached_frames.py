@@ -16,6 +16,8 @@ import os
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
+import numpy as np
+
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import Get
 from psana_ipc.protocol.shm_names import segment_path
@@ -23,6 +25,7 @@ from psana_ipc.protocol.shm_names import segment_path
 from .frame_cache import PENDING, Entry, Fill, WorkerCache
 from .frame_reader import FrameReader, frame_fields
 from .shared_state import Grant
+from .sources.base import Allocator
 
 log = logging.getLogger(__name__)
 MAX_AHEAD = 8192            # events a connection may have hinted and not read ahead yet
@@ -90,6 +93,14 @@ class CachedFrames:
         del data
         frame_only = {k: v for k, v in fields.items() if k != "values"}
         return self.cache.commit(use, frame_only, nbytes, pin=True), fields
+
+    def copy_into(self, entry: Entry, fields: Dict[str, Any], place: Allocator) -> None:
+        """The entry's frame copied into `place`, its spot in a batch arena
+        (which checks the shape and dtype before anything is written)."""
+        shape, dtype = tuple(fields["shape"]), np.dtype(fields["dtype"])
+        target = place(shape, dtype)
+        if entry.frame_bytes:
+            np.copyto(target, np.frombuffer(self.payload(entry), dtype).reshape(shape))
 
     def hand_over(self, handle: int, entry: Entry) -> None:
         self.held[handle] = entry

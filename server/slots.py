@@ -34,14 +34,14 @@ class Budget:
     def limit(self) -> int:
         return self.state.shm_budget
 
-    def _next_name(self) -> str:
-        return segment_name(self.server_pid, os.getpid(), format(next(self._serial), "x"))
+    def _next_name(self, kind: str) -> str:
+        return segment_name(self.server_pid, os.getpid(), kind + format(next(self._serial), "x"))
 
-    def segment(self, size: int) -> Segment:
-        """A new segment of `size` bytes, already reserved; a full /dev/shm is
-        the error `no_memory`."""
+    def segment(self, size: int, kind: str = "") -> Segment:
+        """A new segment of `size` bytes, already reserved, its serial starting
+        with `kind` (batch arenas); a full /dev/shm is the error `no_memory`."""
         try:
-            return Segment(self._next_name, size)
+            return Segment(lambda: self._next_name(kind), size)
         except ShmFullError as e:
             raise ProtocolError(NO_MEMORY, str(e)) from e
 
@@ -68,13 +68,13 @@ class Holding:
         return self.bytes > self.budget.state.share()
 
 
-def too_large(nbytes: int, budget: int) -> str:
-    return (f"a frame of {nbytes} bytes is larger than the whole shared-memory budget of "
+def too_large(nbytes: int, budget: int, what: str = "a frame") -> str:
+    return (f"{what} of {nbytes} bytes is larger than the whole shared-memory budget of "
             f"{budget} bytes (iserver --shm-budget)")
 
 
-def budget_in_use(nbytes: int, budget: int) -> str:
-    return (f"no room for a frame of {nbytes} bytes: the shared-memory budget of {budget} bytes "
+def budget_in_use(nbytes: int, budget: int, what: str = "a frame") -> str:
+    return (f"no room for {what} of {nbytes} bytes: the shared-memory budget of {budget} bytes "
             f"is in use (this connection's share is budget / (clients holding memory + 1)); "
             f"release frames or try again later")
 

@@ -8,7 +8,9 @@ event gets its own reply (with `seq`); the last reply of a request carries
 or inline after the header; either way at most `window` frames are
 outstanding, which is the back-pressure a slow client feels, and every
 frame's bytes are reserved from the budget before it is read (inline ones
-until they are sent).
+until they are sent). A get into a batch arena (server/arenas.py) writes
+each frame at the place the request names and is answered once, when its
+last frame is there, with the list of its frames.
 """
 import hmac
 import logging
@@ -16,19 +18,20 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Union
 
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
-from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_DATA, NO_MEMORY,
-                                       NOT_FOUND, NOT_READY,
-                                       UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
-                                       ProtocolError)
+from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_DATA,
+                                       NO_MEMORY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
+                                       UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Prefetch, Release, Shutdown,
-                                         Stats, error_reply, ok_reply, parse_request, request_id)
+from psana_ipc.protocol.messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
+                                         Release, Shutdown, Stats, error_reply, ok_reply,
+                                         parse_request, request_id)
 
+from .arenas import Arenas, frame_layout, group_is_ours, issue_group
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .cached_frames import CacheUse, CachedFrames
@@ -36,18 +39,19 @@ from .frame_cache import Entry
 from .frame_reader import Frame, frame_fields
 from .shared_state import Grant
 from .slots import Holding, Slot, SlotPool, budget_in_use, too_large
+from .sources.base import Allocator
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
 MAX_BEFORE_HELLO = 4096        # bytes buffered before a hello is complete
-REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE)   # no use trying further events
+REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)  # no use going on
 
 
 @dataclass
 class Item:
-    """One event of a get, and the memory reserved for it."""
+    """One event of a get (or one arena to make), and the memory reserved for it."""
     rid: int
-    get: Get
+    get: Union[Get, MakeArena]
     seq: int
     arrived: float
     nbytes: Optional[int] = None          # the frame's size, once known
@@ -55,6 +59,7 @@ class Item:
     slot: Optional[Slot] = None           # shm: the slot reserved for it
     reserved: int = 0                     # inline: the bytes reserved for it
     cache_use: CacheUse = None            # its frame-cache entry (see `CachedFrames`)
+    place: Optional[Allocator] = None     # its place in a batch arena
     error: Optional[ProtocolError] = None
 
     @property
@@ -63,7 +68,11 @@ class Item:
 
     @property
     def done(self) -> bool:
-        return self.seq == len(self.get.events) - 1
+        return isinstance(self.get, MakeArena) or self.seq == len(self.get.events) - 1
+
+    def where(self) -> Dict[str, int]:
+        """What a reply about this item names besides the request id."""
+        return {} if isinstance(self.get, MakeArena) else {"seq": self.seq, "event": self.event}
 
 
 class V1Connection(Channel):
@@ -74,6 +83,8 @@ class V1Connection(Channel):
         self.local = is_local_peer(sock)
         self.hello: Optional[Hello] = None
         self.pool: Optional[SlotPool] = None
+        self.arenas: Optional[Arenas] = None     # batch arenas: shm connections only
+        self.written: Dict[int, list] = {}      # per get into an arena: frames written so far
         self.inline = False
         self.window = ctx.window
         self.queue: Deque[Item] = deque()
@@ -124,6 +135,12 @@ class V1Connection(Channel):
             self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
         elif isinstance(request, Prefetch):
             self._reply(ok_reply(rid, queued=self.cached.hint(request.get()), done=True))
+        elif isinstance(request, MakeArena):
+            self.queue.append(Item(rid, request, 0, time.monotonic()))
+        elif isinstance(request, FreeArenas):
+            bad = self.arenas.free(request.names) if self.arenas else list(request.names)
+            if bad:
+                self._fail(rid, BAD_ARENA, f"arenas {bad} were not made by this connection")
         elif isinstance(request, Release):
             bad = self.pool.release(request.slots) if self.pool else list(request.slots)
             bad = [sid for sid in bad if not self.cached.unpin(sid)]
@@ -157,15 +174,20 @@ class V1Connection(Channel):
         if self.hello is not None:
             self._fail(rid, NOT_READY, "hello was already received")
             return
+        if hello.group is not None and not group_is_ours(hello.group):
+            self._fail(rid, BAD_ARENA, "this connection group id was not issued by this server")
+            return
+        group = hello.group or issue_group()
         self.hello = hello
         self.window = min(hello.window or self.ctx.window, self.ctx.max_window)
         self.inline = not (hello.transport == "shm" and self.local
                            and hello.host == self.ctx.hostname)
         if not self.inline:
             self.pool = SlotPool(self.ctx.budget, self.window)
+            self.arenas = Arenas(self.pool.holding, group)
         self._reply(ok_reply(rid, version=PROTOCOL_VERSION, transport="inline" if self.inline
                              else "shm", window=self.window, source=self.ctx.source,
-                             worker=os.getpid()))
+                             worker=os.getpid(), group=group))
 
     def _info(self, rid: int, request: Info) -> None:
         try:
@@ -203,9 +225,15 @@ class V1Connection(Channel):
     def reserve(self) -> Grant:
         item = self.queue[0]
         try:
+            if isinstance(item.get, MakeArena):
+                return self._reserve_arena(item)
+            if item.get.into is not None and item.place is None:
+                self._reserve_arena(item)
             grant = self.cached.reserve(item, lambda: self._frame_size(item))
             if grant is not None:
                 return grant
+            if item.place is not None:
+                return Grant.GRANTED
             nbytes = self._frame_size(item)
             if self.inline:
                 if nbytes > self.ctx.budget.limit:
@@ -220,23 +248,58 @@ class V1Connection(Channel):
             item.error = e          # `work` answers it
             return Grant.GRANTED
 
+    def _reserve_arena(self, item: Item) -> Grant:
+        """An arena to make: its bytes from the budget. A frame into an arena:
+        nothing to reserve, only its place to check (before any read, its size
+        against the source's)."""
+        if self.arenas is None:
+            raise ProtocolError(BAD_ARENA, "batch arenas need shared memory with the server "
+                                           "(transport shm, same host)")
+        if isinstance(item.get, MakeArena):
+            item.nbytes = item.get.size
+            return self.arenas.reserve(item.nbytes)
+        _, nbytes = frame_layout(item.get.into)
+        known = self.ctx.reader.frame_size(item.get, item.event)
+        if known is not None and known != nbytes:
+            raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
+                                           f"{item.get.mode}; the arena's frames are {nbytes}")
+        item.place, item.reserved = self.arenas.allocator(item.get.into, item.seq)
+        return Grant.GRANTED
+
     def refuse(self, grant: Grant) -> None:
         """The request's other events would wait as long: it ends here."""
         item = self.queue.popleft()
         self._drop(item.rid)
         why = too_large if grant is Grant.TOO_LARGE else budget_in_use
-        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit), seq=item.seq,
-                   event=item.event, done=True)
+        what = "an arena" if isinstance(item.get, MakeArena) else "a frame"
+        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit, what),
+                   done=True, **item.where())
+
+    def _make_arena(self, item: Item) -> None:
+        try:
+            segment = self.arenas.make(item.nbytes)
+        except ProtocolError as e:
+            self._fail(item.rid, e.code, e.message)
+            return
+        self._reply(ok_reply(item.rid, name=segment.name, size=segment.size))
 
     def work(self) -> None:
         item = self.queue.popleft()
+        if item.error is None and isinstance(item.get, MakeArena):
+            self._make_arena(item)
+            return
         try:
             if item.error is not None:
                 raise item.error
+            if self.cached.serves(item) and item.place is not None:
+                self._copy_cached(item)
+                return
             if self.cached.serves(item):
                 self._send_cached(item)
                 return
-            if item.slot is not None:
+            if item.place is not None:
+                into, reserved = item.place, item.reserved
+            elif item.slot is not None:
                 into, reserved = item.slot.segment.array, item.slot.segment.size
             else:
                 into, reserved = np.empty, item.reserved
@@ -245,7 +308,7 @@ class V1Connection(Channel):
         except ProtocolError as e:
             if item.slot is not None:
                 self.pool.release([item.slot.id])
-            if item.reserved:
+            if item.reserved and item.place is None:
                 self.holding.give(item.reserved)
             self.cached.forget(item)
             done = item.done
@@ -256,11 +319,15 @@ class V1Connection(Channel):
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True
-            self._fail(item.rid, e.code, e.message, seq=item.seq, event=item.event, done=done)
+            if done:
+                self.written.pop(item.rid, None)
+            self._fail(item.rid, e.code, e.message, done=done, **item.where())
             return
         desc = ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done,
                         **frame_fields(data, meta))
-        if item.slot is not None:
+        if item.place is not None:
+            self._written(item, desc)
+        elif item.slot is not None:
             desc.update(slot=item.slot.id, name=item.slot.segment.name,
                         size=item.slot.segment.size)
             self._reply(desc)
@@ -285,9 +352,32 @@ class V1Connection(Channel):
             desc.update(slot=handle, name=entry.name, size=entry.frame_bytes, cached=True)
             self._reply(desc)
 
+    def _copy_cached(self, item: Item) -> None:
+        """A frame into an arena through the frame cache (read into a new entry
+        on a miss): copied from the entry, which is unpinned at once."""
+        entry, fields = self.cached.serve(item)
+        try:
+            self.cached.copy_into(entry, fields, item.place)
+        finally:
+            self.cached.release(entry)
+        self._written(item, ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done,
+                                     **fields))
+
     def _cached_sent(self, entry: Entry) -> None:
         self.inline_pending -= 1
         self.cached.release(entry)
+
+    def _written(self, item: Item, desc: Dict[str, Any]) -> None:
+        """Frames written into an arena are told in one reply per request, once
+        its last frame is there: the client waits for the batch, not for each
+        frame."""
+        for key in ("ok", "id", "done"):
+            del desc[key]
+        written = self.written.setdefault(item.rid, [])
+        written.append(desc)
+        if item.done:
+            del self.written[item.rid]
+            self._reply(ok_reply(item.rid, done=True, arena=item.get.into.arena, frames=written))
 
     def _inline_sent(self, reserved: int) -> None:
         self.inline_pending -= 1
@@ -304,7 +394,8 @@ class V1Connection(Channel):
 
     def _holds_nothing(self) -> bool:
         return not (self.queue or self.out or self.inline_pending or self.cached.pinned
-                    or (self.pool is not None and self.pool.busy_count))
+                    or (self.pool is not None and self.pool.busy_count)
+                    or (self.arenas is not None and self.arenas.made))
 
     def expendable_since(self) -> Optional[float]:
         if self.hello is None:
@@ -348,6 +439,8 @@ class V1Connection(Channel):
             self.cached.forget(item)
         self.queue.clear()
         self.cached.close()
+        if self.arenas is not None:
+            self.arenas.close()
         if self.pool is not None:
             self.pool.close()
         if self.holding.bytes:              # inline frames that were never sent

@@ -52,7 +52,7 @@ def test_numpy_flavour_and_fresh_buffers(server):
 
 def test_reused_buffers_follow_the_lifetime_rule(server):
     loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(6), batch_size=2,
-                         output="numpy", buffers=2)
+                         output="numpy", buffers=2, arenas=False)
     seen = []
     for batch in loader:
         seen.append(batch)
@@ -128,7 +128,7 @@ def test_group_finds_every_worker_when_idle_connections_skew_the_count(server):
 
 def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
     loader = BatchLoader(server.address, "x", 1, "epix10k2M", "calib", range(40), batch_size=4,
-                         depth=3)
+                         depth=3, arenas=False)
     it = iter(loader)
     next(it)
     with Client(server.address) as c:
@@ -150,7 +150,7 @@ def test_bench_runs_and_writes_its_json(server, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
     names = {r["name"] for r in rows}
-    assert {"legacy", "dataset-w0", "batchloader", "zero-copy", "memcpy"} <= names
+    assert {"legacy", "dataset-w0", "batchloader", "zero-copy", "arena", "memcpy"} <= names
     for r in rows:
         assert set(r) >= {"name", "detector", "frames_per_s", "gb_per_s", "ratio_vs_legacy",
                           "fraction_of_memcpy"} and r["frames_per_s"] > 0

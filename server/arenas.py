@@ -1,0 +1,207 @@
+"""Batch arenas: one shared-memory segment per in-flight batch of a client,
+which the workers serving its connection group write every frame into, in
+place, so the client wraps the whole batch without a copy.
+
+A connection group is named by an id the server issues in the hello reply
+(`issue_group`) and checks when another connection of the group presents
+it (`group_is_ours`): both are an HMAC under a key the master makes at
+import, before it forks, so every worker (also one respawned later) can
+check an id without shared state. An arena's segment name carries a tag
+derived from its group id under the same key, so a worker writes only into
+arenas of its own server made for its connection's group, and a group id
+read off a name in /dev/shm gives nothing. Every offset is checked against
+the arena's size and the frame's dtype, and the frame's shape and dtype
+against what the request laid out, before a byte is written.
+
+An arena is reserved from the budget like a slot (the connection's
+`Holding`), named like a slot (so every stop path and `psana-ipc cleanup`
+remove it) and lives until its connection closes. It is then only
+unlinked, never truncated: another worker of the group may be writing into
+it at that moment, and a truncated mapping would kill that worker with
+SIGBUS. The pages go when the last mapping does: every worker drops its
+mappings of unlinked arenas at its next write into an arena, and all of
+them when its connection closes.
+"""
+import hashlib
+import hmac
+import itertools
+import math
+import mmap
+import os
+import secrets
+import stat
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from psana_ipc.protocol.errors import BAD_ARENA, ProtocolError
+from psana_ipc.protocol.messages import Into
+from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
+
+from .shared_state import Grant
+from .shm import Segment, round_up
+from .slots import Holding
+from .sources.base import Allocator
+
+GROUP_KEY = secrets.token_bytes(32)   # made in the master at import; forked workers share it
+MAX_MAPPED = 64                       # arenas of other workers one connection keeps mapped
+DTYPE_KINDS = "biufc"
+
+
+def _mac(purpose: str, text: str) -> str:
+    return hmac.new(GROUP_KEY, f"{purpose}:{text}".encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def issue_group() -> str:
+    """A new connection group id, which only this server can have made."""
+    nonce = secrets.token_hex(8)
+    return f"{nonce}.{_mac('group', nonce)}"
+
+
+def group_is_ours(group: str) -> bool:
+    nonce, _, mac = group.partition(".")
+    return bool(nonce) and hmac.compare_digest(mac.encode(), _mac("group", nonce).encode())
+
+
+def arena_kind(group: str) -> str:
+    """What an arena's segment serial starts with for `group`."""
+    return f"a{_mac('arena', group)[:12]}x"
+
+
+def _refuse(message: str) -> ProtocolError:
+    return ProtocolError(BAD_ARENA, message)
+
+
+def frame_layout(into: Into) -> Tuple[np.dtype, int]:
+    """The dtype and byte size of one frame as the request laid it out."""
+    try:
+        dtype = np.dtype(into.dtype)
+    except (TypeError, ValueError):
+        raise _refuse(f"dtype {into.dtype!r} is not a numpy dtype") from None
+    if dtype.kind not in DTYPE_KINDS or dtype.itemsize == 0 or dtype.fields is not None:
+        raise _refuse(f"dtype {into.dtype!r} is not a plain numeric dtype")
+    return dtype, math.prod(into.shape) * dtype.itemsize     # Python ints: no overflow
+
+
+class _Mapped:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.map = mmap.mmap(fd, self.size)
+
+    def alive(self) -> bool:
+        return os.fstat(self.fd).st_nlink > 0
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass      # a frame being written pins it; it goes with that array
+        os.close(self.fd)
+
+
+class Arenas:
+    """The arenas one connection made, and the group's arenas it has mapped to
+    write into."""
+
+    def __init__(self, holding: Holding, group: str) -> None:
+        self.holding = holding
+        self.kind = arena_kind(group)
+        self.made: Dict[str, Segment] = {}
+        self._mapped: "OrderedDict[str, _Mapped]" = OrderedDict()
+        self._serial = itertools.count()
+
+    # -- making ---------------------------------------------------------------------
+    def reserve(self, nbytes: int) -> Grant:
+        size = round_up(nbytes)
+        if size > self.holding.budget.limit:
+            return Grant.TOO_LARGE
+        return self.holding.take(size)
+
+    def make(self, nbytes: int) -> Segment:
+        """The arena whose bytes `reserve` granted."""
+        size = round_up(nbytes)
+        try:
+            segment = self.holding.budget.segment(size, self.kind)
+        except BaseException:
+            self.holding.give(size)
+            raise
+        self.made[segment.name] = segment
+        return segment
+
+    def free(self, names: Tuple[str, ...]) -> List[str]:
+        """Unlink arenas this connection made; returns the names that were not."""
+        bad = []
+        for name in names:
+            segment = self.made.pop(name, None)
+            if segment is None:
+                bad.append(name)
+                continue
+            segment.destroy()
+            self.holding.give(segment.size)
+        return bad
+
+    # -- writing --------------------------------------------------------------------
+    def allocator(self, into: Into, seq: int) -> Tuple[Allocator, int]:
+        """Frame `seq` of a get, as an allocator over its place in the arena
+        and the bytes it may take; refuses (`bad_arena`) an arena that is not
+        this group's, an offset out of bounds or misaligned, and (when the
+        source calls it) a frame unlike the one laid out."""
+        dtype, nbytes = frame_layout(into)
+        offset = into.offsets[seq]
+        if offset % dtype.itemsize:
+            raise _refuse(f"offset {offset} is not aligned to the {dtype.itemsize}-byte dtype "
+                          f"{into.dtype}")
+        mapped = self._map(into.arena)
+        if offset + nbytes > mapped.size:
+            raise _refuse(f"a frame of {nbytes} bytes at offset {offset} runs past the end of "
+                          f"arena {into.arena} ({mapped.size} bytes)")
+        expected = (tuple(into.shape), dtype)
+
+        def place(shape: Tuple[int, ...], dt: np.dtype) -> np.ndarray:
+            if (tuple(shape), np.dtype(dt)) != expected:
+                raise _refuse(f"the frame is {np.dtype(dt).str} {list(shape)}, the arena was "
+                              f"laid out for {into.dtype} {list(into.shape)}")
+            return np.ndarray(shape, dtype=dt, buffer=mapped.map, offset=offset)
+        return place, nbytes
+
+    def _map(self, name: str) -> _Mapped:
+        self._drop_unlinked()
+        mapped = self._mapped.get(name)
+        if mapped is not None:
+            self._mapped.move_to_end(name)
+            return mapped
+        parsed = parse_segment_name(name)
+        if (parsed is None or parsed.server_pid != self.holding.budget.server_pid
+                or not parsed.serial.startswith(self.kind)):
+            raise _refuse(f"{name!r} is not an arena of this connection group")
+        try:
+            fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise _refuse(f"arena {name} cannot be opened ({e.strerror}): its connection "
+                          f"closed?") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or not st.st_size:
+            os.close(fd)
+            raise _refuse(f"arena {name} is not a segment this server made")
+        mapped = self._mapped[name] = _Mapped(fd)
+        while len(self._mapped) > MAX_MAPPED:
+            self._mapped.popitem(last=False)[1].close()
+        return mapped
+
+    def _drop_unlinked(self) -> None:
+        for name, mapped in list(self._mapped.items()):
+            if not mapped.alive():
+                del self._mapped[name]
+                mapped.close()
+
+    def close(self) -> None:
+        """Unlink what this connection made (never truncate: see the module
+        docstring) and drop every mapping."""
+        for segment in self.made.values():
+            segment.destroy()
+            self.holding.give(segment.size)
+        self.made.clear()
+        while self._mapped:
+            self._mapped.popitem()[1].close()
