@@ -9,12 +9,22 @@ items are the shared-memory slots themselves, which DataLoader's collate
 copies into its batch at once. That saves the copy and the page faults of a
 private array per frame. Those items stay valid until the next
 `__getitems__` call; `dataset[i]` always returns a private copy.
+
+With `protocol="auto"` the dialect is probed once, when the dataset is made
+(before DataLoader forks its workers, which inherit the answer): see
+`legacy.probe`. Only if the server cannot be reached then does each process
+probe on its first fetch. A "legacy" answer that a marked reply later
+contradicts (or an `unauthorized` from our server, which refuses the legacy
+dialect with a token) switches that process to v1.
 """
 from itertools import groupby
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from psana_ipc.protocol.errors import UNAUTHORIZED, ServerError
+from psana_ipc.protocol.legacy import is_ours
 
 from . import legacy
 from .connection import Client
@@ -40,15 +50,24 @@ class IPCRemotePsanaDataset(Dataset):
         self.mode = mode
         self.protocol = protocol
         self.timeout = timeout
+        self._auto = protocol == "auto"
         self._group = ConnectionGroup(server_address, transport=transport, writable=True,
                                       timeout=timeout)
+        if self._auto and len(requests_list):
+            try:
+                self._dialect()
+            except OSError:
+                pass   # not reachable yet: each process probes on its first fetch
 
     def __len__(self) -> int:
         return len(self.requests_list)
 
     def _dialect(self) -> str:
         if self.protocol == "auto":
-            self.protocol = legacy.detect_protocol(self._group.address)
+            wait = legacy.PROBE_TIMEOUT if self.timeout is None \
+                else min(self.timeout, legacy.PROBE_TIMEOUT)
+            self.protocol = legacy.probe(self._group.address, self.requests_list[0], self.mode,
+                                         wait)
         return self.protocol
 
     def __getitem__(self, idx: int) -> np.ndarray:
@@ -57,8 +76,17 @@ class IPCRemotePsanaDataset(Dataset):
     def fetch_event(self, exp: str, run: Any, access_mode: str, detector_name: str,
                     event: int) -> np.ndarray:
         if self._dialect() == "legacy":
-            return legacy.fetch(self._group.address, exp, run, access_mode, detector_name,
-                                event, self.mode, self.timeout)
+            try:
+                frame, reply = legacy.fetch_reply(self._group.address, exp, run, access_mode,
+                                                  detector_name, event, self.mode, self.timeout)
+            except ServerError as e:
+                if not (self._auto and e.code == UNAUTHORIZED and is_ours(e.reply)):
+                    raise
+                self.protocol = "v1"
+            else:
+                if self._auto and is_ours(reply):
+                    self.protocol = "v1"
+                return frame
         return self._group.clients[0].get(exp, run, detector_name, event, self.mode,
                                           access_mode)
 

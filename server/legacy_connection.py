@@ -5,6 +5,11 @@ request -> read the frame into a new segment -> reply {name, shape, dtype}
 vanishes or never acknowledges costs the segment nothing: it is unlinked
 either way. Old clients unlink the segment themselves as well, which is
 harmless. `DONE` stops the whole server, as old launchers expect.
+
+An event that cannot be read is answered as btx's own server does, with a
+NaN frame of the mode's shape (btx and pypca filter those out), the error
+beside it for clients that read one; when the shape is not known either,
+with the error alone.
 """
 import logging
 import time
@@ -12,8 +17,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import UNAUTHORIZED, ProtocolError
-from psana_ipc.protocol.legacy import ACK, Done, legacy_error, legacy_reply, parse_legacy
+from psana_ipc.protocol.errors import READ_FAILED, UNAUTHORIZED, ProtocolError
+from psana_ipc.protocol.legacy import (ACK, Done, legacy_error, legacy_missing_frame,
+                                       legacy_reply, parse_legacy)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
@@ -83,12 +89,33 @@ class LegacyConnection(Channel):
                 self._fail(e.code, e.message)
             return
         except ProtocolError as e:
+            if e.code == READ_FAILED and self._send_nan_frame(e.message):
+                return
             self._fail(e.code, e.message)
             return
         self.memory_found()
         self.send(legacy_reply(self.segment.name, data.shape, data.dtype.name,
                                timestamp=meta.timestamp, calibrated=meta.calibrated))
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
+
+    def _send_nan_frame(self, message: str) -> bool:
+        """Reply with a NaN frame of the requested mode's shape; False when the
+        shape is unknown or there is no memory for it."""
+        get = self.request
+        try:
+            shape = self.ctx.reader.cache.get(get.key).specs()[get.mode].shape
+        except Exception:    # the source cannot tell its shape: the error goes alone
+            return False
+        self.release()
+        try:
+            self.segment = self.ctx.allocator.create(int(np.prod(shape, dtype=np.int64)) * 4)
+        except ProtocolError:    # no memory for it: the error goes alone
+            return False
+        self.segment.array(shape, np.float32).fill(np.nan)
+        self.ctx.reader.state.count_error(self.ctx.reader.slot, READ_FAILED)
+        self.send(legacy_missing_frame(self.segment.name, shape, READ_FAILED, message))
+        self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
+        return True
 
     def tick(self, now: float) -> Optional[float]:
         if self.ack_deadline is not None:

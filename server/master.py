@@ -1,10 +1,13 @@
 """The master: binds nothing itself, forks workers on a bound listener,
 replaces the ones that die, and stops everything cleanly.
 
-Signal handlers only enqueue; the loop drains the queue. Stopping closes the
-listener, asks workers to stop, reaps them until a deadline, then SIGKILLs
-the rest, and finally unlinks every segment named with this server's pid, so
-nothing survives a stop whatever state the workers were in. A worker that
+Signal handlers only enqueue; the loop drains the queue. Stopping asks
+workers to stop, reaps them until a deadline, then SIGKILLs the rest, and
+finally unlinks every segment named with this server's pid, so nothing
+survives a stop whatever state the workers were in. Until then, and for
+`ABSORB_GRACE` after, the master accepts and closes whatever connects: the
+btx family stops a server with one connect + `DONE` per worker, and every
+connect of that loop must succeed even though the first `DONE` stopped us. A worker that
 dies before it ever accepted stops the server instead of being respawned
 forever; one that stays inside a source call longer than the request
 timeout is killed and replaced.
@@ -27,6 +30,7 @@ from .wakeup import drain, wakeup_pipe
 log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+ABSORB_GRACE = 1.0
 
 
 class Master:
@@ -151,13 +155,12 @@ class Master:
 
     # -- stopping -----------------------------------------------------------------------
     def stop(self) -> None:
-        self.listener.close()
         for pid in self.workers:
             _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.workers and time.monotonic() < deadline:
             self.reap()
-            time.sleep(0.01)
+            self.absorb(0.01)
         for pid in list(self.workers):
             log.warning("worker %d did not stop in time: killing it", pid)
             _kill(pid, signal.SIGKILL)
@@ -167,7 +170,27 @@ class Master:
             unlink(name)
         if self.ready_file:
             _remove(self.ready_file)
+        grace_end = time.monotonic() + ABSORB_GRACE
+        while time.monotonic() < grace_end:
+            self.absorb(grace_end - time.monotonic())
+        self.listener.close()
         log.info("stopped")
+
+    def absorb(self, timeout: float) -> None:
+        """Accept and close the connections that arrive within `timeout`."""
+        if not select.select([self.listener], [], [], max(0.0, timeout))[0]:
+            return
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:     # none left (the listener is non-blocking), or no descriptors
+                return
+            with sock:
+                sock.setblocking(False)
+                try:
+                    sock.recv(64)     # a DONE already sent is read, so closing resets nothing
+                except OSError:
+                    pass
 
     def write_ready_file(self) -> None:
         """Atomically, so a launcher polling for it never reads half a file."""
