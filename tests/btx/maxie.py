@@ -5,25 +5,18 @@ SharedMemory, which the client unlinks itself."""
 import json
 import logging
 import socket
-from multiprocessing import shared_memory
 
-import numpy as np
-from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
+
+from .iclient import IPCRemotePsanaDataset, copy_and_unlink
 
 logger = logging.getLogger(__name__)
 
 
-class MaxieIPCDataset(Dataset):
-    def __init__(self, server_address, requests_list):
-        self.server_address = server_address
-        self.requests_list = requests_list
+class MaxieIPCDataset(IPCRemotePsanaDataset):
+    """Same dataset shape as btx's; only how a reply is read differs."""
 
-    def __len__(self):
-        return len(self.requests_list)
-
-    def __getitem__(self, idx):
-        exp, run, access_mode, detector_name, event = self.requests_list[idx]
+    def fetch_event(self, exp, run, access_mode, detector_name, event):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.connect(self.server_address)
             sock.sendall(json.dumps({"exp": exp, "run": run, "access_mode": access_mode,
@@ -38,17 +31,7 @@ class MaxieIPCDataset(Dataset):
                     if response_json["traceback"] is not None:
                         logger.debug(response_json["traceback"])
                 else:
-                    shm = None
-                    try:
-                        shm = shared_memory.SharedMemory(name=response_json["name"])
-                        view = np.ndarray(response_json["shape"],
-                                          dtype=np.dtype(response_json["dtype"]), buffer=shm.buf)
-                        result = np.array(view)
-                        del view
-                    finally:
-                        if shm:
-                            shm.close()
-                            shm.unlink()
+                    result = copy_and_unlink(response_json)
                     sock.sendall(b"ACK")
             return result
 
