@@ -17,7 +17,7 @@ import numpy as np
 
 from psana_ipc.protocol.address import Address, socket_family
 from psana_ipc.protocol.errors import BAD_JSON, ServerError
-from psana_ipc.protocol.legacy import ACK, is_ours
+from psana_ipc.protocol.legacy import ACK, PROBE_FIELD, is_ours
 from psana_ipc.protocol.shm_names import segment_path
 
 from .shm import attach
@@ -42,10 +42,10 @@ def _recv_json(sock: socket.socket) -> Any:
 
 
 def _request(sock: socket.socket, exp: str, run: Any, access_mode: str, detector_name: str,
-             event: int, mode: str) -> Dict[str, Any]:
-    sock.sendall(json.dumps({"exp": exp, "run": run, "access_mode": access_mode,
-                             "detector_name": detector_name, "event": int(event),
-                             "mode": mode}).encode("utf-8"))
+             event: int, mode: str, **extra: Any) -> Dict[str, Any]:
+    sock.sendall(json.dumps(dict(exp=exp, run=run, access_mode=access_mode,
+                                 detector_name=detector_name, event=int(event), mode=mode,
+                                 **extra)).encode("utf-8"))
     reply = _recv_json(sock)
     if not isinstance(reply, dict):
         raise ServerError(BAD_JSON, f"the legacy server answered {reply!r}")
@@ -94,10 +94,11 @@ def _unlink(name: str) -> None:
 def probe(address: Address, request: Sequence[Any], mode: str, timeout: Optional[float]) -> str:
     """"v1" if the server is ours, "legacy" if it is an old btx server.
 
-    Asks for the first frame a dataset wants in the legacy dialect, which
-    both kinds of server answer without complaint (a v1 hello would make an
-    old server log an error). The answer's mark decides, however long the
-    server took. No answer within `timeout` gives "legacy" for now: our
+    Asks for the first frame a dataset wants in the legacy dialect, flagged
+    as a probe: our server answers at once with its mark and reads nothing,
+    an old one ignores the flag and serves the frame (a v1 hello would make
+    it log an error). The mark decides, however long the server took. No
+    answer within `timeout` gives "legacy" for now: our
     server answers that dialect too, marked, so the guess is corrected on
     the first fetch. Failing to connect raises OSError.
     """
@@ -106,7 +107,8 @@ def probe(address: Address, request: Sequence[Any], mode: str, timeout: Optional
         sock.settimeout(timeout)
         sock.connect(address)
         try:
-            reply = _request(sock, exp, run, access_mode, detector_name, event, mode)
+            reply = _request(sock, exp, run, access_mode, detector_name, event, mode,
+                             **{PROBE_FIELD: True})
         except (socket.timeout, ConnectionError, ServerError):
             return "legacy"
         if not is_ours(reply) and "name" in reply:

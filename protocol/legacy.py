@@ -8,6 +8,8 @@ buffers up to `MAX_LEGACY_REQUEST` bytes until it does.
 
 Every reply of ours carries `SERVER_MARK`, which old btx servers never send:
 that is how a client tells this server from an old one without a timeout.
+A request with `PROBE_FIELD` set is answered at once with the mark alone (no
+frame is read); an old server ignores the field and serves the frame.
 Error replies carry what each btx-family client reads: `error` and
 `traceback` (maxie), `code` and `message` (ours); for an event that cannot
 be read, `legacy_missing_frame` adds a NaN frame (btx, pypca).
@@ -23,10 +25,15 @@ DONE = b"DONE"
 ACK = b"ACK"
 MAX_LEGACY_REQUEST = 4096
 SERVER_MARK = "psana_ipc"     # value: the v1 protocol version the server also speaks
+PROBE_FIELD = "psana_ipc_probe"
 
 
 class Done:
     """The shutdown word of the old protocol."""
+
+
+class Probe:
+    """A client asking which server this is (see PROBE_FIELD)."""
 
 
 def is_v1(first_byte: int) -> bool:
@@ -35,7 +42,7 @@ def is_v1(first_byte: int) -> bool:
     return first_byte == 0
 
 
-def parse_legacy(buf: bytes) -> Optional[Union[Get, Done]]:
+def parse_legacy(buf: bytes) -> Optional[Union[Get, Done, Probe]]:
     """A complete legacy request from the bytes so far, or None if incomplete."""
     text = buf.strip()
     if text == DONE:
@@ -56,6 +63,8 @@ def parse_legacy(buf: bytes) -> Optional[Union[Get, Done]]:
         if e.pos >= len(text_str.rstrip()) or e.msg.startswith("Unterminated string"):
             return None      # the text so far is a prefix of valid JSON: wait for more
         raise ProtocolError(BAD_JSON, f"request is not JSON: {e.msg}") from None
+    if isinstance(obj, dict) and obj.get(PROBE_FIELD) is True:
+        return Probe()
     return legacy_get(obj)
 
 
@@ -84,6 +93,10 @@ def legacy_reply(name: str, shape: Tuple[int, ...], dtype: str, **extra: Any) ->
                              SERVER_MARK: PROTOCOL_VERSION}
     reply.update(extra)
     return json.dumps(reply).encode("utf-8")
+
+
+def legacy_probe_reply() -> bytes:
+    return json.dumps({SERVER_MARK: PROTOCOL_VERSION}).encode("utf-8")
 
 
 def _error_fields(code: str, message: str) -> Dict[str, Any]:

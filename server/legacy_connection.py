@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import READ_FAILED, UNAUTHORIZED, ProtocolError
-from psana_ipc.protocol.legacy import (ACK, Done, legacy_error, legacy_missing_frame,
-                                       legacy_reply, parse_legacy)
+from psana_ipc.protocol.legacy import (ACK, Done, Probe, legacy_error, legacy_missing_frame,
+                                       legacy_probe_reply, legacy_reply, parse_legacy)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
@@ -60,6 +60,9 @@ class LegacyConnection(Channel):
         self.buf = b""
         if not (self.ctx.legacy and is_local_peer(self.sock)):
             self._fail(UNAUTHORIZED, "the legacy protocol is disabled for this peer; use v1")
+        elif isinstance(request, Probe):
+            self.send(legacy_probe_reply())
+            self.finish()
         elif isinstance(request, Done):
             log.info("DONE received: stopping the server")
             self.ctx.shutdown()

@@ -177,6 +177,13 @@ def test_probe_once_per_dataset_against_an_old_server(start_btx_server):
     assert log.count("served ") == 1 + 2 * len(requests)     # the probe is one real request
 
 
+def test_the_probe_reads_no_frame_on_our_server(server):
+    ds = IPCRemotePsanaDataset(server.address, _requests([1, 2]))
+    assert ds.protocol == "v1"
+    with Client(server.address) as c:
+        assert c.stats()["events"] == 0
+
+
 def test_a_busy_v1_server_with_a_token_is_never_taken_for_an_old_one(start_server, tmp_path,
                                                                      monkeypatch):
     token_file = tmp_path / "token"
