@@ -1,4 +1,6 @@
-"""`psana-ipc`: talk to a running iserver from the shell."""
+"""`psana-ipc`: talk to a running iserver from the shell (ping, info, stats,
+get, stop), remove what dead servers left in /dev/shm (cleanup), and write or
+submit a SLURM job that runs a server beside a client command (slurm)."""
 import argparse
 import json
 import os
@@ -9,13 +11,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from psana_ipc.protocol.address import ENV_ADDRESS, ENV_READY_FILE, format_address, resolve_address
+from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
-from psana_ipc.protocol.shm_names import our_segments, parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 
 from . import slurm, stop
 from .connection import Client
+from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
+from .shm import our_segments
 
 
 def _client(args: argparse.Namespace) -> Client:

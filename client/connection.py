@@ -3,12 +3,14 @@
 It connects on first use and again after a fork (each DataLoader worker gets
 its own connection), and turns error replies into `ServerError`. Frames
 arrive in shared-memory slots (same host) or inline; `get`/`get_many` copy
-each frame once and release its slot at once, `view` hands out the slot
-itself (zero-copy) until released.
+each frame once and give its slot back (releases travel in batches, all
+sent before the call returns); `view` and `frames` hand out the slot itself
+(zero-copy) until released.
 
-Zero-copy lifetime rule: the array of a `Frame` from `view` or `stream` is
+Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
-the server reuses the slot for another event. Copy what you keep.
+the server reuses the slot for another event. Copy what you keep, or take
+`Frame.lease()`: an array that holds its slot for as long as it is referenced.
 """
 import os
 import socket
@@ -17,40 +19,16 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.address import (Address, format_address, parse_address, ready_info,
-                                        resolve_address, socket_family)
+from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import encode_request, hello_request
 
+from .discovery import find_token, resolve_address
 from .shm import SlotMaps
-from .wire import recv_message, send_message
+from .wire import recv_message, send_message, socket_family
 
-ENV_TOKEN = "PSANA_IPC_TOKEN"
-ENV_TOKEN_FILE = "PSANA_IPC_TOKEN_FILE"
 RELEASE_BATCH = 16
 Reply = Tuple[Dict[str, Any], Optional[bytearray]]
-
-
-def find_token(token: Optional[str] = None, address: Optional[Address] = None) -> Optional[str]:
-    """An explicit token, else $PSANA_IPC_TOKEN, else the file $PSANA_IPC_TOKEN_FILE
-    names, else the token file in the ready file $PSANA_IPC_READY_FILE if that
-    file describes the server at `address` (a token is never sent elsewhere)."""
-    if token:
-        return token
-    if os.environ.get(ENV_TOKEN):
-        return os.environ[ENV_TOKEN]
-    path = os.environ.get(ENV_TOKEN_FILE)
-    if not path and address is not None:
-        try:
-            ready = ready_info()
-        except (OSError, ValueError):   # a stale or missing ready file: no token from it
-            ready = {}
-        if ready.get("address") and parse_address(ready["address"]) == address:
-            path = ready.get("token_file")
-    if path:
-        with open(path) as f:
-            return f.read().strip()
-    return None
 
 
 class Frame:

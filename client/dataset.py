@@ -3,12 +3,16 @@ v1 when the server speaks it and the legacy dialect otherwise.
 
 Each process (each DataLoader worker) keeps its own connections, one per
 server worker (a ConnectionGroup; they reconnect after fork). DataLoader
-hands `__getitems__` a whole batch of indices; runs of requests for the
-same detector become one request split over all server workers, and the
-items are the shared-memory slots themselves, which DataLoader's collate
-copies into its batch at once. That saves the copy and the page faults of a
-private array per frame. Those items stay valid until the next
-`__getitems__` call; `dataset[i]` always returns a private copy.
+hands `__getitems__` a whole batch of indices; runs of consecutive requests
+for the same run and detector become one request split over all server
+workers, and the items are leases on the shared-memory slots themselves
+(`Frame.lease`), which DataLoader's collate copies into its batch at once.
+That saves the copy and the page faults of a private array per frame. A
+lease holds its slot for as long as the item, or any view of it, is
+referenced, so a collate_fn that keeps items sees them unchanged; the slot
+goes back to the server when the last reference goes. When the leases still
+held would leave too little of a connection's window, the batch is copied
+instead. `dataset[i]` always returns a private copy.
 
 With `protocol="auto"` the dialect is probed once, when the dataset is made
 (before DataLoader forks its workers, which inherit the answer): see

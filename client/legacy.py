@@ -15,12 +15,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.address import Address, socket_family
+from psana_ipc.protocol.address import Address
 from psana_ipc.protocol.errors import BAD_JSON, ServerError
 from psana_ipc.protocol.legacy import ACK, PROBE_FIELD, is_ours
 from psana_ipc.protocol.shm_names import segment_path
 
 from .shm import attach
+from .wire import socket_family
 
 MAX_REPLY = 1 << 20
 PROBE_TIMEOUT = 30.0

@@ -6,15 +6,24 @@ resource tracker (before 3.13), which then warns about "leaked" segments or
 unlinks them when the attaching process exits: wrong for a segment the
 server owns. Opening /dev/shm directly, as shm_open does on Linux, involves
 no tracker on any Python version. The attacher only ever closes; the server
-unlinks.
+unlinks, and so does `psana-ipc cleanup` for servers that died, from the
+listing of /dev/shm made here.
 """
 import mmap
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.shm_names import segment_path
+from psana_ipc.protocol.shm_names import SHM_DIR, ours, segment_path
+
+
+def our_segments() -> List[str]:
+    """Segments in /dev/shm that psana-ipc servers made (none where there is no /dev/shm)."""
+    try:
+        return list(ours(os.listdir(SHM_DIR)))
+    except FileNotFoundError:
+        return []
 
 
 def attach(name: str, writable: bool = False) -> mmap.mmap:

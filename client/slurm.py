@@ -8,13 +8,19 @@ stops the servers on every exit path: a shutdown request, then SIGTERM, then
 SIGKILL, then `psana-ipc cleanup` for leftover segments. The job's exit code
 is the client's. Facility presets follow the btx JobScheduler (S3DF, SLAC,
 SRCF_FFB) so existing job headers keep their meaning.
+
+The script is the bash template slurm_job.sh beside this module (package
+data, checked by shellcheck in the tests); this module only fills in the
+job's #SBATCH header and settings.
 """
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Dict, List, Optional, Sequence
 
 
@@ -35,6 +41,8 @@ FACILITIES: Dict[str, Facility] = {
 _DESCRIPTION = __doc__.split("\n\n")[0]
 # The launcher owns the server's address and readiness; letting a user set them would break both.
 _RESERVED_SERVER_OPTIONS = ("--host", "--port", "--unix", "--ready-file")
+TEMPLATE = "slurm_job.sh"
+PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
 
 @dataclass
@@ -122,131 +130,29 @@ def _words(args: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def job_template() -> str:
+    """The job script with @NAME@ placeholders (slurm_job.sh, shipped in the package)."""
+    return resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
+
+
 def render_script(spec: JobSpec) -> str:
-    """The job script: #SBATCH header, the job's settings, then the fixed logic."""
+    """The job script: the template with the job's #SBATCH header and settings.
+
+    Every value is made safe for where it stands before it goes in (words
+    shell-quoted, integers as integers), in one pass, so a value is never read
+    as a placeholder or as shell syntax."""
     check(spec)
-    lines = ["#!/bin/bash"] + [f"#SBATCH {option}" for option in sbatch_options(spec)] + [
-        "",
-        f"SERVER_ENV={shlex.quote(spec.server_env)}",
-        f"CLIENT_ENV={shlex.quote(spec.client_env)}",
-        f"SERVER_ARGS=({_words(spec.server_args)})",
-        f"CLIENT=({_words(spec.command)})",
-        f"LOG_DIR={shlex.quote(os.path.abspath(spec.log_dir))}",
-        f"READY_TIMEOUT={spec.ready_timeout}",
-        f"STOP_TIMEOUT={spec.stop_timeout}",
-    ]
-    return "\n".join(lines) + "\n" + _BODY
-
-
-_BODY = r'''
-# Everything below is the same for every job.
-set -u
-
-# A `bash -c` program that activates an environment, then execs its arguments there: each side
-# runs in a fresh shell, so the server's and the client's environments never mix.
-activating() {  # activating WHICH ACTIVATION
-  printf '%s\n' "$2" \
-    "[ \$? = 0 ] || { echo 'psana-ipc: cannot activate the $1 environment' >&2; exit 127; }" \
-    'exec "$@"'
-}
-
-ended_within() {  # ended_within PID SECONDS: false if PID is still running after SECONDS
-  local tenths=$(( $2 * 10 ))
-  while kill -0 "$1" 2>/dev/null; do
-    (( tenths-- > 0 )) || return 1
-    sleep 0.1
-  done
-}
-
-# One node's server, on a node-local UNIX socket, with a ready file named by host. SIGUSR1 (which
-# srun forwards as it is, where it turns SIGTERM into SIGKILL) or SIGTERM ends the wait below
-# and stops the server whatever state it is in: a shutdown request, then SIGTERM, then SIGKILL,
-# then `psana-ipc cleanup` for what a killed server left in /dev/shm.
-serve_node() {  # serve_node SERVER_ENV CLIENT_ENV SOCKET RUN_DIR STOP_TIMEOUT [ISERVER OPTION...]
-  local socket=$3 run_dir=$4 limit=$5 host pid rc
-  local in_server=(bash -c "$(activating server "$1")" in-server-env)
-  local in_client=(bash -c "$(activating client "$2")" in-client-env)
-  shift 5
-  host=$(hostname)
-  trap : USR1 TERM INT HUP
-  # srun delivers SIGUSR1 to the whole task; it is meant for this function, so iserver ignores it
-  (trap '' USR1; exec "${in_server[@]}" iserver --unix "$socket" \
-    --ready-file "$run_dir/ready-$host.json" "$@") >"$run_dir/server-$host.log" 2>&1 &
-  pid=$!
-  wait "$pid"  # returns early on a signal, and then the server may still run
-  if kill -0 "$pid" 2>/dev/null; then
-    timeout "$limit" "${in_client[@]}" psana-ipc stop --address "unix:$socket" >/dev/null 2>&1
-    ended_within "$pid" "$limit" || { kill -TERM "$pid"; ended_within "$pid" "$limit"; } \
-      || kill -KILL "$pid"
-  fi
-  wait "$pid"
-  rc=$?
-  "${in_client[@]}" psana-ipc cleanup >/dev/null
-  rm -f "$socket" "$run_dir/ready-$host.json"
-  return "$rc"
-}
-
-wait_ready() {  # until every node's server has written its ready file
-  local deadline=$(( SECONDS + READY_TIMEOUT )) ready
-  while :; do
-    ready=$(compgen -G "$RUN_DIR/ready-*.json" | wc -l)
-    [ "$ready" -ge "$NODES" ] && return 0
-    if ! kill -0 "$SERVERS_PID" 2>/dev/null; then
-      echo "psana-ipc: iserver exited before it was ready; its log:" >&2
-      tail -n 30 "$RUN_DIR"/server-*.log >&2
-      return 1
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "psana-ipc: $ready of $NODES servers ready after ${READY_TIMEOUT}s; logs in $RUN_DIR" >&2
-      return 1
-    fi
-    sleep 0.2
-  done
-}
-
-finish() {  # on every exit: stop the client if it still runs, then the servers; keep the exit code
-  local rc=$?
-  trap '' TERM INT HUP
-  if [ -n "$CLIENT_PID" ] && kill -0 "$CLIENT_PID" 2>/dev/null; then
-    kill -TERM "$CLIENT_PID"
-    ended_within "$CLIENT_PID" "$STOP_TIMEOUT" || kill -KILL "$CLIENT_PID"
-  fi
-  if [ -n "$SERVERS_PID" ]; then
-    kill -USR1 "$SERVERS_PID" 2>/dev/null
-    wait "$SERVERS_PID" || echo "psana-ipc: a server ended badly; logs in $RUN_DIR" >&2
-  fi
-  rm -f "$RUN_DIR"/ready-*.json
-  exit "$rc"
-}
-
-JOB=${SLURM_JOB_ID:-local-$$}
-RUN_DIR=$LOG_DIR/psana-ipc-$JOB  # ready files and server logs, seen from every node
-SOCKET=${TMPDIR:-/tmp}/psana-ipc-$JOB.sock  # the same path on every node, each its own server
-export PSANA_IPC_ADDRESS=unix:$SOCKET
-NODES=1 ON_NODES=() ON_TASKS=() CLIENT_PID= SERVERS_PID=
-if [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
-  NODES=$SLURM_JOB_NUM_NODES
-  ON_NODES=(srun --overlap --whole --kill-on-bad-exit=1 --nodes="$NODES" --ntasks="$NODES"
-            --ntasks-per-node=1)
-  ON_TASKS=(srun --overlap --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
-fi
-trap finish EXIT
-trap 'exit 143' TERM
-trap 'exit 130' INT
-trap 'exit 129' HUP
-
-mkdir -p "$RUN_DIR" || exit 1
-rm -f "$RUN_DIR"/ready-*.json
-"${ON_NODES[@]}" bash -c "$(declare -f activating ended_within serve_node)"$'\n''serve_node "$@"' \
-  serve-node "$SERVER_ENV" "$CLIENT_ENV" "$SOCKET" "$RUN_DIR" "$STOP_TIMEOUT" "${SERVER_ARGS[@]}" &
-SERVERS_PID=$!
-wait_ready || exit 1
-echo "psana-ipc: $NODES server(s) ready at $PSANA_IPC_ADDRESS; running:" \
-  "$(printf '%q ' "${CLIENT[@]}")" >&2
-"${ON_TASKS[@]}" bash -c "$(activating client "$CLIENT_ENV")" in-client-env "${CLIENT[@]}" &
-CLIENT_PID=$!
-wait "$CLIENT_PID"
-'''
+    values = {
+        "SBATCH_OPTIONS": "\n".join(f"#SBATCH {option}" for option in sbatch_options(spec)),
+        "SERVER_ENV": shlex.quote(spec.server_env),
+        "CLIENT_ENV": shlex.quote(spec.client_env),
+        "SERVER_ARGS": _words(spec.server_args),
+        "CLIENT": _words(spec.command),
+        "LOG_DIR": shlex.quote(os.path.abspath(spec.log_dir)),
+        "READY_TIMEOUT": str(int(spec.ready_timeout)),
+        "STOP_TIMEOUT": str(int(spec.stop_timeout)),
+    }
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], job_template())
 
 
 def submit(path: str, wait: bool = True) -> int:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Set
 
-from psana_ipc.protocol.address import Address, format_address, socket_family
+from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import ProtocolError, ServerError
 from psana_ipc.protocol.legacy import DONE, is_ours
 
 from .connection import Client
-from .wire import ConnectionClosed
+from .wire import ConnectionClosed, socket_family
 
 V1_WAIT = 2.0          # an answer to `shutdown` takes longer only from a worker stuck in psana
 MAX_DONE = 256         # more workers than any btx server runs

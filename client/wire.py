@@ -1,8 +1,10 @@
 """Blocking send and receive of v1 frames on a socket, using the protocol's
-framing rules (the protocol package itself never touches sockets)."""
+framing rules, and the family of a socket for an address (the protocol
+package itself never touches sockets)."""
 import socket
 from typing import Any, Dict, Optional, Tuple
 
+from psana_ipc.protocol.address import Address, address_family
 from psana_ipc.protocol.errors import BAD_FRAME, ProtocolError
 from psana_ipc.protocol.framing import LENGTH, decode_header, encode_frame, header_length, payload_size
 
@@ -11,6 +13,11 @@ MAX_PAYLOAD = 1 << 40
 
 class ConnectionClosed(ConnectionError):
     """The server closed the connection before a whole frame arrived."""
+
+
+def socket_family(address: Address) -> int:
+    """The family of a socket that connects to `address`."""
+    return getattr(socket, address_family(address))
 
 
 def send_message(sock: socket.socket, header: Dict[str, Any]) -> None:

@@ -1,17 +1,13 @@
 """Server addresses as users write them: `host:port`, `:port`, or a UNIX
-socket path (anything with a `/`, or `unix:PATH`); and where a client finds
-one when none is given: $PSANA_IPC_ADDRESS, or the ready file a server wrote
-(`iserver --ready-file`) named by $PSANA_IPC_READY_FILE."""
-import json
-import os
-import socket
-from typing import Any, Dict, Tuple, Union
+socket path (anything with a `/`, or `unix:PATH`), parsed and printed.
+
+Finding an address when none is given (environment, ready file) is the
+client's job (`psana_ipc.client.discovery`): this module only reads text."""
+from typing import Tuple, Union
 
 Address = Union[Tuple[str, int], str]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-ENV_ADDRESS = "PSANA_IPC_ADDRESS"
-ENV_READY_FILE = "PSANA_IPC_READY_FILE"
 
 
 def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
@@ -36,26 +32,9 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def socket_family(address: Address) -> int:
+def address_family(address: Address) -> str:
+    """The name of the `socket` module's family constant for `address`
+    ("AF_UNIX", "AF_INET" or "AF_INET6"), for the code that makes the socket."""
     if isinstance(address, str):
-        return socket.AF_UNIX
-    return socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-
-
-def ready_info() -> Dict[str, Any]:
-    """The JSON of the ready file $PSANA_IPC_READY_FILE names ({} if unset):
-    the server's `address`, `pid` and `token_file`."""
-    path = os.environ.get(ENV_READY_FILE)
-    if not path:
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def resolve_address(address=None) -> Address:
-    """An explicit address, else $PSANA_IPC_ADDRESS, else the address in the
-    ready file $PSANA_IPC_READY_FILE, else 127.0.0.1:5000."""
-    if address is None:
-        address = (os.environ.get(ENV_ADDRESS) or ready_info().get("address")
-                   or f"{DEFAULT_HOST}:{DEFAULT_PORT}")
-    return parse_address(address)
+        return "AF_UNIX"
+    return "AF_INET6" if ":" in address[0] else "AF_INET"

@@ -1,7 +1,8 @@
 """Error codes and exception types shared by both ends of a connection.
 
-A `RemoteError` is what the peer did wrong (we received something bad); a
-`ServerError` is a well-formed error reply the server sent on purpose.
+A `ProtocolError` is what the peer did wrong (we received something bad),
+with the code to reply with; a `ServerError` is a well-formed error reply the
+server sent on purpose, as the client raises it.
 """
 from typing import Any, Dict
 

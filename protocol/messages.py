@@ -1,5 +1,7 @@
-"""v1 requests and replies: validated on construction, so a handler only ever
-sees well-typed values.
+"""v1 requests and replies. Requests are validated on construction, so a
+handler only ever sees well-typed values; replies are plain header dicts
+(`ok_reply`, `error_reply`), as are the requests a client sends
+(`encode_request`, `hello_request`).
 
 Every request carries an integer `id` that its replies echo, which is what
 makes pipelining possible. `parse_request` turns a decoded header into one of

@@ -3,10 +3,11 @@
 `psipc_<server pid>_<worker pid>_<serial>`: the server pid lets
 `psana-ipc cleanup` find what a dead server left, the worker pid lets the
 master remove what a dead worker left, without probing other users' files.
+
+Only names here: listing /dev/shm is the job of the code that sweeps it.
 """
-import os
 import re
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 PREFIX = "psipc"
 SHM_DIR = "/dev/shm"
@@ -29,16 +30,13 @@ def parse_segment_name(name: str) -> Optional[SegmentName]:
 
 
 def segment_path(name: str) -> str:
-    return os.path.join(SHM_DIR, name.lstrip("/"))
+    return f"{SHM_DIR}/{name.lstrip('/')}"
 
 
-def our_segments(server_pid: Optional[int] = None,
-                 worker_pid: Optional[int] = None) -> Iterator[str]:
-    """Names in /dev/shm that a psana-ipc server made (optionally one server or worker)."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return
+def ours(names: Iterable[str], server_pid: Optional[int] = None,
+         worker_pid: Optional[int] = None) -> Iterator[str]:
+    """The names among `names` (a listing of /dev/shm) that a psana-ipc server
+    made, optionally only one server's or one worker's."""
     for name in names:
         parsed = parse_segment_name(name)
         if parsed is None:

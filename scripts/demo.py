@@ -8,7 +8,7 @@ the server.
 
 The same on a real run, with the server in the psana environment:
 
-    python scripts/demo.py --server-python .venv-psana/bin/python --exp tstx00117 --run 1 \
+    python scripts/demo.py --server-python .venv-psana/bin/python --exp tstx00117 --run 1 \\
         --server-args "--source psana2 --data-dir DIR --offline --calib-dir CDIR"
 """
 import argparse

@@ -17,6 +17,18 @@ reference function checks both sources:
     raw = (flat_pixel_index + 101 * e) % 16384    uint16 (panels, rows, cols)
     timestamp = (1700000000 + e // 1000) << 32 | (e % 1000) * 1000000
 
+`--chunk-events N` splits each stream into chunk files of N events, as the
+DAQ splits long runs: -c000, -c001, ... Every chunk file starts with the
+Configure record (psana reads each chunk file on its own); chunk k > 0 then
+holds an Enable record whose `chunkinfo` (filename, chunkid) names it, the
+previous chunk ends with a Disable. The stream keeps one small-data file,
+-c000.smd.xtc2, whose offsets point into the chunk file the last Enable
+named: that is how psana finds the chunks (psana lists only -c000 files).
+
+`--corrupt-event E` then damages event E's record in its big-data file: its
+header claims 1 MiB more than the record holds (the small data still gives
+the true size), so psana aborts parsing it ("corrupt xtc").
+
 `--gain-bits` sets the two gain bits (raw | 0xc000) of every pixel, to check
 that uncalibrated epix10k data is served with them masked.
 
@@ -28,22 +40,28 @@ reads with `--calib-dir`:
     CDIR/epix10k2M/geometry.txt      psana geometry text: the 16 panels on a 4x4 grid
                                      (psana ships a jungfrau4M geometry, none for epix10k2M)
 
+    CDIR/<detector>/pixel_status.npy   with --bad-pixel-every N: every Nth pixel of every
+                                       gain range bad (status 1), the others good (0)
+    CDIR/jungfrau4M/pixel_offset.npy   with --pixel-offset X: X for every pixel
+
 With --per-run they go to CDIR/<exp>/r<run:04d>/<detector>/ instead, which
 the source prefers for that run: runs with different constants side by side.
 Without --gain-bits every pixel is in gain range 0, so calib = (raw - pedestal) / gain.
 """
 import argparse
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
 from psana.psexp import TransitionId
 
 from psana_ipc.server.sources.synthetic import DETECTORS, expected, timestamp_of
+from psana_ipc.server.sources.xtc2_record import RECORD_HEADER
 
 # name -> psana detector type, version of its `raw` data (psana picks the class
 # <type>_raw_<major>_<minor>_<micro>) and gain ranges its constants hold
@@ -53,6 +71,8 @@ PSANA_TYPES = {
 }
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
+EXTENT_AT = RECORD_HEADER + 8    # a record's size is RECORD_HEADER + its Xtc's extent
+CORRUPTION = 1 << 20
 # Panel pitch and detector distance of the epix10k2M test geometry, in micrometres.
 PITCH_X, PITCH_Y, DISTANCE = 45000, 42000, 100000
 
@@ -88,9 +108,16 @@ def declare(config: DgramEdit, detector: str, node: int) -> List:
     return segments
 
 
+def chunk_path(path: Path, chunk: int) -> Path:
+    """The stream's file for chunk `chunk`: ...-c000.xtc2 -> ...-c001.xtc2."""
+    return path.with_name(path.name.replace("-c000.", f"-c{chunk:03d}."))
+
+
 def write_stream(path: Path, detector: str, exp: str, run: int, events: int, node: int,
-                 gain_bits: int) -> None:
-    """Configure, BeginRun (with exp/run), `events` L1Accepts, EndRun."""
+                 gain_bits: int, chunk_events: int = 0) -> List[Path]:
+    """Configure, BeginRun (with exp/run), `events` L1Accepts, EndRun; split
+    into chunk files of `chunk_events` events if it is not 0. Returns the
+    files written, chunk 0 first."""
     shape = DETECTORS[detector][0]
     bufsize = int(np.prod(shape)) * 2 + HEADROOM
     buf = bytearray(bufsize)
@@ -98,13 +125,35 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
     config = DgramEdit(transition_id=TransitionId.Configure, ts=t0, bufsize=bufsize)
     runinfo = config.Detector(DetectorDef("runinfo", "runinfo", ""), AlgDef("runinfo", 0, 0, 1),
                               {"expt": (str, 1), "runnum": (np.uint32, 0)}, nodeId=node, segment=0)
+    chunkinfo = config.Detector(DetectorDef("chunkinfo", "chunkinfo", ""),
+                                AlgDef("chunkinfo", 0, 0, 1),
+                                {"filename": (str, 1), "chunkid": (np.uint32, 0)},
+                                nodeId=node, segment=0) if chunk_events else None
     segments = declare(config, detector, node)
+    files = [path]
 
     def emit(dgram: DgramEdit) -> None:
         dgram.save(buf)
         out.write(buf[:dgram.size])
 
-    with open(path, "wb") as out:
+    def next_chunk(e: int) -> None:
+        """Disable, then a new chunk file: Configure, Enable naming the file."""
+        nonlocal out
+        emit(DgramEdit(transition_id=TransitionId.Disable, config_dgramedit=config,
+                       ts=timestamp_of(e) - 2, bufsize=bufsize))
+        out.close()
+        files.append(chunk_path(path, len(files)))
+        out = open(files[-1], "wb")
+        emit(config)
+        enable = DgramEdit(transition_id=TransitionId.Enable, config_dgramedit=config,
+                           ts=timestamp_of(e) - 1, bufsize=bufsize)
+        chunkinfo.chunkinfo.filename = files[-1].name
+        chunkinfo.chunkinfo.chunkid = len(files) - 1
+        enable.adddata(chunkinfo.chunkinfo)
+        emit(enable)
+
+    out = open(path, "wb")
+    try:
         emit(config)
         begin = DgramEdit(transition_id=TransitionId.BeginRun, config_dgramedit=config,
                           ts=t0 + 1, bufsize=bufsize)
@@ -113,6 +162,8 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         begin.adddata(runinfo.runinfo)
         emit(begin)
         for e in range(events):
+            if chunk_events and e and e % chunk_events == 0:
+                next_chunk(e)
             event = DgramEdit(transition_id=TransitionId.L1Accept, config_dgramedit=config,
                               ts=timestamp_of(e), bufsize=bufsize)
             raw = expected(detector, "raw", e) | np.uint16(gain_bits)
@@ -122,6 +173,53 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
             emit(event)
         emit(DgramEdit(transition_id=TransitionId.EndRun, config_dgramedit=config,
                        ts=timestamp_of(events), bufsize=bufsize))
+    finally:
+        out.close()
+    return files
+
+
+def record_sizes(data: bytes) -> List[int]:
+    """The size of every record of an XTC2 file, in file order."""
+    sizes, offset = [], 0
+    while offset < len(data):
+        extent, = struct.unpack_from("<I", data, offset + EXTENT_AT)
+        sizes.append(RECORD_HEADER + extent)
+        offset += sizes[-1]
+    return sizes
+
+
+def write_smalldata(files: List[Path], smd: Path, tool: str) -> None:
+    """psana's smdwriter on every chunk file, joined into the stream's one
+    small-data file: chunk 0's whole, of the others all but the Configure
+    record (the first), so that each chunk's offsets follow its Enable."""
+    with open(smd, "wb") as out:
+        for chunk, bigdata in enumerate(files):
+            part = smd.with_name(smd.name + f".part{chunk}")
+            subprocess.run([tool, "-f", str(bigdata), "-o", str(part)], check=True,
+                           stdout=subprocess.DEVNULL)
+            data = part.read_bytes()
+            part.unlink()
+            out.write(data if chunk == 0 else data[record_sizes(data)[0]:])
+
+
+def corrupt_event(files: List[Path], event: int) -> Path:
+    """Make L1Accept `event` (counted over the chunk files in order) claim
+    CORRUPTION bytes more than it holds; returns the file changed."""
+    seen = 0
+    for path in files:
+        data = bytearray(path.read_bytes())
+        offset = 0
+        for size in record_sizes(data):
+            env, = struct.unpack_from("<I", data, offset + 8)
+            if (env >> 24) & 0xF == TransitionId.L1Accept:
+                if seen == event:
+                    claimed = size - RECORD_HEADER + CORRUPTION
+                    struct.pack_into("<I", data, offset + EXTENT_AT, claimed)
+                    path.write_bytes(data)
+                    return path
+                seen += 1
+            offset += size
+    raise SystemExit(f"--corrupt-event {event}: the run has only {seen} events")
 
 
 def epix10k2m_geometry() -> str:
@@ -137,13 +235,22 @@ def epix10k2m_geometry() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_constants(folder: Path, detector: str, pedestal: float, gain: float) -> Dict[str, Path]:
+def write_constants(folder: Path, detector: str, pedestal: float, gain: float,
+                    bad_pixel_every: int = 0,
+                    pixel_offset: Optional[float] = None) -> Dict[str, Path]:
     _, _, ranges = PSANA_TYPES[detector]
     shape = (ranges,) + DETECTORS[detector][0]
     folder.mkdir(parents=True, exist_ok=True)
     written = {"pedestals": folder / "pedestals.npy", "pixel_gain": folder / "pixel_gain.npy"}
     np.save(written["pedestals"], np.full(shape, pedestal, np.float32))
     np.save(written["pixel_gain"], np.full(shape, gain, np.float32))
+    if bad_pixel_every:
+        written["pixel_status"] = folder / "pixel_status.npy"
+        bad = np.arange(int(np.prod(shape[1:]))).reshape(shape[1:]) % bad_pixel_every == 0
+        np.save(written["pixel_status"], np.broadcast_to(bad, shape).astype(np.uint64))
+    if pixel_offset is not None and detector == "jungfrau4M":
+        written["pixel_offset"] = folder / "pixel_offset.npy"
+        np.save(written["pixel_offset"], np.full(shape, pixel_offset, np.float32))
     if detector == "epix10k2M":
         written["geometry"] = folder / "geometry.txt"
         written["geometry"].write_text(epix10k2m_geometry())
@@ -161,6 +268,10 @@ def main(argv: List[str] = None) -> int:
                         help="events to write (default: %(default)s)")
     parser.add_argument("--detectors", nargs="+", choices=sorted(PSANA_TYPES),
                         default=sorted(PSANA_TYPES), help="detectors to write (default: all)")
+    parser.add_argument("--chunk-events", type=int, default=0, metavar="N",
+                        help="split each stream into chunk files of N events (default: one file)")
+    parser.add_argument("--corrupt-event", type=int, metavar="E",
+                        help="damage event E's big-data record so that psana aborts reading it")
     parser.add_argument("--gain-bits", action="store_const", const=GAIN_BITS, default=0,
                         help="set both gain bits of every pixel (raw | 0xc000)")
     parser.add_argument("--calib-dir", type=Path,
@@ -171,21 +282,27 @@ def main(argv: List[str] = None) -> int:
                         help="pedestal of every pixel (default: %(default)s)")
     parser.add_argument("--gain", type=float, default=2.0,
                         help="pixel gain of every pixel (default: %(default)s)")
+    parser.add_argument("--bad-pixel-every", type=int, default=0, metavar="N",
+                        help="also write pixel_status with every Nth pixel bad")
+    parser.add_argument("--pixel-offset", type=float, metavar="X",
+                        help="also write jungfrau4M's pixel_offset, X for every pixel")
     args = parser.parse_args(argv)
 
     (args.outdir / "smalldata").mkdir(parents=True, exist_ok=True)
     tool = smdwriter()
     for stream, detector in enumerate(args.detectors):
         base = f"{args.exp}-r{args.run:04d}-s{stream:03d}-c000"
-        bigdata = args.outdir / f"{base}.xtc2"
-        write_stream(bigdata, detector, args.exp, args.run, args.events, stream + 1,
-                     args.gain_bits)
-        subprocess.run([tool, "-f", str(bigdata), "-o", str(args.outdir / "smalldata" / f"{base}.smd.xtc2")],
-                       check=True, stdout=subprocess.DEVNULL)
-        print(f"{bigdata}: {detector}, {args.events} events")
+        files = write_stream(args.outdir / f"{base}.xtc2", detector, args.exp, args.run,
+                             args.events, stream + 1, args.gain_bits, args.chunk_events)
+        write_smalldata(files, args.outdir / "smalldata" / f"{base}.smd.xtc2", tool)
+        for path in files:
+            print(f"{path}: {detector}")
+        if args.corrupt_event is not None:
+            print(f"{corrupt_event(files, args.corrupt_event)}: event {args.corrupt_event} corrupt")
         if args.calib_dir:
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector
-            for ctype, path in write_constants(folder, detector, args.pedestal, args.gain).items():
+            for ctype, path in write_constants(folder, detector, args.pedestal, args.gain,
+                                               args.bad_pixel_every, args.pixel_offset).items():
                 print(f"{path}: {ctype}")
     return 0
 

@@ -47,8 +47,8 @@ def main(argv: List[str] = None) -> int:
                              "(default: %(default)s)")
     args = parser.parse_args(argv)
 
-    factory = Factory(argparse.Namespace(data_dir=args.data_dir, offline=True,
-                                         calib_dir=args.calib_dir))
+    factory = Factory(argparse.Namespace(data_dir=args.data_dir, data_root=None, files=[],
+                                         offline=True, calib_dir=args.calib_dir))
     rng = random.Random(0)
     print(f"{'detector':<12}{'mode':<7}{'shape':<17}{'first ms':>9}{'median ms':>11}"
           f"{'mean ms':>9}{'max ms':>8}")

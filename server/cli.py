@@ -10,7 +10,7 @@ import stat
 import sys
 from typing import List, Optional
 
-from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_address
+from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, address_family, format_address
 
 from . import sources
 from .context import WorkerContext
@@ -153,8 +153,8 @@ def bind(options: argparse.Namespace) -> socket.socket:
         finally:
             os.umask(old)
     else:
-        family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(getattr(socket, address_family((options.host, options.port))),
+                             socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((options.host, options.port))

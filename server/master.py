@@ -21,8 +21,7 @@ import socket
 import time
 from typing import Callable, Dict, List, Optional
 
-from psana_ipc.protocol.shm_names import our_segments
-from psana_ipc.server.shm import unlink
+from psana_ipc.server.shm import our_segments, unlink
 
 from .shared_state import COL, SharedState
 from .wakeup import drain, wakeup_pipe

@@ -10,11 +10,11 @@ error at creation instead of a SIGBUS on the first write.
 import errno
 import mmap
 import os
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.shm_names import segment_path
+from psana_ipc.protocol.shm_names import SHM_DIR, ours, segment_path
 
 PAGE = mmap.PAGESIZE
 
@@ -60,6 +60,12 @@ class Segment:
         except BufferError:
             pass  # a live numpy view pins the mapping; the unlink below still frees the name
         unlink(self.name)
+
+
+def our_segments(server_pid: Optional[int] = None,
+                 worker_pid: Optional[int] = None) -> List[str]:
+    """Segments in /dev/shm a psana-ipc server made (optionally one server's or worker's)."""
+    return list(ours(os.listdir(SHM_DIR), server_pid, worker_pid))
 
 
 def unlink(name: str) -> bool:

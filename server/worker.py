@@ -8,8 +8,8 @@ worker has fewer connections (or once a connection has waited
 `ACCEPT_GRACE`), which spreads a client's parallel connections over the
 workers.
 
-Set-up that is per process (signal handlers, the wakeup pipe, logging)
-happens here, after the fork, never in the master.
+Set-up that is per process (signal handlers, the wakeup pipe) happens here,
+after the fork, never inherited from the master.
 """
 import functools
 import logging

@@ -18,7 +18,8 @@ import pytest
 from psana_ipc.client import Client, ServerError, legacy
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.shm_names import our_segments, parse_segment_name
+from psana_ipc.protocol.shm_names import parse_segment_name
+from psana_ipc.server.shm import our_segments
 from psana_ipc.server.shm import round_up
 from psana_ipc.server.sources.synthetic import expected
 

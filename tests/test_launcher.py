@@ -100,7 +100,8 @@ def test_environment_kinds(tmp_path):
 
 
 def test_bash_reads_back_the_commands_exactly(tmp_path):
-    command = ["python", "train.py", "--name", "a b", "$HOME", "it's", "--out", "r{rank}.json"]
+    command = ["python", "train.py", "--name", "a b", "$HOME", "it's", "--out", "r{rank}.json",
+               "@CLIENT@", "${SERVER_ARGS[@]}"]   # not placeholders, not expanded
     server_args = ["--source", "psana2", "--data-dir", "/data/with space"]
     script = slurm.render_script(slurm.JobSpec(command=command, server_args=server_args))
     settings = script.split("# Everything below")[0]

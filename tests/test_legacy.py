@@ -9,7 +9,7 @@ import torch
 
 from psana_ipc.client import IPCRemotePsanaDataset
 from psana_ipc.protocol.address import parse_address
-from psana_ipc.protocol.shm_names import our_segments
+from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
 from btx.fixtures import btx_server, start_btx_server  # noqa: F401 (fixtures)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from psana_ipc.client import Client
-from psana_ipc.protocol.shm_names import our_segments
+from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import pid_alive, worker_pids

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, strategies as st
 
 from psana_ipc.protocol import errors
-from psana_ipc.protocol.address import format_address, parse_address
+from psana_ipc.protocol.address import address_family, format_address, parse_address
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import MAX_HEADER, FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import Done, is_v1, parse_legacy
 from psana_ipc.protocol.messages import Get, Hello, Release, parse_request
-from psana_ipc.protocol.shm_names import parse_segment_name, segment_name
+from psana_ipc.protocol.shm_names import ours, parse_segment_name, segment_name, segment_path
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
@@ -150,3 +150,18 @@ def test_addresses():
     assert format_address(("::1", 5)) == "[::1]:5"
     with pytest.raises(ValueError):
         parse_address("nohost")
+
+
+@pytest.mark.parametrize("text, family", [("unix:/tmp/x.sock", "AF_UNIX"),
+                                          ("127.0.0.1:5000", "AF_INET"),
+                                          ("[::1]:5000", "AF_INET6")])
+def test_address_family_names_the_socket_constant(text, family):
+    assert address_family(parse_address(text)) == family
+
+
+def test_segments_are_picked_from_a_listing_by_server_and_worker():
+    listing = ["psipc_1_2_a", "psipc_1_3_b", "psipc_4_2_c", "sem.x", "psipc_x_2_d", "pym-1"]
+    assert list(ours(listing)) == ["psipc_1_2_a", "psipc_1_3_b", "psipc_4_2_c"]
+    assert list(ours(listing, server_pid=1)) == ["psipc_1_2_a", "psipc_1_3_b"]
+    assert list(ours(listing, server_pid=1, worker_pid=3)) == ["psipc_1_3_b"]
+    assert segment_path("/psipc_1_2_a") == "/dev/shm/psipc_1_2_a"

@@ -4,8 +4,9 @@
 import numpy as np
 import pytest
 
-from psana1_standin.runs import (EXP, EVENTS, GAIN_BITS, RUN, STANDIN, calib_of, image_of,
-                                 raw_of, timestamp_of, write_constants, write_run)
+from psana1_standin.runs import (EXP, EVENTS, GAIN_BITS, RUN, STANDIN, calib_of,
+                                 experiment_calib_dir, image_of, raw_of, timestamp_of,
+                                 write_constants, write_run)
 from psana_ipc.client import Client
 from psana_ipc.protocol.errors import (NO_CALIBRATION, NOT_FOUND, OUT_OF_RANGE, READ_FAILED,
                                        UNKNOWN_DETECTOR, ServerError)
@@ -44,6 +45,8 @@ def test_raw_calib_and_image_are_psana1s_with_event_timestamps(psana1_server):
 
 
 def test_missing_constants_serve_masked_raw_flagged_uncalibrated(psana1_server):
+    """psana1 gives an epix10k without constants files default constants
+    (pedestals 0, gain 1), not None: that is not calibrated data."""
     with Client(psana1_server.address) as c:
         info = c.info(EXP, RUN, "epix10kaQuad")
         assert info["modes"]["calib"] == {"shape": [2, 6, 10], "dtype": "uint16",
@@ -88,8 +91,9 @@ def test_unknown_detector_missing_run_and_event_past_the_end(psana1_server):
 
 
 def test_data_dir_and_calib_dir_options_reach_psana1(start_server, tmp_path):
-    """--data-dir becomes the dataset's dir=, --calib-dir psana's calib_dir,
-    set before the DataSource exists (psana1 ignores it afterwards)."""
+    """--data-dir becomes the dataset's dir=, --calib-dir psana's option
+    psana.calib-dir, set before the DataSource exists (psana1 ignores it
+    afterwards)."""
     xtc = write_run(tmp_path / "elsewhere")
     constants = {"pedestal": 3.0, "gain": 2.0}
     calib_dir = write_constants(tmp_path / "my-calib", {"epix10kaQuad": constants})
@@ -102,3 +106,17 @@ def test_data_dir_and_calib_dir_options_reach_psana1(start_server, tmp_path):
         np.testing.assert_array_equal(calib, calib_of("epix10kaQuad", 2, constants))
         _, desc = c.get_frame(EXP, RUN, "epix10k2M", 2)
         assert desc["calibrated"] is False, "constants come from --calib-dir only"
+
+
+def test_default_calib_dir_is_the_experiments_whatever_the_data_dir(start_server, tmp_path):
+    """Without --calib-dir psana1 reads $SIT_PSDM_DATA/<INSTR>/<exp>/calib,
+    not the calib dir beside --data-dir's xtc dir."""
+    xtc = write_run(tmp_path / "elsewhere")
+    constants = {"pedestal": 4.0, "gain": 0.25}
+    write_constants(experiment_calib_dir(tmp_path / "psdm"), {"epix10k2M": constants})
+    server = start_server(["--source", "psana1", "--workers", "1", "--data-dir", str(xtc)],
+                          env={"PYTHONPATH": str(STANDIN), "SIT_PSDM_DATA": str(tmp_path / "psdm")})
+    with Client(server.address) as c:
+        calib, desc = c.get_frame(EXP, RUN, "epix10k2M", 1)
+        assert desc["calibrated"] is True
+        np.testing.assert_array_equal(calib, calib_of("epix10k2M", 1, constants))

@@ -55,10 +55,10 @@ def test_image_is_psanas_own(calibrated_server, psana2_runs, tmp_path):
     oracle = str(ROOT / "tests" / "psana2_image_oracle.py")
     with Client(calibrated_server.address) as c:
         for detector in DETECTORS:
-            out = tmp_path / f"{detector}.npy"
+            out = tmp_path / f"{detector}.npz"
             run_psana([oracle, str(psana2_runs.data_dir), str(psana2_runs.calib_dir), EXP,
                        str(RUN), detector, "6", str(out)])
-            reference = np.load(out)
+            reference = np.load(out)["image"]
             image = c.get(EXP, RUN, detector, 6, mode="image")
             assert image.ndim == 2 and image.shape == reference.shape
             np.testing.assert_array_equal(image, reference)

@@ -4,7 +4,8 @@ A source is one detector of one run: it knows how many events it has, the
 shape/dtype each mode yields, and reads an event into memory the server
 provides. Sources raise `SourceError` with a protocol error code for
 anything a user can cause (unknown detector, event out of range, missing
-constants); any other exception is reported as `read_failed`.
+constants); any other exception is reported as `read_failed` (while reading
+an event) or `internal` (while answering `info`).
 """
 import argparse
 from dataclasses import dataclass, field

@@ -3,12 +3,18 @@
 Random access the way psana1 offers it: `DataSource('exp=E:run=R:idx')`
 (plus `:dir=D` with `--data-dir`), the run's event times, `run.event(t)`,
 and `psana.Detector(name, env)` for raw/calib/image/mask. An alternative
-calibration directory (`--calib-dir`) is a psana option, which psana1 reads
-when a DataSource is created, so it is set before each one.
+calibration directory (`--calib-dir`) is psana's option `psana.calib-dir`
+(the name psana's PSAna.cpp reads), which psana1 reads when a DataSource is
+created, so it is set before each one. Without it psana1 looks in
+`$SIT_PSDM_DATA/<instrument>/<exp>/calib`, whatever `--data-dir` says.
 
 Constants count as available when psana1 has pedestals and gain for the
-run (as btx's `_calib_data_available` checks); geometry when it has pixel
-coordinates. The seed's rules for both cases live in psana_common.
+run (as btx's `_calib_data_available` checks) and the pedestals were loaded
+from a file: for a fixed-size detector (epix10k, jungfrau, cspad) with no
+file, psana1 returns PSCalib's default constants (pedestals 0, gain 1)
+instead of None, and its calib is then raw data, not calibrated. Geometry
+is available when psana1 has pixel coordinates. The seed's rules for both
+cases live in psana_common.
 
 psana1 runs only in the LCLS conda environments; the tests drive this
 module with a stand-in package (tests/psana1_standin) that mirrors the
@@ -23,13 +29,26 @@ from psana_ipc.protocol.errors import BAD_REQUEST, NOT_FOUND, UNKNOWN_DETECTOR
 from psana_ipc.protocol.messages import RunKey
 
 from .base import SourceError, SourceFactory
-from .psana_common import PsanaDetectorSource
+from .psana_common import PsanaDetectorSource, check_data_dir, experiment_path
+
+CALIB_DIR_OPTION = "psana.calib-dir"
+PEDESTALS = 0   # PSCalib's calibration type of pedestals
+DEFAULT = 2     # PSCalib's loading status of default constants (zeros, ones)
 
 
 def dataset_name(exp: str, run: int, data_dir: Optional[str]) -> str:
-    """psana1's dataset string for random access, e.g. 'exp=mfxp1234:run=7:idx:dir=/data/xtc'."""
+    """psana1's dataset string for random access, e.g. 'exp=mfxp1234:run=7:idx:dir=/data/xtc'
+    (`{exp}` in `data_dir` is the experiment)."""
     name = f"exp={exp}:run={run}:idx"
-    return name if data_dir is None else f"{name}:dir={data_dir}"
+    return name if data_dir is None else f"{name}:dir={experiment_path(data_dir, exp)}"
+
+
+def constants_loaded(det: Any, run: int) -> bool:
+    """Whether psana1 calibrates `det` with constants from files: pedestals
+    and gain exist, and the pedestals are not PSCalib's defaults."""
+    if det.pedestals(run) is None or det.gain(run) is None:
+        return False
+    return det.loading_status(run, PEDESTALS) != DEFAULT
 
 
 def detector_names(psana: Any, ds: Any) -> Dict[str, Dict[str, str]]:
@@ -47,8 +66,8 @@ class Psana1Source(PsanaDetectorSource):
         self._run = run
         self._det = det
         self._times = run.times()
-        calibrated = det.pedestals(key.run) is not None and det.gain(key.run) is not None
-        super().__init__(key.detector, calibrated, det.coords_x(key.run) is not None)
+        super().__init__(key.detector, constants_loaded(det, key.run),
+                         det.coords_x(key.run) is not None)
 
     def __len__(self) -> int:
         return len(self._times)
@@ -90,8 +109,12 @@ class Factory(SourceFactory):
         a second option of each name."""
         parser.add_argument_group(
             "psana1 source", "LCLS-I runs read with psana1, by event index. It takes\n"
-                             "--data-dir (the dataset's dir=) and --calib-dir (an alternative\n"
-                             "psana.calib_dir) from the psana2 source's options.")
+                             "--data-dir (the dataset's dir=) and --calib-dir (psana's option\n"
+                             "psana.calib-dir) from the psana2 source's options.")
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        super().__init__(options)
+        check_data_dir(options.data_dir)
 
     def open(self, key: RunKey) -> PsanaDetectorSource:
         if key.access_mode != "idx":
@@ -119,7 +142,7 @@ class Factory(SourceFactory):
 
     def _datasource(self, psana: Any, exp: str, run: int) -> Any:
         if self.options.calib_dir:
-            psana.setOption("psana.calib_dir", self.options.calib_dir)
+            psana.setOption(CALIB_DIR_OPTION, self.options.calib_dir)
         try:
             return psana.DataSource(dataset_name(exp, run, self.options.data_dir))
         except RuntimeError as e:

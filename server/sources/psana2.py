@@ -9,15 +9,19 @@ mask. Every frame's descriptor carries the event's 64-bit psana timestamp
 psana2 runs are always read by index.
 
 Options:
-  --data-dir DIR   the run's XTC2 files are in DIR (and DIR/smalldata), not in
-                   the facility's tree
-  --offline        no network: skip psana's logbook lookup of the run's files
-                   (psana then lists DIR itself) and its calibration database
+  --data-dir DIR, --data-root ROOT, --files FILE ...
+                   where runs are found (see psana2_location): the server
+                   lists a run's files itself, so psana never asks the
+                   logbook for them and never mixes up two experiments
+  --offline        no network: skip psana's calibration database
   --calib-dir DIR  constants from files, for any detector that has them:
-                     DIR/<detector>/pedestals.npy   psana's shape, e.g. epix10ka
+                     DIR/<detector>/<type>.npy      every constant type psana
+                                                    knows: pedestals, pixel_gain,
+                                                    pixel_status, pixel_offset,
+                                                    pixel_rms, common_mode, ...,
+                                                    in psana's shape, e.g. epix10ka
                                                     (7, panels, 352, 384), jungfrau
                                                     (3, panels, 512, 1024)
-                     DIR/<detector>/pixel_gain.npy  same shape
                      DIR/<detector>/geometry.txt    psana geometry text
                    A run's own folder DIR/<exp>/r<run:04d>/<detector>/, if it
                    exists, is used instead of DIR/<detector>/ for that run.
@@ -41,8 +45,9 @@ import numpy as np
 from psana_ipc.protocol.messages import MODES, RunKey
 
 from .base import Source, SourceFactory
-from .psana2_run import CALIB_FILES, OpenRun
-from .psana_common import PsanaDetectorSource
+from . import psana2_location
+from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
+from .psana_common import PsanaDetectorSource, check_data_dir
 
 
 def geometry_fits(iface: Any) -> bool:
@@ -109,28 +114,28 @@ class Factory(SourceFactory):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(
             "psana2 source", "LCLS-II XTC2 runs read with psana2, by event index.")
-        group.add_argument("--data-dir", metavar="DIR",
-                           help="directory of the runs' XTC2 files (psana's dir=; default: "
-                                "the facility's tree)")
+        psana2_location.add_arguments(group)
         group.add_argument("--offline", action="store_true",
-                           help="use no network: skip psana's logbook lookup of a run's files "
-                                "and its calibration database")
-        layout = ", ".join(f"DIR/<detector>/{name}" for name in CALIB_FILES.values())
+                           help="use no network: skip psana's calibration database")
         group.add_argument("--calib-dir", metavar="DIR",
-                           help=f"offline constants: {layout} (arrays in psana's shape, "
-                                f"geometry as psana geometry text), or for one run in "
-                                f"DIR/<exp>/r<run:04d>/<detector>/; they override the "
-                                f"database's")
+                           help=f"offline constants: DIR/<detector>/<type>{ARRAY_SUFFIX} for "
+                                f"every type (pedestals, pixel_gain, pixel_status, "
+                                f"pixel_offset, ...; arrays in psana's shape) and "
+                                f"DIR/<detector>/{GEOMETRY_FILE} (psana geometry text), or for "
+                                f"one run in DIR/<exp>/r<run:04d>/<detector>/; they override "
+                                f"the database's")
 
     def __init__(self, options: argparse.Namespace) -> None:
         super().__init__(options)
         self._runs: Dict[Tuple[str, int], OpenRun] = {}
+        check_data_dir(options.data_dir)
+        self._listed = psana2_location.runs_of_files(options.files)
 
     def _acquire(self, exp: str, run: int) -> OpenRun:
         opened = self._runs.get((exp, run))
         if opened is None:
-            opened = OpenRun(exp, run, self.options.data_dir, self.options.offline,
-                             self.options.calib_dir)
+            files = psana2_location.find_run(exp, run, self.options, self._listed)
+            opened = OpenRun(exp, run, files, self.options.offline, self.options.calib_dir)
             self._runs[(exp, run)] = opened
         opened.users += 1
         return opened

@@ -1,30 +1,36 @@
 """One psana2 run opened for random access by event index, offline if asked.
 
 psana reads a run in file order. `run.build_table()` scans the run's
-small-data files once and maps every event's timestamp to its offsets; then
-`run.event(ts)` reads any event. The table's keys in file order are our event
-indices. The table is built once per run; psana cannot build it twice.
+small-data files once and maps every event's timestamp to its offsets; the
+table's keys in file order are our event indices. The table is built once
+per run; psana cannot build it twice. Events are read through
+psana2_chunks.EventTable, which is right where psana's `run.event(ts)` is
+wrong (runs split into chunk files) and checks every record first.
 
 psana is imported here, inside functions, never when the module is imported.
 """
-import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.errors import NOT_FOUND, UNKNOWN_DETECTOR
 
 from .base import SourceError
+from .psana2_chunks import EventTable
+from .psana2_location import RunFiles, files_listed
 from .psana2_shared import RunDetector, release_all
 
 log = logging.getLogger(__name__)
 
-# constant type -> file name in <calib dir>/<detector>/
-CALIB_FILES = {"pedestals": "pedestals.npy", "pixel_gain": "pixel_gain.npy",
-               "geometry": "geometry.txt"}
+# <calib dir>/<detector>/<constant type><suffix>: arrays in psana's shape, the
+# geometry as psana's geometry text; psana reads the types it knows
+# (pedestals, pixel_gain, pixel_rms, pixel_status, status_extra, pixel_mask,
+# pixel_offset, common_mode, ...) and ignores the others.
+ARRAY_SUFFIX = ".npy"
+GEOMETRY_FILE = "geometry.txt"
 
 
 def datasource_class() -> Any:
@@ -33,22 +39,22 @@ def datasource_class() -> Any:
     one event at a time by itself (`build_table` exists only in serial mode)."""
     os.environ["PS_PARALLEL"] = "none"
     from psana import DataSource
+    forget_mpi_segment()
     return DataSource
 
 
-@contextlib.contextmanager
-def no_logbook() -> Iterator[None]:
-    """`DataSource(exp=, run=)` always asks the LCLS logbook web service for the
-    run's file list, with no timeout, which fails or hangs off-site. While
-    opening, the lookup answers "nothing known", so psana lists the files of
-    the data directory itself; afterwards psana is as it was."""
-    from psana.psexp.ds_base import DataSourceBase
-    lookup = DataSourceBase._get_file_info_from_db
-    DataSourceBase._get_file_info_from_db = lambda self, runnum: {}
-    try:
-        yield
-    finally:
-        DataSourceBase._get_file_info_from_db = lookup
+def forget_mpi_segment() -> None:
+    """Importing psana starts MPI, and MPICH then maps a segment named
+    /dev/shm/mpich_shm_<pid in hex>_<n>, which a process alone in its MPI
+    world (a server worker) shares with nobody. Its name is removed at once
+    (the mapping stays valid), so that a worker that dies, even inside
+    psana, leaves nothing in /dev/shm."""
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_size() != 1:
+        return
+    prefix = f"mpich_shm_{os.getpid():x}_"
+    for entry in Path("/dev/shm").glob(prefix + "*"):
+        entry.unlink()
 
 
 def constants_folder(calib_dir: str, exp: str, run: int, detector: str) -> Path:
@@ -59,39 +65,36 @@ def constants_folder(calib_dir: str, exp: str, run: int, detector: str) -> Path:
 
 
 def read_constants(calib_dir: str, exp: str, run: int, detector: str) -> Dict[str, Tuple[Any, Dict]]:
-    """Constants of `detector` found in `calib_dir`, in the form psana's
+    """Every constant of `detector` found in `calib_dir`, in the form psana's
     calibration database returns them: {ctype: (value, metadata)}."""
-    constants = {}
     folder = constants_folder(calib_dir, exp, run, detector)
-    for ctype, name in CALIB_FILES.items():
-        path = folder / name
-        if path.is_file():
-            value = path.read_text() if path.suffix == ".txt" else np.load(path)
-            constants[ctype] = (value, {"experiment": exp, "run": run, "ctype": ctype,
-                                        "detector": detector, "path": str(path)})
-    return constants
+    found = {path.stem: path for path in sorted(folder.glob("*" + ARRAY_SUFFIX)) if path.is_file()}
+    if (folder / GEOMETRY_FILE).is_file():
+        found["geometry"] = folder / GEOMETRY_FILE
+    return {ctype: (path.read_text() if path.name == GEOMETRY_FILE else np.load(path),
+                    {"experiment": exp, "run": run, "ctype": ctype, "detector": detector,
+                     "path": str(path)})
+            for ctype, path in found.items()}
 
 
 class OpenRun:
     """A DataSource, its run and its event table; each detector made once."""
 
-    def __init__(self, exp: str, run: int, data_dir: Optional[str], offline: bool,
+    def __init__(self, exp: str, run: int, files: RunFiles, offline: bool,
                  calib_dir: Optional[str]) -> None:
         self.exp = exp
         self.runnum = run
         self.calib_dir = calib_dir
         self.users = 0
         self._detectors: Dict[str, RunDetector] = {}
-        where = data_dir or "psana's default location"
-        kwargs: Dict[str, Any] = {"exp": exp, "run": run}
-        if data_dir:
-            kwargs["dir"] = data_dir
+        where = files.directory
+        kwargs: Dict[str, Any] = {"exp": exp, "run": run, "dir": files.directory}
         if offline:
             kwargs["skip_calib_load"] = "all"
         DataSource = datasource_class()
         release_all()  # opening re-initialises psana's shared detector objects
         try:
-            with no_logbook() if offline else contextlib.nullcontext():
+            with files_listed(files):
                 self._ds = DataSource(**kwargs)
                 self.run = next(self._ds.runs(), None)
         except (AssertionError, FileNotFoundError) as e:
@@ -100,8 +103,8 @@ class OpenRun:
             found = "no run" if self.run is None else f"a run of {self.run.expt}"
             self._ds.dm.close()
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where} ({found})")
-        with self.run.build_table():
-            self.timestamps: List[int] = list(self.run._ts_table)
+        self._table = EventTable(self.run)
+        self.timestamps: List[int] = self._table.timestamps
         log.info("opened run %d of %s from %s: %d events, detectors %s", run, exp, where,
                  len(self.timestamps), ", ".join(sorted(self.run.detnames)))
 
@@ -123,11 +126,12 @@ class OpenRun:
         return self.run.dsparms.calibconst.get(name) or {}
 
     def event(self, index: int) -> Any:
-        return self.run.event(self.timestamps[index])
+        return self._table.event(index)
 
     def close(self) -> None:
         for det in self._detectors.values():
             det.forget()
         self._detectors.clear()
+        self._table.close()
         self.run.dm.close()
         self.run = self._ds = None

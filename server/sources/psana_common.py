@@ -24,6 +24,23 @@ log = logging.getLogger(__name__)
 GAIN_BITS_MASK = 0x3FFF
 
 
+def experiment_path(template: str, exp: str) -> str:
+    """A --data-dir that may name the experiment: `{exp}` and `{instrument}`
+    (its first three letters) replaced."""
+    return template.format(exp=exp, instrument=exp[:3])
+
+
+def check_data_dir(template: Optional[str]) -> None:
+    """SystemExit with one line for a --data-dir naming anything but
+    `{exp}` and `{instrument}`."""
+    try:
+        if template:
+            experiment_path(template, "xpptut15")
+    except (KeyError, IndexError, ValueError) as e:
+        raise SystemExit(f"iserver: --data-dir {template}: only {{exp}} and {{instrument}} may "
+                         f"be named in braces ({e!r})") from None
+
+
 def never_assembled(detector: str) -> bool:
     """Single-panel cameras whose frame already is the image."""
     name = detector.lower()

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from psana_ipc.client.wire import recv_message
-from psana_ipc.protocol.address import parse_address, socket_family
+from psana_ipc.client.wire import recv_message, socket_family
+from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.framing import encode_frame
 from psana_ipc.protocol.messages import hello_request
 

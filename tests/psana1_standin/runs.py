@@ -9,6 +9,7 @@ import numpy as np
 
 STANDIN = Path(__file__).resolve().parent   # on PYTHONPATH, `import psana` is the stand-in
 EXP, RUN, EVENTS = "mfxp1234", 7, 6
+INSTRUMENT = "MFX"      # psana1's name of the experiment's instrument
 GAIN_BITS = 0xC000
 DETECTORS = {
     "epix10k2M": {"full_name": "MfxEndstation.0:Epix10ka2M.0", "shape": [4, 8, 12],
@@ -23,12 +24,17 @@ CONSTANTS = {"epix10k2M": {"pedestal": 10.0, "gain": 0.5}}
 def write_run(root: Path, events: int = EVENTS) -> Path:
     """Run EXP/RUN under data root `root` (what SIT_PSDM_DATA names), with
     CONSTANTS in the experiment's calib dir; returns the xtc dir."""
-    xtc = root / EXP[:3] / EXP / "xtc"
+    xtc = root / INSTRUMENT / EXP / "xtc"
     xtc.mkdir(parents=True)
     (xtc / f"{EXP}-r{RUN:04d}.json").write_text(json.dumps({"events": events,
                                                             "detectors": DETECTORS}))
-    write_constants(root / EXP[:3] / EXP / "calib", CONSTANTS)
+    write_constants(experiment_calib_dir(root), CONSTANTS)
     return xtc
+
+
+def experiment_calib_dir(root: Path) -> Path:
+    """psana1's default calib dir under data root `root`."""
+    return root / INSTRUMENT / EXP / "calib"
 
 
 def write_constants(calib_dir: Path, constants: Dict[str, Dict[str, float]]) -> Path:

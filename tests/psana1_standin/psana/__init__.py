@@ -2,9 +2,12 @@
 
 psana1 exists only in the LCLS conda environments and cannot be installed
 here, so the psana1 source is tested against this package, which mirrors
-the part of psana1's documented API the source uses:
+the part of psana1's API the source uses, as psana1 itself behaves
+(psana's PSAna.cpp, IData's Dataset.cpp, PSCalib's GenericCalibPars,
+Detector's AreaDetector):
 
-    setOption('psana.calib_dir', DIR)      # read when a DataSource is created
+    setOption('psana.calib-dir', DIR)      # read when a DataSource is created;
+                                           # other names (psana.calib_dir) are ignored
     ds = DataSource('exp=E:run=R:idx[:dir=D]')
     ds.env(); run = next(ds.runs())
     run.times() -> [EventTime]; run.event(t) -> Event, or None for a time
@@ -13,14 +16,22 @@ the part of psana1's documented API the source uses:
     evt.get(EventId) -> EventId with time() -> (sec, nsec) and fiducials()
     det = Detector(name, env)                # KeyError for an unknown name
     det.raw/calib/image(evt), det.mask(par, calib=, status=, edges=),
-    det.pedestals/gain/shape/coords_x/image_xaxis/image_yaxis(par)
+    det.pedestals/gain/shape/coords_x/image_xaxis/image_yaxis(par),
+    det.loading_status(par, calibtype) -> LOADED (1) or DEFAULT (2)
     DetNames('detectors', env) -> [(full name, alias, user alias)]
 
 where `par` is an Event or a run number, and None stands for anything
-missing: constants, geometry, a detector's data in one event.
+missing: geometry, a detector's data in one event, constants of a camera.
 
-A run is described by `<dir>/<exp>-r<run:04d>.json`, where `dir` is the
-`dir=` of the dataset name or `$SIT_PSDM_DATA/<exp[:3]>/<exp>/xtc`:
+Where things are, as psana1 looks for them (the instrument is the
+experiment's first three letters, upper case, as psana1's experiment
+database names it):
+
+    xtc dir    dir= of the dataset name, else $SIT_PSDM_DATA/<INSTR>/<exp>/xtc
+    calib dir  the psana.calib-dir option, else $SIT_PSDM_DATA/<INSTR>/<exp>/calib
+               whatever dir= says
+
+A run is described by `<xtc dir>/<exp>-r<run:04d>.json`:
 
     {"events": 4,
      "detectors": {"epix10k2M": {"full_name": "MfxEndstation.0:Epix10ka2M.0",
@@ -29,8 +40,10 @@ A run is described by `<dir>/<exp>-r<run:04d>.json`, where `dir` is the
 
 `missing` lists events without data of that detector; `gain_bits` are
 OR-ed into raw, as epix10k's gain-switch bits are. Constants are
-`<calib dir>/<detector>.json` = {"pedestal": P, "gain": G}, where the calib
-dir is the `psana.calib_dir` option or `<dir>/../calib`. Data:
+`<calib dir>/<detector>.json` = {"pedestal": P, "gain": G}. Without that
+file a fixed-size detector (epix10k, jungfrau, cspad, ...) gets PSCalib's
+default constants: pedestals all 0, gain all 1, loading status DEFAULT;
+a camera (opal, ...) has no size to make defaults of and gets None. Data:
 
     raw   = (flat pixel index + 101 * event) % 16384 | gain_bits    uint16
     calib = ((raw without gain bits) - P) * G   (psana1 multiplies by
@@ -55,6 +68,11 @@ FID0 = 0x3000
 FID_WRAP = 0x1FFE0
 GAP = 2
 PIXEL_UM = 100.0
+CALIB_DIR_OPTION = "psana.calib-dir"
+DATA_ROOT = "/reg/d/psdm"
+LOADED, DEFAULT = 1, 2              # PSCalib's loading statuses
+PEDESTALS, PIXEL_GAIN = 0, 3        # PSCalib's calibration types
+FIXED_SIZE = ("Epix10ka", "Jungfrau", "Cspad", "Epix100a", "Pnccd")
 
 _options = {}
 _last_env = None
@@ -150,19 +168,23 @@ def _parse(dsname):
     return keys, flags
 
 
+def _experiment_dir(exp, kind):
+    """$SIT_PSDM_DATA/<INSTR>/<exp>/<kind>, as psana1 builds its defaults."""
+    return os.path.join(os.environ.get("SIT_PSDM_DATA", DATA_ROOT), exp[:3].upper(), exp, kind)
+
+
 class DataSource:
     def __init__(self, dsname):
         global _last_env
         keys, flags = _parse(dsname)
         exp, run = keys["exp"], int(keys["run"])
-        xtc_dir = keys.get("dir") or os.path.join(os.environ.get("SIT_PSDM_DATA", "/reg/d/psdm"),
-                                                  exp[:3], exp, "xtc")
+        xtc_dir = keys.get("dir") or _experiment_dir(exp, "xtc")
         path = os.path.join(xtc_dir, f"{exp}-r{run:04d}.json")
         if not os.path.exists(path):
             raise RuntimeError(f"no xtc files found for exp={exp}:run={run} in {xtc_dir}")
         with open(path) as f:
             description = json.load(f)
-        calib_dir = _options.get("psana.calib_dir") or os.path.join(xtc_dir, os.pardir, "calib")
+        calib_dir = _options.get(CALIB_DIR_OPTION) or _experiment_dir(exp, "calib")
         self._env = Env(description, calib_dir)
         self._idx = "idx" in flags
         _last_env = self._env
@@ -220,9 +242,13 @@ class AreaDetector:
         self._missing = set(config.get("missing", ()))
         path = os.path.join(env.calib_dir, f"{alias}.json")
         self._constants = None
+        self._status = DEFAULT
         if os.path.exists(path):
             with open(path) as f:
                 self._constants = json.load(f)
+            self._status = LOADED
+        elif config.get("full_name", alias).split(":")[-1].startswith(FIXED_SIZE):
+            self._constants = {"pedestal": 0.0, "gain": 1.0}
 
     def _raw_value(self, evt):
         n = int(np.prod(self._shape))
@@ -247,6 +273,9 @@ class AreaDetector:
 
     def pedestals(self, par):
         return self._constant("pedestal")
+
+    def loading_status(self, par, calibtype=None):
+        return self._status
 
     def gain(self, par):
         return self._constant("gain")
@@ -292,7 +321,7 @@ class AreaDetector:
         if not (calib or status or edges):
             return None
         mask = np.ones(self._shape, np.uint8)
-        if status and self._constants is not None:
+        if status and self._status == LOADED:
             mask[..., 0, 0] = 0
         if edges:
             mask[..., 0, :] = mask[..., -1, :] = 0

@@ -1,0 +1,96 @@
+"""Random access by event index that is right across chunk files, and never
+lets psana parse a corrupt record.
+
+The DAQ splits each stream of a long run into chunk files,
+`<exp>-r<run>-s<stream>-c000.xtc2`, `-c001`, ... A stream keeps one
+small-data file, `smalldata/<exp>-r<run>-s<stream>-c000.smd.xtc2`: each
+event there holds the (offset, size) of the event's record in the current
+chunk file, and an Enable record carrying `chunkinfo` (filename, chunkid)
+switches to the chunk file it names. psana lists only the -c000 files and
+follows the Enable records as it reads in order.
+
+psana 4.3.4's `run.build_table()` follows them too but keeps only (offset,
+size) per event, and `run.event(ts)` then reads every event from the file
+the scan ended in, the last chunk: events of earlier chunks come out wrong,
+or psana aborts on the bytes it finds there. `EventTable` notes, during
+the same scan, at which event each stream changed chunk, and reads each
+event from its own chunk file. Every record is checked (xtc2_record) before
+psana parses it, so a corrupt one is an error reply, not a dead worker.
+"""
+import bisect
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from psana_ipc.protocol.errors import READ_FAILED
+
+from .base import SourceError
+from .xtc2_record import record_problem
+
+ENABLE = 8   # psana's TransitionId.Enable
+
+
+def chunk_named(dgram: Any) -> Optional[str]:
+    """The file name an Enable record's chunkinfo gives, if it has one."""
+    if dgram is None or dgram.service() != ENABLE or not hasattr(dgram, "chunkinfo"):
+        return None
+    for segment in dgram.chunkinfo.values():
+        return segment.chunkinfo.filename
+    return None
+
+
+class EventTable:
+    """Every event's timestamp, and for each stream its chunk file, offset and size."""
+
+    def __init__(self, run: Any) -> None:
+        self._run = run
+        # chunk 0 of each stream, taken before the scan moves psana on
+        first = [str(path) for path in run.dm.xtc_files]
+        # stream -> (first event index of each chunk, that chunk's file)
+        self._chunks: Dict[int, Tuple[List[int], List[str]]] = {
+            i: ([0], [path]) for i, path in enumerate(first)}
+        self._fds: Dict[str, int] = {}
+        handle_transition = run._handle_transition
+
+        def note_chunks(dgrams: List[Any]) -> bool:
+            for i, d in enumerate(dgrams):
+                name = chunk_named(d)
+                if name is not None:
+                    starts, files = self._chunks[i]
+                    starts.append(len(run._ts_table))
+                    files.append(os.path.join(os.path.dirname(first[i]), name))
+            return handle_transition(dgrams)
+
+        run._handle_transition = note_chunks
+        try:
+            with run.build_table():
+                self.timestamps: List[int] = list(run._ts_table)
+        finally:
+            del run._handle_transition
+        self._offsets = run._ts_table
+
+    def chunk_file(self, stream: int, index: int) -> str:
+        starts, files = self._chunks[stream]
+        return files[bisect.bisect_right(starts, index) - 1]
+
+    def event(self, index: int) -> Any:
+        """psana's event `index`, read as `run.event(ts)` reads it but from
+        each stream's own chunk file."""
+        from psana import dgram
+        from psana.event import Event
+        dgrams: List[Any] = [None] * len(self._run.configs)
+        for stream, (offset, size) in self._offsets[self.timestamps[index]].items():
+            path = self.chunk_file(stream, index)
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            buf = os.pread(self._fds[path], size, offset)
+            problem = record_problem(buf)
+            if problem:
+                raise SourceError(READ_FAILED, f"event {index}: the record at byte {offset} of "
+                                               f"{path} is corrupt: {problem}")
+            dgrams[stream] = dgram.Dgram(config=self._run.dm.configs[stream], view=buf)
+        return Event(dgrams=dgrams, run=self._run._run_ctx)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
