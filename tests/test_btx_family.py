@@ -19,7 +19,7 @@ from psana_ipc.client import Client, IPCRemotePsanaDataset, ServerError
 from psana_ipc.client.stop import stop_server
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.address import parse_address
-from psana_ipc.protocol.shm_names import our_segments
+from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
 from btx.fixtures import btx_server, start_btx_server  # noqa: F401 (fixtures)
