@@ -7,10 +7,10 @@ finally unlinks every segment named with this server's pid, so nothing
 survives a stop whatever state the workers were in. Until then, and for
 `ABSORB_GRACE` after, the master accepts and closes whatever connects: the
 btx family stops a server with one connect + `DONE` per worker, and every
-connect of that loop must succeed even though the first `DONE` stopped us. A worker that
-dies before it ever accepted stops the server instead of being respawned
-forever; one that stays inside a source call longer than the request
-timeout is killed and replaced.
+connect of that loop must succeed even though the first `DONE` stopped us.
+A worker that dies before it ever accepted stops the server instead of
+being respawned forever; one that stays inside a source call longer than
+the request timeout is killed and replaced.
 """
 import json
 import logging
