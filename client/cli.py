@@ -3,23 +3,19 @@ get, stop), remove what dead servers left in /dev/shm (cleanup), and write or
 submit a SLURM job that runs a server beside a client command (slurm)."""
 import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
 from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
-from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
-
 from . import slurm, stop
+from .cleanup import cleanup
 from .connection import Client
 from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
-from .shm import our_segments
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -69,30 +65,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0 if report.stopped else 1
 
 
-def _server_alive(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"iserver" in cmdline or b"psana_ipc" in cmdline
-
-
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    by_server: Dict[int, List[str]] = {}
-    for name in our_segments():
-        by_server.setdefault(parse_segment_name(name).server_pid, []).append(name)
-    removed = 0
-    for pid, names in sorted(by_server.items()):
-        if _server_alive(pid):
-            print(f"server {pid} is running: kept its {len(names)} segment(s)")
-            continue
-        for name in names:
-            try:
-                os.unlink(segment_path(name))
-                removed += 1
-            except FileNotFoundError:
-                pass
-    print(f"removed {removed} segment(s) left by servers that are gone")
+    print("\n".join(cleanup()))
     return 0
 
 

@@ -9,13 +9,13 @@ sent before the call returns); `view` and `frames` hand out the slot itself
 
 Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
-the server reuses the slot for another event. Copy what you keep, or take
-`Frame.lease()`: an array that holds its slot for as long as it is referenced.
+the server reuses the slot for another event. Copy what you keep.
 """
 import os
+import select
 import socket
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -55,38 +55,11 @@ class Frame:
             self._client.release(self._slot)
         self._slot = None
 
-    def lease(self) -> np.ndarray:
-        """The frame as an array that holds its slot for as long as it, or any
-        view of it, is alive: nothing can overwrite it while it is in use, and
-        the slot is released when the last reference goes (numpy keeps the
-        lease as the array's base)."""
-        lease = _Lease(self)
-        self._slot = None          # the lease releases it now
-        return np.asarray(lease)
-
     def __enter__(self) -> "Frame":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-class _Lease:
-    """Exposes a frame's memory through `__array_interface__`; gives the slot
-    back when garbage-collected. A finalizer may run on any thread at any
-    moment, so it only queues the release; the owning client sends it with
-    its next request."""
-
-    def __init__(self, frame: Frame) -> None:
-        self.__array_interface__ = frame.array.__array_interface__
-        self._view = frame.array                     # keeps the mapping alive
-        self._client, self._slot, self._generation = frame._client, frame._slot, frame._generation
-        self._client.leased += 1
-
-    def __del__(self) -> None:
-        self._client.leased -= 1
-        if self._slot is not None and self._generation == self._client.generation:
-            self._client.queue_release(self._slot)
 
 
 class Client:
@@ -110,7 +83,6 @@ class Client:
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self.generation = 0
-        self.leased = 0          # frames held by leases (see Frame.lease)
         self._reset()
 
     def _reset(self) -> None:
@@ -121,6 +93,7 @@ class Client:
         self._next_id = 0
         self._pending: Dict[int, Deque[Reply]] = {}
         self._to_release: List[int] = []
+        self._held: Set[int] = set()     # slots handed out and not released
         self.server: Dict[str, Any] = {}
 
     # -- connection ---------------------------------------------------------------------
@@ -186,7 +159,6 @@ class Client:
         self.__dict__.update(state)
         self._pid = os.getpid()
         self.generation = 0
-        self.leased = 0
         self._reset()
 
     # -- messages -----------------------------------------------------------------------
@@ -198,9 +170,25 @@ class Client:
         send_message(self._sock, header)
         return header["id"]
 
+    def _closed_while_idle(self) -> bool:
+        """The server closes a connection that stays idle holding nothing past its
+        --idle-timeout: an end of stream with no reply pending and no frame
+        held, which the next request simply reconnects from."""
+        if self._sock is None or self._pending or self._held:
+            return False
+        try:
+            if not select.select([self._sock], [], [], 0)[0]:
+                return False
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id."""
         self._ensure()
+        if self._closed_while_idle():
+            self.close()
+            self._ensure()
         try:
             self.flush_releases()
             return self._send_header(encode_request(op, self._new_id(), **fields))
@@ -218,6 +206,7 @@ class Client:
             except OSError:    # a timeout or a dropped connection: the stream is lost, and
                 self.close()   # the next request connects afresh
                 raise
+            self._maps.drop(header.get("retired", ()))
             self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
             if header.get("id") == -1 and not header.get("ok", True):
                 raise ServerError.from_reply(header)
@@ -238,17 +227,13 @@ class Client:
     # -- releasing slots ------------------------------------------------------------------
     def release(self, slot: int) -> None:
         """Give a slot back (sent in batches, and always before waiting for a reply)."""
-        self.queue_release(slot)
+        self._held.discard(slot)
+        self._to_release.append(slot)
         if len(self._to_release) >= RELEASE_BATCH:
             self.flush_releases()
 
-    def queue_release(self, slot: int) -> None:
-        """Note a slot to give back with the next message; no I/O, safe anywhere."""
-        self._to_release.append(slot)
-
     def flush_releases(self) -> None:
-        """Send the releases not sent yet (they go in batches). Popping one by one
-        keeps a release queued meanwhile by a finalizer from being lost."""
+        """Send the releases not sent yet (they go in batches)."""
         if self._to_release and self._sock is not None:
             slots = []
             while self._to_release:
@@ -318,6 +303,7 @@ class Client:
             array = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
             return Frame(array, header, self, None)
         array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
+        self._held.add(header["slot"])
         return Frame(array, header, self, header["slot"])
 
     def view(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",

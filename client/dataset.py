@@ -5,14 +5,16 @@ Each process (each DataLoader worker) keeps its own connections, one per
 server worker (a ConnectionGroup; they reconnect after fork). DataLoader
 hands `__getitems__` a whole batch of indices; runs of consecutive requests
 for the same run and detector become one request split over all server
-workers, and the items are leases on the shared-memory slots themselves
-(`Frame.lease`), which DataLoader's collate copies into its batch at once.
-That saves the copy and the page faults of a private array per frame. A
-lease holds its slot for as long as the item, or any view of it, is
-referenced, so a collate_fn that keeps items sees them unchanged; the slot
-goes back to the server when the last reference goes. When the leases still
-held would leave too little of a connection's window, the batch is copied
-instead. `dataset[i]` always returns a private copy.
+workers, and each frame is copied once, straight from its slot, into a
+reused batch buffer (batch_ring); the items are rows of that buffer, which
+the default collate hands on as the batch itself (batch_collate), through
+workers as a handle (batch_handoff). `dataset[i]` always returns a private copy.
+
+Lifetime rule: a batch is never overwritten while anything refers to it (the
+tensor, a view or slice, an array made from it); without workers it also
+stays unchanged until `buffers` more batches have been drawn once dropped.
+Code that keeps every batch stays correct (the ring grows), so `.clone()` is
+never needed for correctness; `buffers=0` gives every batch fresh memory.
 
 With `protocol="auto"` the dialect is probed once, when the dataset is made
 (before DataLoader forks its workers, which inherit the answer): see
@@ -30,22 +32,30 @@ from torch.utils.data import Dataset
 from psana_ipc.protocol.errors import UNAUTHORIZED, ServerError
 from psana_ipc.protocol.legacy import is_ours
 
-from . import legacy
+from . import batch_handoff, legacy
+from .batch_collate import RingBatch
+from .batch_ring import BatchRing
 from .connection import Client
 from .group import ConnectionGroup
 
 Request = Tuple[Any, ...]   # (exp, run, access_mode, detector_name, event)
+# Frames each connection may hold: the client copies and releases each frame at
+# once, so a few suffice, and DataLoader workers that live one epoch then cost
+# the server a few fresh slots per connection rather than one per frame in flight.
+WINDOW = 8
 
 
 class IPCRemotePsanaDataset(Dataset):
     def __init__(self, server_address: Any, requests_list: Sequence[Request],
                  mode: str = "calib", protocol: str = "auto", transport: str = "auto",
-                 timeout: Optional[float] = 300.0) -> None:
+                 timeout: Optional[float] = 300.0, buffers: int = 2) -> None:
         """
         server_address: (host, port), "host:port", a UNIX socket path, or None
             for $PSANA_IPC_ADDRESS.
         requests_list: tuples (exp, run, access_mode, detector_name, event).
         mode: raw, calib, image or mask. protocol: "auto", "v1" or "legacy".
+        buffers: batches drawn before a dropped batch's memory is reused (the
+            lifetime rule in the module docstring); 0: fresh memory every batch.
         """
         if protocol not in ("auto", "v1", "legacy"):
             raise ValueError("protocol must be 'auto', 'v1' or 'legacy'")
@@ -55,8 +65,9 @@ class IPCRemotePsanaDataset(Dataset):
         self.protocol = protocol
         self.timeout = timeout
         self._auto = protocol == "auto"
-        self._group = ConnectionGroup(server_address, transport=transport, writable=True,
+        self._group = ConnectionGroup(server_address, transport=transport, window=WINDOW,
                                       timeout=timeout)
+        self._ring = BatchRing(buffers, batch_handoff.claim)
         if self._auto and len(requests_list):
             try:
                 self._dialect()
@@ -95,29 +106,41 @@ class IPCRemotePsanaDataset(Dataset):
                                           access_mode)
 
     def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
-        """A DataLoader batch of leased frames (see the module docstring); copies
-        instead when the leases still held would leave too little of the window."""
+        """A DataLoader batch: rows of one ring batch (see the module docstring)."""
         requests = [self.requests_list[i] for i in indices]
-        if self._dialect() == "legacy" or not self._room_for(len(requests)):
+        if self._dialect() == "legacy":
             return [self.fetch_event(*r) for r in requests]
-        items: List[Optional[np.ndarray]] = [None] * len(requests)
+        return self._assemble(requests)
+
+    def _assemble(self, requests: List[Request]) -> List[np.ndarray]:
+        """Copy every frame once from its slot into a ring batch, releasing the
+        slot at once. Frames unlike the first in shape or dtype cannot share a
+        tensor: such a batch gets private arrays, which collate rejects as
+        torch does for any dataset."""
+        batch: Optional[RingBatch] = None
+        odd = {}
         base = 0
         for (exp, run, access, det), group in groupby(requests, key=lambda r: tuple(r[:4])):
             events = [r[4] for r in group]
             split = self._group.submit(exp, run, det, events, self.mode, access)
             for pos, frame in self._group.stream(split):
-                items[base + pos] = frame.lease()
+                with frame:
+                    if batch is None:
+                        batch = RingBatch(self._ring, (len(requests),) + frame.array.shape,
+                                          frame.array.dtype)
+                    if batch.fits(frame.array):
+                        np.copyto(batch.array[base + pos], frame.array, casting="no")
+                    else:
+                        odd[base + pos] = np.array(frame.array)
             base += len(events)
-        return items
+        self._group.flush_releases()
+        if odd:
+            return [odd.get(k, np.array(batch.array[k])) for k in range(len(requests))]
+        return batch.rows()
 
     def close(self) -> None:
         """Drop this process's connections (they reconnect on the next fetch)."""
         self._group.close()
-
-    def _room_for(self, n: int) -> bool:
-        clients = self._group.clients
-        share = -(-n // len(clients))
-        return all(c.leased + share <= c.server_window() for c in clients)
 
 
 class RunDataset(IPCRemotePsanaDataset):
@@ -126,10 +149,12 @@ class RunDataset(IPCRemotePsanaDataset):
 
     def __init__(self, server_address: Any, exp: str, run: int, detector: str,
                  mode: str = "calib", events: Optional[Sequence[int]] = None,
-                 transport: str = "auto", timeout: Optional[float] = 300.0) -> None:
+                 transport: str = "auto", timeout: Optional[float] = 300.0,
+                 buffers: int = 2) -> None:
         if events is None:
             with Client(server_address, transport=transport, timeout=timeout) as client:
                 events = range(client.info(exp, run, detector)["events"])
         super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
-                         mode=mode, protocol="v1", transport=transport, timeout=timeout)
+                         mode=mode, protocol="v1", transport=transport, timeout=timeout,
+                         buffers=buffers)
         self.exp, self.run, self.detector = exp, run, detector

@@ -57,6 +57,14 @@ class SlotMaps:
             self._maps[slot] = held
         return np.ndarray(tuple(shape), dtype=dtype, buffer=held[1])
 
+    def drop(self, slots: Sequence[int]) -> None:
+        """Forget the mappings of slots the server retired (truncated and
+        unlinked): their pages are gone, and their ids never come back."""
+        for slot in slots:
+            held = self._maps.pop(slot, None)
+            if held is not None:
+                _close(held[1])
+
     def close(self) -> None:
         for _, m in self._maps.values():
             _close(m)

@@ -43,14 +43,16 @@ def is_v1(first_byte: int) -> bool:
 
 
 def parse_legacy(buf: bytes) -> Optional[Union[Get, Done, Probe]]:
-    """A complete legacy request from the bytes so far, or None if incomplete."""
+    """A complete legacy request from the bytes so far, or None if incomplete.
+    More than MAX_LEGACY_REQUEST bytes is an error whatever they are (even
+    whitespace), so nothing buffers without bound."""
+    if len(buf) > MAX_LEGACY_REQUEST:
+        raise ProtocolError(HEADER_TOO_LARGE, f"legacy request over {MAX_LEGACY_REQUEST} bytes")
     text = buf.strip()
     if text == DONE:
         return Done()
     if DONE.startswith(text):
         return None
-    if len(buf) > MAX_LEGACY_REQUEST:
-        raise ProtocolError(HEADER_TOO_LARGE, f"legacy request over {MAX_LEGACY_REQUEST} bytes")
     try:
         text_str = buf.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -3,6 +3,8 @@
 `psipc_<server pid>_<worker pid>_<serial>`: the server pid lets
 `psana-ipc cleanup` find what a dead server left, the worker pid lets the
 master remove what a dead worker left, without probing other users' files.
+`psipc_<server pid>.lock` is the file the live master holds a lock on, so
+cleanup can tell a live server from a dead one.
 
 Only names here: listing /dev/shm is the job of the code that sweeps it.
 """
@@ -12,6 +14,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 PREFIX = "psipc"
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(rf"^{PREFIX}_(\d+)_(\d+)_(\w+)$")
+_LOCK = re.compile(rf"^{PREFIX}_(\d+)\.lock$")
 
 
 class SegmentName(NamedTuple):
@@ -27,6 +30,16 @@ def segment_name(server_pid: int, worker_pid: int, serial: str) -> str:
 def parse_segment_name(name: str) -> Optional[SegmentName]:
     m = _NAME.match(name.lstrip("/"))
     return SegmentName(int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def lock_name(server_pid: int) -> str:
+    return f"{PREFIX}_{server_pid}.lock"
+
+
+def parse_lock_name(name: str) -> Optional[int]:
+    """The server pid of a lock file's name, or None."""
+    m = _LOCK.match(name)
+    return int(m.group(1)) if m else None
 
 
 def segment_path(name: str) -> str:

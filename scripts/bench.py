@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Throughput of every way to get frames out of an iserver, measured in one run.
 
-Starts its own server (synthetic source; `--cost-ms` emulates per-event psana
-work) and times, per detector, calib frames through:
+Starts its own server (synthetic source; `--cost-ms` burns that much CPU per
+event, as psana does) and times, per detector, calib frames through:
 
   legacy        the btx dialect: IPCRemotePsanaDataset(protocol="legacy") in a
                 DataLoader (a connection and a fresh segment per event)
   dataset-w0    IPCRemotePsanaDataset over v1, DataLoader num_workers=0
-  dataset-w2    the same with num_workers=2
+  dataset-w2    the same with num_workers=2 (new worker processes every pass)
+  dataset-w2p   the same with persistent_workers=True
   batchloader   BatchLoader: requests in flight on every server worker, one
                 copy per frame into a reused batch buffer
   zero-copy     BatchLoader.views(): the slots themselves, no client copy
@@ -15,7 +16,8 @@ work) and times, per detector, calib frames through:
                 ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
 
-Each figure is the median of `--repeats` timed passes after one warm-up pass.
+Each figure is the median of `--repeats` timed passes after one warm-up pass;
+every pass of a path iterates the same DataLoader, as epochs of training do.
 Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
 bandwidth, and CPU milliseconds per frame spent in this process and in the
 server's workers over the timed passes) and the server's peak shared memory;
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,29 +55,57 @@ def cpu_seconds(pids: List[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def timed(run: Callable[[], int], repeats: int, server: List[int]) -> Dict[str, float]:
+def live_children(server: int) -> Dict[int, float]:
+    """CPU seconds of this process's live children other than the server
+    (persistent DataLoader workers: os.times counts children once reaped)."""
+    me = os.getpid()
+    pids = set()
+    for task in os.listdir(f"/proc/{me}/task"):
+        with open(f"/proc/{me}/task/{task}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    pids.discard(server)
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = cpu_seconds([pid])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
+def client_cpu(server: int, since: Dict[int, float]) -> float:
+    """This process's CPU, reaped children's, and live children's since `since`."""
+    live = live_children(server)
+    return sum(os.times()[:4]) + sum(t - since.get(pid, 0.0) for pid, t in live.items())
+
+
+def timed(run: Callable[[], int], repeats: int, server: subprocess.Popen) -> Dict[str, float]:
     """Median frames/s of `repeats` passes after one warm-up pass, with the CPU
-    per frame of this process (children included) and of the server."""
+    per frame of this process (DataLoader workers included) and of the
+    server's workers."""
     run()
     rates, frames = [], 0
-    mine0, server0 = sum(os.times()[:4]), cpu_seconds(server)
+    children0 = live_children(server.pid)
+    mine0, server0 = client_cpu(server.pid, children0), cpu_seconds(server.workers)
     for _ in range(repeats):
         t0 = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - t0))
         frames += n
     return {"fps": statistics.median(rates),
-            "client_ms": 1e3 * (sum(os.times()[:4]) - mine0) / frames,
-            "server_ms": 1e3 * (cpu_seconds(server) - server0) / frames}
+            "client_ms": 1e3 * (client_cpu(server.pid, children0) - mine0) / frames,
+            "server_ms": 1e3 * (cpu_seconds(server.workers) - server0) / frames}
 
 
 def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
-                 batch: int) -> Callable[[], int]:
+                 batch: int, persistent: bool = False) -> Callable[[], int]:
     requests = [("bench", 1, "idx", det, e) for e in events]
+    ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers,
+                        persistent_workers=persistent)
 
     def run() -> int:
-        ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
-        return sum(b.shape[0] for b in DataLoader(ds, batch_size=batch, num_workers=workers))
+        return sum(b.shape[0] for b in loader)
     return run
 
 
@@ -119,8 +150,9 @@ def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
     return run
 
 
-def bench_detector(address: str, workers: List[int], det: str,
+def bench_detector(server: subprocess.Popen, det: str,
                    args: argparse.Namespace) -> List[Dict]:
+    address = server.address
     events = list(range(args.frames))
     frame_bytes = expected(det, "calib", 0).nbytes
     loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size)
@@ -130,6 +162,9 @@ def bench_detector(address: str, workers: List[int], det: str,
         "dataset-w0": dataset_pass(address, det, events, "v1", 0, args.batch_size),
         f"dataset-w{args.loader_workers}": dataset_pass(address, det, events, "v1",
                                                         args.loader_workers, args.batch_size),
+        f"dataset-w{args.loader_workers}p": dataset_pass(address, det, events, "v1",
+                                                         args.loader_workers, args.batch_size,
+                                                         persistent=True),
         "batchloader": loader_pass(loader, views=False),
         "zero-copy": loader_pass(loader, views=True),
         "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
@@ -139,7 +174,7 @@ def bench_detector(address: str, workers: List[int], det: str,
     }
     measured = {}
     for name, run in paths.items():
-        measured[name] = timed(run, args.repeats, workers)
+        measured[name] = timed(run, args.repeats, server)
         print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
     loader.close()
     rows = []
@@ -197,7 +232,7 @@ def main() -> int:
     ap.add_argument("--server-workers", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--cost-ms", type=float, default=0.0,
-                    help="per-event latency the synthetic source adds (emulates psana)")
+                    help="CPU time the synthetic source burns per event (emulates psana)")
     ap.add_argument("--shm-budget", default="1G")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
@@ -208,7 +243,7 @@ def main() -> int:
                               "--synthetic-events", str(args.frames))
         try:
             rows = [r for det in args.detectors
-                    for r in bench_detector(server.address, server.workers, det, args)]
+                    for r in bench_detector(server, det, args)]
             with Client(server.address) as c:
                 stats = c.stats()
                 c.shutdown()

@@ -1,18 +1,23 @@
 """A non-blocking connection as a worker's event loop sees it: bytes in,
-a queue of bytes out, and one unit of work at a time.
+a queue of bytes out, one unit of work (one frame) at a time, the memory
+that work needs, and the connection's deadlines.
 
 Both dialects subclass `Channel`; the loop only calls the methods here, so
-one slow or silent client never blocks the others of the same worker.
+one slow or silent client never blocks the others of the same worker. A
+unit of work runs in two steps: `reserve` takes the frame's memory from the
+budget without reading anything, then `work` reads the frame into it once.
+When `reserve` finds no room, the worker (and only the worker) decides to
+wait or to `refuse`.
 """
 import socket
 import time
 from collections import deque
 from typing import Callable, Deque, Optional, Union
 
+from .shared_state import Grant
+
 RECV_SIZE = 65536
 MAX_UNSENT = 4096       # chunks queued for a peer that does not read: then it is dropped
-MEMORY_WAIT = 3.0       # how long a frame waits for budget before the error is sent
-RETRY_EVERY = 0.1       # a psana source re-reads the event on every retry
 # Bytes to send, or a callback run once everything queued before it has been sent.
 Chunk = Union[bytes, memoryview, Callable[[], None]]
 
@@ -25,9 +30,7 @@ class Channel:
         self.out: Deque[Chunk] = deque()
         self.closed = False
         self.close_after_flush = False
-        self.last_activity = time.monotonic()
-        self.wake_at: Optional[float] = None        # work waits for memory until then
-        self._waiting_since: Optional[float] = None
+        self.opened_at = self.last_activity = time.monotonic()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -57,33 +60,35 @@ class Channel:
         """When the request of the next unit of work arrived (only if `has_work`)."""
         raise NotImplementedError
 
-    def due(self, now: float) -> bool:
-        """False while the connection's work waits for shared memory."""
-        return self.wake_at is None or now >= self.wake_at
+    def reserve(self) -> Grant:
+        """Reserve the memory the next unit of work writes into (only if
+        `has_work`); reads nothing unless the frame's size is unknown ahead."""
+        return Grant.GRANTED
+
+    def refuse(self, grant: Grant) -> None:
+        """Answer the next unit of work with `no_memory`: its frame is larger
+        than the budget, or waited too long for room."""
 
     def work(self) -> None:
-        """Do one unit of work (one frame); called only when `has_work()`."""
+        """Do one unit of work (one frame) into the memory `reserve` granted."""
+
+    def trim(self, everything: bool) -> int:
+        """Give back idle memory: all of it, or what is over the connection's
+        fair share. Returns the bytes given back."""
+        return 0
 
     def tick(self, now: float) -> Optional[float]:
-        """Check deadlines; returns seconds until the next one, or None."""
+        """Act on the deadlines that passed; returns when the next one is due
+        (monotonic time), or None."""
+        return None
+
+    def expendable_since(self) -> Optional[float]:
+        """Since when the connection has had no complete request, or has sat
+        idle holding nothing: it may be closed to make room when the worker
+        runs out of descriptors. None while it is in use."""
         return None
 
     # -- for subclasses ---------------------------------------------------------------
-    def retry_later(self) -> bool:
-        """After BudgetExhausted: schedule a retry, unless the frame has waited
-        MEMORY_WAIT already (then the caller sends the error)."""
-        now = time.monotonic()
-        if self._waiting_since is None:
-            self._waiting_since = now
-        if now - self._waiting_since > MEMORY_WAIT:
-            self.memory_found()
-            return False
-        self.wake_at = now + RETRY_EVERY
-        return True
-
-    def memory_found(self) -> None:
-        self._waiting_since = self.wake_at = None
-
     def on_data(self, data: bytes) -> None:
         raise NotImplementedError
 

@@ -17,7 +17,7 @@ from .context import WorkerContext
 from .frame_reader import FrameReader, SourceCache
 from .master import Master
 from .shared_state import SharedState
-from .slots import SegmentAllocator
+from .slots import Budget
 from .worker import Worker
 
 log = logging.getLogger("psana_ipc.server")
@@ -85,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ack-timeout", type=float, default=30.0, metavar="S",
                      help="seconds a legacy client has to ACK a segment (default: 30)")
     srv.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
-                     help="seconds a new connection may stay silent (default: 60)")
+                     help="seconds a connection holding nothing may stay idle; a new one "
+                          "has at most 10 of them for its first request (default: 60)")
     srv.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
-                     help="a worker stuck this long reading one event is replaced (default: 300)")
+                     help="a worker stuck this long reading one event, or frozen, is "
+                          "replaced after its traceback is logged (default: 300)")
     sec = p.add_argument_group("access")
     sec.add_argument("--token-file", metavar="PATH",
                      help="require the token in PATH for v1 hello and shutdown, and refuse "
@@ -184,14 +186,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     master_pid = os.getpid()
 
     def run_worker(slot: int) -> int:
-        reader = FrameReader(SourceCache(factory, options.cache_size), state, slot)
+        counters = state.counters(slot)
         ctx = WorkerContext(
-            reader=reader, allocator=SegmentAllocator(state, slot, master_pid),
+            reader=FrameReader(SourceCache(factory, options.cache_size), counters),
+            budget=Budget(state, counters, master_pid), counters=counters,
             shutdown=lambda: os.kill(master_pid, signal.SIGTERM),
             stats=state.stats, source=options.source, window=options.window,
             max_window=options.max_window, token=token,
             legacy=not options.no_legacy and token is None,
-            ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout)
+            ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
+            request_timeout=options.request_timeout)
         try:
             return Worker(listener, state, slot, ctx, master_pid).run()
         finally:

@@ -1,17 +1,21 @@
 """What a worker's connections share: settings, the frame reader, the
-segment allocator, and how to ask the master to stop."""
+budget, the worker's counters, and how to ask the master to stop."""
 import socket
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from .frame_reader import FrameReader
-from .slots import SegmentAllocator
+from .shared_state import Counters
+from .slots import Budget
+
+FIRST_REQUEST_WITHIN = 10.0   # seconds a connection has for hello (v1) or its request (legacy)
 
 
 @dataclass
 class WorkerContext:
     reader: FrameReader
-    allocator: SegmentAllocator
+    budget: Budget
+    counters: Counters
     shutdown: Callable[[], None]
     stats: Callable[[], Dict[str, object]]
     source: str
@@ -21,7 +25,13 @@ class WorkerContext:
     legacy: bool = True
     ack_timeout: float = 30.0
     idle_timeout: float = 30.0
+    request_timeout: float = 300.0
     hostname: str = socket.gethostname()
+
+    @property
+    def first_request_within(self) -> float:
+        """Seconds a new connection has for its first complete request."""
+        return min(FIRST_REQUEST_WITHIN, self.idle_timeout)
 
 
 def is_local_peer(sock: socket.socket) -> bool:

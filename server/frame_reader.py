@@ -1,19 +1,23 @@
-"""Opening sources (through a per-worker LRU cache) and reading frames, the
-part of serving that both dialects share."""
+"""Opening sources (through a per-worker LRU cache), telling a frame's size
+before reading it, and reading frames: the part of serving that both
+dialects share."""
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.errors import INTERNAL, READ_FAILED, ProtocolError
 from psana_ipc.protocol.messages import Get, Info, RunKey
 
-from .shared_state import COL, SharedState
-from .sources.base import Allocator, FrameMeta, Source, SourceError, SourceFactory
+from .shared_state import Counters
+from .sources.base import (Allocator, FrameMeta, Source, SourceError, SourceFactory,
+                           frame_bytes)
 
 log = logging.getLogger(__name__)
 CacheKey = Tuple[str, str, int, str, str]
+Frame = Tuple[np.ndarray, FrameMeta]
 
 
 class SourceCache:
@@ -47,39 +51,69 @@ class SourceCache:
 
 
 class FrameReader:
-    """Reads one event into memory a connection provides, counting it."""
+    """Reads one event into memory a connection reserved, counting it."""
 
-    def __init__(self, cache: SourceCache, state: SharedState, slot: int) -> None:
+    def __init__(self, cache: SourceCache, counters: Counters) -> None:
         self.cache = cache
-        self.state = state
-        self.slot = slot
-        self.row = state.row(slot)
+        self.counters = counters
 
-    def read(self, get: Get, event: int, allocate: Allocator) -> Tuple[np.ndarray, FrameMeta]:
-        """The frame of one event of a get; errors are ProtocolError with a code."""
+    @contextmanager
+    def _source_call(self, what: str, code: str) -> Iterator[None]:
+        """Errors a user can cause pass through; a source's own failure becomes
+        `code` (it must not take the worker down)."""
         try:
-            with self.state.busy(self.slot):
-                source = self.cache.get(get.key)
-                data, meta = source.read_into(event, get.mode, allocate)
-        except ProtocolError:
-            raise
-        except Exception as e:  # a source's own failure must not take the worker down
-            log.exception("reading event %d of %s failed", event, get.key)
-            raise SourceError(READ_FAILED, f"reading event {event} failed: "
-                                           f"{type(e).__name__}: {e}") from e
-        self.row[COL["events"]] += 1
-        self.row[COL["bytes"]] += data.nbytes
-        return data, meta
-
-    def info(self, request: Info) -> Dict[str, Any]:
-        try:
-            with self.state.busy(self.slot):
-                if request.detector is None:
-                    return {"detectors": self.cache.factory.detectors(request.exp, request.run)}
-                source = self.cache.get(RunKey(request.exp, request.run, request.detector))
-                return source.info()
+            with self.counters.busy():
+                yield
         except ProtocolError:
             raise
         except Exception as e:
-            log.exception("info for %s failed", request)
-            raise SourceError(INTERNAL, f"info failed: {type(e).__name__}: {e}") from e
+            log.exception("%s failed", what)
+            raise SourceError(code, f"{what} failed: {type(e).__name__}: {e}") from e
+
+    def frame_size(self, get: Get, event: int) -> Optional[int]:
+        """The bytes the frame of this event will take, before reading it (None:
+        the source cannot tell ahead, or failed to; read it with `read_private`
+        first)."""
+        with self._source_call(f"opening {get.key}", READ_FAILED):
+            source = self.cache.get(get.key)
+            source.check(event, get.mode)
+        try:
+            return source.frame_nbytes(get.mode)
+        except Exception:       # the read that follows says what is wrong, if anything
+            log.exception("sizing a frame of %s failed: reading it first", get.key)
+            return None
+
+    def read(self, get: Get, event: int, into: Allocator, reserved: int,
+             prefetched: Optional[Frame] = None) -> Frame:
+        """The frame of one event of a get, written once into the `reserved`
+        bytes `into` gives (copied there if it was read ahead by `read_private`)."""
+        def allocate(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            nbytes = frame_bytes(shape, dtype)
+            if nbytes > reserved:
+                raise SourceError(READ_FAILED, f"event {event} is {nbytes} bytes, more than the "
+                                               f"{reserved} its source announced")
+            return into(shape, dtype)
+
+        if prefetched is not None:
+            data, meta = prefetched
+            out = allocate(data.shape, data.dtype)
+            np.copyto(out, data, casting="no")
+            return out, meta
+        with self._source_call(f"reading event {event}", READ_FAILED):
+            data, meta = self.cache.get(get.key).read_into(event, get.mode, allocate)
+        self.counters.frame(data.nbytes)
+        return data, meta
+
+    def read_private(self, get: Get, event: int) -> Frame:
+        """The frame in fresh private memory: for a source whose frame size is
+        known only once read."""
+        with self._source_call(f"reading event {event}", READ_FAILED):
+            data, meta = self.cache.get(get.key).read_into(event, get.mode, np.empty)
+        self.counters.frame(data.nbytes)
+        return data, meta
+
+    def info(self, request: Info) -> Dict[str, Any]:
+        with self._source_call(f"info for {request}", INTERNAL):
+            if request.detector is None:
+                return {"detectors": self.cache.factory.detectors(request.exp, request.run)}
+            return self.cache.get(RunKey(request.exp, request.run, request.detector)).info()

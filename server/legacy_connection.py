@@ -1,31 +1,35 @@
 """The btx dialect: one request per connection, a fresh segment per event.
 
-request -> read the frame into a new segment -> reply {name, shape, dtype}
--> wait for `ACK` (bounded by --ack-timeout) -> unlink. A client that
+request -> reserve the frame's bytes -> read it into a new segment -> reply
+{name, shape, dtype} -> wait for `ACK` (bounded by --ack-timeout) -> retire
+(truncate and unlink) once acknowledged, only unlink without an ACK. A client that
 vanishes or never acknowledges costs the segment nothing: it is unlinked
 either way. Old clients unlink the segment themselves as well, which is
 harmless. `DONE` stops the whole server, as old launchers expect.
 
 An event that cannot be read is answered as btx's own server does, with a
-NaN frame of the mode's shape (btx and pypca filter those out), the error
-beside it for clients that read one; when the shape is not known either,
-with the error alone.
+NaN frame of the mode's shape (btx and pypca filter those out) in the
+segment reserved for the frame, the error beside it for clients that read
+one. When the shape is not known, or a float32 frame of it does not fit
+what was reserved (an integer mode narrower than 4 bytes), the error goes
+alone. A request flagged as a probe gets the server's mark alone.
 """
 import logging
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
-from psana_ipc.protocol.errors import READ_FAILED, UNAUTHORIZED, ProtocolError
+from psana_ipc.protocol.errors import NO_MEMORY, READ_FAILED, UNAUTHORIZED, ProtocolError
 from psana_ipc.protocol.legacy import (ACK, Done, Probe, legacy_error, legacy_missing_frame,
                                        legacy_probe_reply, legacy_reply, parse_legacy)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
-from .shared_state import COL
-from .shm import Segment
-from .slots import BudgetExhausted
+from .frame_reader import Frame
+from .shared_state import Grant
+from .shm import Segment, round_up
+from .slots import Holding, budget_in_use, too_large
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +41,19 @@ class LegacyConnection(Channel):
         self.buf = b""
         self.request = None
         self.arrived = 0.0
+        self.holding = Holding(ctx.budget)
+        self.nbytes: Optional[int] = None
+        self.prefetched: Optional[Frame] = None
         self.segment: Optional[Segment] = None
+        self.replied = False
+        self.acked = False
         self.ack_deadline: Optional[float] = None
 
     def on_data(self, data: bytes) -> None:
-        if self.segment is not None:
+        if self.replied:
             seen = self.buf + data
             if ACK in seen:
+                self.acked = True
                 self.finish()
             self.buf = seen[1 - len(ACK):]   # all an ACK split across reads needs
             return
@@ -61,6 +71,7 @@ class LegacyConnection(Channel):
         if not (self.ctx.legacy and is_local_peer(self.sock)):
             self._fail(UNAUTHORIZED, "the legacy protocol is disabled for this peer; use v1")
         elif isinstance(request, Probe):
+            self.replied = True
             self.send(legacy_probe_reply())
             self.finish()
         elif isinstance(request, Done):
@@ -70,76 +81,111 @@ class LegacyConnection(Channel):
         else:
             self.request = request
             self.arrived = time.monotonic()
-            self.ctx.reader.row[COL["requests"]] += 1
+            self.ctx.counters.request()
 
     def next_arrival(self) -> float:
         return self.arrived
 
     def has_work(self) -> bool:
-        return self.request is not None and self.segment is None and not self.closed
+        return self.request is not None and not self.replied and not self.closed
 
-    def work(self) -> None:
-        def allocate(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            self.segment = self.ctx.allocator.create(nbytes)
-            return self.segment.array(shape, dtype)
-
+    def reserve(self) -> Grant:
         get = self.request
         try:
-            data, meta = self.ctx.reader.read(get, get.events[0], allocate)
-        except BudgetExhausted as e:
-            if not self.retry_later():
-                self._fail(e.code, e.message)
+            if self.nbytes is None:
+                self.nbytes = self.ctx.reader.frame_size(get, get.events[0])
+                if self.nbytes is None:    # only a read tells: read once, keep it while waiting
+                    self.prefetched = self.ctx.reader.read_private(get, get.events[0])
+                    self.nbytes = self.prefetched[0].nbytes
+            size = round_up(self.nbytes)
+            if size > self.ctx.budget.limit:
+                return Grant.TOO_LARGE
+            grant = self.holding.take(size)
+            if grant is Grant.GRANTED:
+                try:
+                    self.segment = self.ctx.budget.segment(size)
+                except BaseException:
+                    self.holding.give(size)
+                    raise
+            return grant
+        except ProtocolError as e:
+            self._fail(e.code, e.message)
+            return Grant.GRANTED
+
+    def refuse(self, grant: Grant) -> None:
+        why = too_large if grant is Grant.TOO_LARGE else budget_in_use
+        self._fail(NO_MEMORY, why(self.nbytes, self.ctx.budget.limit))
+
+    def work(self) -> None:
+        if self.closed or self.close_after_flush:    # `reserve` answered with an error
             return
+        get = self.request
+        try:
+            data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
+                                              self.segment.size, self.prefetched)
         except ProtocolError as e:
             if e.code == READ_FAILED and self._send_nan_frame(e.message):
                 return
             self._fail(e.code, e.message)
             return
-        self.memory_found()
+        self.replied = True
         self.send(legacy_reply(self.segment.name, data.shape, data.dtype.name,
                                timestamp=meta.timestamp, calibrated=meta.calibrated))
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
 
     def _send_nan_frame(self, message: str) -> bool:
-        """Reply with a NaN frame of the requested mode's shape; False when the
-        shape is unknown or there is no memory for it."""
+        """Reply with a NaN frame of the requested mode's shape in the reserved
+        segment; False when the shape is unknown or the frame does not fit."""
         get = self.request
         try:
             shape = self.ctx.reader.cache.get(get.key).specs()[get.mode].shape
         except Exception:    # the source cannot tell its shape: the error goes alone
             return False
-        self.release()
-        try:
-            self.segment = self.ctx.allocator.create(int(np.prod(shape, dtype=np.int64)) * 4)
-        except ProtocolError:    # no memory for it: the error goes alone
+        if self.segment is None or int(np.prod(shape, dtype=np.int64)) * 4 > self.segment.size:
             return False
         self.segment.array(shape, np.float32).fill(np.nan)
-        self.ctx.reader.state.count_error(self.ctx.reader.slot, READ_FAILED)
+        self.ctx.counters.error(READ_FAILED)
+        self.replied = True
         self.send(legacy_missing_frame(self.segment.name, shape, READ_FAILED, message))
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
         return True
 
     def tick(self, now: float) -> Optional[float]:
+        """Deadlines: the request within `first_request_within` of connecting,
+        the ACK within --ack-timeout of the reply."""
         if self.ack_deadline is not None:
             if now >= self.ack_deadline:
                 log.warning("no ACK for %s within %.0fs: unlinking it", self.segment.name,
                             self.ctx.ack_timeout)
                 self.close()
                 return None
-            return self.ack_deadline - now
-        if self.request is None and now - self.last_activity > self.ctx.idle_timeout:
+            return self.ack_deadline
+        since = self.expendable_since()
+        if since is None:
+            return None
+        deadline = since + self.ctx.first_request_within
+        if now >= deadline:
             self.close()
             return None
-        return self.ctx.idle_timeout
+        return deadline
+
+    def expendable_since(self) -> Optional[float]:
+        return self.opened_at if self.request is None and not self.replied else None
 
     def _fail(self, code: str, message: str) -> None:
-        self.ctx.reader.state.count_error(self.ctx.reader.slot, code)
+        self.ctx.counters.error(code)
+        self.replied = True
         self.send(legacy_error(code, message))
         self.finish()
 
     def release(self) -> None:
+        """An acknowledged segment is retired (its pages freed at once); one the
+        client may still read is only unlinked."""
         if self.segment is not None:
-            self.ctx.allocator.destroy(self.segment)
+            if self.acked:
+                self.segment.retire()
+            else:
+                self.segment.destroy()
+            self.holding.give(self.segment.size)
             self.segment = None
 

@@ -3,33 +3,37 @@ replaces the ones that die, and stops everything cleanly.
 
 Signal handlers only enqueue; the loop drains the queue. Stopping asks
 workers to stop, reaps them until a deadline, then SIGKILLs the rest, and
-finally unlinks every segment named with this server's pid, so nothing
-survives a stop whatever state the workers were in. Until then, and for
-`ABSORB_GRACE` after, the master accepts and closes whatever connects: the
-btx family stops a server with one connect + `DONE` per worker, and every
-connect of that loop must succeed even though the first `DONE` stopped us.
-A worker that dies before it ever accepted stops the server instead of
-being respawned forever; one that stays inside a source call longer than
-the request timeout is killed and replaced.
+finally unlinks every segment named with this server's pid (of this user's
+files only), so nothing survives a stop whatever state the workers were in.
+Until then, and for `ABSORB_GRACE` after, the master accepts and closes
+whatever connects: the btx family stops a server with one connect + `DONE`
+per worker, and every connect of that loop must succeed even though the
+first `DONE` stopped us. While it runs it holds the liveness lock
+`psana-ipc cleanup` looks at. A worker that dies before it ever accepted
+stops the server instead of being respawned forever; one whose loop stalls
+longer than the request timeout (stuck in a source call, or frozen) logs
+its traceback and is replaced.
 """
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
 import time
 from typing import Callable, Dict, List, Optional
 
-from psana_ipc.server.shm import our_segments, unlink
-
-from .shared_state import COL, SharedState
+from . import liveness
+from .shared_state import SharedState
+from .shm import sweep
 from .wakeup import drain, wakeup_pipe
 
 log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-ABSORB_GRACE = 1.0
+DUMP_GRACE = 2.0       # a stalled worker's time to write its traceback before SIGKILL
+ABSORB_GRACE = 1.0     # connections still accepted (and closed) after a stop
 
 
 class Master:
@@ -45,6 +49,8 @@ class Master:
         self.pid = os.getpid()
         self.workers: Dict[int, int] = {}        # pid -> slot
         self.signals: List[int] = []
+        self.condemned: Dict[int, float] = {}    # stalled worker pid -> SIGKILL then
+        self.lock: Optional[int] = None           # the liveness lock, while running
         self.stopping = False
         self.exit_code = 0
 
@@ -53,14 +59,20 @@ class Master:
         self.signals.append(signum)
 
     def _install_signals(self) -> int:
+        """SIGHUP stops the server unless it was started with SIGHUP ignored
+        (`nohup`): then master and workers keep ignoring it."""
         self._wake = wakeup_pipe()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            self._handled.append(signal.SIGHUP)
+        for sig in self._handled:
             signal.signal(sig, self._enqueue)
         return self._wake[0]
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
         wake_r = self._install_signals()
+        self.lock = liveness.hold(self.pid)
         for slot in range(self.state.workers):
             self.spawn(slot)
         booted = self.wait_ready()
@@ -105,7 +117,7 @@ class Master:
             return
         code = 1
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            for sig in self._handled:
                 signal.signal(sig, signal.SIG_DFL)
             for fd in self._wake:
                 os.close(fd)
@@ -127,7 +139,7 @@ class Master:
             slot = self.workers.pop(pid, None)
             if slot is None:
                 continue
-            booted = self.state.row(slot)[COL["ready"]] > 0
+            booted = self.state.booted(slot)
             self.forget(slot, pid)
             if self.stopping:
                 continue
@@ -140,17 +152,31 @@ class Master:
 
     def forget(self, slot: int, pid: int) -> None:
         """Remove what a dead worker held: its segments and its gauges."""
-        for name in our_segments(self.pid, pid):
-            unlink(name)
+        sweep(self.pid, pid)
         self.state.reset_gauges(slot)
 
     def watchdog(self) -> None:
-        for slot in self.state.busy_workers(self.request_timeout):
+        """Replace a worker whose loop has not gone round for the request timeout:
+        SIGABRT (with SIGCONT, for a SIGSTOPped one) makes its faulthandler log
+        where it hung and ends it; SIGKILL follows if it is still there."""
+        now = time.monotonic()
+        for slot in self.state.stalled_workers(self.request_timeout):
             for pid, s in self.workers.items():
-                if s == slot:
-                    log.error("worker %d spent over %.0fs on one request: killing it",
-                              pid, self.request_timeout)
-                    os.kill(pid, signal.SIGKILL)
+                if s != slot or pid in self.condemned:
+                    continue
+                why = ("spent over %.0fs on one request" if self.state.in_source_call(slot)
+                       else "made no progress for %.0fs (frozen?)")
+                log.error("worker %d " + why + ": logging its traceback and replacing it",
+                          pid, self.request_timeout)
+                _no_core_dump(pid)
+                _kill(pid, signal.SIGABRT)
+                _kill(pid, signal.SIGCONT)
+                self.condemned[pid] = now + DUMP_GRACE
+        for pid, deadline in list(self.condemned.items()):
+            if pid not in self.workers:
+                del self.condemned[pid]
+            elif now >= deadline:
+                _kill(pid, signal.SIGKILL)
 
     # -- stopping -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -165,8 +191,8 @@ class Master:
             _kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             self.forget(self.workers.pop(pid), pid)
-        for name in our_segments(self.pid):
-            unlink(name)
+        sweep(self.pid)
+        liveness.release(self.lock, self.pid)
         if self.ready_file:
             _remove(self.ready_file)
         grace_end = time.monotonic() + ABSORB_GRACE
@@ -206,6 +232,14 @@ def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
+        pass
+
+
+def _no_core_dump(pid: int) -> None:
+    """SIGABRT is for the traceback: no core file of a worker's whole memory."""
+    try:
+        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+    except OSError:
         pass
 
 

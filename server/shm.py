@@ -6,17 +6,31 @@ the standard library's SharedMemory would register every segment with a
 resource tracker that unlinks them behind our back when a process exits.
 Pages are reserved with `posix_fallocate`, so a full /dev/shm is a clean
 error at creation instead of a SIGBUS on the first write.
+
+Giving a segment back comes in two strengths. `retire` truncates it to zero
+length before unlinking: tmpfs frees the pages at once even if a client
+still maps the file, so what the server counts is what the node pays; only
+for segments no client reads any more. `unlink` only removes the name: a
+client still reading keeps its pages until it unmaps.
+
+/dev/shm is shared with every user of the node: a name someone else planted
+is skipped for a fresh one, and an unlink or truncate that fails is logged,
+never fatal.
 """
 import errno
+import logging
 import mmap
 import os
-from typing import List, Optional, Tuple
+import stat
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.shm_names import SHM_DIR, ours, segment_path
 
+log = logging.getLogger(__name__)
 PAGE = mmap.PAGESIZE
+NAME_TRIES = 16
 
 
 class ShmFullError(OSError):
@@ -27,25 +41,40 @@ def round_up(nbytes: int) -> int:
     return max(PAGE, -(-nbytes // PAGE) * PAGE)
 
 
+def _create(name: str, size: int) -> mmap.mmap:
+    path = segment_path(name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise ShmFullError(e.errno, f"/dev/shm has no room for {size} bytes") from e
+            raise
+        return mmap.mmap(fd, size)
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
 class Segment:
     """A segment this process created: a mapping plus the name clients attach by."""
 
-    def __init__(self, name: str, size: int) -> None:
-        path = segment_path(name)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
+    def __init__(self, names: Callable[[], str], size: int) -> None:
+        """`names` gives a new candidate name on each call: one that exists
+        already (planted by someone else) is passed over."""
+        for _ in range(NAME_TRIES):
+            name = names()
             try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                    raise ShmFullError(e.errno, f"/dev/shm has no room for {size} bytes") from e
-                raise
-            self.map = mmap.mmap(fd, size)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
+                self.map = _create(name, size)
+                break
+            except FileExistsError:
+                log.warning("/dev/shm/%s exists and is not ours: using another name", name)
+        else:
+            raise FileExistsError(errno.EEXIST, f"{NAME_TRIES} segment names in a row exist "
+                                                f"in /dev/shm already")
         self.name = name
         self.size = size
 
@@ -53,12 +82,21 @@ class Segment:
         """A writable array at the start of the segment."""
         return np.ndarray(shape, dtype=dtype, buffer=self.map)
 
-    def destroy(self) -> None:
-        """Unmap and unlink; a peer that already unlinked it is not an error."""
+    def _unmap(self) -> None:
         try:
             self.map.close()
         except BufferError:
-            pass  # a live numpy view pins the mapping; the unlink below still frees the name
+            pass  # a live numpy view pins the mapping; the unlink still frees the name
+
+    def retire(self) -> None:
+        """Free the pages now, then the name: for a segment no client reads."""
+        self._unmap()
+        truncate(self.name)
+        unlink(self.name)
+
+    def destroy(self) -> None:
+        """Unmap and unlink only: a client may still be reading it."""
+        self._unmap()
         unlink(self.name)
 
 
@@ -68,9 +106,47 @@ def our_segments(server_pid: Optional[int] = None,
     return list(ours(os.listdir(SHM_DIR), server_pid, worker_pid))
 
 
+def truncate(name: str) -> None:
+    try:
+        fd = os.open(segment_path(name), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return      # a legacy client unlinked it already
+    except OSError as e:
+        log.warning("cannot truncate /dev/shm/%s: %s", name, e.strerror)
+        return
+    try:
+        os.ftruncate(fd, 0)
+    except OSError as e:
+        log.warning("cannot truncate /dev/shm/%s: %s", name, e.strerror)
+    finally:
+        os.close(fd)
+
+
 def unlink(name: str) -> bool:
+    """Remove a segment's name; False if it was gone or could not be removed
+    (logged: a clean-up never fails over someone else's file)."""
     try:
         os.unlink(segment_path(name))
         return True
     except FileNotFoundError:
         return False
+    except OSError as e:
+        log.warning("cannot unlink /dev/shm/%s: %s", name, e.strerror)
+        return False
+
+
+def owned_by_us(name: str) -> bool:
+    """A regular file of this user: what a sweep may remove (a name someone else
+    planted that looks like ours is not)."""
+    try:
+        st = os.lstat(segment_path(name))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def sweep(server_pid: int, worker_pid: Optional[int] = None) -> int:
+    """Unlink the segments of a server (or of one of its workers) that this
+    user owns; returns how many."""
+    return sum(unlink(name) for name in our_segments(server_pid, worker_pid)
+               if owned_by_us(name))

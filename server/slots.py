@@ -1,64 +1,82 @@
-"""Reusable shared-memory slots: a worker's segment allocator and the pool
-each v1 connection keeps.
+"""The budget a worker's connections draw from, and the reusable slots of a
+v1 connection.
 
-A slot is written by the server, read by the client, then released and
-written again, so pages are faulted in once per slot instead of once per
-event. The pool never holds more than its window of slots, and every
-segment is created against the server-wide budget.
+Every frame's memory follows one lifecycle (README, "Reliability on a shared node"):
+reserve its bytes first (`Holding.take`, within the server-wide budget and
+the connection's fair share), write the frame into it once, hand it over,
+take it back on release, and retire it (truncate, then unlink) when the
+server gives it back. A slot is written by the server, read by the client,
+then released and written again, so pages are faulted in once per slot
+instead of once per event. Nothing here waits: a reservation that finds no
+room answers `Grant.WAIT` and the worker decides.
 """
 import itertools
 import os
-from typing import Callable, Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
-from psana_ipc.protocol.errors import NO_MEMORY
+from psana_ipc.protocol.errors import NO_MEMORY, ProtocolError
 from psana_ipc.protocol.shm_names import segment_name
 
-from .shared_state import COL, SharedState
+from .shared_state import Counters, Grant, SharedState
 from .shm import Segment, ShmFullError, round_up
-from .sources.base import SourceError
 
 
-class BudgetExhausted(SourceError):
-    """The budget is in use; worth waiting for, unlike a full /dev/shm."""
+class Budget:
+    """One worker's side of the server-wide budget, and the segments it makes."""
 
-    def __init__(self, budget: int) -> None:
-        super().__init__(NO_MEMORY, f"shared-memory budget of {budget} bytes is in use; "
-                                    f"try again later")
-
-
-class SegmentAllocator:
-    """Creates and destroys one worker's segments, accounted in the shared budget."""
-
-    def __init__(self, state: SharedState, slot: int, server_pid: int) -> None:
+    def __init__(self, state: SharedState, counters: Counters, server_pid: int) -> None:
         self.state = state
-        self.slot = slot
+        self.counters = counters
         self.server_pid = server_pid
         self._serial = itertools.count()
-        self.on_pressure: Callable[[], int] = lambda: 0   # frees idle memory, returns bytes
 
-    def create(self, nbytes: int) -> Segment:
-        """A new segment of at least `nbytes`. BudgetExhausted when the budget has
-        no room even after this worker's idle slots are freed (the other workers
-        are then asked to free theirs); SourceError(NO_MEMORY) when /dev/shm is full."""
-        size = round_up(nbytes)
-        if not self.state.reserve(self.slot, size):
-            self.on_pressure()
-            if not self.state.reserve(self.slot, size):
-                self.state.request_trim()
-                raise BudgetExhausted(self.state.shm_budget)
-        name = segment_name(self.server_pid, os.getpid(), format(next(self._serial), "x"))
+    @property
+    def limit(self) -> int:
+        return self.state.shm_budget
+
+    def _next_name(self) -> str:
+        return segment_name(self.server_pid, os.getpid(), format(next(self._serial), "x"))
+
+    def segment(self, size: int) -> Segment:
+        """A new segment of `size` bytes, already reserved; a full /dev/shm is
+        the error `no_memory`."""
         try:
-            return Segment(name, size)
+            return Segment(self._next_name, size)
         except ShmFullError as e:
-            self.state.unreserve(self.slot, size)
-            raise SourceError(NO_MEMORY, str(e)) from e
-        except BaseException:
-            self.state.unreserve(self.slot, size)
-            raise
+            raise ProtocolError(NO_MEMORY, str(e)) from e
 
-    def destroy(self, segment: Segment) -> None:
-        segment.destroy()
-        self.state.unreserve(self.slot, segment.size)
+
+class Holding:
+    """What one connection holds of the budget: its segments and its inline
+    frames not sent yet."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def take(self, nbytes: int) -> Grant:
+        grant = self.budget.state.reserve(self.budget.counters.slot, nbytes, self.bytes)
+        if grant is Grant.GRANTED:
+            self.bytes += nbytes
+        return grant
+
+    def give(self, nbytes: int) -> None:
+        self.bytes -= nbytes
+        self.budget.state.unreserve(self.budget.counters.slot, nbytes, self.bytes)
+
+    def over_share(self) -> bool:
+        return self.bytes > self.budget.state.share()
+
+
+def too_large(nbytes: int, budget: int) -> str:
+    return (f"a frame of {nbytes} bytes is larger than the whole shared-memory budget of "
+            f"{budget} bytes (iserver --shm-budget)")
+
+
+def budget_in_use(nbytes: int, budget: int) -> str:
+    return (f"no room for a frame of {nbytes} bytes: the shared-memory budget of {budget} bytes "
+            f"is in use (this connection's share is budget / (clients holding memory + 1)); "
+            f"release frames or try again later")
 
 
 class Slot:
@@ -69,14 +87,17 @@ class Slot:
 
 
 class SlotPool:
-    """At most `window` slots of one connection; busy ones wait for `release`."""
+    """At most `window` slots of one connection; busy ones wait for `release`.
+    The ids of slots retired since the last reply are in `retired`, for the
+    client to drop its mappings."""
 
-    def __init__(self, allocator: SegmentAllocator, window: int) -> None:
-        self.allocator = allocator
+    def __init__(self, budget: Budget, window: int) -> None:
+        self.budget = budget
+        self.holding = Holding(budget)
         self.window = window
         self.slots: Dict[int, Slot] = {}
+        self.retired: List[int] = []
         self._ids = itertools.count()
-        self._row = allocator.state.row(allocator.slot)
 
     @property
     def busy_count(self) -> int:
@@ -85,23 +106,40 @@ class SlotPool:
     def has_capacity(self) -> bool:
         return self.busy_count < self.window
 
-    def acquire(self, nbytes: int) -> Slot:
-        """A free slot that fits (the smallest), else a new or regrown one."""
-        free = [s for s in self.slots.values() if not s.busy]
-        fitting = [s for s in free if s.segment.size >= nbytes]
+    def _idle(self) -> List[Slot]:
+        return [s for s in self.slots.values() if not s.busy]
+
+    def reserve(self, nbytes: int) -> Tuple[Grant, Optional[Slot]]:
+        """A slot for a frame of `nbytes`, marked busy: the smallest idle one
+        that fits, else a new one if the budget allows (idle slots that do
+        not fit are retired first when the pool is full)."""
+        fitting = [s for s in self._idle() if s.segment.size >= nbytes]
         if fitting:
             slot = min(fitting, key=lambda s: s.segment.size)
         else:
-            if len(self.slots) >= self.window and free:
-                self._drop(free[0])
-            slot = Slot(next(self._ids), self.allocator.create(nbytes))
+            size = round_up(nbytes)
+            if size > self.budget.limit:
+                return Grant.TOO_LARGE, None
+            idle = self._idle()
+            if idle and len(self.slots) >= self.window:
+                self._retire(idle[0])
+            grant = self.holding.take(size)
+            if grant is not Grant.GRANTED:
+                return grant, None
+            try:
+                segment = self.budget.segment(size)
+            except BaseException:
+                self.holding.give(size)
+                raise
+            slot = Slot(next(self._ids), segment)
             self.slots[slot.id] = slot
         slot.busy = True
-        self._row[COL["inflight"]] += 1
-        return slot
+        self.budget.counters.inflight(1)
+        return Grant.GRANTED, slot
 
     def release(self, ids: Iterable[int]) -> List[int]:
-        """Mark slots free; returns the ids that were not busy slots of ours."""
+        """Mark slots idle, retiring what is then over the fair share; returns
+        the ids that were not busy slots of ours."""
         bad = []
         for sid in ids:
             slot = self.slots.get(sid)
@@ -109,22 +147,36 @@ class SlotPool:
                 bad.append(sid)
                 continue
             slot.busy = False
-            self._row[COL["inflight"]] -= 1
+            self.budget.counters.inflight(-1)
+        self.trim(everything=False)
         return bad
 
-    def trim(self) -> int:
-        """Destroy idle slots; returns the bytes given back to the budget."""
+    def trim(self, everything: bool) -> int:
+        """Retire idle slots: all of them, or only while over the fair share.
+        Returns the bytes given back."""
         freed = 0
-        for slot in [s for s in self.slots.values() if not s.busy]:
+        for slot in sorted(self._idle(), key=lambda s: -s.segment.size):
+            if not (everything or self.holding.over_share()):
+                break
             freed += slot.segment.size
-            self._drop(slot)
+            self._retire(slot)
         return freed
 
     def close(self) -> None:
-        self._row[COL["inflight"]] -= self.busy_count
+        """Retire idle slots; busy ones (a client may still read them) are only unlinked."""
+        self.budget.counters.inflight(-self.busy_count)
         for slot in list(self.slots.values()):
-            self._drop(slot)
+            if slot.busy:
+                slot.segment.destroy()
+                self._forget(slot)
+            else:
+                self._retire(slot)
 
-    def _drop(self, slot: Slot) -> None:
+    def _retire(self, slot: Slot) -> None:
+        slot.segment.retire()
+        self.retired.append(slot.id)
+        self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
         del self.slots[slot.id]
-        self.allocator.destroy(slot.segment)
+        self.holding.give(slot.segment.size)

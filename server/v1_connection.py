@@ -6,39 +6,60 @@ all its connections, so a long `get` does not starve other clients. Each
 event gets its own reply (with `seq`); the last reply of a request carries
 `done: true`. Frames go into slots of this connection's pool (shared memory)
 or inline after the header; either way at most `window` frames are
-outstanding, which is the back-pressure a slow client feels.
+outstanding, which is the back-pressure a slow client feels, and every
+frame's bytes are reserved from the budget before it is read (inline ones
+until they are sent).
 """
 import hmac
 import logging
 import os
 import time
 from collections import deque
-from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, Optional
 
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
-from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
-                                       UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
+from psana_ipc.protocol.errors import (BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_MEMORY, NOT_FOUND, NOT_READY,
+                                       UNAUTHORIZED, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION,
+                                       ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.messages import (Get, Hello, Info, Ping, Release, Shutdown, Stats,
                                          error_reply, ok_reply, parse_request, request_id)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
-from .shared_state import COL
-from .slots import BudgetExhausted, SlotPool
+from .frame_reader import Frame
+from .shared_state import Grant
+from .slots import Holding, Slot, SlotPool, budget_in_use, too_large
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
+MAX_BEFORE_HELLO = 4096        # bytes buffered before a hello is complete
 REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE)   # no use trying further events
 
 
-class Item(NamedTuple):
+@dataclass
+class Item:
+    """One event of a get, and the memory reserved for it."""
     rid: int
     get: Get
     seq: int
     arrived: float
+    nbytes: Optional[int] = None          # the frame's size, once known
+    prefetched: Optional[Frame] = None    # read ahead: its size was not known before
+    slot: Optional[Slot] = None           # shm: the slot reserved for it
+    reserved: int = 0                     # inline: the bytes reserved for it
+    error: Optional[ProtocolError] = None
+
+    @property
+    def event(self) -> int:
+        return self.get.events[self.seq]
+
+    @property
+    def done(self) -> bool:
+        return self.seq == len(self.get.events) - 1
 
 
 class V1Connection(Channel):
@@ -53,6 +74,8 @@ class V1Connection(Channel):
         self.window = ctx.window
         self.queue: Deque[Item] = deque()
         self.inline_pending = 0
+        self.holding = Holding(ctx.budget)      # inline frames not sent yet
+        self.partial_since: Optional[float] = None   # a request begun but not complete
 
     # -- input ----------------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
@@ -65,8 +88,16 @@ class V1Connection(Channel):
                 self.finish()
                 return
             if frame is None:
-                return
+                break
             self._handle(frame.header)
+        if self.hello is None and self.decoder.buffered > MAX_BEFORE_HELLO:
+            self._fail(-1, HEADER_TOO_LARGE, f"more than {MAX_BEFORE_HELLO} bytes before a "
+                                             f"complete hello")
+            self.finish()
+        elif not self.decoder.buffered:
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = time.monotonic()
 
     def _handle(self, header: Dict[str, Any]) -> None:
         try:
@@ -79,7 +110,7 @@ class V1Connection(Channel):
         elif self.hello is None:
             self._fail(rid, NOT_READY, "the first request on a connection must be hello")
         elif isinstance(request, Get):
-            self.ctx.reader.row[COL["requests"]] += 1
+            self.ctx.counters.request()
             if len(self.queue) + len(request.events) > MAX_QUEUED_EVENTS:
                 self._fail(rid, BUSY, f"more than {MAX_QUEUED_EVENTS} events are queued on this "
                                       f"connection; wait for replies", done=True)
@@ -125,7 +156,7 @@ class V1Connection(Channel):
         self.inline = not (hello.transport == "shm" and self.local
                            and hello.host == self.ctx.hostname)
         if not self.inline:
-            self.pool = SlotPool(self.ctx.allocator, self.window)
+            self.pool = SlotPool(self.ctx.budget, self.window)
         self._reply(ok_reply(rid, version=PROTOCOL_VERSION, transport="inline" if self.inline
                              else "shm", window=self.window, source=self.ctx.source,
                              worker=os.getpid()))
@@ -154,64 +185,126 @@ class V1Connection(Channel):
             return self.inline_pending < self.window
         return self.pool.has_capacity()
 
+    def _frame_size(self, item: Item) -> int:
+        if item.nbytes is None:
+            nbytes = self.ctx.reader.frame_size(item.get, item.event)
+            if nbytes is None:       # only a read tells: read once, keep it while waiting
+                item.prefetched = self.ctx.reader.read_private(item.get, item.event)
+                nbytes = item.prefetched[0].nbytes
+            item.nbytes = nbytes
+        return item.nbytes
+
+    def reserve(self) -> Grant:
+        item = self.queue[0]
+        try:
+            nbytes = self._frame_size(item)
+            if self.inline:
+                if nbytes > self.ctx.budget.limit:
+                    return Grant.TOO_LARGE
+                grant = self.holding.take(nbytes)
+                if grant is Grant.GRANTED:
+                    item.reserved = nbytes
+                return grant
+            grant, item.slot = self.pool.reserve(nbytes)
+            return grant
+        except ProtocolError as e:
+            item.error = e          # `work` answers it
+            return Grant.GRANTED
+
+    def refuse(self, grant: Grant) -> None:
+        """The request's other events would wait as long: it ends here."""
+        item = self.queue.popleft()
+        self._drop(item.rid)
+        why = too_large if grant is Grant.TOO_LARGE else budget_in_use
+        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit), seq=item.seq,
+                   event=item.event, done=True)
+
     def work(self) -> None:
         item = self.queue.popleft()
-        event = item.get.events[item.seq]
-        done = item.seq == len(item.get.events) - 1
-        slot = None
-
-        def allocate(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-            nonlocal slot
-            if self.inline:
-                return np.empty(shape, dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            slot = self.pool.acquire(nbytes)
-            return slot.segment.array(shape, dtype)
-
         try:
-            data, meta = self.ctx.reader.read(item.get, event, allocate)
-        except BudgetExhausted as e:
-            if self.retry_later():
-                self.queue.appendleft(item)
-                return
-            self._fail(item.rid, e.code, e.message, seq=item.seq, event=event, done=done)
-            return
+            if item.error is not None:
+                raise item.error
+            if item.slot is not None:
+                into, reserved = item.slot.segment.array, item.slot.segment.size
+            else:
+                into, reserved = np.empty, item.reserved
+            data, meta = self.ctx.reader.read(item.get, item.event, into, reserved,
+                                              item.prefetched)
         except ProtocolError as e:
-            if slot is not None:
-                self.pool.release([slot.id])
+            if item.slot is not None:
+                self.pool.release([item.slot.id])
+            if item.reserved:
+                self.holding.give(item.reserved)
+            done = item.done
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True
-            self._fail(item.rid, e.code, e.message, seq=item.seq, event=event, done=done)
+            self._fail(item.rid, e.code, e.message, seq=item.seq, event=item.event, done=done)
             return
-        self.memory_found()
-        desc = ok_reply(item.rid, seq=item.seq, event=event, shape=list(data.shape),
+        desc = ok_reply(item.rid, seq=item.seq, event=item.event, shape=list(data.shape),
                         dtype=data.dtype.str, timestamp=meta.timestamp,
-                        calibrated=meta.calibrated, done=done, **meta.extra)
-        if slot is not None:
-            desc.update(slot=slot.id, name=slot.segment.name, size=slot.segment.size)
+                        calibrated=meta.calibrated, done=item.done, **meta.extra)
+        if item.slot is not None:
+            desc.update(slot=item.slot.id, name=item.slot.segment.name,
+                        size=item.slot.segment.size)
             self._reply(desc)
         else:
             desc["nbytes"] = data.nbytes
             self.inline_pending += 1
-            self.send(encode_frame(desc), memoryview(data.reshape(-1)).cast("B"), self._inline_sent)
+            self._reply(desc, memoryview(data.reshape(-1)).cast("B"),
+                        lambda: self._inline_sent(item.reserved))
 
-    def _inline_sent(self) -> None:
+    def _inline_sent(self, reserved: int) -> None:
         self.inline_pending -= 1
+        self.holding.give(reserved)
+
+    def trim(self, everything: bool) -> int:
+        return self.pool.trim(everything) if self.pool is not None else 0
+
+    def _holds_nothing(self) -> bool:
+        return not (self.queue or self.out or self.inline_pending
+                    or (self.pool is not None and self.pool.busy_count))
+
+    def expendable_since(self) -> Optional[float]:
+        if self.hello is None:
+            return self.opened_at
+        if self.partial_since is not None:
+            return self.partial_since
+        return self.last_activity if self._holds_nothing() else None
+
+    def tick(self, now: float) -> Optional[float]:
+        """Deadlines: hello, and every request once begun, complete within
+        `first_request_within`; holding nothing, a request at least every
+        --idle-timeout."""
+        since = self.expendable_since()
+        if since is None:
+            return None
+        idle = self.hello is not None and self.partial_since is None
+        deadline = since + (self.ctx.idle_timeout if idle else self.ctx.first_request_within)
+        if now >= deadline:
+            self.close()
+            return None
+        return deadline
 
     def _drop(self, rid: int) -> None:
         self.queue = deque(i for i in self.queue if i.rid != rid)
 
     # -- output ---------------------------------------------------------------------
-    def _reply(self, header: Dict[str, Any]) -> None:
-        self.send(encode_frame(header))
+    def _reply(self, header: Dict[str, Any], *after: Any) -> None:
+        """Send a reply; it tells the client which slots were retired since the
+        last one, so the client drops their mappings."""
+        if self.pool is not None and self.pool.retired:
+            header["retired"] = self.pool.retired
+            self.pool.retired = []
+        self.send(encode_frame(header), *after)
 
     def _fail(self, rid: int, code: str, message: str, **fields: Any) -> None:
-        self.ctx.reader.state.count_error(self.ctx.reader.slot, code)
+        self.ctx.counters.error(code)
         self._reply(error_reply(rid, code, message, **fields))
 
     def release(self) -> None:
         self.queue.clear()
         if self.pool is not None:
             self.pool.close()
-
+        if self.holding.bytes:              # inline frames that were never sent
+            self.holding.give(self.holding.bytes)

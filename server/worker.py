@@ -8,24 +8,34 @@ worker has fewer connections (or once a connection has waited
 `ACCEPT_GRACE`), which spreads a client's parallel connections over the
 workers.
 
+A frame's memory is reserved before it is read (`Channel.reserve`). When
+the budget has no room, this loop is the one place that waits: it retires
+idle slots of its own connections, asks the other workers to do the same,
+and looks again every RETRY_EVERY without touching the source, until
+MEMORY_WAIT has passed and the frame is refused.
+
 Set-up that is per process (signal handlers, the wakeup pipe) happens here,
 after the fork, never inherited from the master.
 """
+import errno
+import faulthandler
 import functools
 import logging
 import os
 import selectors
 import signal
 import socket
+import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
+from . import liveness
 from .channel import Channel
 from .context import WorkerContext
 from .legacy_connection import LegacyConnection
-from .shared_state import COL, SharedState
+from .shared_state import Grant, SharedState
 from .v1_connection import V1Connection
 from .wakeup import drain, wakeup_pipe
 
@@ -33,6 +43,9 @@ log = logging.getLogger(__name__)
 ACCEPT_GRACE = 0.05
 ACCEPT_PAUSE = 1.0
 PARENT_CHECK = 1.0
+MEMORY_WAIT = 3.0       # how long a frame waits for budget before `no_memory` is sent
+RETRY_EVERY = 0.1       # how often a waiting frame looks again (no source call meanwhile)
+MAKE_ROOM = 8           # connections closed at a time when accept runs out of descriptors
 
 
 class Worker:
@@ -43,34 +56,40 @@ class Worker:
         self.slot = slot
         self.ctx = ctx
         self.master_pid = master_pid
-        self.row = state.row(slot)
+        self.counters = ctx.counters
         self.conns: Dict[int, Channel] = {}
         self.unsorted: Dict[int, socket.socket] = {}   # accepted, dialect not known yet
         self.accepted_at: Dict[int, float] = {}
         self.stopping = False
+        self.orphaned = False
         self.sel = selectors.DefaultSelector()
         self.pending_since: Optional[float] = None
         self.accept_paused_until: Optional[float] = None
         self.trims_seen = 0
+        self.memory_wait: Dict[Channel, float] = {}     # waiting since
+        self.wake_at: Dict[Channel, float] = {}         # looks again then
+        self.deadlines: Dict[Channel, float] = {}       # from each connection's tick
+        self.heartbeat = min(PARENT_CHECK, ctx.request_timeout / 5)
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
-        self.ctx.allocator.on_pressure = self._trim_idle
+        faulthandler.enable(sys.stderr, all_threads=True)   # SIGABRT from the master: a traceback
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
-        self.row[COL["pid"]] = os.getpid()
-        self.row[COL["ready"]] = 1
+        self.counters.started(os.getpid())
         try:
             self._loop(wake_r)
         finally:
-            self.row[COL["ready"]] = 0
+            self.counters.stopped()
             for conn in list(self.conns.values()):
                 conn.close()
             for sock in self.unsorted.values():
                 sock.close()
             self.ctx.reader.cache.close()
+            if self.orphaned:
+                liveness.abandon(self.master_pid)
         return 0
 
     def _on_stop_signal(self, signum, frame) -> None:
@@ -80,7 +99,8 @@ class Worker:
         last_parent_check = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            busy = any(c.due(now) and c.has_work() for c in self.conns.values())
+            self.counters.progress()
+            busy = bool(self._ready(now))
             timeout = 0 if busy else self._next_deadline(now)
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
@@ -101,13 +121,15 @@ class Worker:
                 last_parent_check = now
                 if os.getppid() != self.master_pid:
                     log.warning("master is gone: worker exiting")
+                    self.orphaned = True
                     return
 
     def _next_deadline(self, now: float) -> float:
-        """Seconds the loop may sleep: until a pending accept, a memory retry, or
-        the next look at the parent."""
-        waits = [PARENT_CHECK] + [c.wake_at - now for c in self.conns.values()
-                                  if c.wake_at is not None]
+        """Seconds the loop may sleep: until a pending accept, a memory retry, a
+        connection's deadline, or the next heartbeat (the master takes a loop
+        that does not go round for --request-timeout for a frozen worker)."""
+        waits = [self.heartbeat] + [at - now for at in self.wake_at.values()] \
+            + [at - now for at in self.deadlines.values()]
         if self.pending_since is not None:
             waits.append(ACCEPT_GRACE / 5)
         return max(0.0, min(waits))
@@ -125,7 +147,9 @@ class Worker:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:   # e.g. out of file descriptors: pause instead of spinning
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE) and self._make_room():
+                return            # the listener is still readable: the next pass accepts
             log.warning("accept failed (%s): not accepting for %.0fs", e, ACCEPT_PAUSE)
             self.sel.unregister(self.listener)
             self.accept_paused_until = now + ACCEPT_PAUSE
@@ -135,11 +159,32 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.unsorted[sock.fileno()] = sock
         self.accepted_at[sock.fileno()] = now
-        self.row[COL["connections"]] += 1
+        self.counters.connection(1)
         self.sel.register(sock, selectors.EVENT_READ, "new")
+
+    def _make_room(self) -> int:
+        """Out of descriptors: close the oldest connections without a complete
+        request, or idle holding nothing (MAKE_ROOM at most). Returns how many."""
+        doors = [(at, fd) for fd, at in self.accepted_at.items()]
+        doors += [(c.expendable_since(), c) for c in self.conns.values()
+                  if c.expendable_since() is not None]
+        doors.sort(key=lambda d: d[0])
+        for _, door in doors[:MAKE_ROOM]:
+            if isinstance(door, int):
+                self._close_unsorted(door)
+            else:
+                door.close()
+                self._update(door)
+        closed = min(len(doors), MAKE_ROOM)
+        if closed:
+            log.warning("out of file descriptors: closed the %d oldest connections without "
+                        "a request", closed)
+        return closed
 
     def _sort(self, sock: socket.socket) -> None:
         """Tell the dialect from the first byte, without consuming it."""
+        if sock.fileno() < 0:         # closed earlier in this pass to make room
+            return
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -151,7 +196,7 @@ class Worker:
         del self.unsorted[fd], self.accepted_at[fd]
         if not first:
             sock.close()
-            self.row[COL["connections"]] -= 1
+            self.counters.connection(-1)
             return
         cls = V1Connection if is_v1(first[0]) else LegacyConnection
         conn = cls(sock, self.ctx)
@@ -169,6 +214,9 @@ class Worker:
         self._update(conn)
 
     def _io(self, conn: Channel, mask: int) -> None:
+        if conn.closed:               # closed earlier in this pass to make room
+            return
+
         def step() -> None:
             if mask & selectors.EVENT_READ:
                 conn.on_readable()
@@ -176,43 +224,78 @@ class Worker:
                 conn.on_writable()
         self._step(conn, step)
 
+    def _ready(self, now: float) -> List[Channel]:
+        return [c for c in self.conns.values()
+                if c.has_work() and now >= self.wake_at.get(c, now)]
+
     def _work_one(self) -> None:
         """One unit of work: the oldest request first, whichever connection it
         came on. A batch asked for earlier is finished earlier, so a client
         (a DataLoader worker) can use it while the next one is produced."""
         if self.state.trim_requests() != self.trims_seen:   # a worker is short of budget
             self.trims_seen = self.state.trim_requests()
-            self._trim_idle()
+            self._trim(everything=True)
         now = time.monotonic()
-        ready = [c for c in self.conns.values() if c.due(now) and c.has_work()]
+        ready = self._ready(now)
         if ready:
             conn = min(ready, key=lambda c: c.next_arrival())
-            self._step(conn, conn.work)
+            self._step(conn, functools.partial(self._serve, conn, now))
+
+    def _serve(self, conn: Channel, now: float) -> None:
+        """Reserve the frame's memory, then do the work; the only place that
+        waits for memory."""
+        grant = conn.reserve()
+        if grant is Grant.WAIT and self._trim(everything=True):
+            grant = conn.reserve()
+        if grant is Grant.WAIT:
+            since = self.memory_wait.setdefault(conn, now)
+            if now - since < MEMORY_WAIT:
+                self.state.request_trim()
+                self.wake_at[conn] = now + RETRY_EVERY
+                return
+        self.memory_wait.pop(conn, None)
+        self.wake_at.pop(conn, None)
+        if grant is Grant.GRANTED:
+            conn.work()
+        else:
+            conn.refuse(grant)
 
     def _tick(self, now: float) -> None:
         for conn in list(self.conns.values()):
-            self._step(conn, functools.partial(conn.tick, now))
+            self._step(conn, functools.partial(self._tick_one, conn, now))
         for fd, at in list(self.accepted_at.items()):
-            if now - at > self.ctx.idle_timeout:
-                sock = self.unsorted.pop(fd)
-                del self.accepted_at[fd]
-                self.sel.unregister(sock)
-                sock.close()
-                self.row[COL["connections"]] -= 1
+            if now - at > self.ctx.first_request_within:
+                self._close_unsorted(fd)
+
+    def _tick_one(self, conn: Channel, now: float) -> None:
+        deadline = conn.tick(now)
+        if deadline is None:
+            self.deadlines.pop(conn, None)
+        else:
+            self.deadlines[conn] = deadline
+
+    def _close_unsorted(self, fd: int) -> None:
+        sock = self.unsorted.pop(fd)
+        del self.accepted_at[fd]
+        self.sel.unregister(sock)
+        sock.close()
+        self.counters.connection(-1)
 
     def _update(self, conn: Channel) -> None:
         """Keep the selector in line with the connection; forget it once closed.
         Runs right after every call that may close, before any new accept can
         reuse the descriptor number."""
         if conn.closed:
+            for waits in (self.memory_wait, self.wake_at, self.deadlines):
+                waits.pop(conn, None)
             if self.conns.pop(conn.fd, None) is not None:
                 self.sel.unregister(conn.fd)
-                self.row[COL["connections"]] -= 1
+                self.counters.connection(-1)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
         if self.sel.get_key(conn.fd).events != events:
             self.sel.modify(conn.fd, events, conn)
 
-    def _trim_idle(self) -> int:
-        return sum(c.pool.trim() for c in self.conns.values()
-                   if isinstance(c, V1Connection) and c.pool is not None)
+    def _trim(self, everything: bool) -> int:
+        """Idle memory of every connection given back; returns the bytes."""
+        return sum(c.trim(everything) for c in self.conns.values())

@@ -5,39 +5,129 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Set
 
 import pytest
+
+from psana_ipc.protocol.shm_names import parse_lock_name, parse_segment_name
 
 pytest_plugins = ["psana2_helpers"]   # the psana2 runs are written once per session
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
-# Not ours: POSIX semaphores and torch's DataLoader files; MPI's segments are
-# ours to clean (psana2 workers finalize MPI) and so are checked.
-_FOREIGN = ("sem.", "pym-", "torch_")
+WATCH_EVERY = 0.1
 
 
-def shm_entries() -> set:
-    return {p.name for p in SHM.iterdir() if not p.name.startswith(_FOREIGN)}
+def _children(pid: int) -> List[int]:
+    """Child pids of a process (of every thread of it), from /proc."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+def _mapped_shm(pid: int) -> Set[str]:
+    """Names in /dev/shm a process maps (MPI's files, btx's segments)."""
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split("/dev/shm/", 1)[1].split(" ")[0] for line in lines if "/dev/shm/" in line}
+
+
+class OurProcesses:
+    """Every process this test session started, and the /dev/shm files they
+    mapped, watched from a thread: shared memory named with one of these pids
+    (`psipc_<server pid>_...`) or mapped by one is the suite's; anything else
+    in /dev/shm belongs to someone else on the node and is never looked at."""
+
+    def __init__(self) -> None:
+        self.pids: Set[int] = {os.getpid()}
+        self.mapped: Set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="shm-owners", daemon=True)
+
+    def start(self) -> "OurProcesses":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def scan(self) -> None:
+        todo = [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            self.pids.add(pid)
+            self.mapped |= _mapped_shm(pid)
+            todo.extend(_children(pid))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_EVERY):
+            self.scan()
+
+    def owns(self, name: str) -> bool:
+        parsed = parse_segment_name(name)
+        if parsed is not None:
+            return parsed.server_pid in self.pids
+        lock = parse_lock_name(name)
+        if lock is not None:
+            return lock in self.pids
+        return name in self.mapped
+
+
+OURS = OurProcesses()
+
+
+class ShmGuard:
+    """What the suite's own processes added to /dev/shm between `before` and `leaked`."""
+
+    def __init__(self, ours: OurProcesses) -> None:
+        self.ours = ours
+        self.before = set(os.listdir(SHM))
+
+    def new_entries(self) -> Set[str]:
+        self.ours.scan()
+        return {n for n in set(os.listdir(SHM)) - self.before if self.ours.owns(n)}
+
+    def leaked(self, grace: float = 5.0) -> Set[str]:
+        """Ours left after a short grace for servers still unlinking; removed, so
+        the next test starts clean."""
+        deadline = time.monotonic() + grace
+        while True:
+            leaked = self.new_entries()
+            if not leaked or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for name in leaked:
+            (SHM / name).unlink(missing_ok=True)
+        return leaked
+
+
+def pytest_sessionstart(session) -> None:
+    OURS.start()
+
+
+def pytest_sessionfinish(session) -> None:
+    OURS.stop()
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_segments():
-    """Fail a test that leaves a segment in /dev/shm (after a short grace for
-    servers that are still unlinking)."""
-    before = shm_entries()
+    """Fail a test whose processes leave shared memory in /dev/shm."""
+    guard = ShmGuard(OURS)
     yield
-    deadline = time.monotonic() + 5
-    while True:
-        leaked = shm_entries() - before
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    for name in leaked:  # leave the machine clean for the next test, then fail
-        (SHM / name).unlink(missing_ok=True)
+    leaked = guard.leaked()
     assert not leaked, f"test left shared memory behind: {sorted(leaked)}"
 
 
@@ -54,6 +144,7 @@ class ServerProcess:
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        OURS.add(self.proc.pid)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc.poll() is not None:
@@ -71,7 +162,8 @@ class ServerProcess:
         return worker_pids(self.pid)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -88,19 +180,8 @@ class ServerProcess:
 
 
 def worker_pids(parent: int) -> List[int]:
-    """Live children of a process, from /proc (no psutil on the server side)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+    """Live children of a process."""
+    return [pid for pid in _children(parent) if pid_alive(pid)]
 
 
 def pid_alive(pid: int) -> bool:

@@ -4,13 +4,13 @@ its workers, shared memory that runs out. After each, the server serves on
 and holds nothing it should not."""
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,14 +18,15 @@ import pytest
 from psana_ipc.client import Client, ServerError, legacy
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.shm_names import parse_segment_name
+from psana_ipc.protocol.shm_names import lock_name, parse_segment_name, segment_path
 from psana_ipc.server.shm import our_segments
 from psana_ipc.server.shm import round_up
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import pid_alive
 from faulty_source import HANG_EVENT, RAISE_EVENT, server_env
-from faulty_source.probes import closed_by_server, connect, hello, status_kb, wait_for
+from faulty_source.probes import (closed_by_server, connect, hello, run_in_private_shm,
+                                  record_figure, status_kb, wait_for)
 
 JUNGFRAU_RAW = 8 * 512 * 1024 * 2
 MiB = 1 << 20
@@ -255,6 +256,44 @@ def test_a_source_that_hangs_is_killed_by_the_watchdog(faulty_server):
 
 
 # -- the master -------------------------------------------------------------------------------
+def test_a_frozen_worker_logs_its_traceback_and_is_replaced(start_server, pytestconfig):
+    """A SIGSTOPped worker with a request pending: the master notices its loop
+    stopped going round, has it log where it was, replaces it, and its client
+    sees the connection close instead of waiting for its own timeout."""
+    server = start_server(["--workers", "2", "--request-timeout", "2"])
+    frozen, frozen_pid, other, _ = _two_clients_on_two_workers(server, timeout=120)
+    os.kill(frozen_pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        frozen.get("x", 1, "epix100", 1, "raw")
+    noticed = time.monotonic() - started
+    wait_for(lambda: frozen_pid not in server.workers and len(server.workers) == 2,
+             "a new worker replaces the frozen one")
+    replaced = time.monotonic() - started
+    log = server.log()
+    assert f"worker {frozen_pid} made no progress" in log
+    assert "most recent call first" in log and "worker.py" in log      # faulthandler's dump
+    assert _served(frozen) and _served(other)
+    record_figure(pytestconfig, f"frozen worker (SIGSTOP, --request-timeout 2): its client's "
+                                f"connection closed after {noticed:.1f} s, traceback logged, "
+                                f"a new worker in place after {replaced:.1f} s")
+    frozen.close()
+    other.close()
+
+
+def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup(start_server, tmp_path):
+    nohup = tmp_path / "nohup-python"
+    nohup.write_text(f"#!/bin/sh\ntrap '' HUP\nexec {sys.executable} \"$@\"\n")
+    nohup.chmod(0o755)
+    server = start_server(["--workers", "2"], python=str(nohup))
+    workers = server.workers
+    for pid in [server.pid] + workers:
+        os.kill(pid, signal.SIGHUP)
+    with Client(server.address) as c:
+        assert _served(c)
+    assert server.proc.poll() is None and server.workers == workers
+
+
 @pytest.mark.parametrize("listen", ["tcp", "unix"])
 def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(start_server,
                                                                           tmp_path, listen):
@@ -267,11 +306,12 @@ def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(star
         os.kill(pid, signal.SIGKILL)
     first.proc.wait(10)
     wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers are gone")
-    left = list(our_segments(first.pid))
-    assert held.desc["name"] in left
+    assert held.desc["name"] in set(our_segments(first.pid))
+    lock = segment_path(lock_name(first.pid))
+    assert os.path.exists(lock)                 # the dead master's, no longer locked
     result = _psana_ipc("cleanup")
-    assert result.returncode == 0 and f"removed {len(left)}" in result.stdout
-    assert not list(our_segments(first.pid))
+    assert result.returncode == 0 and "removed" in result.stdout, result.stderr
+    assert not list(our_segments(first.pid)) and not os.path.exists(lock)
     if listen == "tcp":
         args += ["--port", first.address.rsplit(":", 1)[1]]
     second = start_server(args)
@@ -325,19 +365,10 @@ def test_idle_slots_of_another_worker_are_freed_for_a_waiting_frame(start_server
         c.close()
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_full_dev_shm_is_no_memory_and_leaves_no_partial_segment():
     """/dev/shm itself fills up, not the budget: server and client run in a mount
     namespace over a 2 MiB tmpfs, so the machine's /dev/shm is never touched."""
-    env = dict(os.environ, PYTHONPATH=server_env()["PYTHONPATH"])   # tests/ importable
-    script = (f"mount -t tmpfs -o size=2m psana-ipc-test /dev/shm && "
-              f"exec {sys.executable} -m faulty_source.small_shm")
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=env,
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0 and "mount" in proc.stderr and "ermission" in proc.stderr:
-        pytest.skip(f"no mount namespace here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_in_private_shm("faulty_source.small_shm", "2m")
     assert report["v1_code"] == report["legacy_code"] == errors.NO_MEMORY
     assert report["small_before"] and report["small_after"]
     assert len(report["after_v1"]) == 1 and report["after_legacy"] == report["after_v1"]

@@ -20,6 +20,11 @@ from psana_ipc.protocol.messages import RunKey
 Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
 
 
+def frame_bytes(shape: Tuple[int, ...], dtype: Any) -> int:
+    """Bytes of a frame of this shape and dtype."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 class SourceError(ProtocolError):
     """A failure a user can act on, with the protocol code to reply with."""
 
@@ -33,7 +38,7 @@ class FrameSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return frame_bytes(self.shape, self.dtype)
 
     def to_json(self) -> Dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype, "calibrated": self.calibrated}
@@ -60,6 +65,14 @@ class Source:
     def modes(self) -> Tuple[str, ...]:
         """Modes a request may ask for; cheaper than `specs` where shapes need a read."""
         return tuple(self.specs())
+
+    def frame_nbytes(self, mode: str) -> Optional[int]:
+        """The bytes every frame of `mode` takes, known before reading it, so the
+        server reserves memory before any read; None when it cannot be known
+        ahead (the server then reads the event first into private memory).
+        From `specs` by default."""
+        spec = self.specs().get(mode)
+        return None if spec is None else spec.nbytes
 
     def read(self, index: int, mode: str) -> Tuple[np.ndarray, FrameMeta]:
         """The frame of event `index` in `mode`. The array may be a buffer the

@@ -14,6 +14,11 @@ Every exp and run exists and has `--synthetic-events` events, with timestamp
 
 Since raw and calib are a window of one periodic sequence, an event is a
 single copy of `n` elements starting at offset s of a precomputed array.
+
+`--cost-ms` emulates psana's per-event work: the worker burns that much CPU
+time (its own thread's clock, so the cost is the same however busy the node
+is, as a fixed amount of work would be) before writing the frame. Sleeping
+instead would let workers overlap on cores they do not have.
 """
 import argparse
 import time
@@ -41,6 +46,13 @@ DETECTORS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, int]]] = {
     "opal": ((1024, 1024), None),
     "epix100": ((704, 768), None),
 }
+
+
+def burn_cpu(seconds: float) -> None:
+    """Keep this thread on a core until it has used `seconds` of CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
 
 def timestamp_of(event: int) -> int:
@@ -120,7 +132,7 @@ class SyntheticSource(Source):
         self.check(index, mode)
         spec = self._specs[mode]
         if self._cost_s:
-            time.sleep(self._cost_s)
+            burn_cpu(self._cost_s)
         out = allocate(spec.shape, np.dtype(spec.dtype))
         s = (STEP * index) % PERIOD
         if mode == "raw":
@@ -143,8 +155,8 @@ class Factory(SourceFactory):
         group.add_argument("--synthetic-events", type=int, default=1000, metavar="N",
                            help="events in every synthetic run (default: %(default)s)")
         group.add_argument("--cost-ms", type=float, default=0.0, metavar="MS",
-                           help="sleep this long per event to emulate psana's per-event "
-                                "latency (default: %(default)s)")
+                           help="CPU time to burn per event, emulating psana's per-event "
+                                "work (default: %(default)s)")
 
     def open(self, key: RunKey) -> Source:
         if key.detector not in DETECTORS:

@@ -30,10 +30,13 @@ def server_env() -> Dict[str, str]:
 
 
 class FaultySource(Source):
-    """Wraps a synthetic source; fails on the two chosen events."""
+    """Wraps a synthetic source; fails on the two chosen events. It cannot
+    tell a frame's size before reading it (as a source of variable frames),
+    and logs every event it reads to $PSANA_IPC_TEST_READ_LOG if set."""
 
     def __init__(self, inner: Source) -> None:
         self.inner = inner
+        self.read_log = os.environ.get("PSANA_IPC_TEST_READ_LOG")
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -41,7 +44,13 @@ class FaultySource(Source):
     def specs(self) -> Dict[str, FrameSpec]:
         return self.inner.specs()
 
+    def frame_nbytes(self, mode: str) -> None:
+        return None
+
     def read_into(self, index: int, mode: str, allocate: Allocator) -> Tuple[np.ndarray, FrameMeta]:
+        if self.read_log:
+            with open(self.read_log, "a") as f:
+                f.write(f"{index}\n")
         if index == RAISE_EVENT:
             raise RuntimeError(f"event {index} is corrupt on purpose")
         if index == HANG_EVENT:

@@ -1,9 +1,17 @@
 """Looking at a running server from outside, the way an operator would: raw
-sockets speaking the protocol by hand, and /proc for memory and descriptors."""
+sockets speaking the protocol by hand, /proc for memory and descriptors, and
+runs inside a private /dev/shm whose use `df` can measure."""
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
+
+import pytest
 
 from psana_ipc.client.wire import recv_message, socket_family
 from psana_ipc.protocol.address import parse_address
@@ -55,6 +63,31 @@ def status_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def shm_used() -> int:
+    """Bytes /dev/shm holds, as `df` counts them (what the node pays)."""
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def run_in_private_shm(module: str, size: str, *args: str) -> Dict[str, Any]:
+    """Run `python -m <module> args` (tests/ importable) in a mount namespace
+    whose /dev/shm is a fresh tmpfs of `size`, so the machine's /dev/shm is
+    never touched; returns the JSON the module prints last."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    tests = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (tests, os.environ.get("PYTHONPATH")) if p))
+    script = (f"mount -t tmpfs -o size={size} psana-ipc-test /dev/shm && "
+              f"exec {sys.executable} -m {module} \"$@\"")
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "mount" in proc.stderr and "ermission" in proc.stderr:
+        pytest.skip(f"no mount namespace here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def open_fds(pid: int) -> int:

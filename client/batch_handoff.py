@@ -1,0 +1,137 @@
+"""Handing a batch from a DataLoader worker to the main process as a handle,
+and keeping the buffers for the next epoch's workers.
+
+torch (multiprocessing/reductions.py) sends a tensor whose storage is
+already in shared memory as its file descriptor, without a copy, but maps it
+afresh in the main process whenever the previous tensor on it is gone (a
+page fault per page on first read), and never tells the worker when the main
+process is done with it. A ring batch goes as a `SharedBatch` instead: the
+buffer's descriptor (multiprocessing's DupFd, as torch does), shape and
+dtype. The main process maps each buffer once and keeps descriptor and
+mapping (`kept`), and returns a plain tensor whose last reference clears
+the buffer's flag, which lets the worker reuse it (batch_ring).
+
+Workers forked later (the next epoch, another DataLoader) inherit what the
+main process keeps and claim idle buffers from it (`claim`) before making
+new ones: memory is faulted in once per process tree, not once per epoch.
+Buffers a worker closed travel with its next handle and are dropped here;
+idle buffers nobody claims are kept up to `SPARE`.
+"""
+import fcntl
+import mmap
+import os
+import threading
+import weakref
+from multiprocessing.reduction import DupFd
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .batch_ring import Buffer, Key, key_of, lock
+
+SPARE = 8
+_lock = threading.Lock()
+
+
+class _Kept:
+    """A buffer the main process keeps: descriptor, mapping, live batches on it."""
+
+    def __init__(self, fd: int, capacity: int) -> None:
+        self.fd, self.capacity = fd, capacity
+        self.memory = mmap.mmap(fd, capacity + 1)
+        self.flag = np.frombuffer(self.memory, np.uint8, 1, capacity)
+        self.held: "weakref.WeakSet[_Held]" = weakref.WeakSet()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_kept: Dict[Key, _Kept] = {}
+
+
+class SharedBatch:
+    """A ring batch on its way to another process (see the module docstring)."""
+
+    def __init__(self, buffer: Buffer, array: np.ndarray, retired: List[Key]) -> None:
+        self._buffer = buffer
+        self._array = array          # holds the lease until the handle is sent
+        self._retired = retired
+
+    def __reduce__(self) -> Tuple[Any, Tuple]:
+        self._buffer.hand_over()
+        return (attach, (DupFd(self._buffer.fd), self._buffer.kept, self._buffer.capacity,
+                         self._array.shape, self._array.dtype.str, self._retired))
+
+
+def attach(dup: Any, kept: bool, capacity: int, shape: Sequence[int], dtype: str,
+           retired: List[Key]) -> Any:
+    """In the receiving process: the batch as a tensor over the buffer's mapping,
+    made once for a buffer the worker reuses (`kept`)."""
+    import torch
+    fd = dup.detach()
+    key = key_of(fd)
+    with _lock:
+        for old in retired:
+            gone = _kept.pop(tuple(old), None)
+            if gone is not None:
+                gone.close()
+        buffer = _kept.get(key)
+        if buffer is not None:
+            os.close(fd)
+        else:
+            buffer = _Kept(fd, capacity)
+            if kept:
+                _tidy()
+                _kept[key] = buffer
+            else:
+                buffer.close()
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    array = np.frombuffer(buffer.memory, np.uint8, nbytes).view(dtype).reshape(shape)
+    held = _Held(array, buffer.flag)
+    buffer.held.add(held)
+    return torch.from_numpy(np.asarray(held))
+
+
+def _tidy() -> None:
+    """Clear the flag of kept buffers no process uses and no batch here holds
+    (their batch was lost on the way, say an iterator dropped mid-epoch), and
+    close such idle buffers beyond SPARE. The lock keeps workers out meanwhile."""
+    idle = 0
+    for key, buffer in list(_kept.items()):
+        locked = lock(buffer.fd)
+        if locked is None:
+            continue
+        try:
+            if not buffer.held:
+                buffer.flag[0] = 0
+                idle += 1
+                if idle > SPARE:
+                    buffer.close()
+                    del _kept[key]
+        finally:
+            fcntl.flock(locked, fcntl.LOCK_UN)
+            os.close(locked)
+
+
+def claim(nbytes: int, skip: List[Key]) -> Optional[Buffer]:
+    """In a forked worker: an idle buffer of at least `nbytes` the main process
+    kept, now locked by this process; None if there is none."""
+    for key, buffer in list(_kept.items()):
+        if key not in skip and buffer.capacity >= nbytes and not buffer.flag[0]:
+            claimed = Buffer.claim(buffer.fd, buffer.capacity)
+            if claimed is not None:
+                return claimed
+    return None
+
+
+class _Held:
+    """The received batch; clears the buffer's flag when the last tensor, view
+    or array made from it goes. A finalizer may run on any thread: it only
+    writes one byte of shared memory."""
+
+    def __init__(self, array: np.ndarray, flag: np.ndarray) -> None:
+        self.__array_interface__ = array.__array_interface__
+        self._array, self._flag = array, flag
+
+    def __del__(self) -> None:
+        self._flag[0] = 0

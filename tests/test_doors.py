@@ -1,0 +1,136 @@
+"""Doors that never close: every pre-request buffer is small in both
+dialects, a connection without a complete request (or hello) is closed after
+a short deadline and one idle past --idle-timeout holding nothing too, and a
+worker out of descriptors closes the oldest such connections to let new
+clients in. Real sockets against a real server."""
+import resource
+import socket
+import time
+
+import numpy as np
+
+from psana_ipc.client import Client
+from psana_ipc.client.wire import recv_message
+from psana_ipc.protocol import errors
+from psana_ipc.protocol.framing import encode_frame
+from psana_ipc.protocol.messages import encode_request
+from psana_ipc.server.sources.synthetic import expected
+
+from faulty_source.probes import closed_by_server, connect, hello, open_fds, record_figure
+
+
+def _served(client, event=1):
+    return np.array_equal(client.get("x", 1, "epix100", event, "raw"),
+                          expected("epix100", "raw", event))
+
+
+def test_a_legacy_whitespace_flood_is_cut_off(server):
+    sock = connect(server.address)
+    try:
+        for _ in range(64):
+            sock.sendall(b" " * 4096)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                               # closed already: what the test wants
+    assert closed_by_server(sock)
+    assert b"header_too_large" in _received_before_close(server, b" " * 8192)
+    with Client(server.address) as c:
+        assert _served(c)
+
+
+def _received_before_close(server, flood: bytes) -> bytes:
+    sock = connect(server.address)
+    sock.sendall(flood)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_a_v1_prefix_before_hello_is_capped(server):
+    sock = connect(server.address)
+    sock.sendall(b"\x00\x00\xff\x00" + b" " * 8192)      # a 65280-byte header, never sent
+    header, _ = recv_message(sock)
+    assert header["code"] == errors.HEADER_TOO_LARGE
+    assert closed_by_server(sock)
+
+
+def test_connections_without_a_complete_request_are_closed(start_server):
+    """--idle-timeout 1: one byte of v1, a legacy request cut short, a hello sent
+    one byte at a time, and a request begun after hello are all closed, while
+    a client that sent its requests is served."""
+    server = start_server(["--workers", "1", "--idle-timeout", "1"])
+    one_byte = connect(server.address)
+    one_byte.sendall(b"\x00")
+    half_legacy = connect(server.address)
+    half_legacy.sendall(b'{"exp": "x", ')
+    trickle = connect(server.address)
+    hello_bytes = encode_frame(encode_request("hello", 0, version=1, host="h", transport="shm"))
+    begun = connect(server.address)
+    assert hello(begun)["ok"]
+    begun.sendall(encode_frame(encode_request("ping", 1))[:3])
+    closed = False
+    for b in hello_bytes[:-1]:             # 1 byte per 0.2 s: never complete in time
+        try:
+            trickle.sendall(bytes([b]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        time.sleep(0.2)
+    for sock in (one_byte, half_legacy, begun):
+        sock.settimeout(15)
+        assert closed_by_server(sock)
+    trickle.settimeout(15)
+    assert closed or closed_by_server(trickle)
+    with Client(server.address) as c:
+        assert _served(c)
+
+
+def test_an_idle_connection_holding_nothing_is_closed_and_the_client_reconnects(start_server):
+    server = start_server(["--workers", "1", "--idle-timeout", "1"])
+    holding = connect(server.address)
+    assert hello(holding)["ok"]
+    holding.sendall(encode_frame(encode_request("get", 1, exp="x", run=1, detector="epix100",
+                                                mode="raw", events=[1])))
+    assert recv_message(holding)[0]["ok"]  # a frame it never releases
+    idle = connect(server.address)
+    assert hello(idle)["ok"]
+    idle.settimeout(15)
+    assert closed_by_server(idle)
+    holding.settimeout(1.5)
+    assert not closed_by_server(holding)   # it holds a slot: kept however long
+    with Client(server.address) as c:
+        assert _served(c, 1)
+        sock = c._sock
+        sock.settimeout(15)
+        assert sock.recv(1, socket.MSG_PEEK) == b""      # the server closed it
+        assert _served(c, 2)                              # and the client reconnected
+    holding.close()
+
+
+def test_out_of_descriptors_the_oldest_silent_connections_make_room(start_server, pytestconfig):
+    """The worker may open 40 more descriptors; 60 connections that sent one
+    byte each would lock every new client out. The oldest are closed instead,
+    and a client arriving after them is served."""
+    server = start_server(["--workers", "1"])
+    worker = server.workers[0]
+    _, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (open_fds(worker) + 40, hard))
+    attackers = []
+    for _ in range(60):
+        sock = connect(server.address)
+        sock.sendall(b"\x00")
+        attackers.append(sock)
+    with Client(server.address, timeout=30) as c:
+        assert _served(c)
+    for sock in attackers:
+        sock.settimeout(0.5)
+    closed = sum(closed_by_server(sock) for sock in attackers)
+    assert closed > 0
+    assert "out of file descriptors" in server.log()
+    record_figure(pytestconfig, f"descriptor attack: 60 one-byte connections against a worker "
+                                f"with 40 descriptors free: {closed} closed to make room, the "
+                                f"next client served")
+    for sock in attackers:
+        sock.close()
