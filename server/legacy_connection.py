@@ -16,7 +16,7 @@ alone. A request flagged as a probe gets the server's mark alone.
 """
 import logging
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -46,6 +46,7 @@ class LegacyConnection(Channel):
         self.prefetched: Optional[Frame] = None
         self.segment: Optional[Segment] = None
         self.replied = False
+        self.missing: Optional[str] = None     # why the event cannot be read: send NaNs
         self.acked = False
         self.ack_deadline: Optional[float] = None
 
@@ -95,8 +96,14 @@ class LegacyConnection(Channel):
             if self.nbytes is None:
                 self.nbytes = self.ctx.reader.frame_size(get, get.events[0])
                 if self.nbytes is None:    # only a read tells: read once, keep it while waiting
-                    self.prefetched = self.ctx.reader.read_private(get, get.events[0])
-                    self.nbytes = self.prefetched[0].nbytes
+                    try:
+                        self.prefetched = self.ctx.reader.read_private(get, get.events[0])
+                        self.nbytes = self.prefetched[0].nbytes
+                    except ProtocolError as e:
+                        shape = self._nan_shape()
+                        if e.code != READ_FAILED or shape is None:
+                            raise
+                        self.missing, self.nbytes = e.message, _float32_nbytes(shape)
             size = round_up(self.nbytes)
             if size > self.ctx.budget.limit:
                 return Grant.TOO_LARGE
@@ -119,6 +126,9 @@ class LegacyConnection(Channel):
     def work(self) -> None:
         if self.closed or self.close_after_flush:    # `reserve` answered with an error
             return
+        if self.missing is not None:
+            self._send_nan_frame(self.missing)
+            return
         get = self.request
         try:
             data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
@@ -133,15 +143,19 @@ class LegacyConnection(Channel):
                                timestamp=meta.timestamp, calibrated=meta.calibrated))
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
 
+    def _nan_shape(self) -> Optional[Tuple[int, ...]]:
+        """The requested mode's shape, or None if the source cannot tell it."""
+        get = self.request
+        try:
+            return tuple(self.ctx.reader.cache.get(get.key).specs()[get.mode].shape)
+        except Exception:    # the source cannot tell its shape: the error goes alone
+            return None
+
     def _send_nan_frame(self, message: str) -> bool:
         """Reply with a NaN frame of the requested mode's shape in the reserved
         segment; False when the shape is unknown or the frame does not fit."""
-        get = self.request
-        try:
-            shape = self.ctx.reader.cache.get(get.key).specs()[get.mode].shape
-        except Exception:    # the source cannot tell its shape: the error goes alone
-            return False
-        if self.segment is None or int(np.prod(shape, dtype=np.int64)) * 4 > self.segment.size:
+        shape = self._nan_shape()
+        if shape is None or self.segment is None or _float32_nbytes(shape) > self.segment.size:
             return False
         self.segment.array(shape, np.float32).fill(np.nan)
         self.ctx.counters.error(READ_FAILED)
@@ -189,3 +203,6 @@ class LegacyConnection(Channel):
             self.holding.give(self.segment.size)
             self.segment = None
 
+
+def _float32_nbytes(shape: Tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * 4
