@@ -98,9 +98,9 @@ def test_done_stops_every_worker(server):
 @pytest.mark.parametrize("protocol", ["legacy", "auto"])
 def test_our_dataset_against_an_old_btx_server(btx_server, protocol, caplog):
     requests = [("xpptut15", 14, "idx", "epix100", e) for e in range(6)]
-    ds = IPCRemotePsanaDataset(btx_server, requests, protocol=protocol)
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)
     with caplog.at_level(logging.INFO, logger="psana_ipc.client.dataset"):
+        ds = IPCRemotePsanaDataset(btx_server, requests, protocol=protocol)   # probes here
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)
         got = torch.cat(list(loader)).numpy()
     assert ds.protocol == "legacy"
     fallbacks = [r for r in caplog.records if "legacy dialect" in r.getMessage()]
