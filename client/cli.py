@@ -22,7 +22,7 @@ from psana_ipc.cli_help import HelpFormatter, epilog
 from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
-from . import cli_output, legacy, slurm
+from . import cli_output, slurm, stop
 from .cleanup import cleanup
 from .connection import Client
 from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
@@ -96,29 +96,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_closed(client: Client, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            Client(client.address, connect_timeout=1.0).ping()
-        except (ConnectionError, OSError):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def cmd_stop(args: argparse.Namespace) -> int:
-    client = _client(args)
-    if args.legacy or legacy.detect_protocol(client.address) == "legacy":
-        legacy.send_done(client.address)
-    else:
-        client.shutdown()
-    if not _wait_closed(client, args.wait):
-        print(f"server at {format_address(client.address)} still answers after {args.wait}s",
-              file=sys.stderr)
-        return 1
-    print(f"stopped the server at {format_address(client.address)}")
-    return 0
+    report = stop.stop_server(args.address, args.legacy, args.timeout, args.wait)
+    print(report, file=sys.stdout if report.stopped else sys.stderr)
+    return 0 if report.stopped else 1
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -20,6 +20,13 @@ tensor, a view or slice, an array made from it); without workers it also
 stays unchanged until `buffers` more batches have been drawn once dropped.
 Code that keeps every batch stays correct (the ring grows), so `.clone()` is
 never needed for correctness; `buffers=0` gives every batch fresh memory.
+
+With `protocol="auto"` the dialect is probed once, when the dataset is made
+(before DataLoader forks its workers, which inherit the answer): see
+`legacy.probe`. Only if the server cannot be reached then does each process
+probe on its first fetch. A "legacy" answer that a marked reply later
+contradicts (or an `unauthorized` from our server, which refuses the legacy
+dialect with a token) switches that process to v1.
 """
 import logging
 import warnings
@@ -29,8 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
 
-from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, ServerError
-
+from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, UNAUTHORIZED, ServerError
+from psana_ipc.protocol.legacy import is_ours
 from psana_ipc.protocol.messages import MODES
 
 from . import batch_handoff, legacy
@@ -85,21 +92,30 @@ class IPCRemotePsanaDataset(Dataset):
         self.mode = mode
         self.protocol = protocol
         self.timeout = timeout
+        self._auto = protocol == "auto"
         self._group = ConnectionGroup(server_address, transport=transport, window=WINDOW,
                                       timeout=timeout)
         self._ring = BatchRing(buffers, batch_handoff.claim)
         self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
         self._arenas = BatchRing(buffers, make=arena_buffer(self._group)) if buffers else None
         self._specs: Dict[Tuple[Any, ...], Any] = {}
+        if self._auto and len(requests_list):
+            try:
+                self._dialect()
+            except OSError:
+                pass   # not reachable yet: each process probes on its first fetch
 
     def __len__(self) -> int:
         return len(self.requests_list)
 
     def _dialect(self) -> str:
         if self.protocol == "auto":
-            self.protocol = legacy.detect_protocol(self._group.address)
+            wait = legacy.PROBE_TIMEOUT if self.timeout is None \
+                else min(self.timeout, legacy.PROBE_TIMEOUT)
+            self.protocol = legacy.probe(self._group.address, self.requests_list[0], self.mode,
+                                         wait)
             if self.protocol == "legacy":
-                log.info("the server at %s does not answer v1: using btx's legacy dialect",
+                log.info("the server at %s is an older btx server: using its legacy dialect",
                          self._group.address)
         return self.protocol
 
@@ -110,8 +126,17 @@ class IPCRemotePsanaDataset(Dataset):
                     event: int) -> np.ndarray:
         """One event's frame as a private array (btx's method of the same name)."""
         if self._dialect() == "legacy":
-            return legacy.fetch(self._group.address, exp, run, access_mode, detector_name,
-                                event, self.mode, self.timeout)
+            try:
+                frame, reply = legacy.fetch_reply(self._group.address, exp, run, access_mode,
+                                                  detector_name, event, self.mode, self.timeout)
+            except ServerError as e:
+                if not (self._auto and e.code == UNAUTHORIZED and is_ours(e.reply)):
+                    raise
+                self.protocol = "v1"
+            else:
+                if self._auto and is_ours(reply):
+                    self.protocol = "v1"
+                return frame
         return self._group.clients[0].get(exp, run, detector_name, event, self.mode,
                                           access_mode, self.fields)
 

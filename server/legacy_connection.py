@@ -6,13 +6,23 @@ request -> reserve the frame's bytes -> read it into a new segment -> reply
 vanishes or never acknowledges costs the segment nothing: it is unlinked
 either way. Old clients unlink the segment themselves as well, which is
 harmless. `DONE` stops the whole server, as old launchers expect.
+
+An event that cannot be read is answered as btx's own server does, with a
+NaN frame of the mode's shape (btx and pypca filter those out) in the
+segment reserved for the frame, the error beside it for clients that read
+one. When the shape is not known, or a float32 frame of it does not fit
+what was reserved (an integer mode narrower than 4 bytes), the error goes
+alone. A request flagged as a probe gets the server's mark alone.
 """
 import logging
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
-from psana_ipc.protocol.errors import NO_MEMORY, UNAUTHORIZED, ProtocolError
-from psana_ipc.protocol.legacy import ACK, Done, legacy_error, legacy_reply, parse_legacy
+import numpy as np
+
+from psana_ipc.protocol.errors import NO_MEMORY, READ_FAILED, UNAUTHORIZED, ProtocolError
+from psana_ipc.protocol.legacy import (ACK, Done, Probe, legacy_error, legacy_missing_frame,
+                                       legacy_probe_reply, legacy_reply, parse_legacy)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
@@ -36,6 +46,7 @@ class LegacyConnection(Channel):
         self.prefetched: Optional[Frame] = None
         self.segment: Optional[Segment] = None
         self.replied = False
+        self.missing: Optional[str] = None     # why the event cannot be read: send NaNs
         self.acked = False
         self.ack_deadline: Optional[float] = None
 
@@ -60,6 +71,10 @@ class LegacyConnection(Channel):
         self.buf = b""
         if not (self.ctx.legacy and is_local_peer(self.sock)):
             self._fail(UNAUTHORIZED, "the legacy protocol is disabled for this peer; use v1")
+        elif isinstance(request, Probe):
+            self.replied = True
+            self.send(legacy_probe_reply())
+            self.finish()
         elif isinstance(request, Done):
             log.info("DONE received: stopping the server")
             self.ctx.shutdown()
@@ -81,8 +96,14 @@ class LegacyConnection(Channel):
             if self.nbytes is None:
                 self.nbytes = self.ctx.reader.frame_size(get, get.events[0])
                 if self.nbytes is None:    # only a read tells: read once, keep it while waiting
-                    self.prefetched = self.ctx.reader.read_private(get, get.events[0])
-                    self.nbytes = self.prefetched[0].nbytes
+                    try:
+                        self.prefetched = self.ctx.reader.read_private(get, get.events[0])
+                        self.nbytes = self.prefetched[0].nbytes
+                    except ProtocolError as e:
+                        shape = self._nan_shape()
+                        if e.code != READ_FAILED or shape is None:
+                            raise
+                        self.missing, self.nbytes = e.message, _float32_nbytes(shape)
             size = round_up(self.nbytes)
             if size > self.ctx.budget.limit:
                 return Grant.TOO_LARGE
@@ -105,17 +126,43 @@ class LegacyConnection(Channel):
     def work(self) -> None:
         if self.closed or self.close_after_flush:    # `reserve` answered with an error
             return
+        if self.missing is not None:
+            self._send_nan_frame(self.missing)
+            return
         get = self.request
         try:
             data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
                                               self.segment.size, self.prefetched)
         except ProtocolError as e:
+            if e.code == READ_FAILED and self._send_nan_frame(e.message):
+                return
             self._fail(e.code, e.message)
             return
         self.replied = True
         self.send(legacy_reply(self.segment.name, data.shape, data.dtype.name,
                                timestamp=meta.timestamp, calibrated=meta.calibrated))
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
+
+    def _nan_shape(self) -> Optional[Tuple[int, ...]]:
+        """The requested mode's shape, or None if the source cannot tell it."""
+        get = self.request
+        try:
+            return tuple(self.ctx.reader.cache.get(get.key).specs()[get.mode].shape)
+        except Exception:    # the source cannot tell its shape: the error goes alone
+            return None
+
+    def _send_nan_frame(self, message: str) -> bool:
+        """Reply with a NaN frame of the requested mode's shape in the reserved
+        segment; False when the shape is unknown or the frame does not fit."""
+        shape = self._nan_shape()
+        if shape is None or self.segment is None or _float32_nbytes(shape) > self.segment.size:
+            return False
+        self.segment.array(shape, np.float32).fill(np.nan)
+        self.ctx.counters.error(READ_FAILED)
+        self.replied = True
+        self.send(legacy_missing_frame(self.segment.name, shape, READ_FAILED, message))
+        self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
+        return True
 
     def tick(self, now: float) -> Optional[float]:
         """Deadlines: the request within `first_request_within` of connecting,
@@ -156,3 +203,6 @@ class LegacyConnection(Channel):
             self.holding.give(self.segment.size)
             self.segment = None
 
+
+def _float32_nbytes(shape: Tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * 4

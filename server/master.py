@@ -1,15 +1,18 @@
 """The master: binds nothing itself, forks workers on a bound listener,
 replaces the ones that die, and stops everything cleanly.
 
-Signal handlers only enqueue; the loop drains the queue. Stopping closes the
-listener, asks workers to stop, reaps them until a deadline, then SIGKILLs
-the rest, and finally unlinks every segment named with this server's pid (of
-this user's files only), so nothing survives a stop whatever state the
-workers were in. While it runs it holds the liveness lock `psana-ipc
-cleanup` looks at. A worker that
-dies before it ever accepted stops the server instead of being respawned
-forever; one whose loop stalls longer than the request timeout (stuck in a
-source call, or frozen) logs its traceback and is replaced.
+Signal handlers only enqueue; the loop drains the queue. Stopping asks
+workers to stop, reaps them until a deadline, then SIGKILLs the rest, and
+finally unlinks every segment named with this server's pid (of this user's
+files only), so nothing survives a stop whatever state the workers were in.
+Until then, and for `ABSORB_GRACE` after, the master accepts and closes
+whatever connects: the btx family stops a server with one connect + `DONE`
+per worker, and every connect of that loop must succeed even though the
+first `DONE` stopped us. While it runs it holds the liveness lock
+`psana-ipc cleanup` looks at. A worker that dies before it ever accepted
+stops the server instead of being respawned forever; one whose loop stalls
+longer than the request timeout (stuck in a source call, or frozen) logs
+its traceback and is replaced.
 """
 import json
 import logging
@@ -36,6 +39,7 @@ DUMP_GRACE = 2.0       # a stalled worker's time to write its traceback before S
 # A worker asks the master to stop with this signal (a client's shutdown or DONE),
 # so the log tells a requested stop from a SIGTERM.
 SHUTDOWN_SIGNAL = signal.SIGUSR1
+ABSORB_GRACE = 1.0     # connections still accepted (and closed) after a stop
 
 
 class Master:
@@ -187,13 +191,12 @@ class Master:
 
     # -- stopping -----------------------------------------------------------------------
     def stop(self) -> None:
-        self.listener.close()
         for pid in self.workers:
             _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.workers and time.monotonic() < deadline:
             self.reap()
-            time.sleep(0.01)
+            self.absorb(0.01)
         for pid in list(self.workers):
             log.warning("worker %d did not stop in time: killing it", pid)
             _kill(pid, signal.SIGKILL)
@@ -203,6 +206,10 @@ class Master:
         liveness.release(self.lock, self.pid)
         if self.ready_file:
             _remove(self.ready_file)
+        grace_end = time.monotonic() + ABSORB_GRACE
+        while time.monotonic() < grace_end:
+            self.absorb(grace_end - time.monotonic())
+        self.listener.close()
         log.info("stopped")
 
     def announce(self) -> None:
@@ -217,6 +224,22 @@ class Master:
             log.error("cannot write the ready file %s: %s: stopping", self.ready_file, e.strerror)
             self.stopping, self.exit_code = True, 1
             self.ready_file = None   # whatever is at that path is not ours to remove
+
+    def absorb(self, timeout: float) -> None:
+        """Accept and close the connections that arrive within `timeout`."""
+        if not select.select([self.listener], [], [], max(0.0, timeout))[0]:
+            return
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:     # none left (the listener is non-blocking), or no descriptors
+                return
+            with sock:
+                sock.setblocking(False)
+                try:
+                    sock.recv(64)     # a DONE already sent is read, so closing resets nothing
+                except OSError:
+                    pass
 
     def write_ready_file(self) -> None:
         """Atomically, so a launcher polling for it never reads half a file, and

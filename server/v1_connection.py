@@ -159,8 +159,10 @@ class V1Connection(Channel):
         expected = self.ctx.token
         if expected is None:
             return True
-        # bytes: compare_digest refuses str with non-ASCII characters
-        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+        # bytes: compare_digest refuses str with non-ASCII characters; surrogatepass
+        # because JSON can carry a lone surrogate, which strict UTF-8 cannot encode
+        return token is not None and hmac.compare_digest(token.encode("utf-8", "surrogatepass"),
+                                                         expected.encode())
 
     def _hello(self, rid: int, hello: Hello) -> None:
         if hello.version != PROTOCOL_VERSION:

@@ -2,8 +2,6 @@
 import json
 import logging
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,8 +13,9 @@ from psana_ipc.protocol.address import parse_address
 from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
+from btx.fixtures import btx_server, start_btx_server  # noqa: F401 (fixtures)
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
-from conftest import ROOT, pid_alive
+from conftest import pid_alive
 
 
 def test_btx_client_round_trip(server):
@@ -96,43 +95,12 @@ def test_done_stops_every_worker(server):
     assert not list(our_segments(server.pid))
 
 
-@pytest.fixture
-def btx_server(tmp_path):
-    """The old btx server on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "btx.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "btx.iserver", str(port), "2"],
-                            cwd=ROOT / "tests", stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "btx server did not start"
-            time.sleep(0.05)
-    yield ("127.0.0.1", port)
-    for _ in range(2):    # the old protocol needs one DONE per worker
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.sendall(b"DONE")
-        except OSError:
-            break
-    try:
-        proc.wait(20)
-    finally:
-        proc.kill()
-        log.close()
-
-
 @pytest.mark.parametrize("protocol", ["legacy", "auto"])
 def test_our_dataset_against_an_old_btx_server(btx_server, protocol, caplog):
     requests = [("xpptut15", 14, "idx", "epix100", e) for e in range(6)]
-    ds = IPCRemotePsanaDataset(btx_server, requests, protocol=protocol)
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)
     with caplog.at_level(logging.INFO, logger="psana_ipc.client.dataset"):
+        ds = IPCRemotePsanaDataset(btx_server, requests, protocol=protocol)   # probes here
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)
         got = torch.cat(list(loader)).numpy()
     assert ds.protocol == "legacy"
     fallbacks = [r for r in caplog.records if "legacy dialect" in r.getMessage()]

@@ -3,15 +3,12 @@ output, and the client library's torch-like manners (real subprocesses and
 servers)."""
 import gc
 import json
-import logging
 import os
 import subprocess
 import sys
 import warnings
 
-import numpy as np
 import pytest
-import torch
 from torch.utils.data import DistributedSampler
 
 import psana_ipc

@@ -34,18 +34,23 @@ class IPCRemotePsanaDataset(Dataset):
             sock.sendall(request_data.encode('utf-8'))
             response_data = sock.recv(4096).decode('utf-8')
             response_json = json.loads(response_data)
-            shm_name = response_json['name']
-            shape = response_json['shape']
-            dtype = np.dtype(response_json['dtype'])
-            shm = None
-            try:
-                shm = shared_memory.SharedMemory(name=shm_name)
-                data_array = np.ndarray(shape, dtype=dtype, buffer=shm.buf)
-                result = np.array(data_array)
-                del data_array
-            finally:
-                if shm:
-                    shm.close()
-                    shm.unlink()
+            result = copy_and_unlink(response_json)
             sock.sendall("ACK".encode('utf-8'))
             return result
+
+
+def copy_and_unlink(response_json):
+    """The frame a reply names, copied out of its SharedMemory, which is then
+    closed and unlinked whatever happened."""
+    shm = None
+    try:
+        shm = shared_memory.SharedMemory(name=response_json['name'])
+        data_array = np.ndarray(response_json['shape'], dtype=np.dtype(response_json['dtype']),
+                                buffer=shm.buf)
+        result = np.array(data_array)
+        del data_array
+    finally:
+        if shm:
+            shm.close()
+            shm.unlink()
+    return result

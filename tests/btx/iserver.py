@@ -1,6 +1,7 @@
 """A server written the way btx's iserver.py is: one JSON request per
 connection, a fresh SharedMemory per event, unlink on ACK, one DONE per
-worker. It serves synthetic frames instead of psana so it runs anywhere.
+worker. It serves synthetic frames instead of psana so it runs anywhere,
+and logs one `served EVENT` line per frame so tests can count requests.
 
 Run from tests/: python -m btx.iserver PORT WORKERS
 """
@@ -42,6 +43,7 @@ def worker_process(server_socket):
             del shared_array
             connection.sendall(json.dumps({"name": shm.name, "shape": data.shape,
                                            "dtype": str(data.dtype)}).encode("utf-8"))
+            print(f"served {request['event']}", flush=True)
             ack = connection.recv(1024).decode("utf-8")
             if ack == "ACK":
                 unlink_shared_memory(shm.name)
