@@ -35,7 +35,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -75,22 +75,26 @@ def client_cpu(server: int, since: Dict[int, float]) -> float:
     return sum(os.times()[:4]) + sum(t - since.get(pid, 0.0) for pid, t in live.items())
 
 
-def timed(run: Callable[[], int], repeats: int, server: ServerProcess) -> Dict[str, float]:
-    """Median frames/s of `repeats` passes after one warm-up pass, with the CPU
-    per frame of this process (DataLoader workers included) and of the
-    server's workers."""
+def timed(run: Callable[[], int], repeats: int,
+          server: Optional[ServerProcess] = None) -> Dict[str, float]:
+    """Median frames/s of `repeats` passes after one warm-up pass; with a
+    server, also the CPU per frame of this process (DataLoader workers
+    included) and of the server's workers."""
     run()
     rates, frames = [], 0
-    children0 = live_children(server.pid)
-    mine0, server0 = client_cpu(server.pid, children0), cpu_seconds(server.workers)
+    if server is not None:
+        children0 = live_children(server.pid)
+        mine0, server0 = client_cpu(server.pid, children0), cpu_seconds(server.workers)
     for _ in range(repeats):
         t0 = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - t0))
         frames += n
-    return {"fps": statistics.median(rates),
-            "client_ms": 1e3 * (client_cpu(server.pid, children0) - mine0) / frames,
-            "server_ms": 1e3 * (cpu_seconds(server.workers) - server0) / frames}
+    result = {"fps": statistics.median(rates)}
+    if server is not None:
+        result.update(client_ms=1e3 * (client_cpu(server.pid, children0) - mine0) / frames,
+                      server_ms=1e3 * (cpu_seconds(server.workers) - server0) / frames)
+    return result
 
 
 def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
@@ -256,8 +260,9 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     rows: Dict[str, Dict] = {}
 
     def loader(address: str, read_ahead: int) -> BatchLoader:
+        # views of cache entries: an arena would add the server's copy of every hit
         return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
-                           read_ahead=read_ahead, output="numpy")
+                           read_ahead=read_ahead, output="numpy", arenas=False)
 
     with running_server(args) as server:
         plain = loader(server.address, 0)
@@ -304,7 +309,7 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
             hits.append((_cache_stats(address)["hits"] - before) / n)
         scan.close()
     trace = list(range(n)) * 3
-    memcpy = timed(memcpy_pass(det, n, batch), args.repeats, [])["fps"]
+    memcpy = timed(memcpy_pass(det, n, batch), args.repeats)["fps"]
     for row in rows.values():
         row.setdefault("of_no_cache", row["fps"] / produced)
     return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,

@@ -155,3 +155,16 @@ def test_bench_runs_and_writes_its_json(server, tmp_path):
         assert set(r) >= {"name", "detector", "frames_per_s", "gb_per_s", "ratio_vs_legacy",
                           "fraction_of_memcpy"} and r["frames_per_s"] > 0
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_frame_cache_runs_and_writes_its_json(tmp_path):
+    out = tmp_path / "cache.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--frame-cache",
+                             "--detectors", "epix100", "--frames", "8", "--repeats", "1",
+                             "--batch-size", "4", "--cost-ms", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {"epoch 2+ (cached)", "two clients, one run"} <= set(report["rows"])
+    assert report["rows"]["two clients, one run"]["reads_per_event"] == 1.0
+    assert report["scan_lru_simulated"] == 0.0 and len(report["scan_hit_rate_by_epoch"]) == 3
