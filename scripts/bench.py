@@ -39,6 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
 from psana_ipc.client.server_process import ServerProcess, child_pids
@@ -185,9 +186,11 @@ def bench_detector(server: ServerProcess, det: str,
         "memcpy": memcpy_pass(det, args.frames, args.batch_size),
     }
     measured = {}
-    for name, run in paths.items():
+    progress = tqdm(paths.items(), desc=det, unit="path", file=sys.stderr)
+    for name, run in progress:
+        progress.set_postfix_str(name)
         measured[name] = timed(run, args.repeats, server)
-        print(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
+        progress.write(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
         getattr(run, "close", lambda: None)()
     loader.close()
     rows = []
