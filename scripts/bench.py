@@ -263,7 +263,7 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     rows: Dict[str, Dict] = {}
 
     def loader(address: str, read_ahead: int) -> BatchLoader:
-        # views of cache entries: an arena would add the server's copy of every hit
+        # the copy path: the client maps cache entries (with arenas the server copies them)
         return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
                            read_ahead=read_ahead, output="numpy", arenas=False)
 

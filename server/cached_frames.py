@@ -11,8 +11,6 @@ without a cache. While another worker is writing the same frame, the
 request waits for it (`Grant.PENDING`) instead of reading it twice.
 """
 import logging
-import mmap
-import os
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
@@ -20,7 +18,6 @@ import numpy as np
 
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import Get
-from psana_ipc.protocol.shm_names import segment_path
 
 from .frame_cache import PENDING, Entry, Fill, WorkerCache
 from .frame_reader import FrameReader, frame_fields
@@ -116,16 +113,9 @@ class CachedFrames:
     def release(self, entry: Entry) -> None:
         self.cache.unpin(entry)
 
-    @staticmethod
-    def payload(entry: Entry) -> Union[bytes, memoryview]:
-        """The entry's frame bytes, mapped read-only (an inline reply sends them)."""
-        if not entry.frame_bytes:
-            return b""
-        fd = os.open(segment_path(entry.name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            return memoryview(mmap.mmap(fd, entry.frame_bytes, prot=mmap.PROT_READ))
-        finally:
-            os.close(fd)
+    def payload(self, entry: Entry) -> memoryview:
+        """The entry's frame bytes, read-only (an inline reply sends them)."""
+        return self.cache.frame(entry)
 
     def forget(self, item: Any) -> None:
         """An item that will not be served: give back what it reserved."""

@@ -28,6 +28,7 @@ import hashlib
 import json
 import mmap
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -186,6 +187,26 @@ class WorkerCache:
         self.slot = slot
         self.table = cache.table
         self.header = cache.header
+        self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+
+    def frame(self, entry: Entry) -> memoryview:
+        """The entry's frame bytes, read-only, through a mapping this worker keeps:
+        mapping an entry afresh on every hit faults its pages in again, which costs
+        as much as copying the frame. Read only while the entry is pinned (an
+        evicted entry is truncated); at most one mapping per index row is kept."""
+        if not entry.frame_bytes:
+            return memoryview(b"")
+        kept = self._maps.pop(entry.name, None)
+        if kept is None:
+            fd = os.open(segment_path(entry.name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                kept = mmap.mmap(fd, entry.frame_bytes, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        self._maps[entry.name] = kept
+        while len(self._maps) > len(self.table):
+            _close(self._maps.popitem(last=False)[1])
+        return memoryview(kept)
 
     def key(self, get: Get, event: int) -> Digest:
         """Source options + exp + run + detector + access mode + mode + event."""
@@ -301,3 +322,10 @@ class WorkerCache:
     def unpin(self, entry: Entry) -> None:
         with self.cache.locked():
             self.table[entry.row, PINS + self.slot] -= 1
+
+
+def _close(kept: mmap.mmap) -> None:
+    try:
+        kept.close()
+    except BufferError:
+        pass    # an inline reply still sends from it; the mapping goes with that view
