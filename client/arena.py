@@ -16,10 +16,11 @@ IPCRemotePsanaDataset's batches (without DataLoader workers) are written in
 place too, under the ring's own reuse rule.
 """
 import os
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 import numpy as np
 
+from psana_ipc.protocol.messages import Into
 from psana_ipc.protocol.shm_names import segment_path
 
 from .batch_ring import Buffer, lock
@@ -52,7 +53,7 @@ class Arena:
 
     def __init__(self, client: Client, nbytes: int, pin: bool) -> None:
         made = client.make_arena(nbytes)
-        self.name, self.size = made["name"], made["size"]
+        self.name, self.size = made.name, made.size
         self._client, self._generation = client, client.generation
         self.memory = attach(self.name, writable=True)
         self._pinned = _pin(self.memory) if pin else 0
@@ -95,15 +96,14 @@ class ArenaRing:
     def alive(self) -> bool:
         return all(a.alive() for a in self.arenas)
 
-    def into(self, k: int) -> Callable[[int, int], Dict[str, Any]]:
+    def into(self, k: int) -> Callable[[int, int], Into]:
         """Where the frames of batch `k` go: for (first position, count) of one
         connection's part, the `into` of its get."""
         arena = self.arenas[k % len(self.arenas)]
 
-        def part(start: int, count: int) -> Dict[str, Any]:
-            offsets = [(start + i) * self.frame_nbytes for i in range(count)]
-            return {"arena": arena.name, "offsets": offsets, "shape": list(self.frame_shape),
-                    "dtype": self.dtype.str}
+        def part(start: int, count: int) -> Into:
+            offsets = tuple((start + i) * self.frame_nbytes for i in range(count))
+            return Into(arena.name, offsets, self.frame_shape, self.dtype.str)
         return part
 
     def batch(self, k: int, count: int) -> np.ndarray:
@@ -120,7 +120,7 @@ class ArenaBuffer(Buffer):
 
     def __init__(self, client: Client, capacity: int, pinned: bool) -> None:
         made = client.make_arena(capacity + 1)
-        self.name = made["name"]
+        self.name = made.name
         self._client, self._generation = client, client.generation
         fd = os.open(segment_path(self.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         super().__init__(capacity, fd=fd, locked=lock(fd))

@@ -30,11 +30,12 @@ events lacking a field's detector, as LCLStreamer's skip_incomplete_events.
 """
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.errors import NO_MEMORY, ServerError
+from psana_ipc.protocol.messages import Into
 
 from .arena import ArenaRing
 from .connection import Client, Frame, stack_values
@@ -223,7 +224,7 @@ class BatchLoader:
         if self._arena_ring is not None:
             self._arena_ring.close()
             self._arena_ring = None
-        if self.arenas is False or self.group.clients[0].server["transport"] != "shm":
+        if self.arenas is False or self.group.clients[0].server.transport != "shm":
             if self.arenas:
                 raise ValueError("batch arenas need shared memory with the server (same host)")
             return None
@@ -246,7 +247,7 @@ class BatchLoader:
         return torch.from_numpy(batch)
 
     # -- iteration ------------------------------------------------------------------------
-    def _batches(self, into: Optional[Callable[[int], Callable[[int, int], Dict[str, Any]]]]
+    def _batches(self, into: Optional[Callable[[int], Callable[[int, int], Into]]]
                  = None) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
         """(batch number, events, the group's requests) with `depth` batches asked
         ahead, batch k written `into(k)` when given. Abandoning it mid-epoch

@@ -1,7 +1,9 @@
 """`Client`: one persistent v1 connection to an iserver.
 
 It connects on first use and again after a fork (each DataLoader worker gets
-its own connection), and turns error replies into `ServerError`. Frames
+its own connection), and turns error replies into `ServerError`. It sends
+the protocol's request types (`protocol.messages`) and reads every reply as
+the protocol's reply types (`protocol.replies`), never a header by hand. Frames
 arrive in shared-memory slots (same host) or inline; `get`/`get_many` copy
 each frame once and give its slot back (releases travel in batches, all
 sent before the call returns); `view` and `frames` hand out the slot itself
@@ -20,29 +22,29 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tu
 
 import numpy as np
 
+from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
-from psana_ipc.protocol.errors import UNKNOWN_DETECTOR, ServerError
-from psana_ipc.protocol.messages import FieldRef, encode_request, hello_request
+from psana_ipc.protocol.errors import UNKNOWN_DETECTOR, ProtocolError, ServerError
+from psana_ipc.protocol.messages import (FieldRef, FreeArenas, Get, Hello, Info, Into, MakeArena,
+                                         Ping, Prefetch, Release, Request, RunKey, Shutdown,
+                                         Stats)
+from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameReply, Reply,
+                                        Welcome, parse_reply)
 
 from .discovery import find_token, resolve_address
 from .shm import EntryMaps, SlotMaps
 from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
 RELEASE_BATCH = 16
-Reply = Tuple[Dict[str, Any], Optional[bytearray]]
+Received = Tuple[Reply, Optional[bytearray]]     # a reply, and the frame that came inline
 Fields = Optional[Sequence[str]]
 
 
-def field_names(fields: Fields) -> Optional[List[str]]:
-    """Fields as the wire names them, checked before anything is sent."""
-    return None if not fields else [FieldRef.parse(f).name for f in fields]
-
-
-def decode_values(desc: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """A descriptor's field values as arrays (0-d for scalars), exactly the
+def decode_values(values: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """A reply's field values as arrays (0-d for scalars), exactly the
     numbers psana returned."""
     return {name: np.array(v["data"], dtype=np.dtype(v["dtype"])).reshape(v["shape"])
-            for name, v in desc.get("values", {}).items()}
+            for name, v in values.items()}
 
 
 def stack_values(per_event: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
@@ -53,27 +55,33 @@ def stack_values(per_event: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.nda
 
 
 class Frame:
-    """One event's frame with its descriptor; holds a slot until released."""
+    """One event's frame with the reply that described it; holds a slot until
+    released."""
 
-    __slots__ = ("array", "desc", "_client", "_slot", "_generation")
+    __slots__ = ("array", "reply", "_client", "_slot", "_generation")
 
-    def __init__(self, array: np.ndarray, desc: Dict[str, Any], client: "Client",
+    def __init__(self, array: np.ndarray, reply: FrameReply, client: "Client",
                  slot: Optional[int]) -> None:
         self.array = array
-        self.desc = desc
+        self.reply = reply
         self._client = client
         self._slot = slot
         self._generation = client.generation
 
     @property
+    def desc(self) -> Dict[str, Any]:
+        """The reply's header: timestamp, calibrated, values, name, ..."""
+        return self.reply.to_header()
+
+    @property
     def event(self) -> int:
         """The event index this frame is of."""
-        return self.desc["event"]
+        return self.reply.event
 
     @property
     def values(self) -> Dict[str, np.ndarray]:
         """The values of the fields the get named (see `Client.get`)."""
-        return decode_values(self.desc)
+        return decode_values(self.reply.desc.values)
 
     def release(self) -> None:
         """Give the slot back; a no-op once the connection it came from is gone
@@ -146,11 +154,12 @@ class Client:
         self._entries = EntryMaps(self.writable)
         self._hints: Set[int] = set()    # prefetch requests whose replies nobody waits for
         self._next_id = 0
-        self._pending: Dict[int, Deque[Reply]] = {}
+        self._waiting: Dict[int, Request] = {}     # requests whose last reply has not come
+        self._pending: Dict[int, Deque[Received]] = {}
         self._to_release: List[int] = []
         self._to_free: List[str] = []      # arenas to give back with the next message
         self._held: Set[int] = set()     # slots handed out and not released
-        self.server: Dict[str, Any] = {}
+        self.server: Optional[Welcome] = None     # the hello reply, once connected
 
     # -- connection ---------------------------------------------------------------------
     def _ensure(self) -> socket.socket:
@@ -178,15 +187,14 @@ class Client:
         self._sock = sock
         transport = "inline" if self.transport == "inline" else "shm"
         try:
-            rid = self._send_header(hello_request(self._new_id(), socket.gethostname(), transport,
-                                                  find_token(self.token, self.address),
-                                                  self.window, self.group))
-            self.server = self._result(rid)
-            self.group = self.server.get("group")
+            hello = Hello(PROTOCOL_VERSION, find_token(self.token, self.address),
+                          socket.gethostname(), transport, self.window, self.group)
+            self.server = self._result(self._send_request(hello))
+            self.group = self.server.group
         except BaseException:
             self.close()
             raise
-        if self.transport == "shm" and self.server["transport"] != "shm":
+        if self.transport == "shm" and self.server.transport != "shm":
             self.close()
             raise ConnectionError("the server cannot share memory with this client "
                                   "(another host?); use transport='auto' or 'inline'")
@@ -235,9 +243,19 @@ class Client:
         self._next_id += 1
         return self._next_id
 
-    def _send_header(self, header: Dict[str, Any]) -> int:
-        send_message(self._sock, header)
-        return header["id"]
+    def _send_request(self, request: Request) -> int:
+        rid = self._new_id()
+        send_message(self._sock, request.to_header(rid))
+        if not isinstance(request, NO_REPLY):
+            self._waiting[rid] = request
+        return rid
+
+    def _refused(self, error: ProtocolError) -> int:
+        """A request the server would refuse, answered here as it would answer
+        it (nothing is sent): its id, whose reply raises ServerError."""
+        rid = self._new_id()
+        self._pending[rid] = deque([(ErrorReply(rid, error.code, error.message), None)])
+        return rid
 
     def _closed_while_idle(self) -> bool:
         """The server closes a connection that stays idle holding nothing past its
@@ -269,7 +287,7 @@ class Client:
             self.close()
             raise
 
-    def send(self, op: str, **fields: Any) -> int:
+    def send(self, request: Request) -> int:
         """Send a request without waiting; returns its id."""
         self._ensure()
         if self._closed_while_idle():
@@ -280,36 +298,39 @@ class Client:
                 raise ConnectionClosed(f"{self._lost()} ({e})") from e
         with self._stream():
             self.flush_releases()
-            return self._send_header(encode_request(op, self._new_id(), **fields))
+            return self._send_request(request)
 
-    def reply(self, rid: int) -> Reply:
+    def reply(self, rid: int) -> Received:
         """The next reply to request `rid`, reading (and keeping) others on the way."""
         queue = self._pending.setdefault(rid, deque())
         while not queue:
             with self._stream():
                 self.flush_releases()
                 header, payload = recv_message(self._sock)
-            self._maps.drop(header.get("retired", ()))
-            if header.get("id") in self._hints:
-                self._hints.discard(header["id"])
+            reply, retired = parse_reply(header, self._waiting)
+            self._maps.drop(retired)
+            if reply.last:
+                self._waiting.pop(reply.rid, None)
+            if reply.rid in self._hints:
+                self._hints.discard(reply.rid)
                 continue
-            self._pending.setdefault(header.get("id", -1), deque()).append((header, payload))
-            if header.get("id") == -1 and not header.get("ok", True):
-                raise ServerError.from_reply(header)
+            self._pending.setdefault(reply.rid, deque()).append((reply, payload))
+            if reply.rid == -1 and isinstance(reply, ErrorReply):
+                raise ServerError.from_reply(reply)
         item = queue.popleft()
-        if not queue and item[0].get("done", True):
+        if not queue and item[0].last:
             del self._pending[rid]
         return item
 
-    def _result(self, rid: int) -> Dict[str, Any]:
-        header, _ = self.reply(rid)
-        if not header.get("ok"):
-            raise ServerError.from_reply(header)
-        return header
+    def _result(self, rid: int) -> Any:
+        reply, _ = self.reply(rid)
+        if isinstance(reply, ErrorReply):
+            raise ServerError.from_reply(reply)
+        return reply
 
-    def call(self, op: str, **fields: Any) -> Dict[str, Any]:
-        """Send a request and return its reply header; an error reply raises ServerError."""
-        return self._result(self.send(op, **fields))
+    def call(self, request: Request) -> Reply:
+        """Send a request and return its reply; an error reply raises ServerError."""
+        return self._result(self.send(request))
 
     # -- releasing slots ------------------------------------------------------------------
     def release(self, slot: int) -> None:
@@ -325,12 +346,12 @@ class Client:
             slots = []
             while self._to_release:
                 slots.append(self._to_release.pop())
-            send_message(self._sock, encode_request("release", self._new_id(), slots=slots))
+            self._send_request(Release(tuple(slots)))
         if self._to_free and self._sock is not None:
             names = []
             while self._to_free:
                 names.append(self._to_free.pop())
-            send_message(self._sock, encode_request("free_arenas", self._new_id(), names=names))
+            self._send_request(FreeArenas(tuple(names)))
 
     def connect(self) -> "Client":
         """Connect now rather than on first use."""
@@ -340,26 +361,25 @@ class Client:
     @property
     def worker(self) -> int:
         """The pid of the server worker this connection is served by."""
-        return self.connect().server["worker"]
+        return self.connect().server.worker
 
     # -- requests -----------------------------------------------------------------------
     def server_window(self) -> int:
         """Frames this connection may hold at once, as agreed with the server."""
         self._ensure()
-        return self.server["window"]
+        return self.server.window
 
     def ping(self) -> bool:
         """True if the server answers (else ConnectionError)."""
-        return bool(self.call("ping").get("pong"))
+        self.call(Ping())
+        return True
 
     def info(self, exp: str, run: int, detector: Optional[str] = None,
              present: bool = False) -> Dict[str, Any]:
         """Run-level (no detector): every detector with its kind, modes and how
         many events hold it; for one detector its events and shapes per mode.
         `present`: also which events hold it, as [start, stop, step] ranges."""
-        reply = self.call("info", exp=exp, run=int(run), detector=detector,
-                          present=present or None)
-        return {k: v for k, v in reply.items() if k not in ("ok", "id")}
+        return self.call(Info(exp, int(run), detector, present)).info
 
     def events_with(self, exp: str, run: int, detector: str, fields: Fields = None,
                     skip_incomplete: bool = False) -> List[int]:
@@ -380,51 +400,53 @@ class Client:
     def stats(self) -> Dict[str, Any]:
         """The server's counters: workers, connections, requests, events, bytes,
         errors by code, shared memory in use, its peak and the budget."""
-        return self.call("stats")["stats"]
+        return self.call(Stats()).stats
 
     def shutdown(self) -> None:
         """Stop the whole server (needs the server's token if it has one)."""
-        self.call("shutdown", token=find_token(self.token, self.address))
+        self.call(Shutdown(find_token(self.token, self.address)))
         self.close()
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],
                mode: str = "calib", access_mode: str = "idx", fields: Fields = None,
-               skip_incomplete: bool = False, op: str = "get",
-               into: Optional[Dict[str, Any]] = None) -> int:
+               skip_incomplete: bool = False, into: Optional[Into] = None) -> int:
         """Ask for several events without waiting; read them with `frames(rid)`,
-        or, written `into` a batch arena ({arena, offsets, shape, dtype}), wait
-        for them with `replies(rid)`. `fields` and `skip_incomplete`: see `get`
-        (a get into an arena takes neither); `op` "prefetch" only hints."""
-        return self.send(op, exp=exp, run=int(run), detector=detector, mode=mode,
-                         events=[int(e) for e in events], access_mode=access_mode,
-                         fields=field_names(fields), skip_incomplete=skip_incomplete or None,
-                         into=into)
+        or, written `into` a batch arena, wait for them with `replies(rid)`.
+        `fields` and `skip_incomplete`: see `get` (a get into an arena takes
+        neither). A get the server would refuse is answered as it would be,
+        without being sent: its replies raise ServerError."""
+        refs = tuple(FieldRef.parse(f) for f in fields or ())   # ProtocolError at once
+        try:
+            request = Get(RunKey(exp, int(run), detector, access_mode), mode,
+                          tuple(int(e) for e in events), refs, skip_incomplete, into)
+        except ProtocolError as e:
+            return self._refused(e)
+        return self.send(request)
 
     def frames(self, rid: int) -> Iterator[Frame]:
         """The frames of a submitted get, in request order (zero-copy: see the
         lifetime rule); events the server skipped (`skip_incomplete`) yield
         nothing. An error reply raises ServerError after the request's
         remaining replies are drained and their slots released."""
-        for header, payload in self.replies(rid):
-            if not header.get("skipped"):
-                yield self._frame(header, payload)
+        for reply, payload in self.replies(rid):
+            if isinstance(reply, FrameReply):
+                yield self._frame(reply, payload)
 
-    def replies(self, rid: int) -> Iterator[Reply]:
+    def replies(self, rid: int) -> Iterator[Received]:
         """The successful replies to a submitted get (skipped events included),
         in request order; an error reply raises ServerError once the rest are
         drained (slots released)."""
         error = None
         while True:
-            header, payload = self.reply(rid)
-            done = header.get("done", True)
-            if not header.get("ok"):
-                error = error or ServerError.from_reply(header)
+            reply, payload = self.reply(rid)
+            if isinstance(reply, ErrorReply):
+                error = error or ServerError.from_reply(reply)
             elif error is not None:
-                if "slot" in header:
-                    self.release(header["slot"])
+                if isinstance(reply, FrameReply) and reply.slot is not None:
+                    self.release(reply.slot)
             else:
-                yield header, payload
-            if done:
+                yield reply, payload
+            if reply.last:
                 break
         if error is not None:
             raise error
@@ -433,31 +455,31 @@ class Client:
         """Give an arena back with the next message; no I/O, safe anywhere."""
         self._to_free.append(name)
 
-    def make_arena(self, nbytes: int) -> Dict[str, Any]:
+    def make_arena(self, nbytes: int) -> ArenaMade:
         """A batch arena of at least `nbytes` on this connection, writable by
-        every connection of its group: {name, size}. It lives until this
+        every connection of its group (`.name`, `.size`). It lives until this
         connection closes."""
-        return self.call("arena", size=int(nbytes))
+        return self.call(MakeArena(int(nbytes)))
 
-    def _frame(self, header: Dict[str, Any], payload: Optional[bytearray]) -> Frame:
-        dtype = np.dtype(header["dtype"])
-        if payload is not None:
-            array = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
-            return Frame(array, header, self, None)
-        if header.get("cached"):      # a frame-cache entry, pinned for us until released
-            array = self._entries.view(header["name"], header["shape"], dtype)
+    def _frame(self, reply: FrameReply, payload: Optional[bytearray]) -> Frame:
+        dtype, shape = np.dtype(reply.desc.dtype), reply.desc.shape
+        if reply.nbytes is not None:
+            array = np.frombuffer(payload or b"", dtype=dtype).reshape(shape)
+            return Frame(array, reply, self, None)
+        if reply.cached:      # a frame-cache entry, pinned for us until released
+            array = self._entries.view(reply.name, shape, dtype)
         else:
-            array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
-        self._held.add(header["slot"])
-        return Frame(array, header, self, header["slot"])
+            array = self._maps.view(reply.slot, reply.name, shape, dtype)
+        self._held.add(reply.slot)
+        return Frame(array, reply, self, reply.slot)
 
     def prefetch(self, exp: str, run: int, detector: str, events: Sequence[int],
                  mode: str = "calib", access_mode: str = "idx") -> None:
         """Tell the server these events come next, in this order: with a frame
         cache, its idle workers read them ahead. No reply to wait for."""
         if len(events):
-            self._hints.add(self.submit(exp, run, detector, events, mode, access_mode,
-                                        op="prefetch"))
+            self._hints.add(self.send(Prefetch(RunKey(exp, int(run), detector, access_mode),
+                                               mode, tuple(int(e) for e in events))))
 
     def view(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
              access_mode: str = "idx", fields: Fields = None) -> Frame:
@@ -470,8 +492,13 @@ class Client:
                   ) -> Tuple[np.ndarray, Dict[str, Any]]:
         """One frame as a private array, with its descriptor (timestamp,
         calibrated, and `values` when fields were named)."""
+        array, reply = self._copy(exp, run, detector, event, mode, access_mode, fields)
+        return array, reply.to_header()
+
+    def _copy(self, exp: str, run: int, detector: str, event: int, mode: str,
+              access_mode: str, fields: Fields) -> Tuple[np.ndarray, FrameReply]:
         with self.view(exp, run, detector, event, mode, access_mode, fields) as frame:
-            copy = np.array(frame.array), frame.desc
+            copy = np.array(frame.array), frame.reply
         self.flush_releases()    # an idle client should not sit on a slot
         return copy
 
@@ -481,8 +508,8 @@ class Client:
         detectors' per-event values, e.g. "ebeam.ebeamPhotonEnergy",
         "gasdet.f_11_ENRC", "wave8.raw_all"), `(frame, {name: value})`, each
         value a numpy array (0-d for a scalar)."""
-        frame, desc = self.get_frame(exp, run, detector, event, mode, access_mode, fields)
-        return (frame, decode_values(desc)) if fields else frame
+        frame, reply = self._copy(exp, run, detector, event, mode, access_mode, fields)
+        return (frame, decode_values(reply.desc.values)) if fields else frame
 
     def get_many(self, exp: str, run: int, detector: str, events: Sequence[int],
                  mode: str = "calib", out: Optional[np.ndarray] = None,

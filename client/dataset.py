@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, UNAUTHORIZED, ServerError
 from psana_ipc.protocol.legacy import is_ours
-from psana_ipc.protocol.messages import MODES
+from psana_ipc.protocol.messages import MODES, Into
 
 from . import batch_handoff, legacy
 from .arena import arena_buffer
@@ -160,7 +160,7 @@ class IPCRemotePsanaDataset(Dataset):
                 or len(keys) != 1):
             return None
         exp, run, access, det = keys.pop()
-        if self._group.clients[0].server["transport"] != "shm":
+        if self._group.clients[0].server.transport != "shm":
             return None
         if (exp, run, det) not in self._specs:
             modes = self._group.clients[0].info(exp, run, det)["modes"]
@@ -180,9 +180,8 @@ class IPCRemotePsanaDataset(Dataset):
         stride = batch.array[0].nbytes
         name = batch.buffer.name
 
-        def into(start: int, count: int) -> Dict[str, Any]:
-            return {"arena": name, "offsets": [(start + i) * stride for i in range(count)],
-                    "shape": list(shape), "dtype": dtype.str}
+        def into(start: int, count: int) -> Into:
+            return Into(name, tuple((start + i) * stride for i in range(count)), shape, dtype.str)
         try:
             self._group.wait(self._group.submit(exp, run, det, [r[4] for r in requests],
                                                 self.mode, access, into=into))

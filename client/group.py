@@ -7,9 +7,11 @@ round-robin, one per connection in turn, so no worker waits for the client
 to drain another. BatchLoader and IPCRemotePsanaDataset both fetch this way.
 """
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from psana_ipc.protocol.messages import Into
 
 from .connection import Client, Frame
 
@@ -71,7 +73,7 @@ class ConnectionGroup:
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int], mode: str,
                access_mode: str = "idx", fields: Optional[Sequence[str]] = None,
                skip_incomplete: bool = False,
-               into: Optional[Callable[[int, int], Dict[str, Any]]] = None
+               into: Optional[Callable[[int, int], Into]] = None
                ) -> List[Tuple[Client, int, int]]:
         """Split the events over the connections; (connection, request id, first
         position) for each connection that got any. `into(first position,
@@ -103,8 +105,8 @@ class ConnectionGroup:
     def wait(requests: List[Tuple[Client, int, int]]) -> int:
         """Wait until every frame of a split written into a batch arena is
         there; returns how many (an error reply raises ServerError)."""
-        return sum(len(header["frames"]) for client, rid, _ in requests
-                   for header, _ in client.replies(rid))
+        return sum(len(reply.frames) for client, rid, _ in requests
+                   for reply, _ in client.replies(rid))
 
     def stream(self, requests: List[Tuple[Client, int, int]]) -> Iterator[Tuple[int, Frame]]:
         """(position, frame) for every event of a submitted split, round-robin;
@@ -116,7 +118,7 @@ class ConnectionGroup:
                 if frame is None:
                     cursors.remove(cursor)
                     continue
-                yield cursor[1] + frame.desc["seq"], frame
+                yield cursor[1] + frame.reply.seq, frame
 
     def flush_releases(self) -> None:
         for client in self._clients:

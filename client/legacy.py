@@ -1,23 +1,24 @@
 """The btx dialect from the client side, for servers that speak nothing else.
 
 One connection per event: send the JSON request, read `{name, shape, dtype}`,
-copy the segment, send `ACK`. Our server marks its replies (`is_ours`) and
+copy the segment, send `ACK`; the messages are the protocol's legacy types
+(`protocol.legacy`). Our server marks its replies (`is_ours`) and
 unlinks the segment after the ACK or when the connection closes. An old btx
 server unlinks only on an ACK, so a client killed before it sends one (a
 DataLoader under `scancel`) would leave the segment in /dev/shm: against an
 old server the client unlinks the name itself as soon as it has mapped it,
 as the btx client does after copying, so no exit path leaves it behind.
 """
-import json
 import os
 import socket
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.address import Address
-from psana_ipc.protocol.errors import BAD_JSON, ServerError
-from psana_ipc.protocol.legacy import ACK, PROBE_FIELD, is_ours
+from psana_ipc.protocol.errors import BAD_JSON, INTERNAL, ProtocolError, ServerError
+from psana_ipc.protocol.legacy import (ACK, LegacyError, LegacyFrame, LegacyGet, LegacyReply,
+                                       Probe, is_ours, parse_legacy_reply)
 from psana_ipc.protocol.shm_names import segment_path
 
 from .shm import attach
@@ -27,8 +28,8 @@ MAX_REPLY = 1 << 20
 PROBE_TIMEOUT = 30.0
 
 
-def _recv_json(sock: socket.socket) -> Any:
-    """Read until the bytes parse as JSON: the dialect has no framing."""
+def _recv_reply(sock: socket.socket) -> LegacyReply:
+    """Read until the bytes parse: the dialect has no framing."""
     buf = b""
     while len(buf) < MAX_REPLY:
         chunk = sock.recv(4096)
@@ -36,41 +37,49 @@ def _recv_json(sock: socket.socket) -> Any:
             break
         buf += chunk
         try:
-            return json.loads(buf.decode("utf-8"))
-        except ValueError:
-            continue
+            reply = parse_legacy_reply(buf)
+        except ProtocolError as e:
+            raise ServerError(e.code, e.message) from None
+        if reply is not None:
+            return reply
     raise ServerError(BAD_JSON, f"no JSON reply from the legacy server (got {buf[:80]!r})")
 
 
-def _request(sock: socket.socket, exp: str, run: Any, access_mode: str, detector_name: str,
-             event: int, mode: str, **extra: Any) -> Dict[str, Any]:
-    sock.sendall(json.dumps(dict(exp=exp, run=run, access_mode=access_mode,
-                                 detector_name=detector_name, event=int(event), mode=mode,
-                                 **extra)).encode("utf-8"))
-    reply = _recv_json(sock)
-    if not isinstance(reply, dict):
-        raise ServerError(BAD_JSON, f"the legacy server answered {reply!r}")
-    return reply
+def _request(sock: socket.socket, request: Any) -> LegacyReply:
+    sock.sendall(request.to_bytes())
+    return _recv_reply(sock)
+
+
+def _legacy_get(exp: str, run: Any, access_mode: str, detector_name: str, event: int,
+                mode: str) -> LegacyGet:
+    """The request, refused here as the server would refuse it."""
+    try:
+        return LegacyGet(exp, run, detector_name, int(event), access_mode, mode)
+    except ProtocolError as e:
+        raise ServerError(e.code, e.message) from None
 
 
 def fetch_reply(address: Address, exp: str, run: Any, access_mode: str, detector_name: str,
                 event: int, mode: str = "calib",
-                timeout: Optional[float] = 300.0) -> Tuple[np.ndarray, Dict[str, Any]]:
+                timeout: Optional[float] = 300.0) -> Tuple[np.ndarray, LegacyFrame]:
     """One frame through the legacy dialect, as a private array, with the reply
-    that described it. An error reply raises ServerError (its `.reply` says
-    whether our server sent it)."""
+    that described it. An error reply raises ServerError (`is_ours` of its
+    `.reply` says whether our server sent it)."""
+    request = _legacy_get(exp, run, access_mode, detector_name, event, mode)
     with socket.socket(socket_family(address), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)
-        reply = _request(sock, exp, run, access_mode, detector_name, event, mode)
-        if "error" in reply or "name" not in reply:
-            raise ServerError(reply.get("code", "internal"),
-                              reply.get("message", str(reply.get("error", reply))), reply)
-        segment = attach(reply["name"])
+        reply = _request(sock, request)
+        if isinstance(reply, LegacyError):
+            raise ServerError.from_reply(reply)
+        if not isinstance(reply, LegacyFrame):
+            raise ServerError(INTERNAL, f"the server answered {reply} to a request for a frame",
+                              reply)
+        segment = attach(reply.name)
         try:
-            if not is_ours(reply):
-                _unlink(reply["name"])
-            view = np.ndarray(tuple(reply["shape"]), dtype=np.dtype(reply["dtype"]), buffer=segment)
+            if not reply.marked:
+                _unlink(reply.name)
+            view = np.ndarray(reply.shape, dtype=np.dtype(reply.dtype), buffer=segment)
             result = np.array(view)
             del view
         finally:
@@ -108,12 +117,12 @@ def probe(address: Address, request: Sequence[Any], mode: str, timeout: Optional
         sock.settimeout(timeout)
         sock.connect(address)
         try:
-            reply = _request(sock, exp, run, access_mode, detector_name, event, mode,
-                             **{PROBE_FIELD: True})
+            reply = _request(sock, Probe(_legacy_get(exp, run, access_mode, detector_name,
+                                                     event, mode)))
         except (socket.timeout, ConnectionError, ServerError):
             return "legacy"
-        if not is_ours(reply) and "name" in reply:
-            _unlink(reply["name"])
+        if isinstance(reply, LegacyFrame) and not reply.marked:
+            _unlink(reply.name)
         try:
             sock.sendall(ACK)
         except OSError:

@@ -8,7 +8,6 @@ the main process, gone. Every step is bounded by `timeout` and the whole by
 `wait`; what still listens at the end is reported with its process ids (the
 ones of this user, found in /proc), never called stopped.
 """
-import json
 import socket
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import List, Optional, Set
 
 from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import ProtocolError, ServerError
-from psana_ipc.protocol.legacy import DONE, is_ours
+from psana_ipc.protocol.legacy import Done, LegacyError, is_ours, parse_legacy_reply
 
 from .connection import Client
 from .wire import ConnectionClosed, socket_family
@@ -61,7 +60,7 @@ def stop_server(address: Address, legacy: bool = False, timeout: float = 60.0,
             sock.settimeout(step)
             with sock:
                 sock.connect(address)
-                sock.sendall(DONE)
+                sock.sendall(Done().to_bytes())
                 sent += 1
                 _until_closed(sock)
         except REFUSED:
@@ -94,10 +93,10 @@ def _until_closed(sock: socket.socket) -> None:
             break
         buf += chunk
     try:
-        reply = json.loads(buf.decode("utf-8")) if buf else None
-    except ValueError:
+        reply = parse_legacy_reply(buf)
+    except ProtocolError:
         return
-    if isinstance(reply, dict) and is_ours(reply) and "code" in reply:
+    if isinstance(reply, LegacyError) and is_ours(reply):
         raise ServerError.from_reply(reply)
 
 

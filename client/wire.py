@@ -1,12 +1,15 @@
-"""Blocking send and receive of v1 frames on a socket, using the protocol's
-framing rules, and the family of a socket for an address (the protocol
-package itself never touches sockets)."""
+"""Blocking send and receive of v1 frames on a socket, and the family of a
+socket for an address (the protocol package itself never touches sockets).
+
+Frames are read with the protocol's own `FrameDecoder`, fed exactly the
+bytes it is missing, so nothing of the next frame is read early; a payload
+is received with `recv_into` straight into the memory it is kept in.
+"""
 import socket
 from typing import Any, Dict, Optional, Tuple
 
 from psana_ipc.protocol.address import Address, address_family
-from psana_ipc.protocol.errors import BAD_FRAME, ProtocolError
-from psana_ipc.protocol.framing import LENGTH, decode_header, encode_frame, header_length, payload_size
+from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 
 MAX_PAYLOAD = 1 << 40
 
@@ -41,10 +44,14 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
 
 def recv_message(sock: socket.socket) -> Tuple[Dict[str, Any], Optional[bytearray]]:
     """One frame: its header and, if it says `nbytes`, its payload."""
-    n = header_length(bytes(recv_exact(sock, LENGTH.size)))
-    header = decode_header(bytes(recv_exact(sock, n)))
-    try:
-        size = payload_size(header, MAX_PAYLOAD)
-    except ProtocolError as e:
-        raise ProtocolError(BAD_FRAME, f"bad reply from server: {e.message}") from e
-    return header, (recv_exact(sock, size) if size else None)
+    decoder = FrameDecoder(max_payload=MAX_PAYLOAD)
+    head = decoder.next_header()
+    while head is None:
+        decoder.receive_data(recv_exact(sock, decoder.missing))
+        head = decoder.next_header()
+    if not head.size:
+        return head.header, None
+    payload = bytearray(head.size)
+    view = memoryview(payload)
+    recv_into_exact(sock, view[decoder.take_payload(view):])
+    return head.header, payload

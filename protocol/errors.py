@@ -1,10 +1,10 @@
 """Error codes and exception types shared by both ends of a connection.
 
-A `ProtocolError` is what the peer did wrong (we received something bad),
-with the code to reply with; a `ServerError` is a well-formed error reply the
-server sent on purpose, as the client raises it.
+A `ProtocolError` is what the peer did wrong (we received something bad, or
+were about to send it), with the code to reply with; a `ServerError` is a
+well-formed error reply the server sent on purpose, as the client raises it.
 """
-from typing import Any, Dict
+from typing import Any
 
 # One name per failure a user can act on; the server puts it in `code`.
 BAD_FRAME = "bad_frame"              # framing broken: length prefix, encoding
@@ -45,14 +45,17 @@ class ProtocolError(Exception):
 
 
 class ServerError(Exception):
-    """An error reply `{ok: false, code, message}` received from the server."""
+    """An error reply the server sent on purpose, as the client raises it:
+    `reply` is the reply itself (`replies.ErrorReply`, or a legacy one), or
+    None when the client raised it without one."""
 
-    def __init__(self, code: str, message: str, reply: Dict[str, Any] = None) -> None:
+    def __init__(self, code: str, message: str, reply: Any = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-        self.reply = reply or {}
+        self.reply = reply
 
     @classmethod
-    def from_reply(cls, reply: Dict[str, Any]) -> "ServerError":
-        return cls(reply.get("code", INTERNAL), reply.get("message", ""), reply)
+    def from_reply(cls, reply: Any) -> "ServerError":
+        """From an error reply: anything with `code` and `message`."""
+        return cls(reply.code, reply.message, reply)

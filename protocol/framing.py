@@ -1,11 +1,16 @@
 """v1 framing: a 4-byte big-endian header length, a UTF-8 JSON object, and an
 optional binary payload of `header["nbytes"]` bytes.
 
-`FrameDecoder` follows h11's reader contract: feed bytes with
-`receive_data`, then call `next_frame` until it returns `None` (need more
-data). It raises `ProtocolError` on bad input and stays broken afterwards, so
-a caller cannot go on reading a desynchronised stream. The header length is
-checked before anything is buffered.
+`FrameDecoder` is the one reader of this framing, for both ends. It follows
+h11's reader contract: feed bytes with `receive_data`, then call
+`next_frame` until it returns `None` (need more data). A blocking reader
+that wants a large payload in its own memory (the client, with `recv_into`)
+takes the steps one at a time instead: `missing` bytes until `next_header`
+gives the header and the payload's size, then `take_payload` hands over
+what was buffered of the payload and leaves the rest to be received
+straight into that memory. It raises `ProtocolError` on bad input and stays
+broken afterwards, so a caller cannot go on reading a desynchronised stream.
+The header length is checked before anything is buffered.
 """
 import json
 import struct
@@ -21,6 +26,12 @@ MAX_JSON_DEPTH = 32
 class Frame(NamedTuple):
     header: Dict[str, Any]
     payload: Optional[bytes]
+
+
+class Head(NamedTuple):
+    """A frame's header, and the size of the payload that follows it."""
+    header: Dict[str, Any]
+    size: int
 
 
 def encode_frame(header: Dict[str, Any]) -> bytes:
@@ -76,6 +87,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max_header = max_header
         self._max_payload = max_payload
+        self._head: Optional[Head] = None     # a header whose payload is not taken yet
         self._error: Optional[ProtocolError] = None
 
     def receive_data(self, data: bytes) -> None:
@@ -85,17 +97,52 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def next_frame(self) -> Optional[Frame]:
-        """The next complete frame, or None when more bytes are needed."""
+    @property
+    def missing(self) -> int:
+        """Bytes still to receive before `next_header` can return a header
+        (read exactly these: nothing of the next frame is taken early). Only
+        meaningful after `next_header` returned None."""
+        if len(self._buf) < LENGTH.size:
+            return LENGTH.size - len(self._buf)
+        (n,) = LENGTH.unpack(bytes(self._buf[: LENGTH.size]))
+        return LENGTH.size + n - len(self._buf)
+
+    def next_header(self) -> Optional[Head]:
+        """The next frame's header and payload size once the header is complete,
+        or None when more bytes are needed."""
         if self._error is not None:
             raise self._error
-        try:
-            return self._next()
-        except ProtocolError as e:
-            self._error = e
-            raise
+        if self._head is None:
+            try:
+                self._head = self._parse_head()
+            except ProtocolError as e:
+                self._error = e
+                raise
+        return self._head
 
-    def _next(self) -> Optional[Frame]:
+    def next_frame(self) -> Optional[Frame]:
+        """The next complete frame, or None when more bytes are needed."""
+        head = self.next_header()
+        if head is None or len(self._buf) < head.size:
+            return None
+        payload = bytes(self._buf[: head.size]) if head.size else None
+        del self._buf[: head.size]
+        self._head = None
+        return Frame(head.header, payload)
+
+    def take_payload(self, into: memoryview) -> int:
+        """Hand the payload of the header `next_header` gave to the caller: what
+        is buffered of it is copied to the start of `into` (its size), the rest
+        the caller receives itself. Returns the bytes copied."""
+        if self._head is None or len(into) != self._head.size:
+            raise ValueError("take_payload needs a header and memory of its payload's size")
+        n = min(self._head.size, len(self._buf))
+        into[:n] = self._buf[:n]
+        del self._buf[:n]
+        self._head = None
+        return n
+
+    def _parse_head(self) -> Optional[Head]:
         if len(self._buf) < LENGTH.size:
             return None
         n = header_length(bytes(self._buf[: LENGTH.size]), self._max_header)
@@ -104,8 +151,5 @@ class FrameDecoder:
             return None
         header = decode_header(bytes(self._buf[LENGTH.size:end]))
         size = payload_size(header, self._max_payload)
-        if len(self._buf) < end + size:
-            return None
-        payload = bytes(self._buf[end:end + size]) if size else None
-        del self._buf[: end + size]
-        return Frame(header, payload)
+        del self._buf[:end]
+        return Head(header, size)

@@ -1,16 +1,16 @@
-"""v1 requests and replies. Requests are validated on construction, so a
-handler only ever sees well-typed values; replies are plain header dicts
-(`ok_reply`, `error_reply`), as are the requests a client sends
-(`encode_request`, `hello_request`).
+"""v1 requests, as both ends see them (the replies are in `replies`).
 
-Every request carries an integer `id` that its replies echo, which is what
-makes pipelining possible. `parse_request` turns a decoded header into one of
-the frozen request classes below or raises `ProtocolError`.
+Each request is a frozen class, validated on construction, so a handler only
+ever sees well-typed values and a client cannot send a malformed one. There
+is one way to a header, `to_header(id)` (the client sends it), and one way
+back, `parse_request` (the server reads it), which turns a decoded header
+into the same value or raises `ProtocolError`. Every request carries an
+integer `id` that its replies echo, which is what makes pipelining possible.
 """
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-from . import PROTOCOL_VERSION
 from .errors import BAD_ARENA, BAD_REQUEST, UNKNOWN_MODE, UNKNOWN_OP, ProtocolError
 
 MODES = ("raw", "calib", "image", "mask")
@@ -56,6 +56,12 @@ def check_events(mode: str, events: Tuple[int, ...], op: str) -> None:
         check_event(e)
 
 
+def frame_nbytes(shape: Sequence[int], itemsize: int) -> int:
+    """Bytes of a frame of this shape whose elements take `itemsize` bytes
+    (Python integers: no overflow), as both ends size frames and arenas."""
+    return math.prod(int(n) for n in shape) * itemsize
+
+
 @dataclass(frozen=True)
 class Hello:
     version: int
@@ -70,6 +76,12 @@ class Hello:
             raise ProtocolError(BAD_REQUEST, f"transport must be one of {TRANSPORTS}")
         if self.window < 0:
             raise ProtocolError(BAD_REQUEST, "window must be >= 0")
+
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        header = {"op": "hello", "id": rid, "version": self.version, "host": self.host,
+                  "transport": self.transport}
+        _optional(header, token=self.token, window=self.window or None, group=self.group)
+        return header
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,11 @@ class Info:
     run: int
     detector: Optional[str] = None
     present: bool = False    # also list which events hold each detector (as ranges)
+
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        header = {"op": "info", "id": rid, "exp": self.exp, "run": self.run}
+        _optional(header, detector=self.detector, present=self.present or None)
+        return header
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,10 @@ class Into:
             raise ProtocolError(BAD_ARENA, f"a frame shape has at most {MAX_DIMS} dimensions, "
                                            f"none negative")
 
+    def to_header(self) -> Dict[str, Any]:
+        return {"arena": self.arena, "offsets": list(self.offsets), "shape": list(self.shape),
+                "dtype": self.dtype}
+
 
 @dataclass(frozen=True)
 class Get:
@@ -171,6 +192,13 @@ class Get:
             raise ProtocolError(BAD_REQUEST, "a get into an arena takes neither fields "
                                              "nor skip_incomplete")
 
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        header = _events_header("get", rid, self.key, self.mode, self.events)
+        _optional(header, fields=[f.name for f in self.fields] or None,
+                  skip_incomplete=self.skip_incomplete or None,
+                  into=self.into.to_header() if self.into is not None else None)
+        return header
+
 
 @dataclass(frozen=True)
 class Prefetch:
@@ -186,6 +214,9 @@ class Prefetch:
     def get(self) -> Get:
         return Get(self.key, self.mode, self.events)
 
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return _events_header("prefetch", rid, self.key, self.mode, self.events)
+
 
 @dataclass(frozen=True)
 class MakeArena:
@@ -196,25 +227,39 @@ class MakeArena:
         if self.size < 1:
             raise ProtocolError(BAD_REQUEST, "an arena needs a size >= 1")
 
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return {"op": "arena", "id": rid, "size": self.size}
+
 
 @dataclass(frozen=True)
 class Release:
+    """Slots (or frame-cache entries) the client has done reading."""
     slots: Tuple[int, ...]
+
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return {"op": "release", "id": rid, "slots": list(self.slots)}
 
 
 @dataclass(frozen=True)
 class Ping:
-    pass
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return {"op": "ping", "id": rid}
 
 
 @dataclass(frozen=True)
 class Stats:
-    pass
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return {"op": "stats", "id": rid}
 
 
 @dataclass(frozen=True)
 class Shutdown:
     token: Optional[str] = None
+
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        header = {"op": "shutdown", "id": rid}
+        _optional(header, token=self.token)
+        return header
 
 
 @dataclass(frozen=True)
@@ -222,9 +267,23 @@ class FreeArenas:
     """Arenas of this connection it no longer needs (op `free_arenas`)."""
     names: Tuple[str, ...]
 
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return {"op": "free_arenas", "id": rid, "names": list(self.names)}
+
 
 Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, Release, Ping, Stats,
                 Shutdown]
+
+
+def _optional(header: Dict[str, Any], **fields: Any) -> None:
+    """Fields a header leaves out when they are None (their defaults)."""
+    header.update((k, v) for k, v in fields.items() if v is not None)
+
+
+def _events_header(op: str, rid: int, key: RunKey, mode: str,
+                   events: Tuple[int, ...]) -> Dict[str, Any]:
+    return {"op": op, "id": rid, "exp": key.exp, "run": key.run, "detector": key.detector,
+            "mode": mode, "events": list(events), "access_mode": key.access_mode}
 
 
 def request_id(header: Dict[str, Any]) -> int:
@@ -301,28 +360,3 @@ def parse_request(header: Dict[str, Any]) -> Tuple[int, Request]:
     if rid < 0:
         raise ProtocolError(BAD_REQUEST, "field 'id' must be a non-negative integer")
     return rid, parser(header)
-
-
-def encode_request(op: str, rid: int, **fields: Any) -> Dict[str, Any]:
-    """The header a client sends; `None` fields are left out."""
-    header = {"op": op, "id": rid}
-    header.update({k: v for k, v in fields.items() if v is not None})
-    return header
-
-
-def ok_reply(rid: int, **fields: Any) -> Dict[str, Any]:
-    reply = {"ok": True, "id": rid}
-    reply.update(fields)
-    return reply
-
-
-def error_reply(rid: int, code: str, message: str, **fields: Any) -> Dict[str, Any]:
-    reply = {"ok": False, "id": rid, "code": code, "message": message}
-    reply.update(fields)
-    return reply
-
-
-def hello_request(rid: int, host: str, transport: str, token: Optional[str] = None,
-                  window: int = 0, group: Optional[str] = None) -> Dict[str, Any]:
-    return encode_request("hello", rid, version=PROTOCOL_VERSION, host=host,
-                          transport=transport, token=token, window=window or None, group=group)

@@ -25,7 +25,6 @@ them when its connection closes.
 import hashlib
 import hmac
 import itertools
-import math
 import mmap
 import os
 import secrets
@@ -36,7 +35,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import BAD_ARENA, ProtocolError
-from psana_ipc.protocol.messages import Into
+from psana_ipc.protocol.messages import Into, frame_nbytes
 from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 
 from .shared_state import Grant
@@ -81,7 +80,7 @@ def frame_layout(into: Into) -> Tuple[np.dtype, int]:
         raise _refuse(f"dtype {into.dtype!r} is not a numpy dtype") from None
     if dtype.kind not in DTYPE_KINDS or dtype.itemsize == 0 or dtype.fields is not None:
         raise _refuse(f"dtype {into.dtype!r} is not a plain numeric dtype")
-    return dtype, math.prod(into.shape) * dtype.itemsize     # Python ints: no overflow
+    return dtype, frame_nbytes(into.shape, dtype.itemsize)
 
 
 class _Mapped:

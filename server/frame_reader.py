@@ -11,6 +11,7 @@ import numpy as np
 
 from psana_ipc.protocol.errors import INTERNAL, READ_FAILED, ProtocolError
 from psana_ipc.protocol.messages import Get, Info, RunKey
+from psana_ipc.protocol.replies import FrameDesc
 
 from .shared_state import Counters
 from .sources.base import (Allocator, FrameMeta, Source, SourceError, SourceFactory,
@@ -21,10 +22,14 @@ CacheKey = Tuple[str, str, int, str, str]
 Frame = Tuple[np.ndarray, FrameMeta]
 
 
-def frame_fields(data: np.ndarray, meta: FrameMeta) -> Dict[str, Any]:
+def frame_desc(data: np.ndarray, meta: FrameMeta) -> FrameDesc:
     """What a reply says about a frame besides where its bytes are."""
-    return dict(shape=list(data.shape), dtype=data.dtype.str, timestamp=meta.timestamp,
-                calibrated=meta.calibrated, **meta.extra)
+    return FrameDesc(data.shape, data.dtype.str, meta.timestamp, meta.calibrated, meta.extra)
+
+
+def frame_fields(data: np.ndarray, meta: FrameMeta) -> Dict[str, Any]:
+    """The same as the fields the frame cache stores with an entry."""
+    return frame_desc(data, meta).to_fields()
 
 
 class SourceCache:

@@ -21,14 +21,15 @@ from typing import Optional, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import NO_MEMORY, READ_FAILED, UNAUTHORIZED, ProtocolError
-from psana_ipc.protocol.legacy import (ACK, Done, Probe, legacy_error, legacy_missing_frame,
-                                       legacy_probe_reply, legacy_reply, parse_legacy)
+from psana_ipc.protocol.legacy import (ACK, NAN_DTYPE, Done, LegacyError, LegacyFrame,
+                                       LegacyMark, Probe, parse_legacy)
 
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .frame_reader import Frame
 from .shared_state import Grant
 from .shm import Segment, round_up
+from .sources.base import frame_bytes
 from .slots import Holding, budget_in_use, too_large
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,14 @@ class LegacyConnection(Channel):
             self._fail(UNAUTHORIZED, "the legacy protocol is disabled for this peer; use v1")
         elif isinstance(request, Probe):
             self.replied = True
-            self.send(legacy_probe_reply())
+            self.send(LegacyMark().to_bytes())
             self.finish()
         elif isinstance(request, Done):
             log.info("DONE received: stopping the server")
             self.ctx.shutdown()
             self.finish()
         else:
-            self.request = request
+            self.request = request.get
             self.arrived = time.monotonic()
             self.ctx.counters.request()
 
@@ -103,7 +104,7 @@ class LegacyConnection(Channel):
                         shape = self._nan_shape()
                         if e.code != READ_FAILED or shape is None:
                             raise
-                        self.missing, self.nbytes = e.message, _float32_nbytes(shape)
+                        self.missing, self.nbytes = e.message, frame_bytes(shape, NAN_DTYPE)
             size = round_up(self.nbytes)
             if size > self.ctx.budget.limit:
                 return Grant.TOO_LARGE
@@ -139,8 +140,8 @@ class LegacyConnection(Channel):
             self._fail(e.code, e.message)
             return
         self.replied = True
-        self.send(legacy_reply(self.segment.name, data.shape, data.dtype.name,
-                               timestamp=meta.timestamp, calibrated=meta.calibrated))
+        self.send(LegacyFrame(self.segment.name, data.shape, data.dtype.name, meta.timestamp,
+                              meta.calibrated).to_bytes())
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
 
     def _nan_shape(self) -> Optional[Tuple[int, ...]]:
@@ -155,12 +156,13 @@ class LegacyConnection(Channel):
         """Reply with a NaN frame of the requested mode's shape in the reserved
         segment; False when the shape is unknown or the frame does not fit."""
         shape = self._nan_shape()
-        if shape is None or self.segment is None or _float32_nbytes(shape) > self.segment.size:
+        if shape is None or self.segment is None \
+                or frame_bytes(shape, NAN_DTYPE) > self.segment.size:
             return False
-        self.segment.array(shape, np.float32).fill(np.nan)
+        self.segment.array(shape, np.dtype(NAN_DTYPE)).fill(np.nan)
         self.ctx.counters.error(READ_FAILED)
         self.replied = True
-        self.send(legacy_missing_frame(self.segment.name, shape, READ_FAILED, message))
+        self.send(LegacyError(READ_FAILED, message, self.segment.name, shape).to_bytes())
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
         return True
 
@@ -189,7 +191,7 @@ class LegacyConnection(Channel):
     def _fail(self, code: str, message: str) -> None:
         self.ctx.counters.error(code)
         self.replied = True
-        self.send(legacy_error(code, message))
+        self.send(LegacyError(code, message).to_bytes())
         self.finish()
 
     def release(self) -> None:
@@ -202,7 +204,3 @@ class LegacyConnection(Channel):
                 self.segment.destroy()
             self.holding.give(self.segment.size)
             self.segment = None
-
-
-def _float32_nbytes(shape: Tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * 4

@@ -18,7 +18,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Optional, Union
+from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -28,15 +28,17 @@ from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LAR
                                        UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
-                                         Release, Shutdown, Stats, error_reply, ok_reply,
-                                         parse_request, request_id)
+                                         Release, Shutdown, Stats, parse_request, request_id)
+from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
+                                        FrameReply, InfoReply, Pong, Queued, Reply, Skipped,
+                                        StatsReply, Stopping, Welcome, WrittenFrame, encode_reply)
 
 from .arenas import Arenas, frame_layout, group_is_ours, issue_group
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .cached_frames import CacheUse, CachedFrames
 from .frame_cache import Entry
-from .frame_reader import Frame, frame_fields
+from .frame_reader import Frame, frame_desc
 from .shared_state import Grant
 from .slots import Holding, Slot, SlotPool, budget_in_use, too_large
 from .sources.base import Allocator
@@ -70,9 +72,9 @@ class Item:
     def done(self) -> bool:
         return isinstance(self.get, MakeArena) or self.seq == len(self.get.events) - 1
 
-    def where(self) -> Dict[str, int]:
-        """What a reply about this item names besides the request id."""
-        return {} if isinstance(self.get, MakeArena) else {"seq": self.seq, "event": self.event}
+    def where(self) -> Tuple[Optional[int], Optional[int]]:
+        """The seq and event a reply about this item names (none for an arena)."""
+        return (None, None) if isinstance(self.get, MakeArena) else (self.seq, self.event)
 
 
 class V1Connection(Channel):
@@ -84,7 +86,7 @@ class V1Connection(Channel):
         self.hello: Optional[Hello] = None
         self.pool: Optional[SlotPool] = None
         self.arenas: Optional[Arenas] = None     # batch arenas: shm connections only
-        self.written: Dict[int, list] = {}      # per get into an arena: frames written so far
+        self.written: Dict[int, List[WrittenFrame]] = {}   # per get into an arena: so far
         self.inline = False
         self.window = ctx.window
         self.queue: Deque[Item] = deque()
@@ -129,12 +131,12 @@ class V1Connection(Channel):
             self.ctx.counters.request()
             if len(self.queue) + len(request.events) > MAX_QUEUED_EVENTS:
                 self._fail(rid, BUSY, f"more than {MAX_QUEUED_EVENTS} events are queued on this "
-                                      f"connection; wait for replies", done=True)
+                                      f"connection; wait for replies", True)
                 return
             now = time.monotonic()
             self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
         elif isinstance(request, Prefetch):
-            self._reply(ok_reply(rid, queued=self.cached.hint(request.get()), done=True))
+            self._reply(Queued(rid, self.cached.hint(request.get())))
         elif isinstance(request, MakeArena):
             self.queue.append(Item(rid, request, 0, time.monotonic()))
         elif isinstance(request, FreeArenas):
@@ -149,9 +151,9 @@ class V1Connection(Channel):
         elif isinstance(request, Info):
             self._info(rid, request)
         elif isinstance(request, Ping):
-            self._reply(ok_reply(rid, pong=True))
+            self._reply(Pong(rid))
         elif isinstance(request, Stats):
-            self._reply(ok_reply(rid, stats=self.ctx.stats()))
+            self._reply(StatsReply(rid, self.ctx.stats()))
         elif isinstance(request, Shutdown):
             self._shutdown(rid, request)
 
@@ -187,13 +189,12 @@ class V1Connection(Channel):
         if not self.inline:
             self.pool = SlotPool(self.ctx.budget, self.window)
             self.arenas = Arenas(self.pool.holding, group)
-        self._reply(ok_reply(rid, version=PROTOCOL_VERSION, transport="inline" if self.inline
-                             else "shm", window=self.window, source=self.ctx.source,
-                             worker=os.getpid(), group=group))
+        self._reply(Welcome(rid, PROTOCOL_VERSION, "inline" if self.inline else "shm",
+                            self.window, self.ctx.source, os.getpid(), group))
 
     def _info(self, rid: int, request: Info) -> None:
         try:
-            self._reply(ok_reply(rid, **self.ctx.reader.info(request)))
+            self._reply(InfoReply(rid, self.ctx.reader.info(request)))
         except ProtocolError as e:
             self._fail(rid, e.code, e.message)
 
@@ -201,7 +202,7 @@ class V1Connection(Channel):
         if not self._authorized(request.token):
             self._fail(rid, UNAUTHORIZED, "shutdown needs the server's token")
             return
-        self._reply(ok_reply(rid, stopping=True))
+        self._reply(Stopping(rid))
         self.ctx.shutdown()
 
     # -- work -----------------------------------------------------------------------
@@ -274,8 +275,8 @@ class V1Connection(Channel):
         self._drop(item.rid)
         why = too_large if grant is Grant.TOO_LARGE else budget_in_use
         what = "an arena" if isinstance(item.get, MakeArena) else "a frame"
-        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit, what),
-                   done=True, **item.where())
+        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit, what), True,
+                   *item.where())
 
     def _make_arena(self, item: Item) -> None:
         try:
@@ -283,7 +284,7 @@ class V1Connection(Channel):
         except ProtocolError as e:
             self._fail(item.rid, e.code, e.message)
             return
-        self._reply(ok_reply(item.rid, name=segment.name, size=segment.size))
+        self._reply(ArenaMade(item.rid, segment.name, segment.size))
 
     def work(self) -> None:
         item = self.queue.popleft()
@@ -315,44 +316,44 @@ class V1Connection(Channel):
             self.cached.forget(item)
             done = item.done
             if e.code == NO_DATA and item.get.skip_incomplete:
-                self._reply(ok_reply(item.rid, seq=item.seq, event=item.event, skipped=True,
-                                     message=e.message, done=done))
+                self._reply(Skipped(item.rid, item.seq, item.event, e.message, done))
                 return
             if e.code in REQUEST_ERRORS:
                 self._drop(item.rid)
                 done = True
             if done:
                 self.written.pop(item.rid, None)
-            self._fail(item.rid, e.code, e.message, done=done, **item.where())
+            self._fail(item.rid, e.code, e.message, done, *item.where())
             return
-        desc = ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done,
-                        **frame_fields(data, meta))
+        desc = frame_desc(data, meta)
         if item.place is not None:
             self._written(item, desc)
         elif item.slot is not None:
-            desc.update(slot=item.slot.id, name=item.slot.segment.name,
-                        size=item.slot.segment.size)
-            self._reply(desc)
+            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
+                                   slot=item.slot.id, name=item.slot.segment.name,
+                                   size=item.slot.segment.size))
         else:
-            desc["nbytes"] = data.nbytes
             self.inline_pending += 1
-            self._reply(desc, memoryview(data.reshape(-1)).cast("B"),
+            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
+                                   nbytes=data.nbytes),
+                        memoryview(data.reshape(-1)).cast("B"),
                         lambda: self._inline_sent(item.reserved))
 
     def _send_cached(self, item: Item) -> None:
         """A frame in the frame cache: shm clients map the entry itself, pinned
         until released; inline ones get its bytes, pinned until sent."""
         entry, fields = self.cached.serve(item)
-        desc = ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done, **fields)
+        desc = FrameDesc.from_fields(fields)
         if self.inline:
-            desc["nbytes"] = entry.frame_bytes
             self.inline_pending += 1
-            self._reply(desc, self.cached.payload(entry), lambda: self._cached_sent(entry))
+            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
+                                   nbytes=entry.frame_bytes),
+                        self.cached.payload(entry), lambda: self._cached_sent(entry))
         else:
             handle = self.pool.new_id()
             self.cached.hand_over(handle, entry)
-            desc.update(slot=handle, name=entry.name, size=entry.frame_bytes, cached=True)
-            self._reply(desc)
+            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc, slot=handle,
+                                   name=entry.name, size=entry.frame_bytes, cached=True))
 
     def _copy_cached(self, item: Item) -> None:
         """A frame into an arena through the frame cache (read into a new entry
@@ -362,24 +363,21 @@ class V1Connection(Channel):
             self.cached.copy_into(entry, fields, item.place)
         finally:
             self.cached.release(entry)
-        self._written(item, ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done,
-                                     **fields))
+        self._written(item, FrameDesc.from_fields(fields))
 
     def _cached_sent(self, entry: Entry) -> None:
         self.inline_pending -= 1
         self.cached.release(entry)
 
-    def _written(self, item: Item, desc: Dict[str, Any]) -> None:
+    def _written(self, item: Item, desc: FrameDesc) -> None:
         """Frames written into an arena are told in one reply per request, once
         its last frame is there: the client waits for the batch, not for each
         frame."""
-        for key in ("ok", "id", "done"):
-            del desc[key]
         written = self.written.setdefault(item.rid, [])
-        written.append(desc)
+        written.append(WrittenFrame(item.seq, item.event, desc))
         if item.done:
             del self.written[item.rid]
-            self._reply(ok_reply(item.rid, done=True, arena=item.get.into.arena, frames=written))
+            self._reply(ArenaWritten(item.rid, item.get.into.arena, tuple(written)))
 
     def _inline_sent(self, reserved: int) -> None:
         self.inline_pending -= 1
@@ -424,17 +422,18 @@ class V1Connection(Channel):
         self.queue = deque(i for i in self.queue if i.rid != rid)
 
     # -- output ---------------------------------------------------------------------
-    def _reply(self, header: Dict[str, Any], *after: Any) -> None:
+    def _reply(self, reply: Reply, *after: Any) -> None:
         """Send a reply; it tells the client which slots were retired since the
         last one, so the client drops their mappings."""
+        retired: List[int] = []
         if self.pool is not None and self.pool.retired:
-            header["retired"] = self.pool.retired
-            self.pool.retired = []
-        self.send(encode_frame(header), *after)
+            retired, self.pool.retired = self.pool.retired, []
+        self.send(encode_frame(encode_reply(reply, retired)), *after)
 
-    def _fail(self, rid: int, code: str, message: str, **fields: Any) -> None:
+    def _fail(self, rid: int, code: str, message: str, done: Optional[bool] = None,
+              seq: Optional[int] = None, event: Optional[int] = None) -> None:
         self.ctx.counters.error(code)
-        self._reply(error_reply(rid, code, message, **fields))
+        self._reply(ErrorReply(rid, code, message, done, seq, event))
 
     def release(self) -> None:
         for item in self.queue:

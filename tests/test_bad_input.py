@@ -9,10 +9,10 @@ import pytest
 
 from psana_ipc.client import Client
 from psana_ipc.client.wire import recv_message
-from psana_ipc.protocol import errors
+from psana_ipc.protocol import PROTOCOL_VERSION, errors
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.messages import hello_request
+from psana_ipc.protocol.messages import Hello
 from psana_ipc.server.sources.synthetic import expected
 
 
@@ -22,7 +22,7 @@ def _raw(server):
 
 
 def _hello(sock):
-    sock.sendall(encode_frame(hello_request(0, socket.gethostname(), "shm")))
+    sock.sendall(encode_frame(Hello(PROTOCOL_VERSION, host=socket.gethostname()).to_header(0)))
     header, _ = recv_message(sock)
     assert header["ok"]
 

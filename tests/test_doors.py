@@ -13,7 +13,7 @@ from psana_ipc.client import Client
 from psana_ipc.client.wire import recv_message
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.messages import encode_request
+from psana_ipc.protocol.messages import Get, Hello, Ping, RunKey
 from psana_ipc.server.sources.synthetic import expected
 
 from faulty_source.probes import closed_by_server, connect, hello, open_fds, record_figure
@@ -66,10 +66,10 @@ def test_connections_without_a_complete_request_are_closed(start_server):
     half_legacy = connect(server.address)
     half_legacy.sendall(b'{"exp": "x", ')
     trickle = connect(server.address)
-    hello_bytes = encode_frame(encode_request("hello", 0, version=1, host="h", transport="shm"))
+    hello_bytes = encode_frame(Hello(1, host="h").to_header(0))
     begun = connect(server.address)
     assert hello(begun)["ok"]
-    begun.sendall(encode_frame(encode_request("ping", 1))[:3])
+    begun.sendall(encode_frame(Ping().to_header(1))[:3])
     closed = False
     for b in hello_bytes[:-1]:             # 1 byte per 0.2 s: never complete in time
         try:
@@ -91,8 +91,7 @@ def test_an_idle_connection_holding_nothing_is_closed_and_the_client_reconnects(
     server = start_server(["--workers", "1", "--idle-timeout", "1"])
     holding = connect(server.address)
     assert hello(holding)["ok"]
-    holding.sendall(encode_frame(encode_request("get", 1, exp="x", run=1, detector="epix100",
-                                                mode="raw", events=[1])))
+    holding.sendall(encode_frame(Get(RunKey("x", 1, "epix100"), "raw", (1,)).to_header(1)))
     assert recv_message(holding)[0]["ok"]  # a frame it never releases
     idle = connect(server.address)
     assert hello(idle)["ok"]

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from psana_ipc.client import Client
+from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.messages import MODES, hello_request
+from psana_ipc.protocol.messages import MODES, Hello
 
 from conftest import ServerProcess
 from faulty_source.probes import closed_by_server, connect, record_figure
@@ -59,7 +60,8 @@ class Target:
         self.cases = 0
 
     def hello(self, transport: str) -> bytes:
-        return encode_frame(hello_request(0, socket.gethostname(), transport, self.token))
+        hello = Hello(PROTOCOL_VERSION, self.token, socket.gethostname(), transport)
+        return encode_frame(hello.to_header(0))
 
     def throw(self, data: bytes) -> None:
         """One case: send, say we are done, and expect a close; then check health."""

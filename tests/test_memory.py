@@ -12,7 +12,7 @@ from psana_ipc.client import Client, ServerError, legacy
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.messages import encode_request
+from psana_ipc.protocol.messages import Get, RunKey
 from psana_ipc.server.shared_state import Grant, SharedState
 from psana_ipc.server.shm import round_up
 from psana_ipc.server.sources.synthetic import expected
@@ -97,8 +97,8 @@ def test_an_inline_client_that_never_reads_holds_at_most_its_share(start_server)
     sock = connect(server.address)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     assert hello(sock, transport="inline", window=64)["ok"]
-    sock.sendall(encode_frame(encode_request("get", 1, exp="x", run=1, detector="epix10k2M",
-                                             mode="raw", events=list(range(64)))))
+    sock.sendall(encode_frame(Get(RunKey("x", 1, "epix10k2M"), "raw",
+                                  tuple(range(64))).to_header(1)))
     for e in range(3):
         assert np.array_equal(other.get("x", 1, "epix10k2M", e, "raw"),
                               expected("epix10k2M", "raw", e))

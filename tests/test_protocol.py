@@ -11,8 +11,7 @@ from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import MAX_HEADER, FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import Done, is_v1, parse_legacy
 from psana_ipc.protocol.messages import (MAX_EVENTS_PER_GET, MAX_FIELDS, MODES, FieldRef, Get,
-                                         Hello, Prefetch, Release, RunKey, encode_request,
-                                         parse_request)
+                                         Hello, Prefetch, Release, RunKey, parse_request)
 from psana_ipc.protocol.shm_names import ours, parse_segment_name, segment_name, segment_path
 
 json_values = st.recursive(
@@ -49,6 +48,34 @@ def test_frame_split_at_every_byte_yields_nothing_until_complete():
         assert decoder.next_frame() is None
     decoder.receive_data(data[-1:])
     assert decoder.next_frame().header == {"op": "ping", "id": 1}
+
+
+@given(st.integers(0, 300), st.integers(1, 64))
+def test_a_blocking_reader_takes_the_payload_into_its_own_memory(size, over):
+    """The client's steps: receive exactly what is `missing` until the header
+    is there, then take what is buffered of the payload and receive the rest
+    itself; nothing of the next frame is taken early."""
+    payload = bytes(range(256)) * 2
+    stream = encode_frame({"id": 1, "nbytes": size}) + payload[:size] + encode_frame({"id": 2})
+    decoder = FrameDecoder(max_payload=1 << 20)
+    pos = 0
+    while decoder.next_header() is None:
+        n = decoder.missing
+        decoder.receive_data(stream[pos:pos + n])
+        pos += n
+    head = decoder.next_header()
+    assert head.header == {"id": 1, "nbytes": size} and head.size == size
+    early = min(over, size)                       # a reader that had some payload bytes already
+    decoder.receive_data(stream[pos:pos + early])
+    pos += early
+    into = bytearray(size)
+    got = decoder.take_payload(memoryview(into))
+    assert got == early
+    into[got:] = stream[pos:pos + size - got]
+    pos += size - got
+    assert bytes(into) == payload[:size]
+    decoder.receive_data(stream[pos:])
+    assert decoder.next_frame() == ({"id": 2}, None)
 
 
 def test_header_over_the_cap_is_refused_before_buffering():
@@ -104,11 +131,8 @@ prefetches = st.builds(
 @given(prefetches, st.integers(0, 2**31))
 def test_prefetch_round_trips_through_the_wire(prefetch, rid):
     """As a client sends it (Client.prefetch), framed, decoded and validated."""
-    header = encode_request("prefetch", rid, exp=prefetch.key.exp, run=prefetch.key.run,
-                            detector=prefetch.key.detector, mode=prefetch.mode,
-                            events=list(prefetch.events), access_mode=prefetch.key.access_mode)
     decoder = FrameDecoder()
-    decoder.receive_data(encode_frame(header))
+    decoder.receive_data(encode_frame(prefetch.to_header(rid)))
     assert parse_request(decoder.next_frame().header) == (rid, prefetch)
     assert prefetch.get() == Get(prefetch.key, prefetch.mode, prefetch.events)
 
@@ -178,8 +202,8 @@ field_refs = st.builds(FieldRef, names, names, names)
 def test_field_lists_round_trip(fields, skip, events):
     """A get's fields as the client writes them parse back into the same
     frozen values, through the JSON a frame carries."""
-    header = encode_request("get", 3, exp="x", run=1, detector="epix10k2M", events=events,
-                            fields=[f.name for f in fields], skip_incomplete=skip)
+    header = Get(RunKey("x", 1, "epix10k2M"), "calib", tuple(events), tuple(fields),
+                 skip).to_header(3)
     decoded = FrameDecoder()
     decoded.receive_data(encode_frame(header))
     rid, get = parse_request(decoded.next_frame().header)
@@ -192,7 +216,7 @@ def test_legacy_requests_parse_when_complete():
     req = json.dumps({"exp": "xpptut15", "run": 14, "access_mode": "idx",
                       "detector_name": "epix10k2M", "event": 3, "mode": "calib"}).encode()
     assert parse_legacy(req[:10]) is None
-    get = parse_legacy(req)
+    get = parse_legacy(req).get
     assert get.key.detector == "epix10k2M" and get.events == (3,) and get.mode == "calib"
     assert isinstance(parse_legacy(b"DONE"), Done)
     assert parse_legacy(b"DO") is None
@@ -239,3 +263,4 @@ def test_segments_are_picked_from_a_listing_by_server_and_worker():
     assert list(ours(listing, server_pid=1)) == ["psipc_1_2_a", "psipc_1_3_b"]
     assert list(ours(listing, server_pid=1, worker_pid=3)) == ["psipc_1_3_b"]
     assert segment_path("/psipc_1_2_a") == "/dev/shm/psipc_1_2_a"
+

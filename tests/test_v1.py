@@ -4,6 +4,7 @@ import pytest
 
 from psana_ipc.client import Client, ServerError
 from psana_ipc.protocol import errors
+from psana_ipc.protocol.messages import Release
 from psana_ipc.server.sources.synthetic import expected, timestamp_of
 
 
@@ -35,7 +36,7 @@ def test_get_many_keeps_request_order_with_repeats(server):
 def test_inline_transport_gives_the_same_bytes(server):
     with Client(server.address, transport="inline") as c:
         batch = c.get_many("x", 1, "epix10k2M", [1, 2], "calib")
-        assert c.server["transport"] == "inline"
+        assert c.server.transport == "inline"
     assert np.array_equal(batch[1], expected("epix10k2M", "calib", 2))
 
 
@@ -97,7 +98,7 @@ def test_every_event_is_present_where_sources_have_no_rates(server):
     (lambda c: c.get("x", 1, "epix100", 1000), errors.OUT_OF_RANGE),
     (lambda c: c.get("x", 1, "epix100", 0, "fancy"), errors.UNKNOWN_MODE),
     (lambda c: c.get_many("x", 1, "epix100", [0, 5000, 1]), errors.OUT_OF_RANGE),
-    (lambda c: c.call("release", slots=[12345]), errors.BAD_SLOT),
+    (lambda c: c.call(Release((12345,))), errors.BAD_SLOT),
     (lambda c: c.get("x", 1, "epix100", 0, fields=["opal.x"]), errors.BAD_REQUEST),
 ])
 def test_errors_are_replies_and_the_connection_goes_on(server, call, code):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import BAD_REQUEST, OUT_OF_RANGE, UNKNOWN_MODE, ProtocolError
-from psana_ipc.protocol.messages import FieldRef, RunKey
+from psana_ipc.protocol.messages import FieldRef, RunKey, frame_nbytes
 
 # Gives the memory a frame is written into: (shape, dtype) -> writable array.
 Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
@@ -22,7 +22,7 @@ Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
 
 def frame_bytes(shape: Tuple[int, ...], dtype: Any) -> int:
     """Bytes of a frame of this shape and dtype."""
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return frame_nbytes(shape, np.dtype(dtype).itemsize)
 
 
 class SourceError(ProtocolError):

@@ -15,8 +15,9 @@ import pytest
 
 from psana_ipc.client.wire import recv_message, socket_family
 from psana_ipc.protocol.address import parse_address
+from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.messages import hello_request
+from psana_ipc.protocol.messages import Hello
 
 
 def connect(address: str, source: Optional[str] = None, timeout: float = 10.0) -> socket.socket:
@@ -33,7 +34,8 @@ def connect(address: str, source: Optional[str] = None, timeout: float = 10.0) -
 def hello(sock: socket.socket, token: Optional[str] = None, transport: str = "shm",
           window: int = 0) -> Dict:
     """Send a v1 hello and return the server's reply header."""
-    sock.sendall(encode_frame(hello_request(0, socket.gethostname(), transport, token, window)))
+    hello = Hello(PROTOCOL_VERSION, token, socket.gethostname(), transport, window)
+    sock.sendall(encode_frame(hello.to_header(0)))
     return recv_message(sock)[0]
 
 

@@ -1,0 +1,386 @@
+"""v1 replies, as both ends see them (the requests are in `messages`).
+
+Every header the server sends is one of the frozen classes below: the server
+builds the value and sends `to_header()`; the client gets the same value back
+from `parse_reply`, which checks each field's type, and reads attributes.
+A reply echoes its request's `id` (`rid`); the replies of a get say which
+event they are about (`seq`, `event`) and whether more follow (`done`).
+
+Which class a header is depends on the request it answers, so the client
+passes the requests waiting for replies to `parse_reply`; an error (`ok: false`) answers any
+request, and `id` -1 when the request had no usable id. Any reply may also
+carry the ids of slots the server retired since its last reply (`retired`),
+so the client drops their mappings: `parse_reply` returns them beside the
+reply.
+
+The checks are a few `isinstance` per field: this is the path of every
+frame, thousands a second.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+from .errors import BAD_FRAME, ProtocolError
+from .messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch, Release, Request,
+                       Shutdown, Stats, request_id)
+
+_MISSING = object()
+
+
+def _want(header: Dict[str, Any], name: str, kind: Any, default: Any = _MISSING) -> Any:
+    """A reply's field, of the type it must have (`default` when absent)."""
+    value = header.get(name, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ProtocolError(BAD_FRAME, f"bad reply from server: no field {name!r}")
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise ProtocolError(BAD_FRAME, f"bad reply from server: field {name!r} is {value!r}")
+    return value
+
+
+def _kinds(kind: Any) -> Tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _ints(header: Dict[str, Any], name: str) -> Tuple[int, ...]:
+    values = _want(header, name, list)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ProtocolError(BAD_FRAME, f"bad reply from server: {name} must be integers")
+    return tuple(values)
+
+
+def _reply_header(rid: int, ok: bool = True) -> Dict[str, Any]:
+    return {"ok": ok, "id": rid}
+
+
+@dataclass(frozen=True)
+class FrameDesc:
+    """What a reply says about a frame besides where its bytes are: shape,
+    dtype (numpy's `dtype.str`), timestamp, whether it is calibrated, and
+    anything else its source or request adds (`values` of fields)."""
+    shape: Tuple[int, ...]
+    dtype: str
+    timestamp: Any = None         # as the source gives it: {"time": ...}, or None
+    calibrated: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def values(self) -> Dict[str, Any]:
+        """The fields the get named, each `{data, dtype, shape}`."""
+        return self.extra.get("values", {})
+
+    def to_fields(self) -> Dict[str, Any]:
+        fields = {"shape": list(self.shape), "dtype": self.dtype, "timestamp": self.timestamp,
+                  "calibrated": self.calibrated}
+        fields.update(self.extra)
+        return fields
+
+    @classmethod
+    def from_fields(cls, header: Dict[str, Any], taken: Sequence[str] = ()) -> "FrameDesc":
+        """From a header or a stored descriptor; keys in `taken` belong to the
+        reply around it, not to the frame."""
+        extra = {k: v for k, v in header.items() if k not in _DESC and k not in taken}
+        return cls(_ints(header, "shape"), _want(header, "dtype", str),
+                   header.get("timestamp"),
+                   _want(header, "calibrated", bool, True), extra)
+
+
+_DESC = frozenset(("shape", "dtype", "timestamp", "calibrated"))
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """A request failed (`code` from `errors`). The failure of one event of a
+    get says which (`seq`, `event`) and whether the get goes on (`done`)."""
+    rid: int
+    code: str
+    message: str
+    done: Optional[bool] = None
+    seq: Optional[int] = None
+    event: Optional[int] = None
+
+    @property
+    def last(self) -> bool:
+        return self.done is not False
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid, ok=False)
+        header["code"] = self.code
+        header["message"] = self.message
+        for name in ("done", "seq", "event"):
+            value = getattr(self, name)
+            if value is not None:
+                header[name] = value
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> "ErrorReply":
+        return cls(request_id(h), _want(h, "code", str), _want(h, "message", str),
+                   _want(h, "done", bool, None), _want(h, "seq", int, None),
+                   _want(h, "event", int, None))
+
+
+class _Flat:
+    """A reply whose header is `ok`, `id`, its fields by name (`_KINDS`: name
+    and type, in header order), then the flags it always sets (`_FLAGS`)."""
+    rid: int
+    _KINDS: Dict[str, Any] = {}
+    _FLAGS: Tuple[str, ...] = ()
+    last = True
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid)
+        header.update((name, getattr(self, name)) for name in self._KINDS)
+        header.update((flag, True) for flag in self._FLAGS)
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> Any:
+        for flag in cls._FLAGS:
+            _want(h, flag, bool)
+        return cls(request_id(h), *(_want(h, name, kind) for name, kind in cls._KINDS.items()))
+
+
+@dataclass(frozen=True)
+class Welcome(_Flat):
+    """The answer to hello: what the connection agreed on, and who serves it."""
+    rid: int
+    version: int
+    transport: str
+    window: int
+    source: str
+    worker: int           # the pid of the worker serving this connection
+    group: str            # the connection group id (batch arenas)
+
+    _KINDS = {"version": int, "transport": str, "window": int, "source": str, "worker": int,
+              "group": str}
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    """What the source says about a run or a detector (see `FrameReader.info`)."""
+    rid: int
+    info: Dict[str, Any]
+
+    last = True
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid)
+        header.update(self.info)
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> "InfoReply":
+        return cls(request_id(h), {k: v for k, v in h.items() if k not in _ENVELOPE})
+
+
+@dataclass(frozen=True)
+class Queued(_Flat):
+    """A prefetch taken: how many events will be read ahead."""
+    rid: int
+    queued: int
+
+    _KINDS = {"queued": int}
+    _FLAGS = ("done",)
+
+
+@dataclass(frozen=True)
+class Pong(_Flat):
+    rid: int
+
+    _FLAGS = ("pong",)
+
+
+@dataclass(frozen=True)
+class StatsReply(_Flat):
+    rid: int
+    stats: Dict[str, Any]
+
+    _KINDS = {"stats": dict}
+
+
+@dataclass(frozen=True)
+class Stopping(_Flat):
+    """A shutdown accepted: the server stops."""
+    rid: int
+
+    _FLAGS = ("stopping",)
+
+
+@dataclass(frozen=True)
+class ArenaMade(_Flat):
+    """A batch arena made for the connection's group: its segment and size."""
+    rid: int
+    name: str
+    size: int
+
+    _KINDS = {"name": str, "size": int}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An event of a `skip_incomplete` get that lacks a detector: no frame."""
+    rid: int
+    seq: int
+    event: int
+    message: str
+    done: bool
+
+    @property
+    def last(self) -> bool:
+        return self.done
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid)
+        header.update(seq=self.seq, event=self.event, skipped=True, message=self.message,
+                      done=self.done)
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> "Skipped":
+        return cls(request_id(h), _want(h, "seq", int), _want(h, "event", int),
+                   _want(h, "message", str), _want(h, "done", bool))
+
+
+@dataclass(frozen=True)
+class FrameReply:
+    """One event's frame: in a slot of the connection (`slot`, its segment
+    `name` and mapped `size`; `cached`: a frame-cache entry pinned under the
+    handle `slot`), or inline, `nbytes` of payload after the header."""
+    rid: int
+    seq: int
+    event: int
+    done: bool
+    desc: FrameDesc
+    slot: Optional[int] = None
+    name: Optional[str] = None
+    size: Optional[int] = None
+    cached: bool = False
+    nbytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        in_slot = self.slot is not None and self.name is not None and self.size is not None
+        if in_slot == (self.nbytes is not None) or (self.cached and not in_slot):
+            raise ProtocolError(BAD_FRAME, "bad reply from server: a frame is either in a slot "
+                                           "(slot, name, size) or inline (nbytes)")
+
+    @property
+    def last(self) -> bool:
+        return self.done
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid)
+        header.update(seq=self.seq, event=self.event, done=self.done)
+        header.update(self.desc.to_fields())
+        if self.nbytes is not None:
+            header["nbytes"] = self.nbytes
+            return header
+        header.update(slot=self.slot, name=self.name, size=self.size)
+        if self.cached:
+            header["cached"] = True
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> "FrameReply":
+        return cls(request_id(h), _want(h, "seq", int), _want(h, "event", int),
+                   _want(h, "done", bool), FrameDesc.from_fields(h, _FRAME_REPLY),
+                   _want(h, "slot", int, None), _want(h, "name", str, None),
+                   _want(h, "size", int, None), _want(h, "cached", bool, False),
+                   _want(h, "nbytes", int, None))
+
+
+@dataclass(frozen=True)
+class WrittenFrame:
+    """One frame a get wrote into a batch arena."""
+    seq: int
+    event: int
+    desc: FrameDesc
+
+    def to_fields(self) -> Dict[str, Any]:
+        fields = {"seq": self.seq, "event": self.event}
+        fields.update(self.desc.to_fields())
+        return fields
+
+    @classmethod
+    def from_fields(cls, f: Any) -> "WrittenFrame":
+        if not isinstance(f, dict):
+            raise ProtocolError(BAD_FRAME, "bad reply from server: frames must be objects")
+        return cls(_want(f, "seq", int), _want(f, "event", int),
+                   FrameDesc.from_fields(f, ("seq", "event")))
+
+
+@dataclass(frozen=True)
+class ArenaWritten:
+    """Every frame of a get into a batch arena is there (one reply per get)."""
+    rid: int
+    arena: str
+    frames: Tuple[WrittenFrame, ...]
+
+    last = True
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid)
+        header.update(done=True, arena=self.arena, frames=[f.to_fields() for f in self.frames])
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> "ArenaWritten":
+        return cls(request_id(h), _want(h, "arena", str),
+                   tuple(WrittenFrame.from_fields(f) for f in _want(h, "frames", list)))
+
+
+Reply = Union[ErrorReply, Welcome, InfoReply, Queued, Pong, StatsReply, Stopping, ArenaMade,
+              Skipped, FrameReply, ArenaWritten]
+_ENVELOPE = frozenset(("ok", "id", "retired"))
+_FRAME_REPLY = _ENVELOPE | {"seq", "event", "done", "slot", "name", "size", "cached", "nbytes"}
+
+
+class Received(NamedTuple):
+    """A parsed reply, and the slots the server retired since its last one."""
+    reply: Reply
+    retired: Tuple[int, ...]
+
+
+def encode_reply(reply: Reply, retired: Sequence[int] = ()) -> Dict[str, Any]:
+    """The header of `reply`, telling the slots retired since the last reply."""
+    header = reply.to_header()
+    if retired:
+        header["retired"] = list(retired)
+    return header
+
+
+def _get_reply(h: Dict[str, Any], request: Get) -> Reply:
+    if request.into is not None:
+        return ArenaWritten.from_header(h)
+    if h.get("skipped"):
+        return Skipped.from_header(h)
+    return FrameReply.from_header(h)
+
+
+_PARSERS = {
+    Hello: Welcome.from_header,
+    Info: InfoReply.from_header,
+    Prefetch: Queued.from_header,
+    MakeArena: ArenaMade.from_header,
+    Ping: Pong.from_header,
+    Stats: StatsReply.from_header,
+    Shutdown: Stopping.from_header,
+}
+NO_REPLY = (Release, FreeArenas)     # answered only when they fail
+
+
+def parse_reply(header: Dict[str, Any], waiting: Mapping[int, Request]) -> Received:
+    """The reply in a decoded header to one of the requests `waiting` for
+    replies (by id); ProtocolError if it is not one. An error may answer any
+    id, also one not waiting (a release, or -1)."""
+    retired = _ints(header, "retired") if "retired" in header else ()
+    if _want(header, "ok", bool) is False:
+        return Received(ErrorReply.from_header(header), retired)
+    request = waiting.get(request_id(header))
+    if isinstance(request, Get):
+        return Received(_get_reply(header, request), retired)
+    parser = _PARSERS.get(type(request))
+    if parser is None:
+        raise ProtocolError(BAD_FRAME, f"bad reply from server: a reply to request "
+                                       f"{request_id(header)}, which waits for none")
+    return Received(parser(header), retired)

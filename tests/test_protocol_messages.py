@@ -1,0 +1,258 @@
+"""Every message of both dialects, as one value both ends share: built, turned
+into its header (or bytes), framed, decoded and parsed back, it is the same
+value. Plain unit tests: no sockets (the protocol is sans-I/O)."""
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from psana_ipc.protocol import PROTOCOL_VERSION, errors
+from psana_ipc.protocol.errors import ProtocolError
+from psana_ipc.protocol.framing import FrameDecoder, encode_frame
+from psana_ipc.protocol.legacy import (Done, LegacyError, LegacyFrame, LegacyGet, LegacyMark,
+                                       Probe, is_ours, parse_legacy, parse_legacy_reply)
+from psana_ipc.protocol.messages import (MODES, TRANSPORTS, FieldRef, FreeArenas, Get, Hello,
+                                         Info, Into, MakeArena, Ping, Prefetch, Release, RunKey,
+                                         Shutdown, Stats, frame_nbytes, parse_request)
+from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
+                                        FrameReply, InfoReply, Pong, Queued, Received, Skipped,
+                                        StatsReply, Stopping, Welcome, WrittenFrame, encode_reply,
+                                        parse_reply)
+
+text = st.text(max_size=20)
+names = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:-",
+                min_size=1, max_size=12).filter(lambda n: not n.startswith("_"))
+ids = st.integers(0, 2**31)
+counts = st.integers(0, 2**40)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=10)
+
+
+def json_objects(reserved=frozenset()):
+    return st.dictionaries(st.text(max_size=8).filter(lambda k: k not in reserved), json_values,
+                           max_size=4)
+
+
+# -- v1 requests ---------------------------------------------------------------------------
+run_keys = st.builds(RunKey, text, ids, text, text)
+events = st.lists(counts, min_size=1, max_size=20).map(tuple)
+field_refs = st.builds(FieldRef, names, names, names)
+shapes = st.lists(st.integers(0, 4096), max_size=4).map(tuple)
+
+
+@st.composite
+def gets_into(draw):
+    evts = draw(events)
+    into = Into(draw(text), tuple(draw(st.lists(counts, min_size=len(evts),
+                                                max_size=len(evts)))),
+                draw(shapes), draw(text))
+    return Get(draw(run_keys), draw(st.sampled_from(MODES)), evts, into=into)
+
+
+plain_gets = st.builds(Get, run_keys, st.sampled_from(MODES), events,
+                       st.lists(field_refs, max_size=5).map(tuple), st.booleans())
+requests = st.one_of(
+    st.builds(Hello, st.integers(0, 9), st.none() | text, text, st.sampled_from(TRANSPORTS),
+              st.integers(0, 4096), st.none() | text),
+    st.builds(Info, text, ids, st.none() | text, st.booleans()),
+    plain_gets,
+    gets_into(),
+    st.builds(Prefetch, run_keys, st.sampled_from(MODES), events),
+    st.builds(MakeArena, st.integers(1, 2**40)),
+    st.builds(FreeArenas, st.lists(text, max_size=5).map(tuple)),
+    st.builds(Release, st.lists(ids, max_size=20).map(tuple)),
+    st.builds(Ping), st.builds(Stats),
+    st.builds(Shutdown, st.none() | text),
+)
+
+
+def through_the_wire(header, payload=b"", max_payload=0):
+    """A header framed, split in two, and decoded as the server decodes."""
+    data = encode_frame(header) + payload
+    decoder = FrameDecoder(max_payload=max_payload)
+    decoder.receive_data(data[: len(data) // 2])
+    first = decoder.next_frame()
+    decoder.receive_data(data[len(data) // 2:])
+    frame = first or decoder.next_frame()
+    assert frame is not None and decoder.next_frame() is None
+    return frame
+
+
+@given(requests, ids)
+def test_every_request_round_trips(request, rid):
+    assert parse_request(through_the_wire(request.to_header(rid)).header) == (rid, request)
+
+
+def test_a_request_says_only_what_differs_from_its_defaults():
+    """The bytes a client has always sent: optional fields are left out."""
+    assert Hello(1, host="h").to_header(0) == {"op": "hello", "id": 0, "version": 1,
+                                               "host": "h", "transport": "shm"}
+    assert Get(RunKey("x", 1, "d"), "raw", (4,)).to_header(2) == {
+        "op": "get", "id": 2, "exp": "x", "run": 1, "detector": "d", "mode": "raw",
+        "events": [4], "access_mode": "idx"}
+    assert Info("x", 1).to_header(3) == {"op": "info", "id": 3, "exp": "x", "run": 1}
+    assert Shutdown().to_header(4) == {"op": "shutdown", "id": 4}
+
+
+# -- v1 replies ----------------------------------------------------------------------------
+descs = st.builds(FrameDesc, shapes, text, st.none() | json_objects(), st.booleans(),
+                  json_objects(frozenset({"ok", "id", "retired", "seq", "event", "done", "slot",
+                                          "name", "size", "cached", "nbytes", "shape",
+                                          "dtype", "timestamp", "calibrated"})))
+dones = st.booleans()
+
+
+@st.composite
+def frame_replies(draw):
+    rid, seq, event, done, desc = draw(ids), draw(ids), draw(counts), draw(dones), draw(descs)
+    if draw(st.booleans()):
+        return FrameReply(rid, seq, event, done, desc, nbytes=draw(st.integers(0, 64)))
+    return FrameReply(rid, seq, event, done, desc, slot=draw(ids), name=draw(text),
+                      size=draw(counts), cached=draw(st.booleans()))
+
+
+written = st.builds(WrittenFrame, ids, counts, descs)
+any_get = Get(RunKey("x", 1, "d"), "raw", (1,))
+into_get = Get(RunKey("x", 1, "d"), "raw", (1,), into=Into("a", (0,), (2,), "<f4"))
+REPLIES = [
+    (st.builds(Welcome, ids, ids, st.sampled_from(TRANSPORTS), ids, text, ids, text),
+     Hello(PROTOCOL_VERSION)),
+    (st.builds(InfoReply, ids, json_objects(frozenset({"ok", "id", "retired"}))),
+     Info("x", 1)),
+    (st.builds(Queued, ids, ids), Prefetch(RunKey("x", 1, "d"), "raw", (1,))),
+    (st.builds(Pong, ids), Ping()),
+    (st.builds(StatsReply, ids, json_objects()), Stats()),
+    (st.builds(Stopping, ids), Shutdown()),
+    (st.builds(ArenaMade, ids, text, counts), MakeArena(1)),
+    (st.builds(Skipped, ids, ids, counts, text, dones), any_get),
+    (frame_replies(), any_get),
+    (st.builds(ArenaWritten, ids, text, st.lists(written, max_size=4).map(tuple)), into_get),
+    (st.builds(ErrorReply, st.integers(-1, 2**31), st.sampled_from(sorted(errors.ALL_CODES)),
+               text, st.none() | dones, st.none() | ids, st.none() | counts), None),
+]
+
+
+@pytest.mark.parametrize("replies, request_", REPLIES,
+                         ids=[type(r).__name__ if r else "any" for _, r in REPLIES])
+@given(data=st.data())
+def test_every_reply_round_trips(replies, request_, data):
+    """As the server sends it (with the slots it retired), framed, decoded as
+    the client decodes, and parsed with the request it answers."""
+    reply = data.draw(replies)
+    retired = tuple(data.draw(st.lists(ids, max_size=4)))
+    payload = b"\0" * (reply.nbytes or 0) if isinstance(reply, FrameReply) else b""
+    frame = through_the_wire(encode_reply(reply, retired), payload, max_payload=64)
+    waiting = {} if request_ is None else {reply.rid: request_}
+    assert parse_reply(frame.header, waiting) == Received(reply, retired)
+
+
+def test_an_error_answers_any_id_and_only_an_error_answers_what_waits_for_none():
+    error = ErrorReply(-1, errors.BAD_FRAME, "no")
+    assert parse_reply(error.to_header(), {}).reply == error
+    with pytest.raises(ProtocolError):
+        parse_reply(Pong(7).to_header(), {})
+    with pytest.raises(ProtocolError):
+        parse_reply(Pong(7).to_header(), {7: Release((1,))})
+
+
+@pytest.mark.parametrize("header", [
+    {"ok": True, "id": 1, "seq": 0, "event": 1, "done": True, "shape": [2], "dtype": "<f4"},
+    {"ok": True, "id": 1, "seq": 0, "event": 1, "done": "yes", "shape": [2], "dtype": "<f4",
+     "nbytes": 8},
+    {"ok": True, "id": 1, "seq": 0, "event": 1, "done": True, "shape": [True], "dtype": "<f4",
+     "nbytes": 8},
+    {"ok": True, "id": 1, "seq": 0, "event": 1, "done": True, "shape": [2], "dtype": "<f4",
+     "slot": 3, "name": "s", "size": 8, "retired": ["x"]},
+])
+def test_a_reply_missing_or_mistyping_a_field_is_refused(header):
+    with pytest.raises(ProtocolError) as e:
+        parse_reply(header, {1: Get(RunKey("x", 1, "d"), "raw", (1,))})
+    assert e.value.code == errors.BAD_FRAME
+
+
+def test_a_frame_reply_is_the_header_a_client_has_always_read():
+    desc = FrameDesc((2, 3), "<f4", {"time": 5}, False, {"values": {}})
+    assert encode_reply(FrameReply(9, 0, 4, True, desc, slot=1, name="psipc_1_2_3", size=4096),
+                        [7]) == {
+        "ok": True, "id": 9, "seq": 0, "event": 4, "done": True, "shape": [2, 3],
+        "dtype": "<f4", "timestamp": {"time": 5}, "calibrated": False, "values": {}, "slot": 1,
+        "name": "psipc_1_2_3", "size": 4096, "retired": [7]}
+    assert list(ErrorReply(3, errors.NO_DATA, "m", True, 1, 5).to_header()) == [
+        "ok", "id", "code", "message", "done", "seq", "event"]
+
+
+# -- the legacy dialect ---------------------------------------------------------------------
+runs = ids | st.from_regex(r"\A[0-9]{1,6}\Z")
+legacy_gets = st.builds(LegacyGet, text, runs, text, counts, st.text(min_size=1, max_size=8),
+                        st.sampled_from(MODES))
+legacy_requests = st.one_of(legacy_gets, st.builds(Probe, st.none() | legacy_gets),
+                            st.builds(Done))
+legacy_replies = st.one_of(
+    st.builds(LegacyFrame, text, shapes, text, st.none() | json_objects(),
+              st.none() | st.booleans()),
+    st.builds(LegacyFrame, text, shapes, text, marked=st.just(False)),
+    st.builds(LegacyError, st.sampled_from(sorted(errors.ALL_CODES)), text),
+    st.builds(LegacyError, st.sampled_from(sorted(errors.ALL_CODES)), text, text, shapes),
+    st.builds(LegacyMark),
+)
+
+
+@given(legacy_requests)
+def test_every_legacy_request_round_trips(request):
+    data = request.to_bytes()
+    assert parse_legacy(data) == request
+
+
+@given(legacy_replies)
+def test_every_legacy_reply_round_trips(reply):
+    data = reply.to_bytes()
+    assert parse_legacy_reply(data[:-1]) is None      # not complete yet: read on
+    assert parse_legacy_reply(data) == reply
+    assert is_ours(reply) == reply.marked
+
+
+def test_legacy_messages_are_the_bytes_btx_clients_read():
+    assert LegacyGet("xpptut15", "14", "epix10k2M", 3).to_bytes() == (
+        b'{"exp": "xpptut15", "run": "14", "access_mode": "idx", '
+        b'"detector_name": "epix10k2M", "event": 3, "mode": "calib"}')
+    assert LegacyGet("x", "14", "d", 3).get.key.run == 14
+    assert LegacyFrame("psipc_1_2_3", (2, 3), "float32", {"time": 1}, True).to_bytes() == (
+        b'{"name": "psipc_1_2_3", "shape": [2, 3], "dtype": "float32", "psana_ipc": 1, '
+        b'"timestamp": {"time": 1}, "calibrated": true}')
+    assert json.loads(LegacyError("read_failed", "gone", "psipc_1_2_3", (2,)).to_bytes()) == {
+        "name": "psipc_1_2_3", "shape": [2], "dtype": "float32", "error": "gone",
+        "code": "read_failed", "message": "gone", "traceback": "read_failed: gone",
+        "psana_ipc": 1}
+    assert LegacyMark().to_bytes() == b'{"psana_ipc": 1}'
+
+
+def test_old_servers_replies_are_read_unmarked():
+    frame = parse_legacy_reply(b'{"name": "psm_1", "shape": [2, 2], "dtype": "float32"}')
+    assert frame == LegacyFrame("psm_1", (2, 2), "float32", marked=False)
+    maxie = parse_legacy_reply(b'{"error": "boom", "traceback": "..."}')
+    assert maxie == LegacyError(errors.INTERNAL, "boom", marked=False) and not is_ours(maxie)
+    with pytest.raises(ProtocolError):
+        parse_legacy_reply(b"[1, 2]")
+
+
+def test_a_probe_this_server_could_not_serve_still_gets_the_mark():
+    assert parse_legacy(b'{"psana_ipc_probe": true, "run": "r14"}') == Probe(None)
+
+
+def test_a_legacy_request_is_validated_like_the_server_always_did():
+    with pytest.raises(ProtocolError) as e:
+        LegacyGet("x", "r14", "d", 1)
+    assert e.value.code == errors.BAD_REQUEST
+    with pytest.raises(ProtocolError) as e:
+        LegacyGet("x", 1, "d", 1, mode="smooth")
+    assert e.value.code == errors.UNKNOWN_MODE
+    with pytest.raises(ProtocolError):
+        LegacyGet("x", 1, "d", -1)
+
+
+def test_frame_sizes_are_python_integers():
+    assert frame_nbytes((2 ** 40, 2 ** 40), 8) == 2 ** 83
+    assert frame_nbytes((), 4) == 4
