@@ -8,10 +8,9 @@ be removed, or belongs to someone else, is skipped and reported.
 import errno
 import fcntl
 import os
-import stat
 from typing import Dict, List
 
-from psana_ipc.protocol.shm_names import (SHM_DIR, lock_name, parse_lock_name,
+from psana_ipc.protocol.shm_names import (SHM_DIR, is_own_file, lock_name, parse_lock_name,
                                           parse_segment_name, segment_path)
 
 from .shm import our_segments
@@ -24,7 +23,7 @@ def _ours(path: str) -> bool:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+    return is_own_file(st.st_mode, st.st_uid, os.geteuid())
 
 
 def server_state(pid: int) -> str:

@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from psana_ipc.protocol.messages import frame_nbytes
 from psana_ipc.protocol.units import format_bytes
 
 # psana2 packs seconds since the EPICS epoch (1990-01-01 UTC) and nanoseconds in one int.
@@ -56,7 +57,7 @@ def info_text(exp: str, run: int, detector: Optional[str], info: Dict[str, Any])
             table(rows, ("detector", "events", "shape"))
     rows = []
     for mode, spec in info["modes"].items():
-        nbytes = int(np.prod(spec["shape"], dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
+        nbytes = frame_nbytes(spec["shape"], np.dtype(spec["dtype"]).itemsize)
         rows.append((mode, shape(spec["shape"]), spec["dtype"], format_bytes(nbytes),
                      calibrated(mode, spec.get("calibrated"))))
     return f"{exp} run {run} {detector}: {info['events']} events\n" + \

@@ -42,6 +42,11 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    """A host name or address of this host only (IPv4, IPv6, or IPv4-mapped)."""
+    return host.startswith(("127.", "::ffff:127.")) or host in ("::1", "localhost")
+
+
 def address_family(address: Address) -> str:
     """The name of the `socket` module's family constant for `address`
     ("AF_UNIX", "AF_INET" or "AF_INET6"), for the code that makes the socket."""

@@ -9,6 +9,7 @@ cleanup can tell a live server from a dead one.
 Only names here: listing /dev/shm is the job of the code that sweeps it.
 """
 import re
+import stat
 from typing import Iterable, Iterator, NamedTuple, Optional
 
 PREFIX = "psipc"
@@ -40,6 +41,13 @@ def parse_lock_name(name: str) -> Optional[int]:
     """The server pid of a lock file's name, or None."""
     m = _LOCK.match(name)
     return int(m.group(1)) if m else None
+
+
+def is_own_file(mode: int, owner: int, user: int) -> bool:
+    """Whether a file of this `st_mode` and owner is one `user` may open, lock
+    or remove under one of these names: a regular file of theirs, never a
+    link, a directory or another user's file that only looks like ours."""
+    return stat.S_ISREG(mode) and owner == user
 
 
 def segment_path(name: str) -> str:

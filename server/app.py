@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional
 
-from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_address
+from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_address, is_loopback
 
 from . import sources, startup
 from .context import WorkerContext
@@ -122,8 +122,7 @@ def serve(options: ServerOptions) -> int:
     factory = open_factory(options)
     token = read_or_create_token(options.token_file) if options.token_file else None
     listener = bind_unix(options.unix) if options.unix else bind_tcp(options.host, options.port)
-    if token is None and not options.unix and not options.host.startswith("127.") \
-            and options.host not in ("::1", "localhost"):
+    if token is None and not options.unix and not is_loopback(options.host):
         log.warning("listening on %s without --token-file: anyone who can reach this port "
                     "can read events and stop the server", options.host)
     address = options.unix or listener.getsockname()[:2]

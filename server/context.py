@@ -4,6 +4,8 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from psana_ipc.protocol.address import is_loopback
+
 from .frame_cache import WorkerCache
 from .frame_reader import FrameReader
 from .shared_state import Counters
@@ -44,5 +46,4 @@ def is_local_peer(sock: socket.socket) -> bool:
         host = sock.getpeername()[0]
     except OSError:   # the peer has already reset the connection
         return False
-    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") \
-        or host.startswith("::ffff:127.")
+    return is_loopback(host)

@@ -11,10 +11,9 @@ left alone: the server runs without one (cleanup then keeps its segments).
 import fcntl
 import logging
 import os
-import stat
 from typing import Optional
 
-from psana_ipc.protocol.shm_names import lock_name, segment_path
+from psana_ipc.protocol.shm_names import is_own_file, lock_name, segment_path
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def _open_ours(path: str) -> Optional[int]:
     except OSError:
         return None
     st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+    if not is_own_file(st.st_mode, st.st_uid, os.geteuid()):
         os.close(fd)
         return None
     return fd

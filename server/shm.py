@@ -21,12 +21,11 @@ import errno
 import logging
 import mmap
 import os
-import stat
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.shm_names import SHM_DIR, ours, segment_path
+from psana_ipc.protocol.shm_names import SHM_DIR, is_own_file, ours, segment_path
 
 log = logging.getLogger(__name__)
 PAGE = mmap.PAGESIZE
@@ -143,7 +142,7 @@ def owned_by_us(name: str) -> bool:
         st = os.lstat(segment_path(name))
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+    return is_own_file(st.st_mode, st.st_uid, os.geteuid())
 
 
 def sweep(server_pid: int, worker_pid: Optional[int] = None) -> int:

@@ -1,18 +1,21 @@
 """The wire format as plain unit tests: no sockets (the protocol is sans-I/O)."""
 import json
+import stat
 import struct
 
 import pytest
 from hypothesis import given, strategies as st
 
 from psana_ipc.protocol import errors
-from psana_ipc.protocol.address import address_family, format_address, parse_address
+from psana_ipc.protocol.address import (address_family, format_address, is_loopback,
+                                        parse_address)
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import MAX_HEADER, FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import Done, is_v1, parse_legacy
 from psana_ipc.protocol.messages import (MAX_EVENTS_PER_GET, MAX_FIELDS, MODES, FieldRef, Get,
                                          Hello, Prefetch, Release, RunKey, parse_request)
-from psana_ipc.protocol.shm_names import ours, parse_segment_name, segment_name, segment_path
+from psana_ipc.protocol.shm_names import (is_own_file, ours, parse_segment_name, segment_name,
+                                          segment_path)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
@@ -264,3 +267,17 @@ def test_segments_are_picked_from_a_listing_by_server_and_worker():
     assert list(ours(listing, server_pid=1, worker_pid=3)) == ["psipc_1_3_b"]
     assert segment_path("/psipc_1_2_a") == "/dev/shm/psipc_1_2_a"
 
+
+@pytest.mark.parametrize("host, local", [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True),
+                                         ("::ffff:127.0.0.1", True), ("localhost", True),
+                                         ("0.0.0.0", False), ("10.0.0.1", False),
+                                         ("::ffff:10.0.0.1", False), ("1270.0.0.1", False)])
+def test_loopback_hosts(host, local):
+    assert is_loopback(host) is local
+
+
+def test_only_a_regular_file_of_the_user_is_ours():
+    assert is_own_file(stat.S_IFREG | 0o600, 1000, 1000)
+    assert not is_own_file(stat.S_IFREG | 0o600, 0, 1000)
+    assert not is_own_file(stat.S_IFLNK | 0o777, 1000, 1000)
+    assert not is_own_file(stat.S_IFDIR | 0o700, 1000, 1000)
