@@ -68,7 +68,9 @@ def decode_header(body: bytes) -> Dict[str, Any]:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {e}") from e
     if not isinstance(header, dict):
         raise ProtocolError(BAD_JSON, "header must be a JSON object")
-    if _depth(header) > MAX_JSON_DEPTH:
+    # no deeper than it has brackets: most headers need no walk (the path of every frame)
+    openers = body.count(b"{") + body.count(b"[")
+    if openers > MAX_JSON_DEPTH and _depth(header) > MAX_JSON_DEPTH:
         raise ProtocolError(BAD_JSON, f"header nests deeper than {MAX_JSON_DEPTH}")
     return header
 

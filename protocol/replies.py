@@ -51,8 +51,8 @@ def _take(header: Dict[str, Any], spec: Spec) -> Any:
     """Several fields at once, as `_want` checks them (the per-frame path)."""
     values = []
     for name, kind, default in spec:
-        value = header.get(name)
-        if value.__class__ is not kind:
+        value = header.get(name, default)
+        if value.__class__ is not kind and (value is not default or default is _MISSING):
             value = _want(header, name, kind, default)
         values.append(value)
     return values
@@ -100,8 +100,9 @@ class FrameDesc:
         """From a header or a stored descriptor; every key not `taken` (the
         frame's own, and those of the reply around it) goes to `extra`."""
         dtype, calibrated = _take(header, _DESC_SPEC)
+        others = header.keys() - taken
         return cls(_ints(header, "shape"), dtype, header.get("timestamp"), calibrated,
-                   {k: v for k, v in header.items() if k not in taken})
+                   {k: v for k, v in header.items() if k in others} if others else {})
 
 
 _DESC_SPEC: Spec = (("dtype", str, _MISSING), ("calibrated", bool, True))
