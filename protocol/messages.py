@@ -6,6 +6,7 @@ is one way to a header, `to_header(id)` (the client sends it), and one way
 back, `parse_request` (the server reads it), which turns a decoded header
 into the same value or raises `ProtocolError`. Every request carries an
 integer `id` that its replies echo, which is what makes pipelining possible.
+A frame's byte size, which both ends compute from a shape, is `frame_nbytes`.
 """
 import math
 from dataclasses import dataclass

@@ -28,7 +28,7 @@ def frame_desc(data: np.ndarray, meta: FrameMeta) -> FrameDesc:
 
 
 def frame_fields(data: np.ndarray, meta: FrameMeta) -> Dict[str, Any]:
-    """The same as the fields the frame cache stores with an entry."""
+    """The descriptor as a dict, as the frame cache stores it with an entry."""
     return frame_desc(data, meta).to_fields()
 
 
