@@ -28,26 +28,31 @@ MAX_REPLY = 1 << 20
 PROBE_TIMEOUT = 30.0
 
 
-def _recv_reply(sock: socket.socket) -> LegacyReply:
-    """Read until the bytes parse: the dialect has no framing."""
+def recv_reply(sock: socket.socket, until_closed: bool = False) -> Optional[LegacyReply]:
+    """A reply, read until its bytes parse (the dialect has no framing) or,
+    `until_closed`, until the server closes (None if nothing parses then).
+    ProtocolError when what came is no reply."""
     buf = b""
     while len(buf) < MAX_REPLY:
         chunk = sock.recv(4096)
         if not chunk:
             break
         buf += chunk
-        try:
-            reply = parse_legacy_reply(buf)
-        except ProtocolError as e:
-            raise ServerError(e.code, e.message) from None
+        reply = None if until_closed else parse_legacy_reply(buf)
         if reply is not None:
             return reply
-    raise ServerError(BAD_JSON, f"no JSON reply from the legacy server (got {buf[:80]!r})")
+    reply = parse_legacy_reply(buf)
+    if reply is None and not until_closed:
+        raise ProtocolError(BAD_JSON, f"no JSON reply from the legacy server (got {buf[:80]!r})")
+    return reply
 
 
 def _request(sock: socket.socket, request: Any) -> LegacyReply:
     sock.sendall(request.to_bytes())
-    return _recv_reply(sock)
+    try:
+        return recv_reply(sock)
+    except ProtocolError as e:
+        raise ServerError(e.code, e.message) from None
 
 
 def _legacy_get(exp: str, run: Any, access_mode: str, detector_name: str, event: int,

@@ -16,9 +16,10 @@ from typing import List, Optional, Set
 
 from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import ProtocolError, ServerError
-from psana_ipc.protocol.legacy import Done, LegacyError, is_ours, parse_legacy_reply
+from psana_ipc.protocol.legacy import Done, LegacyError, is_ours
 
 from .connection import Client
+from .legacy import recv_reply
 from .wire import ConnectionClosed, socket_family
 
 V1_WAIT = 2.0          # an answer to `shutdown` takes longer only from a worker stuck in psana
@@ -86,14 +87,8 @@ def _shutdown_v1(address: Address, timeout: float, token: Optional[str]) -> bool
 def _until_closed(sock: socket.socket) -> None:
     """Read until the server closes the DONE connection; a marked error reply
     (our server refusing DONE, e.g. with a token) is raised."""
-    buf = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
     try:
-        reply = parse_legacy_reply(buf)
+        reply = recv_reply(sock, until_closed=True)
     except ProtocolError:
         return
     if isinstance(reply, LegacyError) and is_ours(reply):
