@@ -89,6 +89,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max_header = max_header
         self._max_payload = max_payload
+        self._length: Optional[int] = None    # the next header's, once its prefix is checked
         self._head: Optional[Head] = None     # a header whose payload is not taken yet
         self._error: Optional[ProtocolError] = None
 
@@ -104,10 +105,9 @@ class FrameDecoder:
         """Bytes still to receive before `next_header` can return a header
         (read exactly these: nothing of the next frame is taken early). Only
         meaningful after `next_header` returned None."""
-        if len(self._buf) < LENGTH.size:
+        if self._length is None:
             return LENGTH.size - len(self._buf)
-        (n,) = LENGTH.unpack(bytes(self._buf[: LENGTH.size]))
-        return LENGTH.size + n - len(self._buf)
+        return LENGTH.size + self._length - len(self._buf)
 
     def next_header(self) -> Optional[Head]:
         """The next frame's header and payload size once the header is complete,
@@ -145,13 +145,15 @@ class FrameDecoder:
         return n
 
     def _parse_head(self) -> Optional[Head]:
-        if len(self._buf) < LENGTH.size:
-            return None
-        n = header_length(bytes(self._buf[: LENGTH.size]), self._max_header)
-        end = LENGTH.size + n
+        if self._length is None:
+            if len(self._buf) < LENGTH.size:
+                return None
+            self._length = header_length(bytes(self._buf[: LENGTH.size]), self._max_header)
+        end = LENGTH.size + self._length
         if len(self._buf) < end:
             return None
         header = decode_header(bytes(self._buf[LENGTH.size:end]))
         size = payload_size(header, self._max_payload)
         del self._buf[:end]
+        self._length = None
         return Head(header, size)
