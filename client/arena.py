@@ -11,18 +11,21 @@ the server's budget. With CUDA, each arena is registered once as pinned
 host memory, so `batch.to("cuda", non_blocking=True)` copies straight from
 what the server wrote.
 
-`arena_buffer` gives a batch_ring `Buffer` whose memory is an arena, so
-IPCRemotePsanaDataset's batches (without DataLoader workers) are written in
-place too, under the ring's own reuse rule.
+`GroupArenas` gives batch_ring `Buffer`s whose memory is an arena, so
+IPCRemotePsanaDataset's batches are written in place too, under the ring's
+own reuse rule; in DataLoader workers the main process adopts the arenas the
+workers make (batch_handoff), so they outlive the workers and the next
+epoch's workers fill them again.
 """
 import os
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from psana_ipc.protocol.shm_names import segment_path
 
-from .batch_ring import Buffer, lock
+from . import batch_handoff
+from .batch_ring import TRAILER, Buffer, Key, lock, write_trailer_name
 from .connection import Client
 from .group import ConnectionGroup
 from .shm import attach
@@ -116,38 +119,60 @@ class ArenaRing:
 
 
 class ArenaBuffer(Buffer):
-    """A ring buffer over an arena (its last byte is the ring's flag)."""
+    """A ring buffer over an arena this process made (see batch_ring)."""
 
     def __init__(self, client: Client, capacity: int, pinned: bool) -> None:
-        made = client.make_arena(capacity + 1)
-        self.name = made["name"]
-        self._client, self._generation = client, client.generation
-        fd = os.open(segment_path(self.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        super().__init__(capacity, fd=fd, locked=lock(fd))
+        made = client.make_arena(capacity + TRAILER, wait=False)
+        self._client, self._generation, self._made = client, client.generation, made["name"]
+        fd = os.open(segment_path(self._made), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        super().__init__(capacity, fd=fd, locked=lock(fd), group=client.group)
+        write_trailer_name(self.bytes, capacity, self._made)
         self.pinned = pinned
         self._pinned = _pin(self._memory) if pinned else 0
 
+    def _settle(self) -> None:
+        """Once the main process adopted the arena (a new name in the trailer),
+        tell this connection to stop counting the old name."""
+        if self._made is not None and self.name != self._made:
+            self._client.free_arena(self._made)
+            self._made = None
+
     def alive(self) -> bool:
-        return self._generation == self._client.generation
+        """This process's own arena lives while its connection does; an
+        adopted one while its new name exists."""
+        self._settle()
+        if self._made is not None and self._generation != self._client.generation:
+            return False
+        return super().alive()
 
     def close(self) -> None:
         if getattr(self, "_pinned", 0):
             _unpin(self._pinned)
             self._pinned = 0
-        if getattr(self, "name", None) and self.alive():
-            self._client.free_arena(self.name)
-            self.name = None
+        if getattr(self, "_made", None) is not None and self.bytes is not None:
+            self._settle()
+            if self._made is not None and self._generation == self._client.generation:
+                self._client.free_arena(self._made)
+            self._made = None
         super().close()
 
     __del__ = close
 
 
-def arena_buffer(group: ConnectionGroup) -> Callable[[int, bool], Buffer]:
-    """A batch_ring `make` whose buffers are arenas, spread over the group's connections."""
-    made = [0]
+class GroupArenas:
+    """Where a ring of batch arenas gets its buffers: an idle arena the main
+    process kept for this connection group (a DataLoader worker of a later
+    epoch claims it), else a new arena on one of the group's connections in
+    turn. Picklable, for spawned DataLoader workers."""
 
-    def make(nbytes: int, pinned: bool) -> Buffer:
-        clients = group.clients
-        made[0] += 1
-        return ArenaBuffer(clients[made[0] % len(clients)], nbytes, pinned)
-    return make
+    def __init__(self, group: ConnectionGroup) -> None:
+        self._group = group
+        self._made = 0
+
+    def make(self, nbytes: int, pinned: bool) -> Buffer:
+        clients = self._group.clients
+        self._made += 1
+        return ArenaBuffer(clients[self._made % len(clients)], nbytes, pinned)
+
+    def claim(self, nbytes: int, skip: List[Key]) -> Optional[Buffer]:
+        return batch_handoff.claim(nbytes, skip, self._group.connect().group_id)

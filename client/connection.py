@@ -433,11 +433,20 @@ class Client:
         """Give an arena back with the next message; no I/O, safe anywhere."""
         self._to_free.append(name)
 
-    def make_arena(self, nbytes: int) -> Dict[str, Any]:
+    def make_arena(self, nbytes: int, wait: bool = True) -> Dict[str, Any]:
         """A batch arena of at least `nbytes` on this connection, writable by
         every connection of its group: {name, size}. It lives until this
-        connection closes."""
-        return self.call("arena", size=int(nbytes))
+        connection closes. Without `wait`, ServerError `no_memory` at once when
+        the budget has no room now."""
+        if wait:
+            return self.call("arena", size=int(nbytes))
+        return self.call("arena", size=int(nbytes), wait=False)
+
+    def adopt_arena(self, name: str) -> Dict[str, Any]:
+        """Keep, on this connection, an arena another connection of the group
+        made: {name, size}, under its new name. ServerError `no_memory` when
+        this connection's share has no room (answered at once)."""
+        return self.call("adopt_arena", name=name)
 
     def _frame(self, header: Dict[str, Any], payload: Optional[bytearray]) -> Frame:
         dtype = np.dtype(header["dtype"])

@@ -32,6 +32,16 @@ class ConnectionGroup:
     def address(self) -> Any:
         return self._first.address
 
+    def connect(self) -> "ConnectionGroup":
+        """Connect the first connection now, which fixes the group id."""
+        self._first.connect()
+        return self
+
+    @property
+    def group_id(self) -> Optional[str]:
+        """The connection group id the server issued (None before connecting)."""
+        return self._first.group
+
     @property
     def clients(self) -> List[Client]:
         """The connections, each on a different server worker where it can be had."""

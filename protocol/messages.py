@@ -189,8 +189,11 @@ class Prefetch:
 
 @dataclass(frozen=True)
 class MakeArena:
-    """A batch arena of at least `size` bytes for this connection's group (op `arena`)."""
+    """A batch arena of at least `size` bytes for this connection's group (op
+    `arena`); with `wait` false, `no_memory` at once when there is no room now
+    rather than after waiting for it."""
     size: int
+    wait: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -223,8 +226,17 @@ class FreeArenas:
     names: Tuple[str, ...]
 
 
-Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, Release, Ping, Stats,
-                Shutdown]
+@dataclass(frozen=True)
+class AdoptArena:
+    """An arena another connection of this group made, which this connection
+    keeps from now on under a new name (op `adopt_arena`): a batch written by
+    a DataLoader worker outlives the worker. Answered at once: with no room in
+    this connection's share, `no_memory` without waiting."""
+    name: str
+
+
+Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, AdoptArena, Release, Ping,
+                Stats, Shutdown]
 
 
 def request_id(header: Dict[str, Any]) -> int:
@@ -282,8 +294,9 @@ _PARSERS = {
                            _field(h, "detector", str, None), _field(h, "present", bool, False)),
     "get": _get,
     "prefetch": lambda h: Prefetch(*_events_of(h)),
-    "arena": lambda h: MakeArena(_field(h, "size", int)),
+    "arena": lambda h: MakeArena(_field(h, "size", int), _field(h, "wait", bool, True)),
     "free_arenas": lambda h: FreeArenas(_str_list(h, "names")),
+    "adopt_arena": lambda h: AdoptArena(_field(h, "name", str)),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),
