@@ -11,11 +11,13 @@ the server's budget. With CUDA, each arena is registered once as pinned
 host memory, so `batch.to("cuda", non_blocking=True)` copies straight from
 what the server wrote.
 
-`GroupArenas` gives batch_ring `Buffer`s whose memory is an arena, so
-IPCRemotePsanaDataset's batches are written in place too, under the ring's
-own reuse rule; in DataLoader workers the main process adopts the arenas the
-workers make (batch_handoff), so they outlive the workers and the next
-epoch's workers fill them again.
+One kind of arena, `ArenaBuffer` (a batch_ring `Buffer` whose memory is an
+arena), under two reuse rules: BatchLoader's `ArenaRing` uses a fixed number
+in turn; IPCRemotePsanaDataset's batch ring (`GroupArenas`) reuses one only
+when nothing refers to its batch. In DataLoader workers the main process
+adopts the arenas the workers make (batch_handoff), so they outlive the
+workers and the next epoch's workers fill them again. `layout` is where a
+get's frames go in an arena, for both.
 """
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -28,7 +30,6 @@ from . import batch_handoff
 from .batch_ring import TRAILER, Buffer, Key, lock, write_trailer_name
 from .connection import Client
 from .group import ConnectionGroup
-from .shm import attach
 
 HOST_REGISTER_PORTABLE = 1      # pinned for every CUDA context, not only the current one
 
@@ -50,47 +51,29 @@ def _unpin(address: int) -> None:
     torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(address))
 
 
-class Arena:
-    """One arena, mapped writable (the client's own memory, like any batch)."""
-
-    def __init__(self, client: Client, nbytes: int, pin: bool) -> None:
-        made = client.make_arena(nbytes)
-        self.name, self.size = made["name"], made["size"]
-        self._client, self._generation = client, client.generation
-        self.memory = attach(self.name, writable=True)
-        self._pinned = _pin(self.memory) if pin else 0
-
-    def alive(self) -> bool:
-        """Its connection is the one that made it (else the server dropped it)."""
-        return self._generation == self._client.generation
-
-    def batch(self, count: int, frame_shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-        return np.ndarray((count,) + tuple(frame_shape), dtype=dtype, buffer=self.memory)
-
-    def close(self) -> None:
-        if self._pinned:
-            _unpin(self._pinned)
-            self._pinned = 0
-        try:
-            self.memory.close()
-        except BufferError:
-            pass  # a batch still refers to it; the mapping goes with that batch
+def layout(name: str, start: int, count: int, frame_shape: Sequence[int],
+           dtype: np.dtype) -> Dict[str, Any]:
+    """The `into` of a get whose `count` frames go to positions `start`... of
+    the batch in arena `name`."""
+    nbytes = int(np.prod(frame_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return {"arena": name, "offsets": [(start + i) * nbytes for i in range(count)],
+            "shape": list(frame_shape), "dtype": np.dtype(dtype).str}
 
 
 class ArenaRing:
-    """`count` arenas of one batch each, reused in turn, spread over a group's
-    connections (one `get` per connection names its part of the batch)."""
+    """`count` arenas of one batch each, reused in turn (BatchLoader's rule),
+    spread over a group's connections (one `get` per connection names its
+    part of the batch)."""
 
     def __init__(self, group: ConnectionGroup, count: int, frame_shape: Sequence[int],
                  dtype: np.dtype, batch_size: int, pin: bool) -> None:
         self.frame_shape, self.dtype = tuple(frame_shape), np.dtype(dtype)
-        self.frame_nbytes = int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
+        nbytes = batch_size * int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
         clients = group.clients
-        self.arenas: List[Arena] = []
+        self.arenas: List[ArenaBuffer] = []
         try:
             for k in range(count):
-                self.arenas.append(Arena(clients[k % len(clients)],
-                                         batch_size * self.frame_nbytes, pin))
+                self.arenas.append(ArenaBuffer(clients[k % len(clients)], nbytes, pin, wait=True))
         except BaseException:
             self.close()
             raise
@@ -101,16 +84,13 @@ class ArenaRing:
     def into(self, k: int) -> Callable[[int, int], Dict[str, Any]]:
         """Where the frames of batch `k` go: for (first position, count) of one
         connection's part, the `into` of its get."""
-        arena = self.arenas[k % len(self.arenas)]
-
-        def part(start: int, count: int) -> Dict[str, Any]:
-            offsets = [(start + i) * self.frame_nbytes for i in range(count)]
-            return {"arena": arena.name, "offsets": offsets, "shape": list(self.frame_shape),
-                    "dtype": self.dtype.str}
-        return part
+        name = self.arenas[k % len(self.arenas)].name
+        return lambda start, count: layout(name, start, count, self.frame_shape, self.dtype)
 
     def batch(self, k: int, count: int) -> np.ndarray:
-        return self.arenas[k % len(self.arenas)].batch(count, self.frame_shape, self.dtype)
+        arena = self.arenas[k % len(self.arenas)]
+        return arena.bytes[:arena.capacity].view(self.dtype).reshape(
+            (-1,) + self.frame_shape)[:count]
 
     def close(self) -> None:
         for arena in self.arenas:
@@ -119,10 +99,11 @@ class ArenaRing:
 
 
 class ArenaBuffer(Buffer):
-    """A ring buffer over an arena this process made (see batch_ring)."""
+    """A ring buffer over an arena this process made (see batch_ring); `wait`:
+    for room in the budget (else `no_memory` at once)."""
 
-    def __init__(self, client: Client, capacity: int, pinned: bool) -> None:
-        made = client.make_arena(capacity + TRAILER, wait=False)
+    def __init__(self, client: Client, capacity: int, pinned: bool, wait: bool = False) -> None:
+        made = client.make_arena(capacity + TRAILER, wait=wait)
         self._client, self._generation, self._made = client, client.generation, made["name"]
         fd = os.open(segment_path(self._made), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         super().__init__(capacity, fd=fd, locked=lock(fd), group=client.group)

@@ -42,7 +42,7 @@ from psana_ipc.protocol.legacy import is_ours
 from psana_ipc.protocol.messages import MODES
 
 from . import batch_handoff, legacy
-from .arena import GroupArenas
+from .arena import GroupArenas, layout
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing
 from .connection import Client
@@ -183,12 +183,10 @@ class IPCRemotePsanaDataset(Dataset):
                 log.info("DataLoader worker: %s", why)   # every epoch's workers would warn again
             self._arenas = None
             return None
-        stride = batch.array[0].nbytes
         name = batch.buffer.name
 
         def into(start: int, count: int) -> Dict[str, Any]:
-            return {"arena": name, "offsets": [(start + i) * stride for i in range(count)],
-                    "shape": list(shape), "dtype": dtype.str}
+            return layout(name, start, count, shape, dtype)
         try:
             self._group.wait(self._group.submit(exp, run, det, [r[4] for r in requests],
                                                 self.mode, access, into=into))
