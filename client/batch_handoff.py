@@ -58,13 +58,14 @@ class _Kept:
         return self.group is None or os.fstat(self.fd).st_nlink > 0
 
     def adopt(self) -> bool:
-        """Keep the arena on a connection of its group's keeper; False if none
-        is registered or none has room."""
+        """Keep the arena on a connection of its group's keeper (one more when
+        those it has are at their fair share); False if none is registered or
+        none has room."""
         group = _keepers.get(self.group)
         if group is None:
             return False
         name = trailer_name(self.bytes, self.capacity)
-        for client in group.clients:
+        for client in group.keepers():
             try:
                 made = client.adopt_arena(name)
             except ServerError as e:

@@ -193,14 +193,14 @@ class Arenas:
 
     def adopt(self, name: str) -> Segment:
         """Keep an arena another connection of the group made (see AdoptArena):
-        its bytes are taken from the budget (the group holds them already, so
-        not from this connection's fair share), never waited for, and it gets
-        a name of this worker's, so the maker's close no longer unlinks it.
-        The maker still counts it until it frees its old name."""
+        its bytes are taken from this connection's fair share of the budget
+        like any (adopting is no way around the share), never waited for, and
+        it gets a name of this worker's, so the maker's close no longer
+        unlinks it. The maker still counts it until it frees its old name."""
         fd, st = self._open(name)
         os.close(fd)
         size = st.st_size
-        grant = self.holding.take(size, fair=False)
+        grant = self.holding.take(size)
         if grant is not Grant.GRANTED:
             raise ProtocolError(NO_MEMORY, refusal(grant, size, self.holding.budget.limit,
                                                    "an arena"))

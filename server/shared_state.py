@@ -104,14 +104,12 @@ class SharedState:
     def _total(self, name: str) -> int:
         return int(self.table[: self.workers, _COL[name]].sum())
 
-    def reserve(self, slot: int, nbytes: int, held: int, fair: bool = True) -> Grant:
+    def reserve(self, slot: int, nbytes: int, held: int) -> Grant:
         """Account `nbytes` more to a connection of a worker that holds `held`
         already, if the budget and the connection's fair share allow. A
         connection holding nothing may take any room left (and becomes one of
         the holders); one holding memory stays within
-        budget // (connections holding memory + 1), so newcomers always find
-        room. Not `fair`: the budget alone bounds it (memory the connection's
-        group holds already, moving to this connection)."""
+        budget // (connections holding memory + 1), so newcomers always find room."""
         if nbytes > self.shm_budget:
             return Grant.TOO_LARGE
         with self._locked():
@@ -119,7 +117,7 @@ class SharedState:
             if in_use + nbytes > self.shm_budget:
                 return Grant.WAIT
             share = self.shm_budget // (self._total("holders") + 1)
-            if fair and held and held + nbytes > share:
+            if held and held + nbytes > share:
                 return Grant.WAIT
             self.table[slot, _COL["shm_bytes"]] += nbytes
             if not held:

@@ -55,8 +55,8 @@ class Holding:
         self.budget = budget
         self.bytes = 0
 
-    def take(self, nbytes: int, fair: bool = True) -> Grant:
-        grant = self.budget.state.reserve(self.budget.counters.slot, nbytes, self.bytes, fair)
+    def take(self, nbytes: int) -> Grant:
+        grant = self.budget.state.reserve(self.budget.counters.slot, nbytes, self.bytes)
         if grant is Grant.GRANTED:
             self.bytes += nbytes
         return grant

@@ -431,3 +431,16 @@ def test_adopting_or_making_an_arena_without_waiting_fails_at_once_without_room(
                 keeper.adopt_arena(made["name"])
             assert err.value.code == "no_memory"
         assert _arenas_of(server) == [made["name"]]
+
+
+def test_adopting_is_no_way_around_a_connections_fair_share(start_server):
+    server = start_server(["--workers", "2", "--shm-budget", "8M"])
+    with Client(server.address) as maker:
+        made = maker.make_arena(3 << 20)
+        with Client(server.address, group=maker.group) as keeper:
+            keeper.make_arena(1 << 20)          # two holders: a share is 8M / 3
+            with pytest.raises(ServerError) as err:
+                keeper.adopt_arena(made["name"])
+            assert err.value.code == "no_memory" and "share" in err.value.message
+            with Client(server.address, group=maker.group) as another:   # holds nothing yet
+                assert another.adopt_arena(made["name"])["size"] == made["size"]
