@@ -80,8 +80,13 @@ class _Kept:
         return False
 
     def close(self) -> None:
-        if self.keeper is not None and self.keeper[0].generation == self.keeper[1]:
-            self.keeper[0].free_arena(trailer_name(self.bytes, self.capacity))
+        client, generation = self.keeper or (None, None)
+        if client is not None and client.generation == generation:
+            client.free_arena(trailer_name(self.bytes, self.capacity))
+            try:
+                client.flush_releases()
+            except OSError:
+                pass     # the connection is gone, and the arena with it
         os.close(self.fd)
 
 
@@ -138,21 +143,24 @@ def attach(dup: Any, kept: bool, capacity: int, shape: Sequence[int], dtype: str
         else:
             buffer = _Kept(fd, capacity, group)
             if kept and (group is None or buffer.adopt()):
-                _tidy()
                 _kept[key] = buffer
             else:
                 buffer.close()
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     array = np.frombuffer(buffer.memory, np.uint8, nbytes).view(dtype).reshape(shape)
     held = _Held(array, buffer.flag)
-    buffer.held.add(held)
+    with _lock:
+        buffer.held.add(held)
+        if len(_kept) > SPARE:
+            _tidy()
     return torch.from_numpy(np.asarray(held))
 
 
 def _tidy() -> None:
     """Clear the flag of kept buffers no process uses and no batch here holds
     (their batch was lost on the way, say an iterator dropped mid-epoch), and
-    close such idle buffers beyond SPARE. The lock keeps workers out meanwhile."""
+    close such idle buffers beyond SPARE, and dead arenas. The lock keeps
+    workers out meanwhile. Runs whenever more than SPARE are kept."""
     idle = 0
     for key, buffer in list(_kept.items()):
         locked = lock(buffer.fd)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, RunDataset,
                               ServerError)
+from psana_ipc.client import batch_handoff
 from psana_ipc.protocol.shm_names import parse_segment_name
 from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
@@ -444,3 +445,18 @@ def test_adopting_is_no_way_around_a_connections_fair_share(start_server):
             assert err.value.code == "no_memory" and "share" in err.value.message
             with Client(server.address, group=maker.group) as another:   # holds nothing yet
                 assert another.adopt_arena(made["name"])["size"] == made["size"]
+
+
+def test_the_main_process_gives_back_kept_arenas_beyond_its_spare_ones(server):
+    ds = _dataset(server, range(40))
+    loader = DataLoader(ds, batch_size=2, num_workers=2)
+    held = list(loader)                      # every batch held: 20 arenas kept
+    _check(torch.cat(held), range(40))
+    assert len(_arenas_of(server)) >= 20
+    del held
+    for _ in loader:                         # nothing held: idle ones beyond SPARE go
+        pass
+    assert _eventually(lambda: len(_arenas_of(server)) <= batch_handoff.SPARE + 2 * 2 + 1)
+    del loader
+    ds.close()
+    assert _eventually(lambda: not _arenas_of(server))
