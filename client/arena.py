@@ -11,22 +11,26 @@ the server's budget. With CUDA, each arena is registered once as pinned
 host memory, so `batch.to("cuda", non_blocking=True)` copies straight from
 what the server wrote.
 
-`arena_buffer` gives a batch_ring `Buffer` whose memory is an arena, so
-IPCRemotePsanaDataset's batches (without DataLoader workers) are written in
-place too, under the ring's own reuse rule.
+One kind of arena, `ArenaBuffer` (a batch_ring `Buffer` whose memory is an
+arena), under two reuse rules: BatchLoader's `ArenaRing` uses a fixed number
+in turn; IPCRemotePsanaDataset's batch ring (`GroupArenas`) reuses one only
+when nothing refers to its batch. In DataLoader workers the main process
+adopts the arenas the workers make (batch_handoff), so they outlive the
+workers and the next epoch's workers fill them again. `layout` is where a
+get's frames go in an arena, for both.
 """
 import os
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
-from psana_ipc.protocol.messages import Into
+from psana_ipc.protocol.messages import Into, frame_nbytes
 from psana_ipc.protocol.shm_names import segment_path
 
-from .batch_ring import Buffer, lock
+from . import batch_handoff
+from .batch_ring import TRAILER, Buffer, Key, lock, write_trailer_name
 from .connection import Client
 from .group import ConnectionGroup
-from .shm import attach
 
 HOST_REGISTER_PORTABLE = 1      # pinned for every CUDA context, not only the current one
 
@@ -48,47 +52,29 @@ def _unpin(address: int) -> None:
     torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(address))
 
 
-class Arena:
-    """One arena, mapped writable (the client's own memory, like any batch)."""
-
-    def __init__(self, client: Client, nbytes: int, pin: bool) -> None:
-        made = client.make_arena(nbytes)
-        self.name, self.size = made.name, made.size
-        self._client, self._generation = client, client.generation
-        self.memory = attach(self.name, writable=True)
-        self._pinned = _pin(self.memory) if pin else 0
-
-    def alive(self) -> bool:
-        """Its connection is the one that made it (else the server dropped it)."""
-        return self._generation == self._client.generation
-
-    def batch(self, count: int, frame_shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-        return np.ndarray((count,) + tuple(frame_shape), dtype=dtype, buffer=self.memory)
-
-    def close(self) -> None:
-        if self._pinned:
-            _unpin(self._pinned)
-            self._pinned = 0
-        try:
-            self.memory.close()
-        except BufferError:
-            pass  # a batch still refers to it; the mapping goes with that batch
+def layout(name: str, start: int, count: int, frame_shape: Sequence[int],
+           dtype: np.dtype) -> Into:
+    """The `into` of a get whose `count` frames go to positions `start`... of
+    the batch in arena `name`."""
+    nbytes = frame_nbytes(frame_shape, np.dtype(dtype).itemsize)
+    return Into(name, tuple((start + i) * nbytes for i in range(count)), tuple(frame_shape),
+                np.dtype(dtype).str)
 
 
 class ArenaRing:
-    """`count` arenas of one batch each, reused in turn, spread over a group's
-    connections (one `get` per connection names its part of the batch)."""
+    """`count` arenas of one batch each, reused in turn (BatchLoader's rule),
+    spread over a group's connections (one `get` per connection names its
+    part of the batch)."""
 
     def __init__(self, group: ConnectionGroup, count: int, frame_shape: Sequence[int],
                  dtype: np.dtype, batch_size: int, pin: bool) -> None:
         self.frame_shape, self.dtype = tuple(frame_shape), np.dtype(dtype)
-        self.frame_nbytes = int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
+        nbytes = batch_size * int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
         clients = group.clients
-        self.arenas: List[Arena] = []
+        self.arenas: List[ArenaBuffer] = []
         try:
             for k in range(count):
-                self.arenas.append(Arena(clients[k % len(clients)],
-                                         batch_size * self.frame_nbytes, pin))
+                self.arenas.append(ArenaBuffer(clients[k % len(clients)], nbytes, pin, wait=True))
         except BaseException:
             self.close()
             raise
@@ -99,15 +85,13 @@ class ArenaRing:
     def into(self, k: int) -> Callable[[int, int], Into]:
         """Where the frames of batch `k` go: for (first position, count) of one
         connection's part, the `into` of its get."""
-        arena = self.arenas[k % len(self.arenas)]
-
-        def part(start: int, count: int) -> Into:
-            offsets = tuple((start + i) * self.frame_nbytes for i in range(count))
-            return Into(arena.name, offsets, self.frame_shape, self.dtype.str)
-        return part
+        name = self.arenas[k % len(self.arenas)].name
+        return lambda start, count: layout(name, start, count, self.frame_shape, self.dtype)
 
     def batch(self, k: int, count: int) -> np.ndarray:
-        return self.arenas[k % len(self.arenas)].batch(count, self.frame_shape, self.dtype)
+        arena = self.arenas[k % len(self.arenas)]
+        return arena.bytes[:arena.capacity].view(self.dtype).reshape(
+            (-1,) + self.frame_shape)[:count]
 
     def close(self) -> None:
         for arena in self.arenas:
@@ -116,38 +100,61 @@ class ArenaRing:
 
 
 class ArenaBuffer(Buffer):
-    """A ring buffer over an arena (its last byte is the ring's flag)."""
+    """A ring buffer over an arena this process made (see batch_ring); `wait`:
+    for room in the budget (else `no_memory` at once)."""
 
-    def __init__(self, client: Client, capacity: int, pinned: bool) -> None:
-        made = client.make_arena(capacity + 1)
-        self.name = made.name
-        self._client, self._generation = client, client.generation
-        fd = os.open(segment_path(self.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        super().__init__(capacity, fd=fd, locked=lock(fd))
+    def __init__(self, client: Client, capacity: int, pinned: bool, wait: bool = False) -> None:
+        made = client.make_arena(capacity + TRAILER, wait=wait)
+        self._client, self._generation, self._made = client, client.generation, made.name
+        fd = os.open(segment_path(self._made), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        super().__init__(capacity, fd=fd, locked=lock(fd), group=client.group)
+        write_trailer_name(self.bytes, capacity, self._made)
         self.pinned = pinned
         self._pinned = _pin(self._memory) if pinned else 0
 
+    def _settle(self) -> None:
+        """Once the main process adopted the arena (a new name in the trailer),
+        tell this connection to stop counting the old name."""
+        if self._made is not None and self.name != self._made:
+            self._client.free_arena(self._made)
+            self._made = None
+
     def alive(self) -> bool:
-        return self._generation == self._client.generation
+        """This process's own arena lives while its connection does; an
+        adopted one while its new name exists."""
+        self._settle()
+        if self._made is not None and self._generation != self._client.generation:
+            return False
+        return super().alive()
 
     def close(self) -> None:
         if getattr(self, "_pinned", 0):
             _unpin(self._pinned)
             self._pinned = 0
-        if getattr(self, "name", None) and self.alive():
-            self._client.free_arena(self.name)
-            self.name = None
+        if getattr(self, "_made", None) is not None and self.bytes is not None:
+            self._settle()
+            if self._made is not None and self._generation == self._client.generation:
+                self._client.free_arena(self._made)
+            self._made = None
         super().close()
 
     __del__ = close
 
 
-def arena_buffer(group: ConnectionGroup) -> Callable[[int, bool], Buffer]:
-    """A batch_ring `make` whose buffers are arenas, spread over the group's connections."""
-    made = [0]
+class GroupArenas:
+    """Where a ring of batch arenas gets its buffers: an idle arena the main
+    process kept for this connection group (a DataLoader worker of a later
+    epoch claims it), else a new arena on one of the group's connections in
+    turn. Picklable, for spawned DataLoader workers."""
 
-    def make(nbytes: int, pinned: bool) -> Buffer:
-        clients = group.clients
-        made[0] += 1
-        return ArenaBuffer(clients[made[0] % len(clients)], nbytes, pinned)
-    return make
+    def __init__(self, group: ConnectionGroup) -> None:
+        self._group = group
+        self._made = 0
+
+    def make(self, nbytes: int, pinned: bool) -> Buffer:
+        clients = self._group.clients
+        self._made += 1
+        return ArenaBuffer(clients[self._made % len(clients)], nbytes, pinned)
+
+    def claim(self, nbytes: int, skip: List[Key]) -> Optional[Buffer]:
+        return batch_handoff.claim(nbytes, skip, self._group.connect().group_id)

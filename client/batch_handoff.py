@@ -16,6 +16,13 @@ main process keeps and claim idle buffers from it (`claim`) before making
 new ones: memory is faulted in once per process tree, not once per epoch.
 Buffers a worker closed travel with its next handle and are dropped here;
 idle buffers nobody claims are kept up to `SPARE`.
+
+A batch arena a worker made (the server wrote the batch in place) would go
+with the worker's connection. The main process adopts it instead, on a
+connection of the dataset's own group (`keep_arenas_for`; the server gives
+the arena a new name, written into the buffer's trailer for the worker), so
+it outlives the worker and later workers fill it again. Where it cannot
+(no keeper registered, no room in the budget), the batch is used once.
 """
 import fcntl
 import mmap
@@ -27,26 +34,80 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .batch_ring import Buffer, Key, key_of, lock
+from psana_ipc.protocol.errors import NO_MEMORY, ServerError
+
+from .batch_ring import TRAILER, Buffer, Key, key_of, lock, trailer_name, write_trailer_name
 
 SPARE = 8
 _lock = threading.Lock()
 
 
 class _Kept:
-    """A buffer the main process keeps: descriptor, mapping, live batches on it."""
+    """A buffer the main process keeps: descriptor, mapping, live batches on it,
+    and for an adopted arena the connection that keeps it."""
 
-    def __init__(self, fd: int, capacity: int) -> None:
-        self.fd, self.capacity = fd, capacity
-        self.memory = mmap.mmap(fd, capacity + 1)
-        self.flag = np.frombuffer(self.memory, np.uint8, 1, capacity)
+    def __init__(self, fd: int, capacity: int, group: Optional[str]) -> None:
+        self.fd, self.capacity, self.group = fd, capacity, group
+        self.memory = mmap.mmap(fd, capacity + TRAILER)
+        self.bytes = np.frombuffer(self.memory, np.uint8)
+        self.flag = self.bytes[capacity:capacity + 1]
         self.held: "weakref.WeakSet[_Held]" = weakref.WeakSet()
+        self.keeper: Optional[Tuple[Any, int]] = None     # (Client, its generation)
+
+    def alive(self) -> bool:
+        return self.group is None or os.fstat(self.fd).st_nlink > 0
+
+    def adopt(self) -> bool:
+        """Keep the arena on a connection of its group's keeper (one more when
+        those it has are at their fair share); False if none is registered or
+        none has room."""
+        group = _keepers.get(self.group)
+        if group is None:
+            return False
+        name = trailer_name(self.bytes, self.capacity)
+        for client in group.keepers():
+            try:
+                made = client.adopt_arena(name)
+            except ServerError as e:
+                if e.code == NO_MEMORY:
+                    continue
+                return False
+            except OSError:
+                return False
+            write_trailer_name(self.bytes, self.capacity, made.name)
+            self.keeper = (client, client.generation)
+            return True
+        return False
 
     def close(self) -> None:
+        client, generation = self.keeper or (None, None)
+        if client is not None and client.generation == generation:
+            client.free_arena(trailer_name(self.bytes, self.capacity))
+            try:
+                client.flush_releases()
+            except OSError:
+                pass     # the connection is gone, and the arena with it
         os.close(self.fd)
 
 
 _kept: Dict[Key, _Kept] = {}
+_keepers: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+
+
+def keep_arenas_for(group: Any) -> None:
+    """Let the main process adopt the arenas that DataLoader workers make for
+    this ConnectionGroup (its connections keep them; they go when it closes)."""
+    _keepers[group.connect().group_id] = group
+
+
+def forget_arenas_of(group_id: Optional[str]) -> None:
+    """Drop the kept arenas of a group whose keeper is closing."""
+    with _lock:
+        for key, buffer in list(_kept.items()):
+            if buffer.group is not None and buffer.group == group_id:
+                buffer.keeper = None
+                buffer.close()
+                del _kept[key]
 
 
 class SharedBatch:
@@ -60,13 +121,14 @@ class SharedBatch:
     def __reduce__(self) -> Tuple[Any, Tuple]:
         self._buffer.hand_over()
         return (attach, (DupFd(self._buffer.fd), self._buffer.kept, self._buffer.capacity,
-                         self._array.shape, self._array.dtype.str, self._retired))
+                         self._array.shape, self._array.dtype.str, self._retired,
+                         self._buffer.group))
 
 
 def attach(dup: Any, kept: bool, capacity: int, shape: Sequence[int], dtype: str,
-           retired: List[Key]) -> Any:
+           retired: List[Key], group: Optional[str] = None) -> Any:
     """In the receiving process: the batch as a tensor over the buffer's mapping,
-    made once for a buffer the worker reuses (`kept`)."""
+    made once for a buffer the worker reuses (`kept`; an arena only if adopted)."""
     import torch
     fd = dup.detach()
     key = key_of(fd)
@@ -79,23 +141,26 @@ def attach(dup: Any, kept: bool, capacity: int, shape: Sequence[int], dtype: str
         if buffer is not None:
             os.close(fd)
         else:
-            buffer = _Kept(fd, capacity)
-            if kept:
-                _tidy()
+            buffer = _Kept(fd, capacity, group)
+            if kept and (group is None or buffer.adopt()):
                 _kept[key] = buffer
             else:
                 buffer.close()
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     array = np.frombuffer(buffer.memory, np.uint8, nbytes).view(dtype).reshape(shape)
     held = _Held(array, buffer.flag)
-    buffer.held.add(held)
+    with _lock:
+        buffer.held.add(held)
+        if len(_kept) > SPARE:
+            _tidy()
     return torch.from_numpy(np.asarray(held))
 
 
 def _tidy() -> None:
     """Clear the flag of kept buffers no process uses and no batch here holds
     (their batch was lost on the way, say an iterator dropped mid-epoch), and
-    close such idle buffers beyond SPARE. The lock keeps workers out meanwhile."""
+    close such idle buffers beyond SPARE, and dead arenas. The lock keeps
+    workers out meanwhile. Runs whenever more than SPARE are kept."""
     idle = 0
     for key, buffer in list(_kept.items()):
         locked = lock(buffer.fd)
@@ -105,7 +170,7 @@ def _tidy() -> None:
             if not buffer.held:
                 buffer.flag[0] = 0
                 idle += 1
-                if idle > SPARE:
+                if idle > SPARE or not buffer.alive():
                     buffer.close()
                     del _kept[key]
         finally:
@@ -113,12 +178,14 @@ def _tidy() -> None:
             os.close(locked)
 
 
-def claim(nbytes: int, skip: List[Key]) -> Optional[Buffer]:
+def claim(nbytes: int, skip: List[Key], group: Optional[str] = None) -> Optional[Buffer]:
     """In a forked worker: an idle buffer of at least `nbytes` the main process
-    kept, now locked by this process; None if there is none."""
+    kept (a memfd, or with `group` an arena of that connection group), now
+    locked by this process; None if there is none."""
     for key, buffer in list(_kept.items()):
-        if key not in skip and buffer.capacity >= nbytes and not buffer.flag[0]:
-            claimed = Buffer.claim(buffer.fd, buffer.capacity)
+        if (key not in skip and buffer.group == group and buffer.capacity >= nbytes
+                and not buffer.flag[0] and buffer.alive()):
+            claimed = Buffer.claim(buffer.fd, buffer.capacity, group)
             if claimed is not None:
                 return claimed
     return None

@@ -3,8 +3,11 @@ when its buffer was made, and a buffer is reused only when nobody can still
 be reading it.
 
 A buffer is a memfd (anonymous shared memory: nothing in /dev/shm, freed
-when its last mapping and descriptor go) of `capacity` data bytes and one
-flag byte after them. It is busy while
+when its last mapping and descriptor go), or a batch arena the server
+writes into (client/arena.py), of `capacity` data bytes and a trailer after
+them: a flag byte, then the arena's current name (an arena the main process
+adopted gets a new name there, which the worker that made it reads). It is
+busy while
 - a lease of this process is alive: the batch array, any view or slice of
   it, a tensor made from it (numpy and torch keep the lease as their base);
 - or its flag is set: the batch was handed to another process (DataLoader's
@@ -25,9 +28,10 @@ faulting in new memory (`claimed`); the lock makes sure two live processes
 never fill the same buffer, and goes with the process. In a process with
 CUDA that never hands batches over, buffers are pinned host memory instead.
 
-The memory is the only thing a buffer owns: a batch arena the server writes
-into (issue 17) can back a buffer in place of the memfd, with the same
-lease, flag, lock and reuse rule.
+The memory is the only thing a buffer owns: a batch arena backs a buffer
+in place of the memfd with the same lease, flag, lock and reuse rule; it is
+alive while its name exists (the server unlinks the arenas of a connection
+that closes).
 """
 import fcntl
 import mmap
@@ -40,6 +44,21 @@ import numpy as np
 Key = Tuple[int, int]          # (st_dev, st_ino): a memfd's identity in every process
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 PAGE = mmap.PAGESIZE
+TRAILER = 64                   # flag byte, name length byte, arena name
+
+
+def trailer_name(memory: np.ndarray, capacity: int) -> Optional[str]:
+    """The arena name in a buffer's trailer (None for a memfd)."""
+    n = int(memory[capacity + 1])
+    return bytes(memory[capacity + 2:capacity + 2 + n]).decode() if n else None
+
+
+def write_trailer_name(memory: np.ndarray, capacity: int, name: str) -> None:
+    raw = name.encode()
+    if len(raw) > TRAILER - 2:
+        raise ValueError(f"arena name {name!r} does not fit a buffer's trailer")
+    memory[capacity + 2:capacity + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
+    memory[capacity + 1] = len(raw)
 
 
 def key_of(fd: int) -> Key:
@@ -63,24 +82,29 @@ class Buffer:
     """One batch's memory, faulted in once."""
 
     def __init__(self, capacity: int, pinned: bool = False, fd: Optional[int] = None,
-                 locked: Optional[int] = None) -> None:
-        """A new buffer, or (`fd`, `locked`) one this process claimed."""
+                 locked: Optional[int] = None, group: Optional[str] = None) -> None:
+        """A new buffer, or (`fd`, `locked`) one this process claimed; `group`:
+        the connection group of an arena (whose pages the server writes, so
+        they are not faulted in here)."""
         self.capacity = capacity
         self.fd = fd
         self.pinned = pinned
+        self.group = group
         self._locked = locked
+        size = capacity + TRAILER
         if pinned:
             import torch
-            self._memory: Any = torch.empty(capacity + 1, dtype=torch.uint8, pin_memory=True)
+            self._memory: Any = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             self.bytes = self._memory.numpy()
         else:
             if self.fd is None:
                 self.fd = os.memfd_create("psana-ipc-batch", os.MFD_CLOEXEC)
-                os.ftruncate(self.fd, capacity + 1)
+                os.ftruncate(self.fd, size)
                 self._locked = lock(self.fd)
-            self._memory = mmap.mmap(self.fd, capacity + 1, flags=mmap.MAP_SHARED | POPULATE)
+            populate = POPULATE if group is None else 0
+            self._memory = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | populate)
             self.bytes = np.frombuffer(self._memory, np.uint8)
-            if not POPULATE:
+            if group is None and not POPULATE:
                 self.bytes[::PAGE] = 0
         self.key = key_of(self.fd) if self.fd is not None else None
         self.kept = False             # in a ring, for reuse (else fresh for one batch)
@@ -88,13 +112,13 @@ class Buffer:
         self._lease: Optional[weakref.ref] = None
 
     @classmethod
-    def claim(cls, fd: int, capacity: int) -> Optional["Buffer"]:
+    def claim(cls, fd: int, capacity: int, group: Optional[str] = None) -> Optional["Buffer"]:
         """The buffer behind `fd` (another process made it), unless a live
         process uses it or its last batch is still held."""
         locked = lock(fd)
         if locked is None:
             return None
-        buffer = cls(capacity, fd=os.dup(fd), locked=locked)
+        buffer = cls(capacity, fd=os.dup(fd), locked=locked, group=group)
         if buffer.handed_over:
             buffer.close()
             return None
@@ -111,9 +135,14 @@ class Buffer:
     def idle(self) -> bool:
         return (self._lease is None or self._lease() is None) and not self.handed_over
 
+    @property
+    def name(self) -> Optional[str]:
+        """The arena's current name (None for a memfd)."""
+        return trailer_name(self.bytes, self.capacity)
+
     def alive(self) -> bool:
-        """The memory can still be filled (a batch arena: while its connection lives)."""
-        return True
+        """The memory can still be filled: a batch arena while its name exists."""
+        return self.group is None or os.fstat(self.fd).st_nlink > 0
 
     def lease(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """The first bytes as an array that keeps the buffer busy while it, or
@@ -155,7 +184,7 @@ class BatchRing:
         """`keep`: newer batches handed out before a buffer is reused, and idle
         buffers kept for reuse; 0 gives fresh memory to every batch.
         `claimed`: finds a buffer left by an earlier process to use first.
-        `make`: a new buffer (batch arenas make theirs; not pickled)."""
+        `make`: a new buffer (batch arenas make theirs)."""
         if keep < 0:
             raise ValueError("keep must be >= 0")
         self.keep = keep
@@ -167,10 +196,10 @@ class BatchRing:
         self.retired: List[Key] = []      # closed shared buffers not yet announced
 
     def __getstate__(self) -> dict:
-        return {"keep": self.keep, "claimed": self._claimed}
+        return {"keep": self.keep, "claimed": self._claimed, "make": self._make}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["keep"], state["claimed"])
+        self.__init__(state["keep"], state["claimed"], state["make"])
 
     def lease(self, shape: Sequence[int], dtype: np.dtype, handed_over: bool,
               pinned: bool = False) -> Buffer:
@@ -203,8 +232,8 @@ class BatchRing:
                       key=lambda b: (b.alive(), b.serial))
         dead = sum(not b.alive() for b in idle)
         for buffer in idle[: max(dead, len(idle) - self.keep)]:
-            if buffer.key is not None:
-                self.retired.append(buffer.key)
+            if buffer.key is not None and buffer.group is None:
+                self.retired.append(buffer.key)     # an arena is its keeper's to drop
             buffer.close()
             self._buffers.remove(buffer)
 

@@ -25,9 +25,9 @@ import numpy as np
 from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import UNKNOWN_DETECTOR, ProtocolError, ServerError
-from psana_ipc.protocol.messages import (FieldRef, FreeArenas, Get, Hello, Info, Into, MakeArena,
-                                         Ping, Prefetch, Release, Request, RunKey, Shutdown,
-                                         Stats)
+from psana_ipc.protocol.messages import (AdoptArena, FieldRef, FreeArenas, Get, Hello, Info, Into,
+                                         MakeArena, Ping, Prefetch, Release, Request, RunKey,
+                                         Shutdown, Stats)
 from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameReply, Reply,
                                         Welcome, parse_reply)
 
@@ -455,11 +455,18 @@ class Client:
         """Give an arena back with the next message; no I/O, safe anywhere."""
         self._to_free.append(name)
 
-    def make_arena(self, nbytes: int) -> ArenaMade:
+    def make_arena(self, nbytes: int, wait: bool = True) -> ArenaMade:
         """A batch arena of at least `nbytes` on this connection, writable by
         every connection of its group (`.name`, `.size`). It lives until this
-        connection closes."""
-        return self.call(MakeArena(int(nbytes)))
+        connection closes. Without `wait`, ServerError `no_memory` at once when
+        the budget has no room now."""
+        return self.call(MakeArena(int(nbytes), wait))
+
+    def adopt_arena(self, name: str) -> ArenaMade:
+        """Keep, on this connection, an arena another connection of the group
+        made (`.name`, its new name, and `.size`). ServerError `no_memory` when
+        this connection's share has no room (answered at once)."""
+        return self.call(AdoptArena(name))
 
     def _frame(self, reply: FrameReply, payload: Optional[bytearray]) -> Frame:
         dtype, shape = np.dtype(reply.desc.dtype), reply.desc.shape

@@ -5,14 +5,15 @@ Each process (each DataLoader worker) keeps its own connections, one per
 server worker (a ConnectionGroup; they reconnect after fork). DataLoader
 hands `__getitems__` a whole batch of indices; runs of consecutive requests
 for the same run and detector become one request split over all server
-workers, and each frame is copied once, straight from its slot, into a
-reused batch buffer (batch_ring); the items are rows of that buffer, which
-the default collate hands on as the batch itself (batch_collate), through
-workers as a handle (batch_handoff). Without DataLoader workers, on the
-server's host, a batch of one detector without `fields` is a batch arena
-instead (client/arena.py): the server's workers write each frame in place
-and the client copies nothing. Read in order, the next batches are hinted
-to the server's frame cache (read_ahead). `dataset[i]` always returns a
+workers. On the server's host, a batch of one detector without `fields` is
+a batch arena (client/arena.py): the server's workers write each frame in
+place and the client copies nothing; otherwise each frame is copied once,
+straight from its slot, into a reused batch buffer (batch_ring). Either way
+the items are rows of that buffer, which the default collate hands on as
+the batch itself (batch_collate), through workers as a handle
+(batch_handoff, where the main process also keeps the workers' arenas for
+the next epoch's workers). Read in order, the next batches are hinted to
+the server's frame cache (read_ahead). `dataset[i]` always returns a
 private copy.
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
@@ -41,7 +42,7 @@ from psana_ipc.protocol.legacy import is_ours
 from psana_ipc.protocol.messages import MODES, Into
 
 from . import batch_handoff, legacy
-from .arena import arena_buffer
+from .arena import GroupArenas, layout
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing
 from .connection import Client
@@ -97,13 +98,15 @@ class IPCRemotePsanaDataset(Dataset):
                                       timeout=timeout)
         self._ring = BatchRing(buffers, batch_handoff.claim)
         self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
-        self._arenas = BatchRing(buffers, make=arena_buffer(self._group)) if buffers else None
+        arenas = GroupArenas(self._group)
+        self._arenas = BatchRing(buffers, arenas.claim, arenas.make) if buffers else None
         self._specs: Dict[Tuple[Any, ...], Any] = {}
-        if self._auto and len(requests_list):
+        if len(requests_list):
             try:
-                self._dialect()
-            except OSError:
-                pass   # not reachable yet: each process probes on its first fetch
+                if self._dialect() == "v1":
+                    batch_handoff.keep_arenas_for(self._group)
+            except (OSError, ServerError):
+                pass   # not reachable yet, or refused: each process finds out on its first fetch
 
     def __len__(self) -> int:
         return len(self.requests_list)
@@ -151,13 +154,12 @@ class IPCRemotePsanaDataset(Dataset):
 
     def _in_arena(self, requests: List[Request]) -> Optional[RingBatch]:
         """The batch written in place into an arena, or None where that cannot
-        be: in a DataLoader worker (batches go to another process), several
-        detectors in one batch, `fields` (their values come with each frame's
-        reply, which a get into an arena does not send), no shared memory, no
-        room in the budget (warned once), or frames unlike the detector's spec."""
+        be: several detectors in one batch, `fields` (their values come with
+        each frame's reply, which a get into an arena does not send), no shared
+        memory, no room in the budget (warned once), or frames unlike the
+        detector's spec."""
         keys = {tuple(r[:4]) for r in requests}
-        if (self._arenas is None or self.fields or get_worker_info() is not None
-                or len(keys) != 1):
+        if self._arenas is None or self.fields or len(keys) != 1:
             return None
         exp, run, access, det = keys.pop()
         if self._group.clients[0].server.transport != "shm":
@@ -174,14 +176,17 @@ class IPCRemotePsanaDataset(Dataset):
         except ServerError as e:
             if e.code != NO_MEMORY:
                 raise
-            warnings.warn(f"no room for batch arenas ({e.message}); copying frames instead")
+            why = f"no room for batch arenas ({e.message}); copying frames instead"
+            if get_worker_info() is None:
+                warnings.warn(why)
+            else:
+                log.info("DataLoader worker: %s", why)   # every epoch's workers would warn again
             self._arenas = None
             return None
-        stride = batch.array[0].nbytes
         name = batch.buffer.name
 
         def into(start: int, count: int) -> Into:
-            return Into(name, tuple((start + i) * stride for i in range(count)), shape, dtype.str)
+            return layout(name, start, count, shape, dtype)
         try:
             self._group.wait(self._group.submit(exp, run, det, [r[4] for r in requests],
                                                 self.mode, access, into=into))
@@ -225,7 +230,9 @@ class IPCRemotePsanaDataset(Dataset):
         return items
 
     def close(self) -> None:
-        """Drop this process's connections (they reconnect on the next fetch)."""
+        """Drop this process's connections (they reconnect on the next fetch)
+        and the batch arenas they keep for DataLoader workers."""
+        batch_handoff.forget_arenas_of(self._group.group_id)
         self._group.close()
 
 

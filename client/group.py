@@ -16,6 +16,7 @@ from psana_ipc.protocol.messages import Into
 from .connection import Client, Frame
 
 DEFAULT_WINDOW = 32
+MAX_KEEPERS = 8       # connections made only to keep batch arenas (batch_handoff)
 
 
 class ConnectionGroup:
@@ -28,11 +29,22 @@ class ConnectionGroup:
         self._first = Client(address, **self._settings)
         self._size = size
         self._clients: List[Client] = []
+        self._keepers: List[Client] = []
         self._pid = os.getpid()
 
     @property
     def address(self) -> Any:
         return self._first.address
+
+    def connect(self) -> "ConnectionGroup":
+        """Connect the first connection now, which fixes the group id."""
+        self._first.connect()
+        return self
+
+    @property
+    def group_id(self) -> Optional[str]:
+        """The connection group id the server issued (None before connecting)."""
+        return self._first.group
 
     @property
     def clients(self) -> List[Client]:
@@ -63,6 +75,17 @@ class ConnectionGroup:
         for client in spare[size - len(placed):]:
             client.close()
         return chosen
+
+    def keepers(self) -> Iterator[Client]:
+        """The group's connections, then up to MAX_KEEPERS more made one by one
+        as asked for: where the batch arenas this process keeps go, each
+        within its own fair share of the server's budget."""
+        yield from self.clients
+        yield from list(self._keepers)
+        while len(self._keepers) < MAX_KEEPERS:
+            self._keepers.append(Client(self._first.address, group=self._first.group,
+                                        **self._settings).connect())
+            yield self._keepers[-1]
 
     @property
     def capacity(self) -> int:
@@ -125,6 +148,6 @@ class ConnectionGroup:
             client.flush_releases()
 
     def close(self) -> None:
-        for client in {id(c): c for c in [self._first] + self._clients}.values():
+        for client in {id(c): c for c in [self._first] + self._clients + self._keepers}.values():
             client.close()
-        self._clients = []
+        self._clients, self._keepers = [], []

@@ -221,15 +221,20 @@ class Prefetch:
 
 @dataclass(frozen=True)
 class MakeArena:
-    """A batch arena of at least `size` bytes for this connection's group (op `arena`)."""
+    """A batch arena of at least `size` bytes for this connection's group (op
+    `arena`); with `wait` false, `no_memory` at once when there is no room now
+    rather than after waiting for it."""
     size: int
+    wait: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ProtocolError(BAD_REQUEST, "an arena needs a size >= 1")
 
     def to_header(self, rid: int) -> Dict[str, Any]:
-        return {"op": "arena", "id": rid, "size": self.size}
+        header = {"op": "arena", "id": rid, "size": self.size}
+        _optional(header, wait=None if self.wait else False)
+        return header
 
 
 @dataclass(frozen=True)
@@ -272,8 +277,20 @@ class FreeArenas:
         return {"op": "free_arenas", "id": rid, "names": list(self.names)}
 
 
-Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, Release, Ping, Stats,
-                Shutdown]
+@dataclass(frozen=True)
+class AdoptArena:
+    """An arena another connection of this group made, which this connection
+    keeps from now on under a new name (op `adopt_arena`): a batch written by
+    a DataLoader worker outlives the worker. Answered at once: with no room in
+    this connection's share, `no_memory` without waiting."""
+    name: str
+
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        return {"op": "adopt_arena", "id": rid, "name": self.name}
+
+
+Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, AdoptArena, Release, Ping,
+                Stats, Shutdown]
 
 
 def _optional(header: Dict[str, Any], **fields: Any) -> None:
@@ -342,8 +359,9 @@ _PARSERS = {
                            _field(h, "detector", str, None), _field(h, "present", bool, False)),
     "get": _get,
     "prefetch": lambda h: Prefetch(*_events_of(h)),
-    "arena": lambda h: MakeArena(_field(h, "size", int)),
+    "arena": lambda h: MakeArena(_field(h, "size", int), _field(h, "wait", bool, True)),
     "free_arenas": lambda h: FreeArenas(_str_list(h, "names")),
+    "adopt_arena": lambda h: AdoptArena(_field(h, "name", str)),
     "release": lambda h: Release(_int_list(h, "slots")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .errors import BAD_FRAME, ProtocolError
-from .messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch, Release, Request,
-                       Shutdown, Stats, request_id)
+from .messages import (AdoptArena, FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
+                       Release, Request, Shutdown, Stats, request_id)
 
 _MISSING = object()
 
@@ -230,7 +230,8 @@ class Stopping(_Flat):
 
 @dataclass(frozen=True)
 class ArenaMade(_Flat):
-    """A batch arena made for the connection's group: its segment and size."""
+    """A batch arena made (or adopted, under its new name) for the
+    connection's group: its segment and size."""
     rid: int
     name: str
     size: int
@@ -387,6 +388,7 @@ _PARSERS = {
     Info: InfoReply.from_header,
     Prefetch: Queued.from_header,
     MakeArena: ArenaMade.from_header,
+    AdoptArena: ArenaMade.from_header,
     Ping: Pong.from_header,
     Stats: StatsReply.from_header,
     Shutdown: Stopping.from_header,

@@ -102,12 +102,18 @@ def dataset_pass(address: str, det: str, events: List[int], protocol: str, worke
                  batch: int, persistent: bool = False) -> Callable[[], int]:
     requests = [("bench", 1, "idx", det, e) for e in events]
     ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers,
-                        persistent_workers=persistent)
+    held = {"loader": DataLoader(ds, batch_size=batch, num_workers=workers,
+                                 persistent_workers=persistent)}
 
     def run() -> int:
-        return sum(b.shape[0] for b in loader)
-    run.close = ds.close        # what the path holds on the server goes before the next path
+        return sum(b.shape[0] for b in held["loader"])
+
+    def close() -> None:
+        """What the path holds on the server goes before the next path: the
+        loader (and so its persistent workers), then the dataset's connections."""
+        held.clear()
+        ds.close()
+    run.close = close
     return run
 
 

@@ -15,16 +15,19 @@ against what the request laid out, before a byte is written.
 
 An arena is reserved from the budget like a slot (the connection's
 `Holding`), named like a slot (so every stop path and `psana-ipc cleanup`
-remove it) and lives until its connection closes. It is then only
+remove it) and lives until its connection closes, unless another
+connection of the group adopts it first (`adopt`: the arena a DataLoader
+worker made outlives the worker in the process that keeps the batches; it
+takes a name of the adopting worker's, and the maker's unlink of the old
+name finds nothing). It is then only
 unlinked, never truncated: another worker of the group may be writing into
 it at that moment, and a truncated mapping would kill that worker with
 SIGBUS. The pages go when the last mapping does: every worker drops its
-mappings of unlinked arenas at its next write into an arena, and all of
-them when its connection closes.
+mappings of unlinked arenas at its next write into an arena, when one of
+its connections closes, and at least once a second (`sweep_mappings`).
 """
 import hashlib
 import hmac
-import itertools
 import mmap
 import os
 import secrets
@@ -34,17 +37,19 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import BAD_ARENA, ProtocolError
+from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, ProtocolError
 from psana_ipc.protocol.messages import Into, frame_nbytes
 from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 
 from .shared_state import Grant
 from .shm import Segment, round_up
-from .slots import Holding
+from .slots import Holding, refusal
 from .sources.base import Allocator
 
 GROUP_KEY = secrets.token_bytes(32)   # made in the master at import; forked workers share it
-MAX_MAPPED = 64                       # arenas of other workers one connection keeps mapped
+MAX_MAPPED = 64                       # arenas a worker keeps mapped to write into
+SWEEP_SECONDS = 1.0
+POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 DTYPE_KINDS = "biufc"
 
 
@@ -84,10 +89,10 @@ def frame_layout(into: Into) -> Tuple[np.dtype, int]:
 
 
 class _Mapped:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
-        self.size = os.fstat(fd).st_size
-        self.map = mmap.mmap(fd, self.size)
+        self.size = size
+        self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | POPULATE)
 
     def alive(self) -> bool:
         return os.fstat(self.fd).st_nlink > 0
@@ -100,6 +105,48 @@ class _Mapped:
         os.close(self.fd)
 
 
+class _Mappings:
+    """The arenas this worker process has mapped to write into, by inode and
+    shared by its connections: an arena is mapped, its page tables filled at
+    once (MAP_POPULATE), once per worker rather than once per connection, so
+    the DataLoader workers of a later epoch write into warm mappings (a fresh
+    mapping faults every page on its first write: several times the copy).
+    Mappings of unlinked arenas are dropped at every use and every
+    SWEEP_SECONDS (their pages go with the last mapping)."""
+
+    def __init__(self) -> None:
+        self._maps: "OrderedDict[Tuple[int, int], _Mapped]" = OrderedDict()
+        self._swept = 0.0
+
+    def get(self, fd: int, st: os.stat_result) -> _Mapped:
+        """The mapping of the file behind `fd`, which this takes over."""
+        self.drop_unlinked()
+        key = (st.st_dev, st.st_ino)
+        mapped = self._maps.get(key)
+        if mapped is not None:
+            os.close(fd)
+            self._maps.move_to_end(key)
+            return mapped
+        mapped = self._maps[key] = _Mapped(fd, st.st_size)
+        while len(self._maps) > MAX_MAPPED:
+            self._maps.popitem(last=False)[1].close()
+        return mapped
+
+    def drop_unlinked(self) -> None:
+        for key, mapped in list(self._maps.items()):
+            if not mapped.alive():
+                del self._maps[key]
+                mapped.close()
+
+    def sweep(self, now: float) -> None:
+        if now - self._swept >= SWEEP_SECONDS:
+            self._swept = now
+            self.drop_unlinked()
+
+
+MAPPINGS = _Mappings()     # made empty in the master; each forked worker fills its own
+
+
 class Arenas:
     """The arenas one connection made, and the group's arenas it has mapped to
     write into."""
@@ -108,15 +155,17 @@ class Arenas:
         self.holding = holding
         self.kind = arena_kind(group)
         self.made: Dict[str, Segment] = {}
-        self._mapped: "OrderedDict[str, _Mapped]" = OrderedDict()
-        self._serial = itertools.count()
 
     # -- making ---------------------------------------------------------------------
-    def reserve(self, nbytes: int) -> Grant:
+    def reserve(self, nbytes: int, wait: bool) -> Grant:
+        """The bytes of a new arena; without `wait`, `no_memory` at once when
+        there is no room now (the client copies frames instead)."""
         size = round_up(nbytes)
-        if size > self.holding.budget.limit:
-            return Grant.TOO_LARGE
-        return self.holding.take(size)
+        grant = Grant.TOO_LARGE if size > self.holding.budget.limit else self.holding.take(size)
+        if grant is Grant.TOO_LARGE or (grant is Grant.WAIT and not wait):
+            raise ProtocolError(NO_MEMORY, refusal(grant, size, self.holding.budget.limit,
+                                                   "an arena"))
+        return grant
 
     def make(self, nbytes: int) -> Segment:
         """The arena whose bytes `reserve` granted."""
@@ -140,6 +189,30 @@ class Arenas:
             segment.destroy()
             self.holding.give(segment.size)
         return bad
+
+    def adopt(self, name: str) -> Segment:
+        """Keep an arena another connection of the group made (see AdoptArena):
+        its bytes are taken from this connection's fair share of the budget
+        like any (adopting is no way around the share), never waited for, and
+        it gets a name of this worker's, so the maker's close no longer
+        unlinks it. The maker still counts it until it frees its old name."""
+        fd, st = self._open(name)
+        os.close(fd)
+        size = st.st_size
+        grant = self.holding.take(size)
+        if grant is not Grant.GRANTED:
+            raise ProtocolError(NO_MEMORY, refusal(grant, size, self.holding.budget.limit,
+                                                   "an arena"))
+        try:
+            segment = self.holding.budget.segment(size, self.kind, take_over=name)
+        except FileNotFoundError:
+            self.holding.give(size)
+            raise _refuse(f"arena {name} is gone: its connection closed?") from None
+        except BaseException:
+            self.holding.give(size)
+            raise
+        self.made[segment.name] = segment
+        return segment
 
     # -- writing --------------------------------------------------------------------
     def allocator(self, into: Into, seq: int) -> Tuple[Allocator, int]:
@@ -166,11 +239,12 @@ class Arenas:
         return place, nbytes
 
     def _map(self, name: str) -> _Mapped:
-        self._drop_unlinked()
-        mapped = self._mapped.get(name)
-        if mapped is not None:
-            self._mapped.move_to_end(name)
-            return mapped
+        """The mapping (this worker's, shared by its connections) of an arena of this group."""
+        return MAPPINGS.get(*self._open(name))
+
+    def _open(self, name: str) -> Tuple[int, os.stat_result]:
+        """A descriptor of an arena of this group and its status, refusing any
+        other name or file."""
         parsed = parse_segment_name(name)
         if (parsed is None or parsed.server_pid != self.holding.budget.server_pid
                 or not parsed.serial.startswith(self.kind)):
@@ -184,23 +258,18 @@ class Arenas:
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or not st.st_size:
             os.close(fd)
             raise _refuse(f"arena {name} is not a segment this server made")
-        mapped = self._mapped[name] = _Mapped(fd)
-        while len(self._mapped) > MAX_MAPPED:
-            self._mapped.popitem(last=False)[1].close()
-        return mapped
-
-    def _drop_unlinked(self) -> None:
-        for name, mapped in list(self._mapped.items()):
-            if not mapped.alive():
-                del self._mapped[name]
-                mapped.close()
+        return fd, st
 
     def close(self) -> None:
         """Unlink what this connection made (never truncate: see the module
-        docstring) and drop every mapping."""
+        docstring) and drop the mappings of unlinked arenas."""
         for segment in self.made.values():
             segment.destroy()
             self.holding.give(segment.size)
         self.made.clear()
-        while self._mapped:
-            self._mapped.popitem()[1].close()
+        MAPPINGS.drop_unlinked()
+
+
+def sweep_mappings(now: float) -> None:
+    """Drop this worker's mappings of unlinked arenas, at most once a second."""
+    MAPPINGS.sweep(now)

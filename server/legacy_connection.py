@@ -29,8 +29,8 @@ from .context import WorkerContext, is_local_peer
 from .frame_reader import Frame
 from .shared_state import Grant
 from .shm import Segment, round_up
+from .slots import Holding, refusal
 from .sources.base import frame_bytes
-from .slots import Holding, budget_in_use, too_large
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,7 @@ class LegacyConnection(Channel):
             return Grant.GRANTED
 
     def refuse(self, grant: Grant) -> None:
-        why = too_large if grant is Grant.TOO_LARGE else budget_in_use
-        self._fail(NO_MEMORY, why(self.nbytes, self.ctx.budget.limit))
+        self._fail(NO_MEMORY, refusal(grant, self.nbytes, self.ctx.budget.limit))
 
     def work(self) -> None:
         if self.closed or self.close_after_flush:    # `reserve` answered with an error

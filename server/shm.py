@@ -58,22 +58,38 @@ def _create(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-class Segment:
-    """A segment this process created: a mapping plus the name clients attach by."""
+def _take_over(old: str, name: str) -> mmap.mmap:
+    """Give the segment `old` the name `name` as well (a hard link, which never
+    replaces an existing name) and map it."""
+    os.link(segment_path(old), segment_path(name))
+    fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
-    def __init__(self, names: Callable[[], str], size: int) -> None:
+
+class Segment:
+    """A segment this process created, or took over from another worker of
+    its server: a mapping plus the name clients attach by."""
+
+    def __init__(self, names: Callable[[], str], size: int, take_over: Optional[str] = None
+                 ) -> None:
         """`names` gives a new candidate name on each call: one that exists
-        already (planted by someone else) is passed over."""
+        already (planted by someone else) is passed over. With `take_over`,
+        the segment of that name gets the new name and loses the old one."""
         for _ in range(NAME_TRIES):
             name = names()
             try:
-                self.map = _create(name, size)
+                self.map = _create(name, size) if take_over is None else _take_over(take_over, name)
                 break
             except FileExistsError:
                 log.warning("/dev/shm/%s exists and is not ours: using another name", name)
         else:
             raise FileExistsError(errno.EEXIST, f"{NAME_TRIES} segment names in a row exist "
                                                 f"in /dev/shm already")
+        if take_over is not None:
+            unlink(take_over)
         self.name = name
         self.size = size
 

@@ -37,11 +37,12 @@ class Budget:
     def _next_name(self, kind: str) -> str:
         return segment_name(self.server_pid, os.getpid(), kind + format(next(self._serial), "x"))
 
-    def segment(self, size: int, kind: str = "") -> Segment:
+    def segment(self, size: int, kind: str = "", take_over: Optional[str] = None) -> Segment:
         """A new segment of `size` bytes, already reserved, its serial starting
-        with `kind` (batch arenas); a full /dev/shm is the error `no_memory`."""
+        with `kind` (batch arenas), or the segment `take_over` under a new name
+        of this worker's; a full /dev/shm is the error `no_memory`."""
         try:
-            return Segment(lambda: self._next_name(kind), size)
+            return Segment(lambda: self._next_name(kind), size, take_over)
         except ShmFullError as e:
             raise ProtocolError(NO_MEMORY, str(e)) from e
 
@@ -68,12 +69,17 @@ class Holding:
         return self.bytes > self.budget.state.share()
 
 
-def too_large(nbytes: int, budget: int, what: str = "a frame") -> str:
+def refusal(grant: Grant, nbytes: int, budget: int, what: str = "a frame") -> str:
+    """Why `nbytes` for `what` were not granted."""
+    return (_too_large if grant is Grant.TOO_LARGE else _budget_in_use)(nbytes, budget, what)
+
+
+def _too_large(nbytes: int, budget: int, what: str) -> str:
     return (f"{what} of {nbytes} bytes is larger than the whole shared-memory budget of "
             f"{budget} bytes (iserver --shm-budget)")
 
 
-def budget_in_use(nbytes: int, budget: int, what: str = "a frame") -> str:
+def _budget_in_use(nbytes: int, budget: int, what: str) -> str:
     return (f"no room for {what} of {nbytes} bytes: the shared-memory budget of {budget} bytes "
             f"is in use (this connection's share is budget / (clients holding memory + 1)); "
             f"release frames or try again later")

@@ -27,8 +27,9 @@ from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LAR
                                        NO_MEMORY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
                                        UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
-                                         Release, Shutdown, Stats, parse_request, request_id)
+from psana_ipc.protocol.messages import (AdoptArena, FreeArenas, Get, Hello, Info, MakeArena,
+                                         Ping, Prefetch, Release, Shutdown, Stats, parse_request,
+                                         request_id)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
                                         FrameReply, InfoReply, Pong, Queued, Reply, Skipped,
                                         StatsReply, Stopping, Welcome, WrittenFrame, encode_reply)
@@ -40,7 +41,7 @@ from .cached_frames import CacheUse, CachedFrames
 from .frame_cache import Entry
 from .frame_reader import Frame, frame_desc
 from .shared_state import Grant
-from .slots import Holding, Slot, SlotPool, budget_in_use, too_large
+from .slots import Holding, Slot, SlotPool, refusal
 from .sources.base import Allocator
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class V1Connection(Channel):
             bad = self.arenas.free(request.names) if self.arenas else list(request.names)
             if bad:
                 self._fail(rid, BAD_ARENA, f"arenas {bad} were not made by this connection")
+        elif isinstance(request, AdoptArena):
+            self._adopt_arena(rid, request)
         elif isinstance(request, Release):
             bad = self.pool.release(request.slots) if self.pool else list(request.slots)
             bad = [sid for sid in bad if not self.cached.unpin(sid)]
@@ -255,28 +258,31 @@ class V1Connection(Channel):
         """An arena to make: its bytes from the budget. A frame into an arena:
         nothing to reserve, only its place to check (before any read, its size
         against the source's)."""
-        if self.arenas is None:
-            raise ProtocolError(BAD_ARENA, "batch arenas need shared memory with the server "
-                                           "(transport shm, same host)")
+        arenas = self._arenas()
         if isinstance(item.get, MakeArena):
             item.nbytes = item.get.size
-            return self.arenas.reserve(item.nbytes)
+            return arenas.reserve(item.nbytes, item.get.wait)
         _, nbytes = frame_layout(item.get.into)
         known = self.ctx.reader.frame_size(item.get, item.event)
         if known is not None and known != nbytes:
             raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
                                            f"{item.get.mode}; the arena's frames are {nbytes}")
-        item.place, item.reserved = self.arenas.allocator(item.get.into, item.seq)
+        item.place, item.reserved = arenas.allocator(item.get.into, item.seq)
         return Grant.GRANTED
+
+    def _arenas(self) -> Arenas:
+        if self.arenas is None:
+            raise ProtocolError(BAD_ARENA, "batch arenas need shared memory with the server "
+                                           "(transport shm, same host)")
+        return self.arenas
 
     def refuse(self, grant: Grant) -> None:
         """The request's other events would wait as long: it ends here."""
         item = self.queue.popleft()
         self._drop(item.rid)
-        why = too_large if grant is Grant.TOO_LARGE else budget_in_use
         what = "an arena" if isinstance(item.get, MakeArena) else "a frame"
-        self._fail(item.rid, NO_MEMORY, why(item.nbytes, self.ctx.budget.limit, what), True,
-                   *item.where())
+        self._fail(item.rid, NO_MEMORY, refusal(grant, item.nbytes, self.ctx.budget.limit, what),
+                   True, *item.where())
 
     def _make_arena(self, item: Item) -> None:
         try:
@@ -285,6 +291,14 @@ class V1Connection(Channel):
             self._fail(item.rid, e.code, e.message)
             return
         self._reply(ArenaMade(item.rid, segment.name, segment.size))
+
+    def _adopt_arena(self, rid: int, request: AdoptArena) -> None:
+        try:
+            segment = self._arenas().adopt(request.name)
+        except ProtocolError as e:
+            self._fail(rid, e.code, e.message)
+            return
+        self._reply(ArenaMade(rid, segment.name, segment.size))
 
     def work(self) -> None:
         item = self.queue.popleft()

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
-from . import liveness
+from . import arenas, liveness
 from .channel import Channel
 from .context import WorkerContext
 from .legacy_connection import LegacyConnection
@@ -280,6 +280,7 @@ class Worker:
             conn.refuse(grant)
 
     def _tick(self, now: float) -> None:
+        arenas.sweep_mappings(now)
         for conn in list(self.conns.values()):
             self._step(conn, functools.partial(self._tick_one, conn, now))
         for fd, at in list(self.accepted_at.items()):

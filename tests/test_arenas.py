@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, RunDataset,
                               ServerError)
+from psana_ipc.client import batch_handoff
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import FreeArenas, Into
 from psana_ipc.protocol.shm_names import parse_segment_name
@@ -27,16 +28,26 @@ from test_lifecycle import _psana_ipc
 FRAME = expected("epix100", "raw", 0)
 
 
-def _backing(array) -> str:
-    """The file the memory of an array (or tensor) is mapped from, per /proc/self/maps."""
+def _mapping(array) -> list:
+    """The /proc/self/maps line of the memory of an array (or tensor), split."""
     address = np.asarray(array).__array_interface__["data"][0]
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split()
             start, end = (int(x, 16) for x in fields[0].split("-"))
             if start <= address < end:
-                return fields[5] if len(fields) > 5 else ""
-    return ""
+                return fields
+    return []
+
+
+def _backing(array) -> str:
+    """The file the memory of an array (or tensor) is mapped from (its name when mapped)."""
+    fields = _mapping(array)
+    return fields[5] if len(fields) > 5 else ""
+
+
+def _inode(array) -> int:
+    return int(_mapping(array)[4])
 
 
 def _arenas_of(server) -> list:
@@ -214,7 +225,7 @@ def test_arenas_of_another_group_or_not_arenas_at_all_are_refused(server, arena)
     slot_name = owner.view("x", 1, "epix100", 0, "raw")
     slot_name.release()
     owner.flush_releases()
-    names = [made.name, slot_name.desc["name"], "../../etc/passwd", "psipc_1_2_a00x0"]
+    names = [made.name, slot_name.reply.name, "../../etc/passwd", "psipc_1_2_a00x0"]
     with Client(server.address) as stranger:
         assert stranger.group != owner.group
         for name in names:
@@ -222,7 +233,7 @@ def test_arenas_of_another_group_or_not_arenas_at_all_are_refused(server, arena)
                 _get_into(stranger, _into(name, [0]))
             assert err.value.code == "bad_arena", name
     with pytest.raises(ServerError) as err:
-        _get_into(owner, _into(slot_name.desc["name"], [0]))
+        _get_into(owner, _into(slot_name.reply.name, [0]))
     assert err.value.code == "bad_arena"
 
 
@@ -367,3 +378,91 @@ def test_only_arenas_of_the_connection_can_be_freed(server, arena):
     owner.free_arena(made.name)
     assert owner.ping()
     assert made.name not in _arenas_of(server)
+
+
+def test_dataloader_worker_batches_are_arenas_the_next_epochs_workers_fill_again(server):
+    events = list(range(24))
+    ds = _dataset(server, events)
+    loader = DataLoader(ds, batch_size=4, num_workers=2)
+    inodes = []
+    for epoch in range(3):
+        batches = 0
+        for batch in loader:
+            assert _backing(batch).startswith(f"/dev/shm/psipc_{server.pid}_")
+            inodes.append(_inode(batch))
+            _check(batch.clone(), events[4 * batches:4 * batches + 4])
+            batches += 1
+            del batch
+        # the workers are gone; the main process keeps their arenas (under new names)
+        kept = {os.stat(f"/dev/shm/{n}").st_ino for n in _arenas_of(server)}
+        assert set(inodes[-batches:]) <= kept
+    assert inodes[6] in inodes[:6] and inodes[12] in inodes[6:12]   # filled again
+    del loader
+    ds.close()
+    assert _eventually(lambda: not _arenas_of(server))
+
+
+def test_an_arena_adopted_by_another_connection_of_the_group_outlives_its_maker(server):
+    maker = Client(server.address).connect()
+    made = maker.make_arena(FRAME.nbytes)
+    with Client(server.address, group=maker.group) as keeper:
+        adopted = keeper.adopt_arena(made.name)
+        assert adopted.name != made.name and adopted.size == made.size
+        assert _arenas_of(server) == [adopted.name]
+        _get_into(maker, _into(adopted.name, [0]), events=(6,))      # still the group's to write
+        with open(f"/dev/shm/{adopted.name}", "rb") as f:
+            _check(np.frombuffer(f.read(FRAME.nbytes), FRAME.dtype).reshape((1,) + FRAME.shape),
+                   [6])
+        maker.close()
+        assert _eventually(lambda: keeper.stats()["connections"] == 1)
+        assert _arenas_of(server) == [adopted.name]
+        with Client(server.address) as stranger:                  # another group
+            with pytest.raises(ServerError) as err:
+                stranger.adopt_arena(adopted.name)
+            assert err.value.code == "bad_arena"
+        with pytest.raises(ServerError) as err:
+            keeper.adopt_arena(made.name)                      # gone
+        assert err.value.code == "bad_arena"
+    assert _eventually(lambda: not _arenas_of(server))
+
+
+def test_adopting_or_making_an_arena_without_waiting_fails_at_once_without_room(start_server):
+    server = start_server(["--workers", "2", "--shm-budget", "4M"])
+    with Client(server.address) as maker, Client(server.address) as other:
+        made = maker.make_arena(3 << 20)
+        with pytest.raises(ServerError) as err:
+            other.make_arena(3 << 20, wait=False)
+        assert err.value.code == "no_memory" and "an arena" in err.value.message
+        with Client(server.address, group=maker.group) as keeper:
+            with pytest.raises(ServerError) as err:
+                keeper.adopt_arena(made.name)
+            assert err.value.code == "no_memory"
+        assert _arenas_of(server) == [made.name]
+
+
+def test_adopting_is_no_way_around_a_connections_fair_share(start_server):
+    server = start_server(["--workers", "2", "--shm-budget", "8M"])
+    with Client(server.address) as maker:
+        made = maker.make_arena(3 << 20)
+        with Client(server.address, group=maker.group) as keeper:
+            keeper.make_arena(1 << 20)          # two holders: a share is 8M / 3
+            with pytest.raises(ServerError) as err:
+                keeper.adopt_arena(made.name)
+            assert err.value.code == "no_memory" and "share" in err.value.message
+            with Client(server.address, group=maker.group) as another:   # holds nothing yet
+                assert another.adopt_arena(made.name).size == made.size
+
+
+def test_the_main_process_gives_back_kept_arenas_beyond_its_spare_ones(server):
+    ds = _dataset(server, range(40))
+    loader = DataLoader(ds, batch_size=2, num_workers=2)
+    held = list(loader)                      # every batch held: 20 arenas kept
+    _check(torch.cat(held), range(40))
+    assert len(_arenas_of(server)) >= 20
+    del held
+    for _ in loader:                         # nothing held: idle ones beyond SPARE go
+        pass
+    assert _eventually(lambda: len(_arenas_of(server)) <= batch_handoff.SPARE + 2 * 2 + 1)
+    del loader
+    ds.close()
+    assert _eventually(lambda: not _arenas_of(server))

@@ -25,7 +25,8 @@ def _storage(batch):
 
 @pytest.mark.parametrize("loader_args", [
     dict(num_workers=0), dict(num_workers=0, pin_memory=True), dict(num_workers=2),
-    dict(num_workers=2, pin_memory=True), dict(num_workers=2, persistent_workers=True)])
+    dict(num_workers=2, pin_memory=True), dict(num_workers=2, persistent_workers=True),
+    dict(num_workers=1, multiprocessing_context="spawn")])
 def test_every_batch_holds_its_events_in_order(server, loader_args):
     events = [11, 3, 7, 0, 42, 5, 9, 1, 30, 8, 2, 6, 4, 20]
     loader = DataLoader(_dataset(server, events), batch_size=4, **loader_args)

@@ -11,9 +11,9 @@ from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import (Done, LegacyError, LegacyFrame, LegacyGet, LegacyMark,
                                        Probe, is_ours, parse_legacy, parse_legacy_reply)
-from psana_ipc.protocol.messages import (MODES, TRANSPORTS, FieldRef, FreeArenas, Get, Hello,
-                                         Info, Into, MakeArena, Ping, Prefetch, Release, RunKey,
-                                         Shutdown, Stats, frame_nbytes, parse_request)
+from psana_ipc.protocol.messages import (MODES, TRANSPORTS, AdoptArena, FieldRef, FreeArenas, Get,
+                                         Hello, Info, Into, MakeArena, Ping, Prefetch, Release,
+                                         RunKey, Shutdown, Stats, frame_nbytes, parse_request)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
                                         FrameReply, InfoReply, Pong, Queued, Received, Skipped,
                                         StatsReply, Stopping, Welcome, WrittenFrame, encode_reply,
@@ -61,7 +61,8 @@ requests = st.one_of(
     plain_gets,
     gets_into(),
     st.builds(Prefetch, run_keys, st.sampled_from(MODES), events),
-    st.builds(MakeArena, st.integers(1, 2**40)),
+    st.builds(MakeArena, st.integers(1, 2**40), st.booleans()),
+    st.builds(AdoptArena, text),
     st.builds(FreeArenas, st.lists(text, max_size=5).map(tuple)),
     st.builds(Release, st.lists(ids, max_size=20).map(tuple)),
     st.builds(Ping), st.builds(Stats),
@@ -95,6 +96,9 @@ def test_a_request_says_only_what_differs_from_its_defaults():
         "events": [4], "access_mode": "idx"}
     assert Info("x", 1).to_header(3) == {"op": "info", "id": 3, "exp": "x", "run": 1}
     assert Shutdown().to_header(4) == {"op": "shutdown", "id": 4}
+    assert MakeArena(8).to_header(5) == {"op": "arena", "id": 5, "size": 8}
+    assert MakeArena(8, wait=False).to_header(5) == {"op": "arena", "id": 5, "size": 8,
+                                                     "wait": False}
 
 
 # -- v1 replies ----------------------------------------------------------------------------
@@ -127,6 +131,7 @@ REPLIES = [
     (st.builds(StatsReply, ids, json_objects()), Stats()),
     (st.builds(Stopping, ids), Shutdown()),
     (st.builds(ArenaMade, ids, text, counts), MakeArena(1)),
+    (st.builds(ArenaMade, ids, text, counts), AdoptArena("psipc_1_2_a0x1")),
     (st.builds(Skipped, ids, ids, counts, text, dones), any_get),
     (frame_replies(), any_get),
     (st.builds(ArenaWritten, ids, text, st.lists(written, max_size=4).map(tuple)), into_get),
