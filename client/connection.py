@@ -445,7 +445,8 @@ class Client:
             array = np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
             return Frame(array, header, self, None)
         if header.get("cached"):      # a frame-cache entry, pinned for us until released
-            array = self._entries.view(header["name"], header["shape"], dtype)
+            array = self._entries.view(header["name"], header["shape"], dtype,
+                                       header.get("offset", 0))
         else:
             array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
         self._held.add(header["slot"])

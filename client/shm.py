@@ -73,12 +73,10 @@ class SlotMaps:
 
 
 class EntryMaps:
-    """Mappings of the server's frame-cache entries, kept across reads of the
-    same entry (a cached frame read every epoch is mapped once).
-
-    An entry is only read while the server pins it for this client; an
-    evicted one is truncated, so a mapping kept after that holds no memory.
-    At most `keep` mappings are kept, the least recently used closed first.
+    """Mappings of the blocks of the server's frame cache, each made once and
+    kept: an entry is a frame at an offset in a block, read only while the
+    server pins it for this client. At most `keep` mappings are kept, the
+    least recently used closed first.
     """
 
     def __init__(self, writable: bool = False, keep: int = 4096) -> None:
@@ -86,7 +84,8 @@ class EntryMaps:
         self.keep = keep
         self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
 
-    def view(self, name: str, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    def view(self, name: str, shape: Sequence[int], dtype: np.dtype,
+             offset: int = 0) -> np.ndarray:
         m = self._maps.get(name)
         if m is None:
             m = self._maps[name] = attach(name, self.writable)
@@ -94,7 +93,7 @@ class EntryMaps:
                 _close(self._maps.popitem(last=False)[1])
         else:
             self._maps.move_to_end(name)
-        return np.ndarray(tuple(shape), dtype=dtype, buffer=m)
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=m, offset=offset)
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -293,11 +293,14 @@ class V1Connection(Channel):
         try:
             if item.error is not None:
                 raise item.error
-            if self.cached.serves(item) and item.place is not None:
-                self._copy_cached(item)
-                return
             if self.cached.serves(item):
-                self._send_cached(item)
+                served = self.cached.serve(item)
+                if served is None:              # not kept: served as without a cache
+                    self.queue.appendleft(item)
+                elif item.place is not None:
+                    self._copy_cached(item, *served)
+                else:
+                    self._send_cached(item, *served)
                 return
             if item.place is not None:
                 into, reserved = item.place, item.reserved
@@ -339,10 +342,9 @@ class V1Connection(Channel):
             self._reply(desc, memoryview(data.reshape(-1)).cast("B"),
                         lambda: self._inline_sent(item.reserved))
 
-    def _send_cached(self, item: Item) -> None:
+    def _send_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
         """A frame in the frame cache: shm clients map the entry itself, pinned
         until released; inline ones get its bytes, pinned until sent."""
-        entry, fields = self.cached.serve(item)
         desc = ok_reply(item.rid, seq=item.seq, event=item.event, done=item.done, **fields)
         if self.inline:
             desc["nbytes"] = entry.frame_bytes
@@ -351,13 +353,13 @@ class V1Connection(Channel):
         else:
             handle = self.pool.new_id()
             self.cached.hand_over(handle, entry)
-            desc.update(slot=handle, name=entry.name, size=entry.frame_bytes, cached=True)
+            desc.update(slot=handle, name=entry.name, offset=entry.offset,
+                        size=entry.frame_bytes, cached=True)
             self._reply(desc)
 
-    def _copy_cached(self, item: Item) -> None:
+    def _copy_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
         """A frame into an arena through the frame cache (read into a new entry
         on a miss): copied from the entry, which is unpinned at once."""
-        entry, fields = self.cached.serve(item)
         try:
             self.cached.copy_into(entry, fields, item.place)
         finally:

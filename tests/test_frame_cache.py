@@ -149,7 +149,7 @@ def test_every_stop_removes_the_cache(start_server):
             held = c.view("x", 1, DET, 0, "raw")
             for e in range(1, 4):
                 c.get("x", 1, DET, e, "raw")
-            assert len(_cache_files(server)) == 4
+            assert _cache_files(server)
             if how == "worker killed":       # its pin goes with it; the entries stay
                 os.kill(c.worker, signal.SIGKILL)
                 assert _eventually(lambda: _stats(server)["frame_cache"]["pinned"] == 0)
