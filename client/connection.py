@@ -446,7 +446,7 @@ class Client:
             return Frame(array, header, self, None)
         if header.get("cached"):      # a frame-cache entry, pinned for us until released
             array = self._entries.view(header["name"], header["shape"], dtype,
-                                       header.get("offset", 0))
+                                       header.get("offset", 0), header.get("path"))
         else:
             array = self._maps.view(header["slot"], header["name"], header["shape"], dtype)
         self._held.add(header["slot"])

@@ -12,7 +12,7 @@ listing of /dev/shm made here.
 import mmap
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -27,10 +27,11 @@ def our_segments() -> List[str]:
         return []
 
 
-def attach(name: str, writable: bool = False) -> mmap.mmap:
-    """Map a segment, read-only unless asked; the mapping outlives the name's unlink."""
+def attach(name: str, writable: bool = False, path: Optional[str] = None) -> mmap.mmap:
+    """Map a segment (or the file at `path`), read-only unless asked; the
+    mapping outlives the name's unlink."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(segment_path(name), flags)
+    fd = os.open(path or segment_path(name), flags)
     try:
         return mmap.mmap(fd, 0, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
     finally:
@@ -74,9 +75,10 @@ class SlotMaps:
 
 class EntryMaps:
     """Mappings of the blocks of the server's frame cache, each made once and
-    kept: an entry is a frame at an offset in a block, read only while the
-    server pins it for this client. At most `keep` mappings are kept, the
-    least recently used closed first.
+    kept: an entry is a frame at an offset in a block (a file in /dev/shm,
+    or at `path` for a cache on disk), read only while the server pins it
+    for this client. At most `keep` mappings are kept, the least recently
+    used closed first.
     """
 
     def __init__(self, writable: bool = False, keep: int = 4096) -> None:
@@ -85,10 +87,10 @@ class EntryMaps:
         self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
 
     def view(self, name: str, shape: Sequence[int], dtype: np.dtype,
-             offset: int = 0) -> np.ndarray:
+             offset: int = 0, path: Optional[str] = None) -> np.ndarray:
         m = self._maps.get(name)
         if m is None:
-            m = self._maps[name] = attach(name, self.writable)
+            m = self._maps[name] = attach(name, self.writable, path)
             while len(self._maps) > self.keep:
                 _close(self._maps.popitem(last=False)[1])
         else:

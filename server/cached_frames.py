@@ -12,6 +12,7 @@ request waits for it (`Grant.PENDING`) instead of reading it twice.
 """
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -20,7 +21,7 @@ from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import Get
 
 from .frame_cache import PENDING, Entry, Fill, WorkerCache
-from .frame_reader import FrameReader, frame_fields
+from .frame_reader import Frame, FrameReader, frame_fields
 from .shared_state import Grant
 from .sources.base import Allocator
 
@@ -34,6 +35,16 @@ class Bypass:
 
 BYPASS = Bypass()
 CacheUse = Union[Entry, Fill, Bypass, None]
+
+
+@dataclass
+class CacheRead:
+    """One event served through the cache, as `CachedFrames` sees it: the
+    legacy dialect's request (a v1 item carries the same fields)."""
+    get: Get
+    event: int
+    cache_use: CacheUse = None
+    prefetched: Optional[Frame] = None
 
 
 class CachedFrames:

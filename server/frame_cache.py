@@ -70,23 +70,28 @@ PENDING = Pending()
 
 @dataclass
 class Entry:
-    """A ready entry this worker pinned (or peeked at): where its bytes are."""
+    """A ready entry this worker pinned (or peeked at): where its bytes are
+    (`path` is the block's file when it is not in /dev/shm)."""
     row: int
     block: int
     name: str
     offset: int
     frame_bytes: int
     meta_len: int
+    path: Optional[str] = None
 
 
 @dataclass
 class Fill:
-    """An extent this worker is writing a frame into."""
+    """An extent this worker is writing a frame into: through its mapping of
+    the block, or on disk through a buffer written out whole at commit (a
+    write through a file mapping would read each page from disk first)."""
     row: int
     block: int
     offset: int
     size: int
-    view: memoryview        # the extent, writable, in this worker's mapping of its block
+    view: memoryview        # where the source writes
+    staged: bool = False    # `view` is a buffer, to be written at `offset`
 
     @property
     def capacity(self) -> int:
@@ -138,6 +143,7 @@ class FrameCache:
         self.server_pid = server_pid
         self.fingerprint = fingerprint
         self.directory = directory
+        self.on_disk = os.path.realpath(directory) != os.path.realpath(SHM_DIR)
         rows = rows_for(limit)
         cols = PINS + workers
         self._map = mmap.mmap(-1, (rows * cols + 3 * rows + len(_HEADER)) * 8)
@@ -360,7 +366,8 @@ class WorkerCache:
         t = self.table
         block = int(t[row, BLOCK])
         return Entry(row, block, self.cache.name(block), int(t[row, OFFSET]),
-                     int(t[row, FRAME_BYTES]), int(t[row, META_LEN]))
+                     int(t[row, FRAME_BYTES]), int(t[row, META_LEN]),
+                     self.cache.path(block) if self.cache.on_disk else None)
 
     def _found(self, row: int, pin: bool) -> Found:
         """Under the lock: the answer for an existing row, counted as a client read if pinned."""
@@ -411,6 +418,8 @@ class WorkerCache:
             block, offset = int(t[row, BLOCK]), int(t[row, OFFSET])
         if not self._ready(row, block, offset, size, fresh):
             return None
+        if self.cache.on_disk:
+            return Fill(row, block, offset, size, memoryview(bytearray(size)), staged=True)
         m = self._block(block)[1]
         return Fill(row, block, offset, size, memoryview(m)[offset:offset + size])
 
@@ -422,7 +431,7 @@ class WorkerCache:
         try:
             if fresh:
                 _allocate(fd, offset, size)
-            if fresh or not pages.all():
+            if (fresh or not pages.all()) and not self.cache.on_disk:
                 _populate(m, offset, size)
         except ShmFullError:
             with self.cache.locked():
@@ -437,6 +446,8 @@ class WorkerCache:
         all it may hold, map WARM_BYTES more of it in this worker, so that a
         frame written here does not fault in the pages another worker took.
         False when there is nothing left to do."""
+        if self.cache.on_disk:
+            return False            # the page cache is the kernel's to manage there
         t, h = self.table, self.header
         with self.cache.locked():
             size = min(WARM_BYTES, (self.cache.limit - int(h[_H["pool"]])) // PAGE * PAGE)
@@ -478,6 +489,8 @@ class WorkerCache:
         if frame_bytes + len(meta) > fill.size:
             return None
         fill.view[frame_bytes:frame_bytes + len(meta)] = meta
+        if fill.staged:
+            os.pwrite(self._block(fill.block)[0], fill.view[:frame_bytes + len(meta)], fill.offset)
         t, h = self.table, self.header
         with self.cache.locked():
             h[_H["tick"]] += 1

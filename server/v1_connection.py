@@ -355,6 +355,8 @@ class V1Connection(Channel):
             self.cached.hand_over(handle, entry)
             desc.update(slot=handle, name=entry.name, offset=entry.offset,
                         size=entry.frame_bytes, cached=True)
+            if entry.path is not None:      # --frame-cache-dir
+                desc["path"] = entry.path
             self._reply(desc)
 
     def _copy_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
