@@ -221,9 +221,16 @@ def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerPr
 
 # -- the frame cache (iserver --frame-cache) ---------------------------------------------------
 @contextlib.contextmanager
-def cache_server(args: argparse.Namespace, cache_bytes: int) -> Iterator[str]:
+def cache_server(args: argparse.Namespace, cache_bytes: int,
+                 warm: bool = True) -> Iterator[ServerProcess]:
+    """A server with a frame cache; `warm`: once its idle workers have taken
+    the cache's memory, as a server started ahead of its job has."""
     with running_server(args, "--frame-cache", str(cache_bytes)) as server:
-        yield server.address
+        if warm:
+            while _stats(server.address)["frame_cache"]["pool_bytes"] < cache_bytes - 4096:
+                time.sleep(0.05)
+            time.sleep(1.0)     # then each worker maps the pool in (well under a second)
+        yield server
 
 
 def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
@@ -234,6 +241,15 @@ def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
         if step_s:
             time.sleep(step_s)
     return n / (time.perf_counter() - t0)
+
+
+def _epoch_cpu(loader: BatchLoader, server: ServerProcess) -> Dict[str, float]:
+    """Frames/s of one pass, and the CPU milliseconds per frame the server's
+    workers spent on it (a steadier figure than frames/s on a shared node)."""
+    before = cpu_seconds(server.workers)
+    fps = _epoch(loader)
+    spent = cpu_seconds(server.workers) - before
+    return {"fps": fps, "server_ms": 1e3 * spent / len(loader.events)}
 
 
 def _stats(address: str) -> Dict:
@@ -248,9 +264,10 @@ def _cache_stats(address: str) -> Dict:
 
 def bench_frame_cache(args: argparse.Namespace) -> Dict:
     """The frame cache through BatchLoader, on calib frames with `--cost-ms` of
-    CPU per event, each case on a server of its own: an epoch without a cache
-    (what the workers produce here and now: on a loaded node, less than
-    workers / cost); a cold epoch then warm ones; a cold epoch beside a
+    CPU per event, each case on a server of its own whose idle workers have
+    taken the cache's memory first (but one, which starts at once): an epoch
+    without a cache (what the workers produce here and now: on a loaded
+    node, less than workers / cost); a cold epoch then warm ones; a cold epoch beside a
     training step (a sleep, as for a GPU) as long as one batch's production,
     without and with read-ahead; two clients reading one run at once; and the
     hit rate of a run twice the cache over three epochs, next to LRU's on the
@@ -269,15 +286,21 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
 
     with running_server(args) as server:
         plain = loader(server.address, 0)
-        rows["no cache (every epoch)"] = {"fps": statistics.median(
-            _epoch(plain) for _ in range(args.repeats))}
+        passes = [_epoch_cpu(plain, server) for _ in range(args.repeats)]
+        rows["no cache (every epoch)"] = {k: statistics.median(p[k] for p in passes)
+                                          for k in ("fps", "server_ms")}
         plain.close()
     produced = rows["no cache (every epoch)"]["fps"]
     step_s = batch / produced
 
-    with cache_server(args, room) as address:
+    with cache_server(args, room, warm=False) as server:
+        cold = loader(server.address, 0)
+        rows["epoch 1 (cold, memory taken meanwhile)"] = _epoch_cpu(cold, server)
+        cold.close()
+    with cache_server(args, room) as server:
+        address = server.address
         epochs = loader(address, 0)
-        rows["epoch 1 (cold)"] = {"fps": _epoch(epochs)}
+        rows["epoch 1 (cold)"] = _epoch_cpu(epochs, server)
         before = _cache_stats(address)
         warm = [_epoch(epochs) for _ in range(args.repeats)]
         after = _cache_stats(address)
@@ -286,13 +309,15 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
                                      "hit_rate": (after["hits"] - before["hits"]) / len(warm) / n,
                                      "reads": after["reads"] - before["reads"]}
     for name, ahead in (("epoch 1 + step", 0), ("epoch 1 + step + read-ahead", 8)):
-        with cache_server(args, room) as address:
+        with cache_server(args, room) as server:
+            address = server.address
             stepped = loader(address, ahead)
             fps = _epoch(stepped, step_s)
             rows[name] = {"fps": fps, "of_no_cache": fps / produced,
                           "read_ahead": _cache_stats(address)["read_ahead"] / n}
             stepped.close()
-    with cache_server(args, room) as address:
+    with cache_server(args, room) as server:
+        address = server.address
         pair, rates = [loader(address, 8) for _ in range(2)], []
         threads = [threading.Thread(target=lambda lo=lo: rates.append(_epoch(lo))) for lo in pair]
         for t in threads:
@@ -304,7 +329,8 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         rows["two clients, one run"] = {"fps": sum(rates),
                                         "reads_per_event": _cache_stats(address)["reads"] / n}
     capacity, hits = n // 2, []
-    with cache_server(args, capacity * (frame_bytes + 8192)) as address:
+    with cache_server(args, capacity * (frame_bytes + 8192)) as server:
+        address = server.address
         scan = loader(address, 0)
         for _ in range(3):
             before = _cache_stats(address)["hits"]
