@@ -265,9 +265,16 @@ class FrameCache:
 
     def lose(self, row: int) -> None:
         """Under the lock: an extent whose pages could not be had (a full file
-        system) is dropped, not offered again; the pool still counts it."""
-        self.header[_H["held"]] -= self.table[row, SIZE]
-        self.table[row, STATE] = FREE
+        system) is not offered again. Carved last from its block, it goes
+        back to the block's end, to be carved again later; else it is
+        dropped, and the pool still counts it."""
+        t, b = self.table, int(self.table[row, BLOCK])
+        size, end = int(t[row, SIZE]), int(t[row, OFFSET] + t[row, SIZE])
+        self.header[_H["held"]] -= size
+        t[row, STATE] = FREE
+        if self.blocks[b, 2] == end:
+            self.blocks[b, 2] -= size
+            self.header[_H["pool"]] -= size
 
     def _new_block(self, size: int) -> Optional[int]:
         """Under the lock: a new block, a sparse file of BLOCK_BYTES (or what
@@ -445,7 +452,7 @@ class WorkerCache:
         frame cached later does not wait for fresh pages; once the pool has
         all it may hold, map WARM_BYTES more of it in this worker, so that a
         frame written here does not fault in the pages another worker took.
-        False when there is nothing left to do."""
+        False when there is nothing left to do (or no room left to do it)."""
         if self.cache.on_disk:
             return False            # the page cache is the kernel's to manage there
         t, h = self.table, self.header
@@ -458,9 +465,10 @@ class WorkerCache:
             h[_H["held"]] += size
             t[row, STATE] = FILLING
             block, offset = int(t[row, BLOCK]), int(t[row, OFFSET])
-        if self._ready(row, block, offset, size, fresh=True):
-            with self.cache.locked():
-                self.cache.give_back(row)
+        if not self._ready(row, block, offset, size, fresh=True):
+            return False        # the file system is full: frames take what is left
+        with self.cache.locked():
+            self.cache.give_back(row)
         return True
 
     def _map_ahead(self) -> bool:
