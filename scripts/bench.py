@@ -267,11 +267,12 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     CPU per event, each case on a server of its own whose idle workers have
     taken the cache's memory first (but one, which starts at once): an epoch
     without a cache (what the workers produce here and now: on a loaded
-    node, less than workers / cost); a cold epoch then warm ones; a cold epoch beside a
-    training step (a sleep, as for a GPU) as long as one batch's production,
-    without and with read-ahead; two clients reading one run at once; and the
-    hit rate of a run twice the cache over three epochs, next to LRU's on the
-    same trace (simulated) and this policy's simulated."""
+    node, less than workers / cost), also beside a training step (a sleep, as
+    for a GPU) as long as one batch's production; a cold epoch then warm
+    ones; a cold epoch beside that step, without and with read-ahead; two
+    clients reading one run at once; and the hit rate of a run twice the
+    cache over three epochs, next to LRU's on the same trace (simulated) and
+    this policy's simulated."""
     from psana_ipc.server.cache_policy import simulate
     det, n, batch = args.detectors[0], args.frames, args.batch_size
     frame_bytes = expected(det, "calib", 0).nbytes
@@ -289,9 +290,10 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         passes = [_epoch_cpu(plain, server) for _ in range(args.repeats)]
         rows["no cache (every epoch)"] = {k: statistics.median(p[k] for p in passes)
                                           for k in ("fps", "server_ms")}
+        produced = rows["no cache (every epoch)"]["fps"]
+        step_s = batch / produced
+        rows["no cache + step"] = {"fps": _epoch(plain, step_s)}
         plain.close()
-    produced = rows["no cache (every epoch)"]["fps"]
-    step_s = batch / produced
 
     with cache_server(args, room, warm=False) as server:
         cold = loader(server.address, 0)

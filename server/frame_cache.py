@@ -27,13 +27,15 @@ connections died with it), so a row is never left half-made.
 Bounds: blocks are made while their total stays within SIZE, and sparse: an
 extent's pages are reserved (`posix_fallocate`) before the source writes
 them, so a full file system means the frame is simply not cached, never a
-SIGBUS. An entry handed to a client is pinned until released (or the
+SIGBUS. Idle workers take the pool's pages ahead of need (`warm`), up to
+SIZE. An entry handed to a client is pinned until released (or the
 connection closes) and is never evicted while pinned.
 """
 import argparse
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ from .cache_policy import choose_victim
 from .process_lock import ProcessLock
 from .shm import PAGE, ShmFullError, round_up
 
+log = logging.getLogger(__name__)
 META_ROOM = 4096            # bytes after a frame for its descriptor
 BLOCK_BYTES = 256 << 20     # a block of the pool (a frame larger than this gets its own)
 WARM_BYTES = 8 << 20        # taken at a time by an idle worker (a request waits at most that)
@@ -491,14 +494,20 @@ class WorkerCache:
                pin: bool) -> Optional[Entry]:
         """The frame is written: store its descriptor after it and make the
         entry visible, pinned for a client read (`pin`), else counted as read
-        ahead. None if the descriptor does not fit its room: the caller
-        copies the frame out, then abandons the extent."""
+        ahead. None if the descriptor does not fit its room (or the disk
+        refuses the write): the caller copies the frame out, then abandons
+        the extent."""
         meta = json.dumps(fields).encode()
         if frame_bytes + len(meta) > fill.size:
             return None
         fill.view[frame_bytes:frame_bytes + len(meta)] = meta
         if fill.staged:
-            os.pwrite(self._block(fill.block)[0], fill.view[:frame_bytes + len(meta)], fill.offset)
+            try:
+                os.pwrite(self._block(fill.block)[0], fill.view[:frame_bytes + len(meta)],
+                          fill.offset)
+            except OSError as e:
+                log.warning("cannot write a frame to the cache on disk: %s", e.strerror)
+                return None
         t, h = self.table, self.header
         with self.cache.locked():
             h[_H["tick"]] += 1
