@@ -243,11 +243,12 @@ def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _epoch_cpu(loader: BatchLoader, server: ServerProcess) -> Dict[str, float]:
+def _epoch_cpu(loader: BatchLoader, server: ServerProcess,
+               step_s: float = 0.0) -> Dict[str, float]:
     """Frames/s of one pass, and the CPU milliseconds per frame the server's
     workers spent on it (a steadier figure than frames/s on a shared node)."""
     before = cpu_seconds(server.workers)
-    fps = _epoch(loader)
+    fps = _epoch(loader, step_s)
     spent = cpu_seconds(server.workers) - before
     return {"fps": fps, "server_ms": 1e3 * spent / len(loader.events)}
 
@@ -265,7 +266,8 @@ def _cache_stats(address: str) -> Dict:
 def bench_frame_cache(args: argparse.Namespace) -> Dict:
     """The frame cache through BatchLoader, on calib frames with `--cost-ms` of
     CPU per event, each case on a server of its own whose idle workers have
-    taken the cache's memory first (but one, which starts at once): an epoch
+    taken the cache's memory first (but one, which starts at once), cold
+    epochs the median of `--repeats` servers: an epoch
     without a cache (what the workers produce here and now: on a loaded
     node, less than workers / cost), also beside a training step (a sleep, as
     for a GPU) as long as one batch's production; a cold epoch then warm
@@ -295,14 +297,24 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         rows["no cache + step"] = {"fps": _epoch(plain, step_s)}
         plain.close()
 
-    with cache_server(args, room, warm=False) as server:
-        cold = loader(server.address, 0)
-        rows["epoch 1 (cold, memory taken meanwhile)"] = _epoch_cpu(cold, server)
-        cold.close()
+    def cold(warm: bool, step: float = 0.0, ahead: int = 0) -> Dict[str, float]:
+        """One cold epoch, on a fresh server each of `--repeats` times: the medians."""
+        passes = []
+        for _ in range(args.repeats):
+            with cache_server(args, room, warm) as server:
+                first = loader(server.address, ahead)
+                passes.append(dict(_epoch_cpu(first, server, step),
+                                   read_ahead=_cache_stats(server.address)["read_ahead"] / n))
+                first.close()
+        return {k: statistics.median(p[k] for p in passes) for k in passes[0]
+                if k != "read_ahead" or ahead}
+
+    rows["epoch 1 (cold, memory taken meanwhile)"] = cold(warm=False)
+    rows["epoch 1 (cold)"] = cold(warm=True)
     with cache_server(args, room) as server:
         address = server.address
         epochs = loader(address, 0)
-        rows["epoch 1 (cold)"] = _epoch_cpu(epochs, server)
+        _epoch(epochs)
         before = _cache_stats(address)
         warm = [_epoch(epochs) for _ in range(args.repeats)]
         after = _cache_stats(address)
@@ -310,14 +322,8 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         rows["epoch 2+ (cached)"] = {"fps": statistics.median(warm),
                                      "hit_rate": (after["hits"] - before["hits"]) / len(warm) / n,
                                      "reads": after["reads"] - before["reads"]}
-    for name, ahead in (("epoch 1 + step", 0), ("epoch 1 + step + read-ahead", 8)):
-        with cache_server(args, room) as server:
-            address = server.address
-            stepped = loader(address, ahead)
-            fps = _epoch(stepped, step_s)
-            rows[name] = {"fps": fps, "of_no_cache": fps / produced,
-                          "read_ahead": _cache_stats(address)["read_ahead"] / n}
-            stepped.close()
+    rows["epoch 1 + step"] = cold(warm=True, step=step_s)
+    rows["epoch 1 + step + read-ahead"] = cold(warm=True, step=step_s, ahead=8)
     with cache_server(args, room) as server:
         address = server.address
         pair, rates = [loader(address, 8) for _ in range(2)], []
@@ -341,8 +347,9 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         scan.close()
     trace = list(range(n)) * 3
     memcpy = timed(memcpy_pass(det, n, batch), args.repeats)["fps"]
-    for row in rows.values():
-        row.setdefault("of_no_cache", row["fps"] / produced)
+    stepped = rows["no cache + step"]["fps"]
+    for name, row in rows.items():      # against the no-cache path in the same conditions
+        row["of_no_cache"] = row["fps"] / (stepped if "+ step" in name else produced)
     return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,
             "frame_mb": frame_bytes / 1e6, "step_ms": 1e3 * step_s, "cost_ms": args.cost_ms,
             "server_workers": args.server_workers, "frames": n,
