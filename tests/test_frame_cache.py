@@ -22,8 +22,9 @@ from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.messages import Get, RunKey
 from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 from psana_ipc.server.cache_policy import choose_victim, simulate
+from psana_ipc.server import frame_cache
 from psana_ipc.server.frame_cache import META_ROOM, READY, SIZE, SPACE, STATE, FrameCache
-from psana_ipc.server.shm import our_segments, round_up
+from psana_ipc.server.shm import ShmFullError, our_segments, round_up
 from psana_ipc.server.sources.synthetic import expected
 
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
@@ -308,3 +309,28 @@ def test_evicted_extents_are_reused_and_free_space_merges(tmp_path):
     space = cache.table[cache.table[:, STATE] == SPACE]
     assert len(space) == 1 and space[0, SIZE] == 4 * size      # one extent again
     assert len(os.listdir(tmp_path)) == 1                       # one block
+
+
+def test_idle_workers_take_the_cache_memory_ahead(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", "64M"])
+    assert _eventually(lambda: _stats(server)["frame_cache"]["pool_bytes"] == 64 << 20)
+    with Client(server.address) as c:
+        for e in range(4):
+            assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
+        cache = c.stats()["frame_cache"]
+    assert cache["pool_bytes"] == 64 << 20 and cache["entries"] == 4
+
+
+def test_a_full_file_system_leaves_the_frame_uncached_and_the_pool_as_it_was(tmp_path,
+                                                                              monkeypatch):
+    cache = FrameCache(4 * ENTRY, 1, os.getpid(), "test", str(tmp_path))
+    worker = cache.worker(0)
+
+    def full(fd, offset, size):
+        raise ShmFullError(28, "full")
+    monkeypatch.setattr(frame_cache, "_allocate", full)
+    key = worker.key(Get(RunKey("x", 1, DET), "raw", (0,)), 0)
+    assert worker.claim(key, RAW) is None
+    assert cache.stats()["pool_bytes"] == 0 and cache.stats()["bytes_held"] == 0
+    monkeypatch.undo()
+    assert _filled(worker, 0, RAW) is not None and cache.stats()["pool_bytes"] == ENTRY
