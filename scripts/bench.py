@@ -270,7 +270,9 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     epochs the median of `--repeats` servers: an epoch
     without a cache (what the workers produce here and now: on a loaded
     node, less than workers / cost), also beside a training step (a sleep, as
-    for a GPU) as long as one batch's production; a cold epoch then warm
+    for a GPU) as long as one batch's production, and into batch arenas
+    (BatchLoader's default: the server copies a hit into the batch, the
+    client maps no entry); a cold epoch (also into arenas) then warm
     ones; a cold epoch beside that step, without and with read-ahead; two
     clients reading one run at once; and the hit rate of a run twice the
     cache over three epochs, next to LRU's on the same trace (simulated) and
@@ -282,10 +284,10 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     ideal = args.server_workers * 1000 / args.cost_ms
     rows: Dict[str, Dict] = {}
 
-    def loader(address: str, read_ahead: int) -> BatchLoader:
+    def loader(address: str, read_ahead: int, arenas: bool = False) -> BatchLoader:
         # the copy path: the client maps cache entries (with arenas the server copies them)
         return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
-                           read_ahead=read_ahead, output="numpy", arenas=False)
+                           read_ahead=read_ahead, output="numpy", arenas=arenas)
 
     with running_server(args) as server:
         plain = loader(server.address, 0)
@@ -296,13 +298,19 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         step_s = batch / produced
         rows["no cache + step"] = {"fps": _epoch(plain, step_s)}
         plain.close()
+        in_place = loader(server.address, 0, arenas=True)
+        passes = [_epoch_cpu(in_place, server) for _ in range(args.repeats)]
+        rows["no cache, arenas"] = {k: statistics.median(p[k] for p in passes)
+                                    for k in ("fps", "server_ms")}
+        in_place.close()
 
-    def cold(warm: bool, step: float = 0.0, ahead: int = 0) -> Dict[str, float]:
+    def cold(warm: bool, step: float = 0.0, ahead: int = 0,
+             arenas: bool = False) -> Dict[str, float]:
         """One cold epoch, on a fresh server each of `--repeats` times: the medians."""
         passes = []
         for _ in range(args.repeats):
             with cache_server(args, room, warm) as server:
-                first = loader(server.address, ahead)
+                first = loader(server.address, ahead, arenas)
                 passes.append(dict(_epoch_cpu(first, server, step),
                                    read_ahead=_cache_stats(server.address)["read_ahead"] / n))
                 first.close()
@@ -311,6 +319,7 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
 
     rows["epoch 1 (cold, memory taken meanwhile)"] = cold(warm=False)
     rows["epoch 1 (cold)"] = cold(warm=True)
+    rows["epoch 1 (cold), arenas"] = cold(warm=True, arenas=True)
     with cache_server(args, room) as server:
         address = server.address
         epochs = loader(address, 0)
@@ -347,9 +356,10 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         scan.close()
     trace = list(range(n)) * 3
     memcpy = timed(memcpy_pass(det, n, batch), args.repeats)["fps"]
-    stepped = rows["no cache + step"]["fps"]
     for name, row in rows.items():      # against the no-cache path in the same conditions
-        row["of_no_cache"] = row["fps"] / (stepped if "+ step" in name else produced)
+        same = ("no cache + step" if "+ step" in name else
+                "no cache, arenas" if "arenas" in name else "no cache (every epoch)")
+        row["of_no_cache"] = row["fps"] / rows[same]["fps"]
     return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,
             "frame_mb": frame_bytes / 1e6, "step_ms": 1e3 * step_s, "cost_ms": args.cost_ms,
             "server_workers": args.server_workers, "frames": n,
