@@ -201,20 +201,18 @@ class FrameCache:
         self.header[_H["evictions"]] += 1
         return True
 
-    def place(self, size: int, read_ahead: bool) -> Tuple[Optional[int], bool]:
-        """Under the lock: a row describing an extent of `size` bytes, and
-        whether its pages are still to be taken: from free space (pages taken
-        before), else carved anew while the pool is within its bound, else
+    def place(self, size: int, read_ahead: bool) -> Optional[int]:
+        """Under the lock: a row describing an extent of `size` bytes, from
+        free space, else carved anew while the pool is within its bound, else
         from what eviction frees; None if none can be had."""
         while True:
             row = self._fit(size)
+            if row is None:
+                row = self.carve(size)
             if row is not None:
-                return row, False
-            row = self.carve(size)
-            if row is not None:
-                return row, True
+                return row
             if not self.evict_one(read_ahead):
-                return None, False
+                return None
 
     def _free_row(self) -> Optional[int]:
         rows = np.flatnonzero(self.table[:, STATE] == FREE)
@@ -261,8 +259,7 @@ class FrameCache:
 
     def _close_block(self, b: int) -> None:
         """Under the lock: nothing more is carved from the block; its tail, too
-        short for the frame at hand, is left unused (free space is only ever
-        space whose pages were taken)."""
+        short for the frame at hand, is left unused."""
         self.header[_H["pool"]] += self.blocks[b, 1] - self.blocks[b, 2]
         self.blocks[b, 2] = self.blocks[b, 1]
 
@@ -417,8 +414,7 @@ class WorkerCache:
                 return self._found(row, pin=not read_ahead)
             if not read_ahead:
                 h[_H["misses"]] += 1
-            row, fresh = (self.cache.place(size, read_ahead) if size <= self.cache.limit
-                          else (None, False))
+            row = self.cache.place(size, read_ahead) if size <= self.cache.limit else None
             if row is None:
                 return None
             t[row, [KA, KB, OWNER, USES, INTERVAL]] = [key[0], key[1], self.slot, 0, 0]
@@ -426,23 +422,24 @@ class WorkerCache:
             h[_H["held"]] += size
             t[row, STATE] = FILLING
             block, offset = int(t[row, BLOCK]), int(t[row, OFFSET])
-        if not self._ready(row, block, offset, size, fresh):
+        if not self._ready(row, block, offset, size):
             return None
         if self.cache.on_disk:
             return Fill(row, block, offset, size, memoryview(bytearray(size)), staged=True)
         m = self._block(block)[1]
         return Fill(row, block, offset, size, memoryview(m)[offset:offset + size])
 
-    def _ready(self, row: int, block: int, offset: int, size: int, fresh: bool) -> bool:
-        """Pages for an extent this worker holds, mapped here: taken now if
-        `fresh`; False (the extent dropped) when the file system is full."""
+    def _ready(self, row: int, block: int, offset: int, size: int) -> bool:
+        """Pages for an extent this worker holds, taken (if nobody had) and
+        mapped here unless this worker mapped them before; False (the extent
+        dropped) when the file system is full."""
         fd, m = self._block(block)
         pages = self._pages[block][offset // PAGE:(offset + size) // PAGE]
         try:
-            if fresh:
+            if not pages.all():
                 _allocate(fd, offset, size)
-            if (fresh or not pages.all()) and not self.cache.on_disk:
-                _populate(m, offset, size)
+                if not self.cache.on_disk:
+                    _populate(m, offset, size)
         except ShmFullError:
             with self.cache.locked():
                 self.cache.lose(row)
@@ -458,20 +455,22 @@ class WorkerCache:
         False when there is nothing left to do (or no room left to do it)."""
         if self.cache.on_disk:
             return False            # the page cache is the kernel's to manage there
-        t, h = self.table, self.header
+        h = self.header
         with self.cache.locked():
             size = min(WARM_BYTES, (self.cache.limit - int(h[_H["pool"]])) // PAGE * PAGE)
             row = self.cache.carve(size) if size else None
             if row is None:
                 return self._map_ahead()
-            t[row, OWNER] = self.slot
+            block, offset = int(self.table[row, BLOCK]), int(self.table[row, OFFSET])
             h[_H["held"]] += size
-            t[row, STATE] = FILLING
-            block, offset = int(t[row, BLOCK]), int(t[row, OFFSET])
-        if not self._ready(row, block, offset, size, fresh=True):
+            self.cache.give_back(row)    # free space at once: a claim never waits for it
+        fd, m = self._block(block)
+        try:
+            _allocate(fd, offset, size)
+            _populate(m, offset, size)
+        except ShmFullError:
             return False        # the file system is full: frames take what is left
-        with self.cache.locked():
-            self.cache.give_back(row)
+        self._pages[block][offset // PAGE:(offset + size) // PAGE] = True
         return True
 
     def _map_ahead(self) -> bool:
@@ -531,8 +530,8 @@ class WorkerCache:
 
 
 def _allocate(fd: int, offset: int, size: int) -> None:
-    """Pages for an extent never used before: a full file system is a clean
-    ShmFullError here, never a SIGBUS when the source writes."""
+    """Pages for an extent (a no-op for pages taken before): a full file
+    system is a clean ShmFullError here, never a SIGBUS when the source writes."""
     try:
         os.posix_fallocate(fd, offset, size)
     except OSError as e:
