@@ -83,8 +83,8 @@ class CachedFrames:
     def serve(self, item: Any) -> Optional[Tuple[Entry, Dict[str, Any]]]:
         """The item's pinned entry and its descriptor, written first on a miss.
         None if the frame, once read, cannot be kept (its descriptor is longer
-        than the room left for it): the item then keeps a private copy and
-        goes through a slot, as without a cache."""
+        than the room left for it, or the disk refused it): the item then
+        keeps a private copy and goes through a slot, as without a cache."""
         use = item.cache_use
         if isinstance(use, Entry):
             fields = self.cache.fields(use)
