@@ -474,7 +474,7 @@ class Client:
             array = np.frombuffer(payload or b"", dtype=dtype).reshape(shape)
             return Frame(array, reply, self, None)
         if reply.cached:      # a frame-cache entry, pinned for us until released
-            array = self._entries.view(reply.name, shape, dtype)
+            array = self._entries.view(reply.name, shape, dtype, reply.offset, reply.path)
         else:
             array = self._maps.view(reply.slot, reply.name, shape, dtype)
         self._held.add(reply.slot)

@@ -12,7 +12,7 @@ listing of /dev/shm made here.
 import mmap
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -27,10 +27,11 @@ def our_segments() -> List[str]:
         return []
 
 
-def attach(name: str, writable: bool = False) -> mmap.mmap:
-    """Map a segment, read-only unless asked; the mapping outlives the name's unlink."""
+def attach(name: str, writable: bool = False, path: Optional[str] = None) -> mmap.mmap:
+    """Map a segment (or the file at `path`), read-only unless asked; the
+    mapping outlives the name's unlink."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(segment_path(name), flags)
+    fd = os.open(path or segment_path(name), flags)
     try:
         return mmap.mmap(fd, 0, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
     finally:
@@ -73,12 +74,11 @@ class SlotMaps:
 
 
 class EntryMaps:
-    """Mappings of the server's frame-cache entries, kept across reads of the
-    same entry (a cached frame read every epoch is mapped once).
-
-    An entry is only read while the server pins it for this client; an
-    evicted one is truncated, so a mapping kept after that holds no memory.
-    At most `keep` mappings are kept, the least recently used closed first.
+    """Mappings of the blocks of the server's frame cache, each made once and
+    kept: an entry is a frame at an offset in a block (a file in /dev/shm,
+    or at `path` for a cache on disk), read only while the server pins it
+    for this client. At most `keep` mappings are kept, the least recently
+    used closed first.
     """
 
     def __init__(self, writable: bool = False, keep: int = 4096) -> None:
@@ -86,15 +86,16 @@ class EntryMaps:
         self.keep = keep
         self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
 
-    def view(self, name: str, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    def view(self, name: str, shape: Sequence[int], dtype: np.dtype,
+             offset: int = 0, path: Optional[str] = None) -> np.ndarray:
         m = self._maps.get(name)
         if m is None:
-            m = self._maps[name] = attach(name, self.writable)
+            m = self._maps[name] = attach(name, self.writable, path)
             while len(self._maps) > self.keep:
                 _close(self._maps.popitem(last=False)[1])
         else:
             self._maps.move_to_end(name)
-        return np.ndarray(tuple(shape), dtype=dtype, buffer=m)
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=m, offset=offset)
 
     def close(self) -> None:
         for m in self._maps.values():

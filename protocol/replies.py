@@ -268,7 +268,9 @@ class Skipped:
 class FrameReply:
     """One event's frame: in a slot of the connection (`slot`, its segment
     `name` and mapped `size`; `cached`: a frame-cache entry pinned under the
-    handle `slot`), or inline, `nbytes` of payload after the header."""
+    handle `slot`, `size` bytes at `offset` of the cache's block `name`, or
+    of the file `path` for a cache on disk), or inline, `nbytes` of payload
+    after the header."""
     rid: int
     seq: int
     event: int
@@ -279,6 +281,8 @@ class FrameReply:
     size: Optional[int] = None
     cached: bool = False
     nbytes: Optional[int] = None
+    offset: int = 0
+    path: Optional[str] = None
 
     def __post_init__(self) -> None:
         in_slot = self.slot is not None and self.name is not None and self.size is not None
@@ -299,19 +303,22 @@ class FrameReply:
             return header
         header.update(slot=self.slot, name=self.name, size=self.size)
         if self.cached:
-            header["cached"] = True
+            header.update(cached=True, offset=self.offset)
+            if self.path is not None:
+                header["path"] = self.path
         return header
 
     @classmethod
     def from_header(cls, h: Dict[str, Any]) -> "FrameReply":
-        seq, event, done, slot, name, size, cached, nbytes = _take(h, _FRAME_SPEC)
+        seq, event, done, slot, name, size, cached, nbytes, offset, path = _take(h, _FRAME_SPEC)
         return cls(request_id(h), seq, event, done, FrameDesc.from_fields(h, _FRAME_REPLY), slot,
-                   name, size, cached, nbytes)
+                   name, size, cached, nbytes, offset, path)
 
 
 _FRAME_SPEC: Spec = (("seq", int, _MISSING), ("event", int, _MISSING), ("done", bool, _MISSING),
                      ("slot", int, None), ("name", str, None), ("size", int, None),
-                     ("cached", bool, False), ("nbytes", int, None))
+                     ("cached", bool, False), ("nbytes", int, None), ("offset", int, 0),
+                     ("path", str, None))
 
 
 @dataclass(frozen=True)
@@ -358,7 +365,7 @@ Reply = Union[ErrorReply, Welcome, InfoReply, Queued, Pong, StatsReply, Stopping
               Skipped, FrameReply, ArenaWritten]
 _ENVELOPE = frozenset(("ok", "id", "retired"))
 _FRAME_REPLY = _ENVELOPE | _DESC | {"seq", "event", "done", "slot", "name", "size", "cached",
-                                    "nbytes"}
+                                    "nbytes", "offset", "path"}
 
 
 class Received(NamedTuple):

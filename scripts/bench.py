@@ -227,9 +227,16 @@ def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerPr
 
 # -- the frame cache (iserver --frame-cache) ---------------------------------------------------
 @contextlib.contextmanager
-def cache_server(args: argparse.Namespace, cache_bytes: int) -> Iterator[str]:
+def cache_server(args: argparse.Namespace, cache_bytes: int,
+                 warm: bool = True) -> Iterator[ServerProcess]:
+    """A server with a frame cache; `warm`: once its idle workers have taken
+    the cache's memory, as a server started ahead of its job has."""
     with running_server(args, "--frame-cache", str(cache_bytes)) as server:
-        yield server.address
+        if warm:
+            while _stats(server.address)["frame_cache"]["pool_bytes"] < cache_bytes - 4096:
+                time.sleep(0.05)
+            time.sleep(1.0)     # then each worker maps the pool in (well under a second)
+        yield server
 
 
 def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
@@ -240,6 +247,16 @@ def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
         if step_s:
             time.sleep(step_s)
     return n / (time.perf_counter() - t0)
+
+
+def _epoch_cpu(loader: BatchLoader, server: ServerProcess,
+               step_s: float = 0.0) -> Dict[str, float]:
+    """Frames/s of one pass, and the CPU milliseconds per frame the server's
+    workers spent on it (a steadier figure than frames/s on a shared node)."""
+    before = cpu_seconds(server.workers)
+    fps = _epoch(loader, step_s)
+    spent = cpu_seconds(server.workers) - before
+    return {"fps": fps, "server_ms": 1e3 * spent / len(loader.events)}
 
 
 def _stats(address: str) -> Dict:
@@ -254,13 +271,18 @@ def _cache_stats(address: str) -> Dict:
 
 def bench_frame_cache(args: argparse.Namespace) -> Dict:
     """The frame cache through BatchLoader, on calib frames with `--cost-ms` of
-    CPU per event, each case on a server of its own: an epoch without a cache
-    (what the workers produce here and now: on a loaded node, less than
-    workers / cost); a cold epoch then warm ones; a cold epoch beside a
-    training step (a sleep, as for a GPU) as long as one batch's production,
-    without and with read-ahead; two clients reading one run at once; and the
-    hit rate of a run twice the cache over three epochs, next to LRU's on the
-    same trace (simulated) and this policy's simulated."""
+    CPU per event, each case on a server of its own whose idle workers have
+    taken the cache's memory first (but one, which starts at once), cold
+    epochs the median of `--repeats` servers: an epoch
+    without a cache (what the workers produce here and now: on a loaded
+    node, less than workers / cost), also beside a training step (a sleep, as
+    for a GPU) as long as one batch's production, and into batch arenas
+    (BatchLoader's default: the server copies a hit into the batch, the
+    client maps no entry); a cold epoch (also into arenas) then warm
+    ones; a cold epoch beside that step, without and with read-ahead; two
+    clients reading one run at once; and the hit rate of a run twice the
+    cache over three epochs, next to LRU's on the same trace (simulated) and
+    this policy's simulated."""
     from psana_ipc.server.cache_policy import simulate
     det, n, batch = args.detectors[0], args.frames, args.batch_size
     frame_bytes = expected(det, "calib", 0).nbytes
@@ -268,22 +290,46 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     ideal = args.server_workers * 1000 / args.cost_ms
     rows: Dict[str, Dict] = {}
 
-    def loader(address: str, read_ahead: int) -> BatchLoader:
+    def loader(address: str, read_ahead: int, arenas: bool = False) -> BatchLoader:
         # the copy path: the client maps cache entries (with arenas the server copies them)
         return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
-                           read_ahead=read_ahead, output="numpy", arenas=False)
+                           read_ahead=read_ahead, output="numpy", arenas=arenas)
 
     with running_server(args) as server:
         plain = loader(server.address, 0)
-        rows["no cache (every epoch)"] = {"fps": statistics.median(
-            _epoch(plain) for _ in range(args.repeats))}
+        passes = [_epoch_cpu(plain, server) for _ in range(args.repeats)]
+        rows["no cache (every epoch)"] = {k: statistics.median(p[k] for p in passes)
+                                          for k in ("fps", "server_ms")}
+        produced = rows["no cache (every epoch)"]["fps"]
+        step_s = batch / produced
+        rows["no cache + step"] = {"fps": _epoch(plain, step_s)}
         plain.close()
-    produced = rows["no cache (every epoch)"]["fps"]
-    step_s = batch / produced
+        in_place = loader(server.address, 0, arenas=True)
+        passes = [_epoch_cpu(in_place, server) for _ in range(args.repeats)]
+        rows["no cache, arenas"] = {k: statistics.median(p[k] for p in passes)
+                                    for k in ("fps", "server_ms")}
+        in_place.close()
 
-    with cache_server(args, room) as address:
+    def cold(warm: bool, step: float = 0.0, ahead: int = 0,
+             arenas: bool = False) -> Dict[str, float]:
+        """One cold epoch, on a fresh server each of `--repeats` times: the medians."""
+        passes = []
+        for _ in range(args.repeats):
+            with cache_server(args, room, warm) as server:
+                first = loader(server.address, ahead, arenas)
+                passes.append(dict(_epoch_cpu(first, server, step),
+                                   read_ahead=_cache_stats(server.address)["read_ahead"] / n))
+                first.close()
+        return {k: statistics.median(p[k] for p in passes) for k in passes[0]
+                if k != "read_ahead" or ahead}
+
+    rows["epoch 1 (cold, memory taken meanwhile)"] = cold(warm=False)
+    rows["epoch 1 (cold)"] = cold(warm=True)
+    rows["epoch 1 (cold), arenas"] = cold(warm=True, arenas=True)
+    with cache_server(args, room) as server:
+        address = server.address
         epochs = loader(address, 0)
-        rows["epoch 1 (cold)"] = {"fps": _epoch(epochs)}
+        _epoch(epochs)
         before = _cache_stats(address)
         warm = [_epoch(epochs) for _ in range(args.repeats)]
         after = _cache_stats(address)
@@ -291,14 +337,10 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         rows["epoch 2+ (cached)"] = {"fps": statistics.median(warm),
                                      "hit_rate": (after["hits"] - before["hits"]) / len(warm) / n,
                                      "reads": after["reads"] - before["reads"]}
-    for name, ahead in (("epoch 1 + step", 0), ("epoch 1 + step + read-ahead", 8)):
-        with cache_server(args, room) as address:
-            stepped = loader(address, ahead)
-            fps = _epoch(stepped, step_s)
-            rows[name] = {"fps": fps, "of_no_cache": fps / produced,
-                          "read_ahead": _cache_stats(address)["read_ahead"] / n}
-            stepped.close()
-    with cache_server(args, room) as address:
+    rows["epoch 1 + step"] = cold(warm=True, step=step_s)
+    rows["epoch 1 + step + read-ahead"] = cold(warm=True, step=step_s, ahead=8)
+    with cache_server(args, room) as server:
+        address = server.address
         pair, rates = [loader(address, 8) for _ in range(2)], []
         threads = [threading.Thread(target=lambda lo=lo: rates.append(_epoch(lo))) for lo in pair]
         for t in threads:
@@ -310,7 +352,8 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         rows["two clients, one run"] = {"fps": sum(rates),
                                         "reads_per_event": _cache_stats(address)["reads"] / n}
     capacity, hits = n // 2, []
-    with cache_server(args, capacity * (frame_bytes + 8192)) as address:
+    with cache_server(args, capacity * (frame_bytes + 8192)) as server:
+        address = server.address
         scan = loader(address, 0)
         for _ in range(3):
             before = _cache_stats(address)["hits"]
@@ -319,8 +362,10 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         scan.close()
     trace = list(range(n)) * 3
     memcpy = timed(memcpy_pass(det, n, batch), args.repeats)["fps"]
-    for row in rows.values():
-        row.setdefault("of_no_cache", row["fps"] / produced)
+    for name, row in rows.items():      # against the no-cache path in the same conditions
+        same = ("no cache + step" if "+ step" in name else
+                "no cache, arenas" if "arenas" in name else "no cache (every epoch)")
+        row["of_no_cache"] = row["fps"] / rows[same]["fps"]
     return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,
             "frame_mb": frame_bytes / 1e6, "step_ms": 1e3 * step_s, "cost_ms": args.cost_ms,
             "server_workers": args.server_workers, "frames": n,

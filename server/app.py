@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, Optional
 
 from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_address, is_loopback
+from psana_ipc.protocol.shm_names import SHM_DIR
 
-from . import sources, startup
+from . import cache_dir, sources, startup
 from .context import WorkerContext
 from .frame_cache import FrameCache, check_room, source_fingerprint
 from .frame_reader import FrameReader, SourceCache
@@ -51,6 +52,7 @@ class ServerOptions:
     workers: int = 5
     open_sources: int = 8
     frame_cache: int = 0
+    frame_cache_dir: Optional[str] = None
     shm_budget: int = field(default_factory=default_budget)
     window: int = 8
     max_window: int = 64
@@ -82,6 +84,8 @@ class ServerOptions:
                              f"{self.max_window}")
         if self.frame_cache < 0:
             raise ValueError(f"--frame-cache must be a size >= 0, not {self.frame_cache}")
+        if self.frame_cache_dir and not self.frame_cache:
+            raise ValueError("--frame-cache-dir needs --frame-cache SIZE (the bound on disk)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, not {self.port}")
         timeouts = {"ack-timeout": self.ack_timeout, "idle-timeout": self.idle_timeout,
@@ -108,8 +112,10 @@ def open_factory(options: ServerOptions) -> sources.SourceFactory:
     factory = sources.factory_class(options.source)(options.source_options)
     startup.check_directories(options.source_options)
     startup.check_budget(options.shm_budget)
+    if options.frame_cache_dir and not os.path.isdir(options.frame_cache_dir):
+        raise StartupError(f"--frame-cache-dir {options.frame_cache_dir} is not a directory")
     if options.frame_cache:
-        why = check_room(options.frame_cache)
+        why = check_room(options.frame_cache, options.frame_cache_dir or SHM_DIR)
         if why:
             raise StartupError(why)
     if options.ready_file:
@@ -130,9 +136,11 @@ def serve(options: ServerOptions) -> int:
     master_pid = os.getpid()
     cache = None
     if options.frame_cache:
+        directory = (cache_dir.make(options.frame_cache_dir, master_pid)
+                     if options.frame_cache_dir else SHM_DIR)
         cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
             options.source, sources.factory_class(options.source).add_arguments,
-            options.source_options))
+            options.source_options), directory)
 
     def stats() -> Dict[str, object]:
         return dict(state.stats(), frame_cache=cache.stats() if cache else None)
@@ -162,7 +170,11 @@ def serve(options: ServerOptions) -> int:
                     options.request_timeout)
     if cache is not None:
         master.on_worker_death = cache.worker_died
-    code = master.run()
+    try:
+        code = master.run()
+    finally:
+        if cache is not None and cache.on_disk and os.getpid() == master_pid:
+            cache_dir.remove(cache.directory, master_pid)
     if options.unix and os.getpid() == master_pid:
         os.unlink(options.unix)
     return code

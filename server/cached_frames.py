@@ -2,7 +2,7 @@
 keep the entries handed to the client pinned, and read ahead what the
 client said comes next.
 
-A hit never calls the source. A miss reserves an entry of the frame's size
+A hit never calls the source. A miss reserves an extent of the frame's size
 (the cache's own bound) and the source writes the frame straight into it;
 either way the client then maps the entry read-only, and it stays pinned
 until released or the connection closes. When the cache has no room
@@ -12,6 +12,7 @@ request waits for it (`Grant.PENDING`) instead of reading it twice.
 """
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -20,7 +21,7 @@ from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import Get
 
 from .frame_cache import PENDING, Entry, Fill, WorkerCache
-from .frame_reader import FrameReader, frame_fields
+from .frame_reader import Frame, FrameReader, frame_fields
 from .shared_state import Grant
 from .sources.base import Allocator
 
@@ -34,6 +35,16 @@ class Bypass:
 
 BYPASS = Bypass()
 CacheUse = Union[Entry, Fill, Bypass, None]
+
+
+@dataclass
+class CacheRead:
+    """One event served through the cache, as `CachedFrames` sees it: the
+    legacy dialect's request (a v1 item carries the same fields)."""
+    get: Get
+    event: int
+    cache_use: CacheUse = None
+    prefetched: Optional[Frame] = None
 
 
 class CachedFrames:
@@ -69,27 +80,34 @@ class CachedFrames:
         """The item's frame comes from (or goes into) the cache."""
         return isinstance(item.cache_use, (Entry, Fill))
 
-    def serve(self, item: Any) -> Tuple[Entry, Dict[str, Any]]:
-        """The item's pinned entry and its descriptor, written first on a miss."""
+    def serve(self, item: Any) -> Optional[Tuple[Entry, Dict[str, Any]]]:
+        """The item's pinned entry and its descriptor, written first on a miss.
+        None if the frame, once read, cannot be kept (its descriptor is longer
+        than the room left for it, or the disk refused it): the item then
+        keeps a private copy and goes through a slot, as without a cache."""
         use = item.cache_use
         if isinstance(use, Entry):
-            fields = use.fields()
+            fields = self.cache.fields(use)
             if item.get.fields:      # values of other detectors are read, never cached
                 fields["values"] = self.reader.values(item.get, item.event)
             item.cache_use = None
             return use, fields
         item.cache_use = None
         try:
-            data, meta = self.reader.read(item.get, item.event, use.segment.array, use.capacity,
+            data, meta = self.reader.read(item.get, item.event, use.array, use.capacity,
                                           item.prefetched)
         except BaseException:
             self.cache.abandon(use)
             raise
         fields = frame_fields(data, meta)
-        nbytes = data.nbytes
-        del data
         frame_only = {k: v for k, v in fields.items() if k != "values"}
-        return self.cache.commit(use, frame_only, nbytes, pin=True), fields
+        entry = self.cache.commit(use, frame_only, data.nbytes, pin=True)
+        if entry is None:
+            item.prefetched, item.cache_use = (data.copy(), meta), BYPASS
+            del data
+            self.cache.abandon(use)
+            return None
+        return entry, fields
 
     def copy_into(self, entry: Entry, fields: Dict[str, Any], place: Allocator) -> None:
         """The entry's frame copied into `place`, its spot in a batch arena
@@ -165,11 +183,10 @@ class CachedFrames:
         if not isinstance(fill, Fill):
             return
         try:
-            data, meta = self.reader.read(get, event, fill.segment.array, fill.capacity)
+            data, meta = self.reader.read(get, event, fill.array, fill.capacity)
         except ProtocolError as e:
             self.cache.abandon(fill)
             log.debug("read-ahead of event %d failed: %s", event, e.message)
             return
-        fields, nbytes = frame_fields(data, meta), data.nbytes
-        del data
-        self.cache.commit(fill, fields, nbytes, pin=False)
+        if self.cache.commit(fill, frame_fields(data, meta), data.nbytes, pin=False) is None:
+            self.cache.abandon(fill)

@@ -71,8 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="open sources kept per worker, least recently used dropped")
     srv.add_argument("--frame-cache", type=_size, default=DEFAULTS.frame_cache, metavar="SIZE",
                      help="keep frames sources produced in a node-wide cache of this much shared "
-                          "memory, e.g. 8G, shared by all workers and clients: a frame read "
-                          "again costs no psana call (0: no cache)")
+                          "memory, e.g. 8G, shared by all workers and clients (v1 and legacy): "
+                          "a frame read again costs no psana call. Idle workers take the "
+                          "cache's memory ahead, up to SIZE, so the first epoch does not wait "
+                          "for fresh pages (0: no cache)")
+    srv.add_argument("--frame-cache-dir", metavar="PATH",
+                     help="keep the frame cache in files on node-local disk (e.g. /lscratch) "
+                          "instead of /dev/shm, for runs larger than memory: a directory of "
+                          "this server's own under PATH (0700), removed when it stops; "
+                          "--frame-cache SIZE bounds it, as does the disk's free space")
     srv.add_argument("--shm-budget", type=_size, default=None, metavar="SIZE",
                      help="shared memory all workers together may hold, e.g. 2G (default: "
                           "half of /dev/shm, at most 4G)")

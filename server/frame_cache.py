@@ -1,51 +1,65 @@
 """The frame cache: frames a source produced, kept in shared memory for
 every worker and every client of one server (`iserver --frame-cache SIZE`).
 
-Each cached frame is a segment of its own in /dev/shm, named like slots
-with the server's pid (`psipc_<server>_<server>_c<serial>`), so a stop, a
-dead worker's clean-up and `psana-ipc cleanup` find it. The frame is
-written once, straight from the source, and clients map it read-only: a
-hit costs no source call and no copy in the server. The frame's descriptor
-(shape, dtype, timestamp...) is stored as JSON right after its bytes.
+The cache's memory is a pool of large blocks, each a file named like slots
+with the server's pid (`psipc_<server>_<server>_c<serial>`, in /dev/shm or
+in the private directory of `--frame-cache-dir`), so a stop and
+`psana-ipc cleanup` find them. An entry is an extent of a block: the frame's
+bytes, then its descriptor (shape, dtype, timestamp...) as JSON. Every
+worker and every client maps a block once and keeps the mapping, and an
+evicted extent is reused for the next frame rather than given back: fresh
+pages (allocated, zeroed and faulted in on both sides, which on a VM that
+returns freed pages to its host costs more than the source's own work)
+are paid once per byte of the cache, not once per frame. The source writes a
+frame straight into its extent; clients map it read-only: a hit costs no
+source call and no copy in the server.
 
 The index is a table in an anonymous shared mapping the master makes
-before forking, so every worker sees it; a row per entry holds the key's
-128-bit digest, state, size, pins per worker and the policy's clocks
-(cache_policy.py). Every change to it takes a POSIX record lock
-(process_lock.py), which the kernel drops when its holder dies: a SIGKILLed
-worker cannot wedge the others. Within the lock a row's state is written last, and the master
-frees the rows a dead worker was filling and drops its pins (its
+before forking, so every worker sees it; a row is an entry (the key's
+128-bit digest, state, pins per worker, the policy's clocks, see
+cache_policy.py) or a free extent. Every change takes a POSIX record lock
+(process_lock.py), never held across a source call or an allocation, which
+the kernel drops when its holder dies: a SIGKILLed worker cannot wedge the
+others. Within the lock a row's state is written last, and the master
+frees the extents a dead worker was filling and drops its pins (its
 connections died with it), so a row is never left half-made.
 
-Memory follows the slots' lifecycle: an entry's bytes are reserved (within
-the cache's own bound) before the source is called; an entry handed to a
-client is pinned until released (or the connection closes) and is never
-evicted while pinned; eviction truncates, then unlinks, so tmpfs frees the
-pages at once. A full /dev/shm means the frame is simply not cached.
+Bounds: blocks are made while their total stays within SIZE, and sparse: an
+extent's pages are reserved (`posix_fallocate`) before the source writes
+them, so a full file system means the frame is simply not cached, never a
+SIGBUS. Idle workers take the pool's pages ahead of need (`warm`), up to
+SIZE. An entry handed to a client is pinned until released (or the
+connection closes) and is never evicted while pinned.
 """
 import argparse
+import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from psana_ipc.protocol.messages import Get
-from psana_ipc.protocol.shm_names import SHM_DIR, segment_name, segment_path
+from psana_ipc.protocol.shm_names import SHM_DIR, segment_name
 
 from .cache_policy import choose_victim
 from .process_lock import ProcessLock
-from .shm import Segment, ShmFullError, round_up, truncate, unlink
+from .shm import PAGE, ShmFullError, round_up
 
+log = logging.getLogger(__name__)
 META_ROOM = 4096            # bytes after a frame for its descriptor
-FREE, FILLING, READY = 0, 1, 2
-(KA, KB, STATE, SIZE, SERIAL, OWNER, LAST, INTERVAL, USES, FRAME_BYTES, META_LEN,
- PINS) = range(12)
-_HEADER = ("tick", "serial", "held", "hits", "misses", "read_ahead", "evictions", "horizon")
+BLOCK_BYTES = 256 << 20     # a block of the pool (a frame larger than this gets its own)
+WARM_BYTES = 8 << 20        # taken at a time by an idle worker (a request waits at most that)
+MADV_POPULATE_WRITE = 23    # Linux >= 5.14; the mmap module does not name it
+FREE, FILLING, READY, SPACE = 0, 1, 2, 3     # SPACE: a free extent of a block
+(KA, KB, STATE, SIZE, BLOCK, OFFSET, OWNER, LAST, INTERVAL, USES, FRAME_BYTES, META_LEN,
+ PINS) = range(13)
+_HEADER = ("tick", "serial", "held", "hits", "misses", "read_ahead", "evictions", "horizon",
+           "blocks", "pool")
 _H = {name: i for i, name in enumerate(_HEADER)}
 Digest = Tuple[int, int]
 
@@ -59,30 +73,36 @@ PENDING = Pending()
 
 @dataclass
 class Entry:
-    """A ready entry this worker pinned (or peeked at)."""
+    """A ready entry this worker pinned (or peeked at): where its bytes are
+    (`path` is the block's file when it is not in /dev/shm)."""
     row: int
+    block: int
     name: str
+    offset: int
     frame_bytes: int
     meta_len: int
-
-    def fields(self) -> Dict[str, Any]:
-        """The frame's descriptor, as stored after its bytes."""
-        fd = os.open(segment_path(self.name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            return json.loads(os.pread(fd, self.meta_len, self.frame_bytes))
-        finally:
-            os.close(fd)
+    path: Optional[str] = None
 
 
 @dataclass
 class Fill:
-    """An entry this worker is writing: its row and its segment."""
+    """An extent this worker is writing a frame into: through its mapping of
+    the block, or on disk through a buffer written out whole at commit (a
+    write through a file mapping would read each page from disk first)."""
     row: int
-    segment: Segment
+    block: int
+    offset: int
+    size: int
+    view: memoryview        # where the source writes
+    staged: bool = False    # `view` is a buffer, to be written at `offset`
 
     @property
     def capacity(self) -> int:
-        return self.segment.size - META_ROOM
+        return self.size - META_ROOM
+
+    def array(self, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A writable array at the start of the extent (the source's allocator)."""
+        return np.ndarray(shape, dtype=dtype, buffer=self.view)
 
 
 Found = Union[Entry, Pending, None]
@@ -98,15 +118,15 @@ def source_fingerprint(source: str, add_arguments: Callable[[argparse.ArgumentPa
     return json.dumps([source, values], sort_keys=True, default=str)
 
 
-def check_room(limit: int) -> Optional[str]:
-    """Why a cache of `limit` bytes cannot be had on this node, if it cannot."""
+def check_room(limit: int, directory: str = SHM_DIR) -> Optional[str]:
+    """Why a cache of `limit` bytes cannot be had in `directory`, if it cannot."""
     try:
-        st = os.statvfs(SHM_DIR)
+        st = os.statvfs(directory)
     except OSError as e:
-        return f"cannot look at {SHM_DIR}: {e.strerror}"
+        return f"cannot look at {directory}: {e.strerror}"
     size = st.f_frsize * st.f_blocks
     if limit > size:
-        return f"--frame-cache {limit} bytes is more than {SHM_DIR} holds ({size} bytes)"
+        return f"--frame-cache {limit} bytes is more than {directory} holds ({size} bytes)"
     return None
 
 
@@ -116,36 +136,57 @@ def rows_for(limit: int) -> int:
 
 
 class FrameCache:
-    """The shared index, made by the master; `worker(slot)` gives a worker's handle."""
+    """The shared index, made by the master; `worker(slot)` gives a worker's handle.
+    Blocks are files in `directory` (/dev/shm unless --frame-cache-dir)."""
 
-    def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str) -> None:
+    def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str,
+                 directory: str = SHM_DIR) -> None:
         self.limit = limit
         self.workers = workers
         self.server_pid = server_pid
         self.fingerprint = fingerprint
+        self.directory = directory
+        self.on_disk = os.path.realpath(directory) != os.path.realpath(SHM_DIR)
         rows = rows_for(limit)
         cols = PINS + workers
-        self._map = mmap.mmap(-1, (rows * cols + len(_HEADER)) * 8)
+        self._map = mmap.mmap(-1, (rows * cols + 3 * rows + len(_HEADER)) * 8)
         # column-major: a lookup scans the key columns, contiguous this way
         self.table = np.ndarray((rows, cols), np.int64, buffer=self._map, order="F")
+        # per block: serial, size, bytes carved from its start
+        self.blocks = np.ndarray((rows, 3), np.int64, buffer=self._map, offset=rows * cols * 8)
         self.header = np.ndarray((len(_HEADER),), np.int64, buffer=self._map,
-                                 offset=rows * cols * 8)
+                                 offset=(rows * cols + 3 * rows) * 8)
         self.locked = ProcessLock().held
 
-    def name(self, serial: int) -> str:
-        return segment_name(self.server_pid, self.server_pid, f"c{serial:x}")
+    def name(self, block: int) -> str:
+        return segment_name(self.server_pid, self.server_pid, f"c{int(self.blocks[block, 0]):x}")
+
+    def path(self, block: int) -> str:
+        return os.path.join(self.directory, self.name(block))
 
     def worker(self, slot: int) -> "WorkerCache":
         return WorkerCache(self, slot)
 
     # -- under the lock -------------------------------------------------------------------
-    def free(self, row: int) -> None:
-        """Under the lock: truncate, unlink, and forget an entry."""
-        name = self.name(int(self.table[row, SERIAL]))
-        truncate(name)
-        unlink(name)
-        self.header[_H["held"]] -= self.table[row, SIZE]
-        self.table[row, STATE] = FREE
+    def give_back(self, row: int) -> None:
+        """Under the lock: the entry's extent becomes free space, merged with
+        the free extents beside it. Ordered so that dying half-way only loses
+        space, never hands out the same bytes twice."""
+        t = self.table
+        block, offset, size = (int(t[row, c]) for c in (BLOCK, OFFSET, SIZE))
+        self.header[_H["held"]] -= size
+        space = (t[:, STATE] == SPACE) & (t[:, BLOCK] == block)
+        right = np.flatnonzero(space & (t[:, OFFSET] == offset + size))
+        left = np.flatnonzero(space & (t[:, OFFSET] + t[:, SIZE] == offset))
+        if right.size:
+            t[right[0], STATE] = FREE
+            size += int(t[right[0], SIZE])
+        if left.size:
+            t[row, STATE] = FREE
+            t[left[0], SIZE] += size
+        else:
+            t[row, SIZE] = size
+            t[row, STATE] = SPACE
 
     def evict_one(self, read_ahead: bool) -> bool:
         """Under the lock: give up the entry the policy chooses; False if none may go."""
@@ -156,24 +197,128 @@ class FrameCache:
                                read_ahead)
         if victim is None:
             return False
-        self.free(victim)
+        self.give_back(victim)
         self.header[_H["evictions"]] += 1
         return True
 
+    def place(self, size: int, read_ahead: bool) -> Optional[int]:
+        """Under the lock: a row describing an extent of `size` bytes, from
+        free space, else carved anew while the pool is within its bound, else
+        from what eviction frees; None if none can be had."""
+        while True:
+            row = self._fit(size)
+            if row is None:
+                row = self.carve(size)
+            if row is not None:
+                return row
+            if not self.evict_one(read_ahead):
+                return None
+
+    def _free_row(self) -> Optional[int]:
+        rows = np.flatnonzero(self.table[:, STATE] == FREE)
+        return int(rows[0]) if rows.size else None
+
+    def _fit(self, size: int) -> Optional[int]:
+        """The smallest free extent that holds `size`, split to it."""
+        t = self.table
+        fits = np.flatnonzero((t[:, STATE] == SPACE) & (t[:, SIZE] >= size))
+        if not fits.size:
+            return None
+        row = int(fits[np.argmin(t[fits, SIZE])])
+        rest = int(t[row, SIZE]) - size
+        if rest:
+            spare = self._free_row()
+            if spare is None:
+                return None
+            t[spare, [BLOCK, OFFSET, SIZE]] = [t[row, BLOCK], t[row, OFFSET] + size, rest]
+            t[spare, STATE] = SPACE
+            t[row, SIZE] = size
+        return row
+
+    def carve(self, size: int) -> Optional[int]:
+        """Under the lock: a row for `size` bytes never used before, from the
+        end of the last block or from a new one; None when the bound or the
+        index has no room. The pool counts every byte carved: the memory the
+        cache may take."""
+        h, b = self.header, int(self.header[_H["blocks"]]) - 1
+        if int(h[_H["pool"]]) + size > self.limit or self._free_row() is None:
+            return None
+        if b < 0 or self.blocks[b, 1] - self.blocks[b, 2] < size:
+            if b >= 0:
+                self._close_block(b)
+            b = self._new_block(size)
+            if b is None:
+                return None
+        row = self._free_row()
+        if row is None:
+            return None
+        self.table[row, [BLOCK, OFFSET, SIZE]] = [b, self.blocks[b, 2], size]
+        self.blocks[b, 2] += size
+        h[_H["pool"]] += size
+        return row
+
+    def _close_block(self, b: int) -> None:
+        """Under the lock: nothing more is carved from the block; its tail, too
+        short for the frame at hand, is left unused."""
+        self.header[_H["pool"]] += self.blocks[b, 1] - self.blocks[b, 2]
+        self.blocks[b, 2] = self.blocks[b, 1]
+
+    def lose(self, row: int) -> None:
+        """Under the lock: an extent whose pages could not be had (a full file
+        system) is not offered again. Carved last from its block, it goes
+        back to the block's end, to be carved again later; else it is
+        dropped, and the pool still counts it."""
+        t, b = self.table, int(self.table[row, BLOCK])
+        size, end = int(t[row, SIZE]), int(t[row, OFFSET] + t[row, SIZE])
+        self.header[_H["held"]] -= size
+        t[row, STATE] = FREE
+        if self.blocks[b, 2] == end:
+            self.blocks[b, 2] -= size
+            self.header[_H["pool"]] -= size
+
+    def _new_block(self, size: int) -> Optional[int]:
+        """Under the lock: a new block, a sparse file of BLOCK_BYTES (or what
+        the bound has left, or `size` if more); its pages are taken extent
+        by extent. None if no file could be made."""
+        h = self.header
+        block = int(h[_H["blocks"]])
+        room = self.limit - int(h[_H["pool"]])
+        nbytes = max(size, min(BLOCK_BYTES, room) // PAGE * PAGE)
+        if block >= len(self.blocks) or nbytes > room:
+            return None
+        for _ in range(16):         # a name someone else planted is passed over
+            h[_H["serial"]] += 1
+            self.blocks[block] = [h[_H["serial"]], nbytes, 0]
+            try:
+                fd = os.open(self.path(block), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            return None
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+        h[_H["blocks"]] += 1
+        return block
+
     # -- the master's side ----------------------------------------------------------------
     def worker_died(self, slot: int) -> None:
-        """Drop a dead worker's pins and the entries it was writing."""
+        """Drop a dead worker's pins and free the extents it was writing."""
         with self.locked():
             self.table[:, PINS + slot] = 0
             t = self.table
             for row in np.flatnonzero((t[:, STATE] == FILLING) & (t[:, OWNER] == slot)):
-                self.free(int(row))
+                self.give_back(int(row))
 
     def stats(self) -> Dict[str, int]:
         t = self.table
         ready = t[:, STATE] == READY
         h = {name: int(self.header[i]) for name, i in _H.items()}
-        return {"limit": self.limit, "bytes_held": h["held"], "entries": int(ready.sum()),
+        return {"limit": self.limit, "bytes_held": h["held"], "pool_bytes": h["pool"],
+                "entries": int(ready.sum()),
                 "pinned": int((ready & (t[:, PINS:].sum(axis=1) > 0)).sum()),
                 "hits": h["hits"], "misses": h["misses"], "read_ahead": h["read_ahead"],
                 "evictions": h["evictions"]}
@@ -187,26 +332,29 @@ class WorkerCache:
         self.slot = slot
         self.table = cache.table
         self.header = cache.header
-        self._maps: "OrderedDict[str, mmap.mmap]" = OrderedDict()
+        self._maps: Dict[int, Tuple[int, mmap.mmap]] = {}   # block -> (fd, mapping), kept
+        self._pages: Dict[int, np.ndarray] = {}  # block -> which of its pages are mapped here
+
+    def _block(self, block: int) -> Tuple[int, mmap.mmap]:
+        """This worker's descriptor and mapping of a block, made once: a
+        mapping made afresh for every frame faults every page in again."""
+        kept = self._maps.get(block)
+        if kept is None:
+            fd = os.open(self.cache.path(block), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            size = int(self.cache.blocks[block, 1])
+            kept = self._maps[block] = (fd, mmap.mmap(fd, size))
+            self._pages[block] = np.zeros(size // PAGE, bool)
+        return kept
 
     def frame(self, entry: Entry) -> memoryview:
-        """The entry's frame bytes, read-only, through a mapping this worker keeps:
-        mapping an entry afresh on every hit faults its pages in again, which costs
-        as much as copying the frame. Read only while the entry is pinned (an
-        evicted entry is truncated); at most one mapping per index row is kept."""
-        if not entry.frame_bytes:
-            return memoryview(b"")
-        kept = self._maps.pop(entry.name, None)
-        if kept is None:
-            fd = os.open(segment_path(entry.name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                kept = mmap.mmap(fd, entry.frame_bytes, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-        self._maps[entry.name] = kept
-        while len(self._maps) > len(self.table):
-            _close(self._maps.popitem(last=False)[1])
-        return memoryview(kept)
+        """The entry's frame bytes, read-only; read only while it is pinned."""
+        m = self._block(entry.block)[1]
+        return memoryview(m)[entry.offset:entry.offset + entry.frame_bytes].toreadonly()
+
+    def fields(self, entry: Entry) -> Dict[str, Any]:
+        """The frame's descriptor, as stored after its bytes."""
+        start = entry.offset + entry.frame_bytes
+        return json.loads(self._block(entry.block)[1][start:start + entry.meta_len])
 
     def key(self, get: Get, event: int) -> Digest:
         """Source options + exp + run + detector + access mode + mode + event."""
@@ -217,13 +365,16 @@ class WorkerCache:
 
     def _row(self, key: Digest) -> Optional[int]:
         t = self.table
-        rows = np.flatnonzero((t[:, KA] == key[0]) & (t[:, KB] == key[1]) & (t[:, STATE] != FREE))
+        live = (t[:, STATE] == FILLING) | (t[:, STATE] == READY)
+        rows = np.flatnonzero((t[:, KA] == key[0]) & (t[:, KB] == key[1]) & live)
         return int(rows[0]) if rows.size else None
 
     def _entry(self, row: int) -> Entry:
         t = self.table
-        return Entry(row, self.cache.name(int(t[row, SERIAL])), int(t[row, FRAME_BYTES]),
-                     int(t[row, META_LEN]))
+        block = int(t[row, BLOCK])
+        return Entry(row, block, self.cache.name(block), int(t[row, OFFSET]),
+                     int(t[row, FRAME_BYTES]), int(t[row, META_LEN]),
+                     self.cache.path(block) if self.cache.on_disk else None)
 
     def _found(self, row: int, pin: bool) -> Found:
         """Under the lock: the answer for an existing row, counted as a client read if pinned."""
@@ -250,62 +401,117 @@ class WorkerCache:
             return None if row is None else self._found(row, pin)
 
     def claim(self, key: Digest, nbytes: int, read_ahead: bool = False) -> Union[Fill, Found]:
-        """Reserve an entry of `nbytes` for this worker to write, evicting what
+        """Reserve an extent of `nbytes` for this worker to write, evicting what
         the policy gives up; None when there is no room (the frame is then
         served without the cache). Someone else's entry for the key, if it
         appeared meanwhile, is answered as `lookup` would. A client's claim
         that is not answered so is a miss."""
         size = round_up(nbytes + META_ROOM)
+        t, h = self.table, self.header
         with self.cache.locked():
             row = self._row(key)
             if row is not None:
                 return self._found(row, pin=not read_ahead)
-            t, h = self.table, self.header
             if not read_ahead:
                 h[_H["misses"]] += 1
-            if size > self.cache.limit:
+            row = self.cache.place(size, read_ahead) if size <= self.cache.limit else None
+            if row is None:
                 return None
-            while h[_H["held"]] + size > self.cache.limit or not (t[:, STATE] == FREE).any():
-                if not self.cache.evict_one(read_ahead):
-                    return None
-            row = int(np.flatnonzero(t[:, STATE] == FREE)[0])
-            t[row, [KA, KB, SIZE, OWNER, USES, INTERVAL]] = [key[0], key[1], size, self.slot, 0, 0]
+            t[row, [KA, KB, OWNER, USES, INTERVAL]] = [key[0], key[1], self.slot, 0, 0]
             t[row, PINS:] = 0
             h[_H["held"]] += size
             t[row, STATE] = FILLING
-        try:
-            return Fill(row, Segment(lambda: self._new_name(row), size))
-        except (ShmFullError, FileExistsError):
-            with self.cache.locked():
-                self.header[_H["held"]] -= size
-                t[row, STATE] = FREE
+            block, offset = int(t[row, BLOCK]), int(t[row, OFFSET])
+        if not self._ready(row, block, offset, size):
             return None
+        if self.cache.on_disk:
+            return Fill(row, block, offset, size, memoryview(bytearray(size)), staged=True)
+        m = self._block(block)[1]
+        return Fill(row, block, offset, size, memoryview(m)[offset:offset + size])
 
-    def _new_name(self, row: int) -> str:
+    def _ready(self, row: int, block: int, offset: int, size: int) -> bool:
+        """Pages for an extent this worker holds, taken (if nobody had) and
+        mapped here unless this worker mapped them before; False (the extent
+        dropped) when the file system is full."""
+        fd, m = self._block(block)
+        pages = self._pages[block][offset // PAGE:(offset + size) // PAGE]
+        try:
+            if not pages.all():
+                _allocate(fd, offset, size)
+                if not self.cache.on_disk:
+                    _populate(m, offset, size)
+        except ShmFullError:
+            with self.cache.locked():
+                self.cache.lose(row)
+            return False
+        pages[:] = True
+        return True
+
+    def warm(self) -> bool:
+        """Idle work: take WARM_BYTES more of the pool's memory now, so that a
+        frame cached later does not wait for fresh pages; once the pool has
+        all it may hold, map WARM_BYTES more of it in this worker, so that a
+        frame written here does not fault in the pages another worker took.
+        False when there is nothing left to do (or no room left to do it)."""
+        if self.cache.on_disk:
+            return False            # the page cache is the kernel's to manage there
+        h = self.header
         with self.cache.locked():
-            self.header[_H["serial"]] += 1
-            self.table[row, SERIAL] = self.header[_H["serial"]]
-            return self.cache.name(int(self.table[row, SERIAL]))
+            size = min(WARM_BYTES, (self.cache.limit - int(h[_H["pool"]])) // PAGE * PAGE)
+            row = self.cache.carve(size) if size else None
+            if row is None:
+                return self._map_ahead()
+            block, offset = int(self.table[row, BLOCK]), int(self.table[row, OFFSET])
+            h[_H["held"]] += size
+            self.cache.give_back(row)    # free space at once: a claim never waits for it
+        fd, m = self._block(block)
+        try:
+            _allocate(fd, offset, size)
+            _populate(m, offset, size)
+        except ShmFullError:
+            return False        # the file system is full: frames take what is left
+        self._pages[block][offset // PAGE:(offset + size) // PAGE] = True
+        return True
 
-    def commit(self, fill: Fill, fields: Dict[str, Any], frame_bytes: int, pin: bool) -> Entry:
+    def _map_ahead(self) -> bool:
+        """WARM_BYTES more of the pool's pages mapped in this worker; False once all are."""
+        for block in range(int(self.header[_H["blocks"]])):
+            self._block(block)
+            carved = self._pages[block][:int(self.cache.blocks[block, 2]) // PAGE]
+            todo = np.flatnonzero(~carved)
+            if todo.size:
+                pages = carved[todo[0]:todo[0] + WARM_BYTES // PAGE]
+                try:
+                    _populate(self._block(block)[1], int(todo[0]) * PAGE, pages.size * PAGE)
+                except ShmFullError:
+                    pass        # dropped extents: nothing to map there
+                pages[:] = True
+                return True
+        return False
+
+    def commit(self, fill: Fill, fields: Dict[str, Any], frame_bytes: int,
+               pin: bool) -> Optional[Entry]:
         """The frame is written: store its descriptor after it and make the
         entry visible, pinned for a client read (`pin`), else counted as read
-        ahead. A descriptor longer than META_ROOM grows the segment (and the
-        bytes held) by what it needs."""
+        ahead. None if the descriptor does not fit its room (or the disk
+        refuses the write): the caller copies the frame out, then abandons
+        the extent."""
         meta = json.dumps(fields).encode()
-        fill.segment.close()
-        fd = os.open(segment_path(fill.segment.name), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            os.pwrite(fd, meta, frame_bytes)
-        finally:
-            os.close(fd)
-        grown = max(0, round_up(frame_bytes + len(meta)) - fill.segment.size)
+        if frame_bytes + len(meta) > fill.size:
+            return None
+        fill.view[frame_bytes:frame_bytes + len(meta)] = meta
+        if fill.staged:
+            try:
+                os.pwrite(self._block(fill.block)[0], fill.view[:frame_bytes + len(meta)],
+                          fill.offset)
+            except OSError as e:
+                log.warning("cannot write a frame to the cache on disk: %s", e.strerror)
+                return None
         t, h = self.table, self.header
         with self.cache.locked():
             h[_H["tick"]] += 1
-            h[_H["held"]] += grown
-            t[fill.row, [SIZE, LAST, USES, FRAME_BYTES, META_LEN]] = [
-                fill.segment.size + grown, h[_H["tick"]], int(pin), frame_bytes, len(meta)]
+            t[fill.row, [LAST, USES, FRAME_BYTES, META_LEN]] = [h[_H["tick"]], int(pin),
+                                                                  frame_bytes, len(meta)]
             if pin:
                 t[fill.row, PINS + self.slot] += 1
             else:
@@ -314,18 +520,33 @@ class WorkerCache:
             return self._entry(fill.row)
 
     def abandon(self, fill: Fill) -> None:
-        """The frame could not be written: free its entry."""
-        fill.segment.close()
+        """The frame could not be written (or kept): free its extent."""
         with self.cache.locked():
-            self.cache.free(fill.row)
+            self.cache.give_back(fill.row)
 
     def unpin(self, entry: Entry) -> None:
         with self.cache.locked():
             self.table[entry.row, PINS + self.slot] -= 1
 
 
-def _close(kept: mmap.mmap) -> None:
+def _allocate(fd: int, offset: int, size: int) -> None:
+    """Pages for an extent (a no-op for pages taken before): a full file
+    system is a clean ShmFullError here, never a SIGBUS when the source writes."""
     try:
-        kept.close()
-    except BufferError:
-        pass    # an inline reply still sends from it; the mapping goes with that view
+        os.posix_fallocate(fd, offset, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise ShmFullError(e.errno, f"no room for {size} bytes of frame cache") from e
+        raise
+
+
+def _populate(m: mmap.mmap, offset: int, size: int) -> None:
+    """Map an extent's pages into this process's page tables in one go,
+    zeroing fresh ones, without changing what they hold: not faulted in one
+    by one as the source writes. A kernel without MADV_POPULATE_WRITE
+    (before 5.14) leaves that to the faults."""
+    try:
+        m.madvise(MADV_POPULATE_WRITE, offset, size)
+    except OSError as e:
+        if e.errno in (errno.ENOMEM, errno.EFAULT):
+            raise ShmFullError(e.errno, f"no room for {size} bytes of frame cache") from e

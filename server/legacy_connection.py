@@ -7,6 +7,11 @@ vanishes or never acknowledges costs the segment nothing: it is unlinked
 either way. Old clients unlink the segment themselves as well, which is
 harmless. `DONE` stops the whole server, as old launchers expect.
 
+With a frame cache (`--frame-cache`), the frame comes from the cache when it
+is there (no source call) and goes into it when it is not: either way it is
+copied into the fresh segment, since a legacy client unlinks what it is
+given.
+
 An event that cannot be read is answered as btx's own server does, with a
 NaN frame of the mode's shape (btx and pypca filter those out) in the
 segment reserved for the frame, the error beside it for clients that read
@@ -16,7 +21,7 @@ alone. A request flagged as a probe gets the server's mark alone.
 """
 import logging
 import time
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -24,6 +29,7 @@ from psana_ipc.protocol.errors import NO_MEMORY, READ_FAILED, UNAUTHORIZED, Prot
 from psana_ipc.protocol.legacy import (ACK, NAN_DTYPE, Done, LegacyError, LegacyFrame,
                                        LegacyMark, Probe, parse_legacy)
 
+from .cached_frames import CacheRead, CachedFrames
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .frame_reader import Frame
@@ -48,6 +54,8 @@ class LegacyConnection(Channel):
         self.segment: Optional[Segment] = None
         self.replied = False
         self.missing: Optional[str] = None     # why the event cannot be read: send NaNs
+        self.cached = CachedFrames(ctx.cache, ctx.reader)
+        self.cache_read: Optional[CacheRead] = None     # with --frame-cache
         self.acked = False
         self.ack_deadline: Optional[float] = None
 
@@ -82,6 +90,8 @@ class LegacyConnection(Channel):
             self.finish()
         else:
             self.request = request.get
+            if self.ctx.cache is not None:
+                self.cache_read = CacheRead(self.request, self.request.events[0])
             self.arrived = time.monotonic()
             self.ctx.counters.request()
 
@@ -92,33 +102,45 @@ class LegacyConnection(Channel):
         return self.request is not None and not self.replied and not self.closed
 
     def reserve(self) -> Grant:
-        get = self.request
+        """The segment's bytes from the budget, then the frame's cache entry
+        (found, or reserved to be filled); PENDING while another worker fills it."""
         try:
-            if self.nbytes is None:
-                self.nbytes = self.ctx.reader.frame_size(get, get.events[0])
-                if self.nbytes is None:    # only a read tells: read once, keep it while waiting
-                    try:
-                        self.prefetched = self.ctx.reader.read_private(get, get.events[0])
-                        self.nbytes = self.prefetched[0].nbytes
-                    except ProtocolError as e:
-                        shape = self._nan_shape()
-                        if e.code != READ_FAILED or shape is None:
-                            raise
-                        self.missing, self.nbytes = e.message, frame_bytes(shape, NAN_DTYPE)
-            size = round_up(self.nbytes)
-            if size > self.ctx.budget.limit:
-                return Grant.TOO_LARGE
-            grant = self.holding.take(size)
-            if grant is Grant.GRANTED:
-                try:
-                    self.segment = self.ctx.budget.segment(size)
-                except BaseException:
-                    self.holding.give(size)
-                    raise
-            return grant
+            if self.segment is None:
+                grant = self._reserve_segment()
+                if grant is not Grant.GRANTED or self.segment is None:
+                    return grant
+            if self.missing is None and self.cache_read is not None \
+                    and self.cached.reserve(self.cache_read, lambda: self.nbytes) is Grant.PENDING:
+                return Grant.PENDING
+            return Grant.GRANTED
         except ProtocolError as e:
             self._fail(e.code, e.message)
             return Grant.GRANTED
+
+    def _reserve_segment(self) -> Grant:
+        get = self.request
+        if self.nbytes is None:
+            self.nbytes = self.ctx.reader.frame_size(get, get.events[0])
+            if self.nbytes is None:    # only a read tells: read once, keep it while waiting
+                try:
+                    self.prefetched = self.ctx.reader.read_private(get, get.events[0])
+                    self.nbytes = self.prefetched[0].nbytes
+                except ProtocolError as e:
+                    shape = self._nan_shape()
+                    if e.code != READ_FAILED or shape is None:
+                        raise
+                    self.missing, self.nbytes = e.message, frame_bytes(shape, NAN_DTYPE)
+        size = round_up(self.nbytes)
+        if size > self.ctx.budget.limit:
+            return Grant.TOO_LARGE
+        grant = self.holding.take(size)
+        if grant is Grant.GRANTED:
+            try:
+                self.segment = self.ctx.budget.segment(size)
+            except BaseException:
+                self.holding.give(size)
+                raise
+        return grant
 
     def refuse(self, grant: Grant) -> None:
         self._fail(NO_MEMORY, refusal(grant, self.nbytes, self.ctx.budget.limit))
@@ -129,19 +151,38 @@ class LegacyConnection(Channel):
         if self.missing is not None:
             self._send_nan_frame(self.missing)
             return
-        get = self.request
         try:
-            data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
-                                              self.segment.size, self.prefetched)
+            shape, dtype, timestamp, calibrated = self._read()
         except ProtocolError as e:
             if e.code == READ_FAILED and self._send_nan_frame(e.message):
                 return
             self._fail(e.code, e.message)
             return
         self.replied = True
-        self.send(LegacyFrame(self.segment.name, data.shape, data.dtype.name, meta.timestamp,
-                              meta.calibrated).to_bytes())
+        self.send(LegacyFrame(self.segment.name, shape, dtype.name, timestamp,
+                              calibrated).to_bytes())
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
+
+    def _read(self) -> Tuple[Tuple[int, ...], np.dtype, Any, Any]:
+        """The frame into the segment, from the frame cache when it serves this
+        request (filling it first on a miss), else from the source; its shape,
+        dtype, timestamp and `calibrated`."""
+        get, read = self.request, self.cache_read
+        if read is not None and self.cached.serves(read):
+            read.prefetched = self.prefetched
+            served = self.cached.serve(read)
+            if served is not None:
+                entry, fields = served
+                try:
+                    self.cached.copy_into(entry, fields, self.segment.array)
+                finally:
+                    self.cached.release(entry)
+                return (tuple(fields["shape"]), np.dtype(fields["dtype"]), fields["timestamp"],
+                        fields["calibrated"])
+        data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
+                                          self.segment.size,
+                                          self.prefetched or (read.prefetched if read else None))
+        return data.shape, data.dtype, meta.timestamp, meta.calibrated
 
     def _nan_shape(self) -> Optional[Tuple[int, ...]]:
         """The requested mode's shape, or None if the source cannot tell it."""
@@ -196,6 +237,8 @@ class LegacyConnection(Channel):
     def release(self) -> None:
         """An acknowledged segment is retired (its pages freed at once); one the
         client may still read is only unlinked."""
+        if self.cache_read is not None:
+            self.cached.forget(self.cache_read)
         if self.segment is not None:
             if self.acked:
                 self.segment.retire()

@@ -308,11 +308,14 @@ class V1Connection(Channel):
         try:
             if item.error is not None:
                 raise item.error
-            if self.cached.serves(item) and item.place is not None:
-                self._copy_cached(item)
-                return
             if self.cached.serves(item):
-                self._send_cached(item)
+                served = self.cached.serve(item)
+                if served is None:              # not kept: served as without a cache
+                    self.queue.appendleft(item)
+                elif item.place is not None:
+                    self._copy_cached(item, *served)
+                else:
+                    self._send_cached(item, *served)
                 return
             if item.place is not None:
                 into, reserved = item.place, item.reserved
@@ -353,10 +356,9 @@ class V1Connection(Channel):
                         memoryview(data.reshape(-1)).cast("B"),
                         lambda: self._inline_sent(item.reserved))
 
-    def _send_cached(self, item: Item) -> None:
+    def _send_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
         """A frame in the frame cache: shm clients map the entry itself, pinned
         until released; inline ones get its bytes, pinned until sent."""
-        entry, fields = self.cached.serve(item)
         desc = FrameDesc.from_fields(fields)
         if self.inline:
             self.inline_pending += 1
@@ -367,12 +369,12 @@ class V1Connection(Channel):
             handle = self.pool.new_id()
             self.cached.hand_over(handle, entry)
             self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc, slot=handle,
-                                   name=entry.name, size=entry.frame_bytes, cached=True))
+                                   name=entry.name, size=entry.frame_bytes, cached=True,
+                                   offset=entry.offset, path=entry.path))
 
-    def _copy_cached(self, item: Item) -> None:
+    def _copy_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
         """A frame into an arena through the frame cache (read into a new entry
         on a miss): copied from the entry, which is unpinned at once."""
-        entry, fields = self.cached.serve(item)
         try:
             self.cached.copy_into(entry, fields, item.place)
         finally:

@@ -16,7 +16,10 @@ MEMORY_WAIT has passed and the frame is refused.
 
 With a frame cache, a loop with no request waiting reads ahead: one frame a
 client said comes next (a `prefetch`) goes into the cache per pass, so a
-request that arrives meanwhile waits at most for that one frame.
+request that arrives meanwhile waits at most for that one frame. With
+nothing to read ahead either, it takes a few more MB of the cache's memory
+(frame_cache.WARM_BYTES), until the cache has all it may hold: the first
+epoch then writes into pages that are ready instead of fresh ones.
 
 Set-up that is per process (signal handlers, the wakeup pipe) happens here,
 after the fork, never inherited from the master.
@@ -75,6 +78,7 @@ class Worker:
         self.wake_at: Dict[Channel, float] = {}         # looks again then
         self.deadlines: Dict[Channel, float] = {}       # from each connection's tick
         self.heartbeat = min(PARENT_CHECK, ctx.request_timeout / 5)
+        self.warming = ctx.cache is not None     # the cache's memory is not all taken yet
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
@@ -105,7 +109,8 @@ class Worker:
         while not self.stopping:
             now = time.monotonic()
             self.counters.progress()
-            busy = bool(self._ready(now)) or self._read_ahead_waiting() is not None
+            busy = bool(self._ready(now)) or self._read_ahead_waiting() is not None \
+                or self.warming
             timeout = 0 if busy else self._next_deadline(now)
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
@@ -249,6 +254,8 @@ class Worker:
         conn = self._read_ahead_waiting()
         if conn is not None:
             self._step(conn, conn.read_ahead)
+        elif self.warming and not any(c.has_work() for c in self.conns.values()):
+            self.warming = self.ctx.cache.warm()
 
     def _read_ahead_waiting(self) -> Optional[Channel]:
         """A connection with frames to read ahead, when no request waits at all

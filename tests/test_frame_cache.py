@@ -1,9 +1,12 @@
 """`iserver --frame-cache`: hits are the bytes a fresh read gives and call
 no source, entries handed to a client are never evicted under it, the cache
 stays within its bound, two clients cost one read per event, read-ahead
-fills the cache, every stop removes it, and the eviction policy keeps a
-share of a run larger than the cache where LRU keeps none."""
+fills the cache, every stop removes it, the eviction policy keeps a share
+of a run larger than the cache where LRU keeps none, legacy requests use it,
+a cache on disk lives in a private directory that every stop and cleanup
+remove, and evicted extents are reused."""
 import os
+import stat
 import signal
 import subprocess
 import sys
@@ -15,12 +18,16 @@ from torch.utils.data import DataLoader
 
 from psana_ipc.client import BatchLoader, Client, RunDataset
 from psana_ipc.client.group import ConnectionGroup
+from psana_ipc.protocol.address import parse_address
+from psana_ipc.protocol.messages import Get, RunKey
 from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 from psana_ipc.server.cache_policy import choose_victim, simulate
-from psana_ipc.server.frame_cache import META_ROOM
-from psana_ipc.server.shm import our_segments, round_up
+from psana_ipc.server import frame_cache
+from psana_ipc.server.frame_cache import META_ROOM, READY, SIZE, SPACE, STATE, FrameCache
+from psana_ipc.server.shm import ShmFullError, our_segments, round_up
 from psana_ipc.server.sources.synthetic import expected
 
+from btx.iclient import IPCRemotePsanaDataset as BtxDataset
 from conftest import ROOT, pid_alive
 from test_batch_loader import _eventually
 from psana2_helpers import EVENTS, EXP, RUN, calib_of, psana_python
@@ -149,7 +156,7 @@ def test_every_stop_removes_the_cache(start_server):
             held = c.view("x", 1, DET, 0, "raw")
             for e in range(1, 4):
                 c.get("x", 1, DET, e, "raw")
-            assert len(_cache_files(server)) == 4
+            assert _cache_files(server)
             if how == "worker killed":       # its pin goes with it; the entries stay
                 os.kill(c.worker, signal.SIGKILL)
                 assert _eventually(lambda: _stats(server)["frame_cache"]["pinned"] == 0)
@@ -219,3 +226,111 @@ def test_a_dataloader_reading_in_order_gets_read_ahead(start_server):
     stats = _stats(server)
     assert stats["frame_cache"]["read_ahead"] > 0
     assert stats["events"] == len(events)
+
+
+def test_the_btx_client_is_served_from_the_cache(start_server):
+    """A legacy request whose frame is cached never calls the source; the
+    frame still comes in a fresh segment, since btx unlinks what it is given."""
+    server = start_server(["--workers", "2", "--frame-cache", "256M"])
+    requests = [("x", 1, "idx", DET, e) for e in (3, 1, 3, 1)]
+    ds = BtxDataset(parse_address(server.address), requests)
+    for k, (_, _, _, _, e) in enumerate(requests):
+        assert np.array_equal(ds[k], expected(DET, "calib", e))
+    stats = _stats(server)
+    assert stats["events"] == 2
+    assert stats["frame_cache"]["hits"] == 2 and stats["frame_cache"]["misses"] == 2
+    with Client(server.address) as c:       # and v1 finds what legacy cached
+        assert np.array_equal(c.get("x", 1, DET, 3, "calib"), expected(DET, "calib", 3))
+    assert _stats(server)["events"] == 2
+
+
+def _cache_dir(parent, server):
+    return parent / f"psana-ipc-{server.pid}"
+
+
+def test_a_cache_on_disk_serves_the_same_bytes_from_a_private_directory(start_server, tmp_path):
+    parent = tmp_path / "scratch"
+    parent.mkdir()
+    server = start_server(["--workers", "2", "--frame-cache", "64M",
+                           "--frame-cache-dir", str(parent)])
+    directory = _cache_dir(parent, server)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for transport in ("shm", "inline"):
+        with Client(server.address, transport=transport) as c:
+            for e in list(range(6)) * 2:
+                assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
+    stats = _stats(server)
+    assert stats["events"] == 6 and stats["frame_cache"]["hits"] == 18
+    files = list(directory.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert not _cache_files(server)                 # nothing of the cache in /dev/shm
+    (directory / "not-ours").write_text("x")        # never removed by us
+    assert server.stop() == 0
+    assert [f.name for f in directory.iterdir()] == ["not-ours"]
+
+
+def test_cleanup_removes_the_disk_cache_of_a_killed_server(start_server, tmp_path):
+    server = start_server(["--workers", "1", "--frame-cache", "64M",
+                           "--frame-cache-dir", str(tmp_path)])
+    with Client(server.address) as c:
+        c.get("x", 1, DET, 0, "raw")
+    directory, workers = _cache_dir(tmp_path, server), server.workers
+    assert any(directory.iterdir())
+    server.proc.kill()
+    server.proc.wait()
+    assert _eventually(lambda: not any(pid_alive(p) for p in workers))
+    out = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "cleanup"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert not directory.exists() and not our_segments(server.pid), out.stdout
+
+
+def _filled(worker, event, nbytes, pin=False):
+    fill = worker.claim(worker.key(Get(RunKey("x", 1, DET), "raw", (event,)), event), nbytes)
+    fill.view[:nbytes] = bytes([event % 256]) * nbytes
+    return worker.commit(fill, {"event": event}, nbytes, pin=pin)
+
+
+def test_evicted_extents_are_reused_and_free_space_merges(tmp_path):
+    """The pool never grows past its bound: eviction frees extents that the
+    next frames reuse, and neighbouring free extents become one."""
+    size = round_up(RAW + META_ROOM)
+    cache = FrameCache(4 * size, 1, os.getpid(), "test", str(tmp_path))
+    worker = cache.worker(0)
+    entries = [_filled(worker, e, RAW) for e in range(12)]
+    stats = cache.stats()
+    assert stats["pool_bytes"] <= 4 * size and stats["entries"] == 4
+    assert stats["evictions"] == 8
+    for e, entry in enumerate(entries[-4:], start=8):      # the newest are intact
+        assert worker.frame(entry).tobytes() == bytes([e]) * RAW
+    with cache.locked():
+        for row in np.flatnonzero(cache.table[:, STATE] == READY):
+            cache.give_back(int(row))
+    space = cache.table[cache.table[:, STATE] == SPACE]
+    assert len(space) == 1 and space[0, SIZE] == 4 * size      # one extent again
+    assert len(os.listdir(tmp_path)) == 1                       # one block
+
+
+def test_idle_workers_take_the_cache_memory_ahead(start_server):
+    server = start_server(["--workers", "2", "--frame-cache", "64M"])
+    assert _eventually(lambda: _stats(server)["frame_cache"]["pool_bytes"] == 64 << 20)
+    with Client(server.address) as c:
+        for e in range(4):
+            assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
+        cache = c.stats()["frame_cache"]
+    assert cache["pool_bytes"] == 64 << 20 and cache["entries"] == 4
+
+
+def test_a_full_file_system_leaves_the_frame_uncached_and_the_pool_as_it_was(tmp_path,
+                                                                              monkeypatch):
+    cache = FrameCache(4 * ENTRY, 1, os.getpid(), "test", str(tmp_path))
+    worker = cache.worker(0)
+
+    def full(fd, offset, size):
+        raise ShmFullError(28, "full")
+    monkeypatch.setattr(frame_cache, "_allocate", full)
+    key = worker.key(Get(RunKey("x", 1, DET), "raw", (0,)), 0)
+    assert worker.claim(key, RAW) is None
+    assert cache.stats()["pool_bytes"] == 0 and cache.stats()["bytes_held"] == 0
+    monkeypatch.undo()
+    assert _filled(worker, 0, RAW) is not None and cache.stats()["pool_bytes"] == ENTRY

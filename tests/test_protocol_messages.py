@@ -105,7 +105,8 @@ def test_a_request_says_only_what_differs_from_its_defaults():
 descs = st.builds(FrameDesc, shapes, text, st.none() | json_objects(), st.booleans(),
                   json_objects(frozenset({"ok", "id", "retired", "seq", "event", "done", "slot",
                                           "name", "size", "cached", "nbytes", "shape",
-                                          "dtype", "timestamp", "calibrated"})))
+                                          "dtype", "timestamp", "calibrated", "offset",
+                                          "path"})))
 dones = st.booleans()
 
 
@@ -114,8 +115,12 @@ def frame_replies(draw):
     rid, seq, event, done, desc = draw(ids), draw(ids), draw(counts), draw(dones), draw(descs)
     if draw(st.booleans()):
         return FrameReply(rid, seq, event, done, desc, nbytes=draw(st.integers(0, 64)))
+    if draw(st.booleans()):      # a frame-cache entry: a piece of a block, maybe on disk
+        return FrameReply(rid, seq, event, done, desc, slot=draw(ids), name=draw(text),
+                          size=draw(counts), cached=True, offset=draw(counts),
+                          path=draw(st.none() | text))
     return FrameReply(rid, seq, event, done, desc, slot=draw(ids), name=draw(text),
-                      size=draw(counts), cached=draw(st.booleans()))
+                      size=draw(counts))
 
 
 written = st.builds(WrittenFrame, ids, counts, descs)
@@ -124,7 +129,7 @@ into_get = Get(RunKey("x", 1, "d"), "raw", (1,), into=Into("a", (0,), (2,), "<f4
 REPLIES = [
     (st.builds(Welcome, ids, ids, st.sampled_from(TRANSPORTS), ids, text, ids, text),
      Hello(PROTOCOL_VERSION)),
-    (st.builds(InfoReply, ids, json_objects(frozenset({"ok", "id", "retired"}))),
+    (st.builds(InfoReply, ids, json_objects(frozenset({"ok", "id", "retired", "nbytes"}))),
      Info("x", 1)),
     (st.builds(Queued, ids, ids), Prefetch(RunKey("x", 1, "d"), "raw", (1,))),
     (st.builds(Pong, ids), Ping()),
