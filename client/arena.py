@@ -69,7 +69,7 @@ class ArenaRing:
     def __init__(self, group: ConnectionGroup, count: int, frame_shape: Sequence[int],
                  dtype: np.dtype, batch_size: int, pin: bool) -> None:
         self.frame_shape, self.dtype = tuple(frame_shape), np.dtype(dtype)
-        nbytes = batch_size * int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
+        nbytes = batch_size * frame_nbytes(self.frame_shape, self.dtype.itemsize)
         clients = group.clients
         self.arenas: List[ArenaBuffer] = []
         try:

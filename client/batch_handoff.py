@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import NO_MEMORY, ServerError
+from psana_ipc.protocol.messages import frame_nbytes
 
 from .batch_ring import TRAILER, Buffer, Key, key_of, lock, trailer_name, write_trailer_name
 
@@ -146,7 +147,7 @@ def attach(dup: Any, kept: bool, capacity: int, shape: Sequence[int], dtype: str
                 _kept[key] = buffer
             else:
                 buffer.close()
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    nbytes = frame_nbytes(shape, np.dtype(dtype).itemsize)
     array = np.frombuffer(buffer.memory, np.uint8, nbytes).view(dtype).reshape(shape)
     held = _Held(array, buffer.flag)
     with _lock:

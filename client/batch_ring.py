@@ -41,6 +41,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from psana_ipc.protocol.messages import frame_nbytes
+
 Key = Tuple[int, int]          # (st_dev, st_ino): a memfd's identity in every process
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 PAGE = mmap.PAGESIZE
@@ -147,7 +149,7 @@ class Buffer:
     def lease(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """The first bytes as an array that keeps the buffer busy while it, or
         anything made from it, is alive."""
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = frame_nbytes(shape, dtype.itemsize)
         lease = _Lease(self.bytes[:nbytes].view(dtype).reshape(shape))
         self._lease = weakref.ref(lease)
         return np.asarray(lease)
@@ -208,7 +210,7 @@ class BatchRing:
         a new one."""
         if self._pid != os.getpid():      # forked: the parent's buffers are not ours to fill
             self._buffers, self._count, self._pid, self.retired = [], 0, os.getpid(), []
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        nbytes = frame_nbytes(shape, np.dtype(dtype).itemsize)
         spacing = 0 if handed_over else self.keep
         idle = [b for b in self._buffers
                 if b.idle() and b.alive() and self._count - b.serial >= spacing]
