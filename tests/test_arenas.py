@@ -426,6 +426,25 @@ def test_an_arena_adopted_by_another_connection_of_the_group_outlives_its_maker(
     assert _eventually(lambda: not _arenas_of(server))
 
 
+def test_only_an_arena_of_the_group_can_be_adopted(server, arena):
+    owner, made = arena
+    slot = owner.view("x", 1, "epix100", 3, "raw")
+    planted = f"psipc_{server.pid}_{os.getpid()}_a0x0"
+    with open(f"/dev/shm/{planted}", "wb") as f:
+        f.write(b"\0" * 4096)
+    try:
+        for name in (slot.desc["name"], "../../etc/passwd", planted, made.name + "x",
+                     made.name.replace(f"psipc_{server.pid}_", f"psipc_{server.pid + 1}_")):
+            with pytest.raises(ServerError) as err:
+                owner.adopt_arena(name)
+            assert err.value.code == "bad_arena", name
+        assert os.path.exists(f"/dev/shm/{planted}")
+        assert _arenas_of(server).count(made.name) == 1
+    finally:
+        slot.release()
+        os.unlink(f"/dev/shm/{planted}")
+
+
 def test_adopting_or_making_an_arena_without_waiting_fails_at_once_without_room(start_server):
     server = start_server(["--workers", "2", "--shm-budget", "4M"])
     with Client(server.address) as maker, Client(server.address) as other:
