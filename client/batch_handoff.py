@@ -37,7 +37,8 @@ import numpy as np
 from psana_ipc.protocol.errors import NO_MEMORY, ServerError
 from psana_ipc.protocol.messages import frame_nbytes
 
-from .batch_ring import TRAILER, Buffer, Key, key_of, lock, trailer_name, write_trailer_name
+from .batch_ring import (TRAILER, Buffer, Key, fillable, key_of, lock, trailer_name,
+                         write_trailer_name)
 
 SPARE = 8
 _lock = threading.Lock()
@@ -56,7 +57,7 @@ class _Kept:
         self.keeper: Optional[Tuple[Any, int]] = None     # (Client, its generation)
 
     def alive(self) -> bool:
-        return self.group is None or os.fstat(self.fd).st_nlink > 0
+        return fillable(self.fd, self.group)
 
     def adopt(self) -> bool:
         """Keep the arena on a connection of its group's keeper (one more when
@@ -105,7 +106,7 @@ def forget_arenas_of(group_id: Optional[str]) -> None:
     """Drop the kept arenas of a group whose keeper is closing."""
     with _lock:
         for key, buffer in list(_kept.items()):
-            if buffer.group is not None and buffer.group == group_id:
+            if group_id is not None and buffer.group == group_id:
                 buffer.keeper = None
                 buffer.close()
                 del _kept[key]

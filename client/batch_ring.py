@@ -63,6 +63,12 @@ def write_trailer_name(memory: np.ndarray, capacity: int, name: str) -> None:
     memory[capacity + 1] = len(raw)
 
 
+def fillable(fd: Optional[int], group: Optional[str]) -> bool:
+    """Whether a buffer's memory can still be filled: a memfd always, a batch
+    arena (it has a `group`) while its name exists."""
+    return group is None or os.fstat(fd).st_nlink > 0
+
+
 def key_of(fd: int) -> Key:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -143,8 +149,8 @@ class Buffer:
         return trailer_name(self.bytes, self.capacity)
 
     def alive(self) -> bool:
-        """The memory can still be filled: a batch arena while its name exists."""
-        return self.group is None or os.fstat(self.fd).st_nlink > 0
+        """The memory can still be filled (see `fillable`)."""
+        return fillable(self.fd, self.group)
 
     def lease(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """The first bytes as an array that keeps the buffer busy while it, or
@@ -230,10 +236,10 @@ class BatchRing:
 
     def _trim(self, chosen: Buffer) -> None:
         """Close idle buffers beyond `keep` (the oldest first), and dead ones."""
-        idle = sorted((b for b in self._buffers if b is not chosen and b.idle()),
-                      key=lambda b: (b.alive(), b.serial))
-        dead = sum(not b.alive() for b in idle)
-        for buffer in idle[: max(dead, len(idle) - self.keep)]:
+        idle = sorted(((b.alive(), b.serial, b) for b in self._buffers
+                       if b is not chosen and b.idle()), key=lambda t: t[:2])
+        dead = sum(not live for live, _, _ in idle)
+        for _, _, buffer in idle[: max(dead, len(idle) - self.keep)]:
             if buffer.key is not None and buffer.group is None:
                 self.retired.append(buffer.key)     # an arena is its keeper's to drop
             buffer.close()

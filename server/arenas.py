@@ -23,23 +23,22 @@ name finds nothing). It is then only
 unlinked, never truncated: another worker of the group may be writing into
 it at that moment, and a truncated mapping would kill that worker with
 SIGBUS. The pages go when the last mapping does: every worker drops its
-mappings of unlinked arenas at its next write into an arena, when one of
-its connections closes, and at least once a second (`sweep_mappings`).
+mappings of unlinked arenas when one of its connections closes, and at
+least once a second (`sweep_mappings`).
 """
 import hashlib
 import hmac
 import mmap
 import os
 import secrets
-import stat
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, ProtocolError
 from psana_ipc.protocol.messages import Into, frame_nbytes
-from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import is_own_file, parse_segment_name, segment_path
 
 from .shared_state import Grant
 from .shm import Segment, round_up
@@ -77,7 +76,11 @@ def _refuse(message: str) -> ProtocolError:
     return ProtocolError(BAD_ARENA, message)
 
 
-def frame_layout(into: Into) -> Tuple[np.dtype, int]:
+def _gone(name: str, error: OSError) -> ProtocolError:
+    return _refuse(f"arena {name} cannot be opened ({error.strerror}): its connection closed?")
+
+
+def _frame_layout(into: Into) -> Tuple[np.dtype, int]:
     """The dtype and byte size of one frame as the request laid it out."""
     try:
         dtype = np.dtype(into.dtype)
@@ -111,23 +114,24 @@ class _Mappings:
     once (MAP_POPULATE), once per worker rather than once per connection, so
     the DataLoader workers of a later epoch write into warm mappings (a fresh
     mapping faults every page on its first write: several times the copy).
-    Mappings of unlinked arenas are dropped at every use and every
-    SWEEP_SECONDS (their pages go with the last mapping)."""
+    Mappings of unlinked arenas are dropped when a connection closes and
+    every SWEEP_SECONDS (their pages go with the last mapping)."""
 
     def __init__(self) -> None:
         self._maps: "OrderedDict[Tuple[int, int], _Mapped]" = OrderedDict()
         self._swept = 0.0
 
-    def get(self, fd: int, st: os.stat_result) -> _Mapped:
-        """The mapping of the file behind `fd`, which this takes over."""
-        self.drop_unlinked()
+    def find(self, st: os.stat_result) -> Optional[_Mapped]:
+        """The mapping of the file `st` describes, if this worker has one."""
         key = (st.st_dev, st.st_ino)
         mapped = self._maps.get(key)
         if mapped is not None:
-            os.close(fd)
             self._maps.move_to_end(key)
-            return mapped
-        mapped = self._maps[key] = _Mapped(fd, st.st_size)
+        return mapped
+
+    def add(self, fd: int, st: os.stat_result) -> _Mapped:
+        """Map the file behind `fd` (which this takes over)."""
+        mapped = self._maps[st.st_dev, st.st_ino] = _Mapped(fd, st.st_size)
         while len(self._maps) > MAX_MAPPED:
             self._maps.popitem(last=False)[1].close()
         return mapped
@@ -220,7 +224,7 @@ class Arenas:
         and the bytes it may take; refuses (`bad_arena`) an arena that is not
         this group's, an offset out of bounds or misaligned, and (when the
         source calls it) a frame unlike the one laid out."""
-        dtype, nbytes = frame_layout(into)
+        dtype, nbytes = _frame_layout(into)
         offset = into.offsets[seq]
         if offset % dtype.itemsize:
             raise _refuse(f"offset {offset} is not aligned to the {dtype.itemsize}-byte dtype "
@@ -239,23 +243,33 @@ class Arenas:
         return place, nbytes
 
     def _map(self, name: str) -> _Mapped:
-        """The mapping (this worker's, shared by its connections) of an arena of this group."""
-        return MAPPINGS.get(*self._open(name))
+        """The mapping (this worker's, shared by its connections) of an arena
+        of this group: one `stat` per frame once mapped (the name may lead to
+        another file since: a new inode is a new, checked mapping)."""
+        path = self._path(name)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError as e:
+            raise _gone(name, e) from None
+        return MAPPINGS.find(st) or MAPPINGS.add(*self._open(name))
 
-    def _open(self, name: str) -> Tuple[int, os.stat_result]:
-        """A descriptor of an arena of this group and its status, refusing any
-        other name or file."""
+    def _path(self, name: str) -> str:
+        """Where an arena of this group lives, refusing any other name."""
         parsed = parse_segment_name(name)
         if (parsed is None or parsed.server_pid != self.holding.budget.server_pid
                 or not parsed.serial.startswith(self.kind)):
             raise _refuse(f"{name!r} is not an arena of this connection group")
+        return segment_path(name)
+
+    def _open(self, name: str) -> Tuple[int, os.stat_result]:
+        """A descriptor of an arena of this group and its status, refusing any
+        other name or file."""
         try:
-            fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self._path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
-            raise _refuse(f"arena {name} cannot be opened ({e.strerror}): its connection "
-                          f"closed?") from None
+            raise _gone(name, e) from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or not st.st_size:
+        if not is_own_file(st.st_mode, st.st_uid, os.geteuid()) or not st.st_size:
             os.close(fd)
             raise _refuse(f"arena {name} is not a segment this server made")
         return fd, st

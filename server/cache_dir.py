@@ -10,9 +10,8 @@ files of this user named like the server's segments.
 """
 import logging
 import os
-import stat
 
-from psana_ipc.protocol.shm_names import cache_dir_marker, ours, segment_path
+from psana_ipc.protocol.shm_names import cache_dir_marker, is_own_file, ours, segment_path
 
 from .private_file import write_atomically
 from .startup import StartupError
@@ -40,7 +39,7 @@ def remove(path: str, server_pid: int) -> None:
     for name in ours(os.listdir(path), server_pid):
         file = os.path.join(path, name)
         st = os.lstat(file)
-        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        if is_own_file(st.st_mode, st.st_uid, os.geteuid()):
             os.unlink(file)
     try:
         os.rmdir(path)

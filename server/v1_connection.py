@@ -34,7 +34,7 @@ from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, Fra
                                         FrameReply, InfoReply, Pong, Queued, Reply, Skipped,
                                         StatsReply, Stopping, Welcome, WrittenFrame, encode_reply)
 
-from .arenas import Arenas, frame_layout, group_is_ours, issue_group
+from .arenas import Arenas, group_is_ours, issue_group
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .cached_frames import CacheUse, CachedFrames
@@ -262,12 +262,12 @@ class V1Connection(Channel):
         if isinstance(item.get, MakeArena):
             item.nbytes = item.get.size
             return arenas.reserve(item.nbytes, item.get.wait)
-        _, nbytes = frame_layout(item.get.into)
-        known = self.ctx.reader.frame_size(item.get, item.event)
-        if known is not None and known != nbytes:
-            raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
-                                           f"{item.get.mode}; the arena's frames are {nbytes}")
         item.place, item.reserved = arenas.allocator(item.get.into, item.seq)
+        known = self.ctx.reader.frame_size(item.get, item.event)
+        if known is not None and known != item.reserved:
+            raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
+                                           f"{item.get.mode}; the arena's frames are "
+                                           f"{item.reserved}")
         return Grant.GRANTED
 
     def _arenas(self) -> Arenas:
