@@ -35,7 +35,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -210,12 +210,16 @@ def bench_detector(server: ServerProcess, det: str,
     return rows
 
 
+WARM_BATCHES = 3    # batches of events past the measured ones, read before a measured epoch
+
+
 @contextlib.contextmanager
 def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerProcess]:
-    """A synthetic server with `--cost-ms` and these options, stopped on leaving."""
+    """A synthetic server with `--cost-ms` and these options, stopped on leaving;
+    its runs have the measured events and WARM_BATCHES batches more."""
     server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
                             "--cost-ms", str(args.cost_ms), "--synthetic-events",
-                            str(args.frames), *options])
+                            str(args.frames + WARM_BATCHES * args.batch_size), *options])
     try:
         yield server
         with Client(server.address) as c:
@@ -235,18 +239,31 @@ def cache_server(args: argparse.Namespace, cache_bytes: int,
         if warm:
             while _stats(server.address)["frame_cache"]["pool_bytes"] < cache_bytes - 4096:
                 time.sleep(0.05)
-            time.sleep(1.0)     # then each worker maps the pool in (well under a second)
+            _until_idle(server)     # then each worker maps the pool in
         yield server
 
 
-def _epoch(loader: BatchLoader, step_s: float = 0.0) -> float:
-    """Frames/s of one pass, sleeping `step_s` per batch (a training step on a GPU)."""
+def _until_idle(server: ServerProcess) -> None:
+    """Wait until the server's workers have stopped using CPU."""
+    while True:
+        before = cpu_seconds(server.workers)
+        time.sleep(0.25)
+        if cpu_seconds(server.workers) - before < 0.02:
+            return
+
+
+def _epoch(loader: Iterable, step_s: float = 0.0) -> float:
+    """Frames/s of one pass, until its last batch arrived, sleeping `step_s`
+    after each batch (a training step on a GPU): the step after the last
+    batch overlaps nothing, and in a pass of ten batches would count a tenth
+    of the pass as the loader's."""
     t0, n = time.perf_counter(), 0
     for batch in loader:
         n += batch.shape[0]
+        arrived = time.perf_counter()
         if step_s:
             time.sleep(step_s)
-    return n / (time.perf_counter() - t0)
+    return n / (arrived - t0)
 
 
 def _epoch_cpu(loader: BatchLoader, server: ServerProcess,
@@ -269,49 +286,67 @@ def _cache_stats(address: str) -> Dict:
     return dict(stats["frame_cache"], reads=stats["events"])
 
 
+def _warmed(loader: BatchLoader, args: argparse.Namespace) -> BatchLoader:
+    """The loader, after one pass over the WARM_BATCHES batches of events past
+    the measured ones: each server worker has the run open and the loader's
+    batch arenas (or buffers) have their pages, as after a job's first
+    batches. What a job pays once stays out of the epochs compared; the
+    measured events are still unread."""
+    measured = loader.events
+    loader.events = list(range(args.frames, args.frames + WARM_BATCHES * args.batch_size))
+    _epoch(loader)
+    loader.events = measured
+    return loader
+
+
 def bench_frame_cache(args: argparse.Namespace) -> Dict:
     """The frame cache through BatchLoader, on calib frames with `--cost-ms` of
     CPU per event, each case on a server of its own whose idle workers have
     taken the cache's memory first (but one, which starts at once), cold
-    epochs the median of `--repeats` servers: an epoch
-    without a cache (what the workers produce here and now: on a loaded
-    node, less than workers / cost), also beside a training step (a sleep, as
-    for a GPU) as long as one batch's production, and into batch arenas
-    (BatchLoader's default: the server copies a hit into the batch, the
-    client maps no entry); a cold epoch (also into arenas) then warm
-    ones; a cold epoch beside that step, without and with read-ahead; two
-    clients reading one run at once; and the hit rate of a run twice the
-    cache over three epochs, next to LRU's on the same trace (simulated) and
-    this policy's simulated."""
+    epochs the median of `--repeats` servers, every loader past its first
+    batches (`_warmed`). BatchLoader's default path (batch arenas: the
+    server writes or copies every frame into the batch) unless a row says
+    `copy path` (the client copies each frame from its slot or its cache
+    entry). Rows: an epoch without a cache (what the workers produce here
+    and now: on a loaded node, less than workers / cost), also beside a
+    training step (a sleep, as for a GPU) as long as one batch's production
+    at workers / cost; a cold epoch, then warm ones; a cold epoch beside that
+    step, without and with read-ahead; two clients reading one run at once;
+    and the hit rate of a run twice the cache over three epochs, next to
+    LRU's on the same trace (simulated) and this policy's simulated; and
+    IPCRemotePsanaDataset in a DataLoader beside the same step, without a
+    cache and with one that reads ahead (the dataset's sequential hints). The
+    reference rows: memcpy, workers / cost, and workers / (cost + the time
+    one thread takes to copy a frame once or twice): what two cores can
+    give when each frame also costs that many copies and nothing else."""
     from psana_ipc.server.cache_policy import simulate
     det, n, batch = args.detectors[0], args.frames, args.batch_size
     frame_bytes = expected(det, "calib", 0).nbytes
-    room = int(1.1 * n * (frame_bytes + 8192))
+    room = int(1.1 * (n + WARM_BATCHES * batch) * (frame_bytes + 8192))
     ideal = args.server_workers * 1000 / args.cost_ms
+    step_s = batch * args.cost_ms / 1e3 / args.server_workers
     rows: Dict[str, Dict] = {}
 
-    def loader(address: str, read_ahead: int, arenas: bool = False) -> BatchLoader:
-        # the copy path: the client maps cache entries (with arenas the server copies them)
-        return BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
+    def loader(address: str, read_ahead: int = 0, arenas: bool = True,
+               warm: bool = True) -> BatchLoader:
+        made = BatchLoader(address, "bench", 1, det, "calib", list(range(n)), batch,
                            read_ahead=read_ahead, output="numpy", arenas=arenas)
+        return _warmed(made, args) if warm else made
+
+    def median(passes: List[Dict[str, float]]) -> Dict[str, float]:
+        return {k: statistics.median(p[k] for p in passes) for k in passes[0]}
 
     with running_server(args) as server:
-        plain = loader(server.address, 0)
-        passes = [_epoch_cpu(plain, server) for _ in range(args.repeats)]
-        rows["no cache (every epoch)"] = {k: statistics.median(p[k] for p in passes)
-                                          for k in ("fps", "server_ms")}
-        produced = rows["no cache (every epoch)"]["fps"]
-        step_s = batch / produced
-        rows["no cache + step"] = {"fps": _epoch(plain, step_s)}
-        plain.close()
-        in_place = loader(server.address, 0, arenas=True)
-        passes = [_epoch_cpu(in_place, server) for _ in range(args.repeats)]
-        rows["no cache, arenas"] = {k: statistics.median(p[k] for p in passes)
-                                    for k in ("fps", "server_ms")}
-        in_place.close()
+        for name, arenas in (("no cache", True), ("no cache, copy path", False)):
+            plain = loader(server.address, arenas=arenas)
+            rows[name] = median([_epoch_cpu(plain, server) for _ in range(args.repeats)])
+            if arenas:
+                rows["no cache + step"] = median([_epoch_cpu(plain, server, step_s)
+                                                  for _ in range(args.repeats)])
+            plain.close()
 
-    def cold(warm: bool, step: float = 0.0, ahead: int = 0,
-             arenas: bool = False) -> Dict[str, float]:
+    def cold(warm: bool = True, step: float = 0.0, ahead: int = 0,
+             arenas: bool = True) -> Dict[str, float]:
         """One cold epoch, on a fresh server each of `--repeats` times: the medians."""
         passes = []
         for _ in range(args.repeats):
@@ -320,15 +355,14 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
                 passes.append(dict(_epoch_cpu(first, server, step),
                                    read_ahead=_cache_stats(server.address)["read_ahead"] / n))
                 first.close()
-        return {k: statistics.median(p[k] for p in passes) for k in passes[0]
-                if k != "read_ahead" or ahead}
+        return {k: v for k, v in median(passes).items() if k != "read_ahead" or ahead}
 
+    rows["epoch 1 (cold)"] = cold()
+    rows["epoch 1 (cold), copy path"] = cold(arenas=False)
     rows["epoch 1 (cold, memory taken meanwhile)"] = cold(warm=False)
-    rows["epoch 1 (cold)"] = cold(warm=True)
-    rows["epoch 1 (cold), arenas"] = cold(warm=True, arenas=True)
     with cache_server(args, room) as server:
         address = server.address
-        epochs = loader(address, 0)
+        epochs = loader(address)
         _epoch(epochs)
         before = _cache_stats(address)
         warm = [_epoch(epochs) for _ in range(args.repeats)]
@@ -337,11 +371,30 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
         rows["epoch 2+ (cached)"] = {"fps": statistics.median(warm),
                                      "hit_rate": (after["hits"] - before["hits"]) / len(warm) / n,
                                      "reads": after["reads"] - before["reads"]}
-    rows["epoch 1 + step"] = cold(warm=True, step=step_s)
-    rows["epoch 1 + step + read-ahead"] = cold(warm=True, step=step_s, ahead=8)
+    rows["epoch 1 + step"] = cold(step=step_s)
+    rows["epoch 1 + step + read-ahead"] = cold(step=step_s, ahead=8)
+
+    def dataset_step(cached: bool) -> Dict[str, float]:
+        """IPCRemotePsanaDataset in a DataLoader (num_workers=0), as btx scripts
+        use it, with the step: no pipeline of its own, so without read-ahead
+        the source's time and the step add up. Medians of fresh servers."""
+        passes = []
+        for _ in range(args.repeats):
+            with (cache_server(args, room) if cached else running_server(args)) as server:
+                for events, step in ((range(n, n + WARM_BATCHES * batch), 0.0),
+                                     (range(n), step_s)):
+                    ds = IPCRemotePsanaDataset(server.address, [("bench", 1, "idx", det, e)
+                                                                for e in events], mode="calib")
+                    fps = _epoch(DataLoader(ds, batch_size=batch), step)
+                    ds.close()
+                passes.append(fps)
+        return {"fps": statistics.median(passes)}
+
+    rows["dataset + step, no cache"] = dataset_step(cached=False)
+    rows["dataset + step + read-ahead, epoch 1"] = dataset_step(cached=True)
     with cache_server(args, room) as server:
         address = server.address
-        pair, rates = [loader(address, 8) for _ in range(2)], []
+        pair, rates = [loader(address, 8, warm=False) for _ in range(2)], []
         threads = [threading.Thread(target=lambda lo=lo: rates.append(_epoch(lo))) for lo in pair]
         for t in threads:
             t.start()
@@ -354,7 +407,7 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     capacity, hits = n // 2, []
     with cache_server(args, capacity * (frame_bytes + 8192)) as server:
         address = server.address
-        scan = loader(address, 0)
+        scan = loader(address, warm=False)
         for _ in range(3):
             before = _cache_stats(address)["hits"]
             _epoch(scan)
@@ -363,10 +416,14 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
     trace = list(range(n)) * 3
     memcpy = timed(memcpy_pass(det, n, batch), args.repeats)["fps"]
     for name, row in rows.items():      # against the no-cache path in the same conditions
-        same = ("no cache + step" if "+ step" in name else
-                "no cache, arenas" if "arenas" in name else "no cache (every epoch)")
+        same = ("dataset + step, no cache" if name.startswith("dataset") else
+                "no cache + step" if "+ step" in name else
+                "no cache, copy path" if "copy path" in name else "no cache")
         row["of_no_cache"] = row["fps"] / rows[same]["fps"]
+    copy_ms = 1e3 / memcpy
     return {"rows": rows, "memcpy_fps": memcpy, "workers_over_cost_fps": ideal,
+            "with_copies_fps": {k: args.server_workers * 1e3 / (args.cost_ms + k * copy_ms)
+                                for k in (1, 2)},
             "frame_mb": frame_bytes / 1e6, "step_ms": 1e3 * step_s, "cost_ms": args.cost_ms,
             "server_workers": args.server_workers, "frames": n,
             "scan_cache_frames": capacity, "scan_hit_rate_by_epoch": hits,
@@ -387,6 +444,9 @@ def print_cache_table(result: Dict) -> None:
               f"{100 * r['fps'] / ideal:.0f}% | {100 * r['of_no_cache']:.0f}% | {other} |")
     print(f"| memcpy (one thread) | {memcpy:.1f} | 100% | | | |")
     print(f"| workers / cost | {ideal:.1f} | | 100% | | |")
+    for k, fps in result["with_copies_fps"].items():
+        print(f"| workers / (cost + {k} cop{'y' if k == 1 else 'ies'}) | {fps:.1f} | | "
+              f"{100 * fps / ideal:.0f}% | | |")
     for key in ("frame_mb", "cost_ms", "server_workers", "frames", "step_ms", "scan_cache_frames",
                 "scan_hit_rate_by_epoch", "scan_policy_simulated_by_epoch", "scan_lru_simulated"):
         value = result[key]

@@ -140,7 +140,8 @@ def serve(options: ServerOptions) -> int:
                      if options.frame_cache_dir else SHM_DIR)
         cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
             options.source, sources.factory_class(options.source).add_arguments,
-            options.source_options), directory)
+            options.source_options), directory,
+            keep_free=0 if options.frame_cache_dir else options.shm_budget)
 
     def stats() -> Dict[str, object]:
         return dict(state.stats(), frame_cache=cache.stats() if cache else None)

@@ -17,7 +17,9 @@ source call and no copy in the server.
 The index is a table in an anonymous shared mapping the master makes
 before forking, so every worker sees it; a row is an entry (the key's
 128-bit digest, state, pins per worker, the policy's clocks, see
-cache_policy.py) or a free extent. Every change takes a POSIX record lock
+cache_policy.py) or a free extent. Rows are taken lowest first and reused,
+and a lookup scans only the rows ever used (a few hundred for frames of
+megabytes) with numpy, not the whole table sized for 64 KiB frames. Every change takes a POSIX record lock
 (process_lock.py), never held across a source call or an allocation, which
 the kernel drops when its holder dies: a SIGKILLed worker cannot wedge the
 others. Within the lock a row's state is written last, and the master
@@ -27,8 +29,12 @@ connections died with it), so a row is never left half-made.
 Bounds: blocks are made while their total stays within SIZE, and sparse: an
 extent's pages are reserved (`posix_fallocate`) before the source writes
 them, so a full file system means the frame is simply not cached, never a
-SIGBUS. Idle workers take the pool's pages ahead of need (`warm`), up to
-SIZE. An entry handed to a client is pinned until released (or the
+SIGBUS. New pages are never taken when that would leave /dev/shm less free
+room than the slots' budget (`keep_free`): on a node where others filled
+/dev/shm, the frames that find no cache room still get slots. Once pages
+are refused, the pool stops growing and the cache evicts to reuse what it
+has, trying to grow again FULL_RETRY seconds later. Idle workers take the
+pool's pages ahead of need (`warm`), up to SIZE. An entry handed to a client is pinned until released (or the
 connection closes) and is never evicted while pinned.
 """
 import argparse
@@ -38,8 +44,9 @@ import json
 import logging
 import mmap
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -54,12 +61,13 @@ log = logging.getLogger(__name__)
 META_ROOM = 4096            # bytes after a frame for its descriptor
 BLOCK_BYTES = 256 << 20     # a block of the pool (a frame larger than this gets its own)
 WARM_BYTES = 8 << 20        # taken at a time by an idle worker (a request waits at most that)
+FULL_RETRY = 10.0           # seconds the pool stays as it is after pages were refused
 MADV_POPULATE_WRITE = 23    # Linux >= 5.14; the mmap module does not name it
 FREE, FILLING, READY, SPACE = 0, 1, 2, 3     # SPACE: a free extent of a block
 (KA, KB, STATE, SIZE, BLOCK, OFFSET, OWNER, LAST, INTERVAL, USES, FRAME_BYTES, META_LEN,
  PINS) = range(13)
 _HEADER = ("tick", "serial", "held", "hits", "misses", "read_ahead", "evictions", "horizon",
-           "blocks", "pool")
+           "blocks", "pool", "used", "full")
 _H = {name: i for i, name in enumerate(_HEADER)}
 Digest = Tuple[int, int]
 
@@ -140,8 +148,9 @@ class FrameCache:
     Blocks are files in `directory` (/dev/shm unless --frame-cache-dir)."""
 
     def __init__(self, limit: int, workers: int, server_pid: int, fingerprint: str,
-                 directory: str = SHM_DIR) -> None:
+                 directory: str = SHM_DIR, keep_free: int = 0) -> None:
         self.limit = limit
+        self.keep_free = keep_free
         self.workers = workers
         self.server_pid = server_pid
         self.fingerprint = fingerprint
@@ -158,6 +167,12 @@ class FrameCache:
                                  offset=(rows * cols + 3 * rows) * 8)
         self.locked = ProcessLock().held
 
+    def rows(self) -> np.ndarray:
+        """The index's rows ever used (the rest are free): every scan looks at
+        these only, so a cache of large frames scans a few hundred rows, not
+        the tens of thousands sized for small ones."""
+        return self.table[:int(self.header[_H["used"]])]
+
     def name(self, block: int) -> str:
         return segment_name(self.server_pid, self.server_pid, f"c{int(self.blocks[block, 0]):x}")
 
@@ -172,7 +187,7 @@ class FrameCache:
         """Under the lock: the entry's extent becomes free space, merged with
         the free extents beside it. Ordered so that dying half-way only loses
         space, never hands out the same bytes twice."""
-        t = self.table
+        t = self.rows()
         block, offset, size = (int(t[row, c]) for c in (BLOCK, OFFSET, SIZE))
         self.header[_H["held"]] -= size
         space = (t[:, STATE] == SPACE) & (t[:, BLOCK] == block)
@@ -190,7 +205,7 @@ class FrameCache:
 
     def evict_one(self, read_ahead: bool) -> bool:
         """Under the lock: give up the entry the policy chooses; False if none may go."""
-        t = self.table
+        t = self.rows()
         evictable = (t[:, STATE] == READY) & (t[:, PINS:].sum(axis=1) == 0)
         victim = choose_victim(evictable, t[:, LAST], t[:, INTERVAL], t[:, USES],
                                int(self.header[_H["tick"]]), int(self.header[_H["horizon"]]),
@@ -215,16 +230,24 @@ class FrameCache:
                 return None
 
     def _free_row(self) -> Optional[int]:
-        rows = np.flatnonzero(self.table[:, STATE] == FREE)
-        return int(rows[0]) if rows.size else None
+        """A free row: one given up before, else the first never used."""
+        rows = np.flatnonzero(self.rows()[:, STATE] == FREE)
+        if rows.size:
+            return int(rows[0])
+        used = int(self.header[_H["used"]])
+        if used == len(self.table):
+            return None
+        self.header[_H["used"]] = used + 1
+        return used
 
     def _fit(self, size: int) -> Optional[int]:
         """The smallest free extent that holds `size`, split to it."""
-        t = self.table
+        t = self.rows()
         fits = np.flatnonzero((t[:, STATE] == SPACE) & (t[:, SIZE] >= size))
         if not fits.size:
             return None
         row = int(fits[np.argmin(t[fits, SIZE])])
+        t = self.table      # the spare row may be a new one, past those scanned
         rest = int(t[row, SIZE]) - size
         if rest:
             spare = self._free_row()
@@ -241,7 +264,8 @@ class FrameCache:
         index has no room. The pool counts every byte carved: the memory the
         cache may take."""
         h, b = self.header, int(self.header[_H["blocks"]]) - 1
-        if int(h[_H["pool"]]) + size > self.limit or self._free_row() is None:
+        if (h[_H["full"]] > time.monotonic_ns() or int(h[_H["pool"]]) + size > self.limit
+                or self._free_row() is None):
             return None
         if b < 0 or self.blocks[b, 1] - self.blocks[b, 2] < size:
             if b >= 0:
@@ -265,16 +289,27 @@ class FrameCache:
 
     def lose(self, row: int) -> None:
         """Under the lock: an extent whose pages could not be had (a full file
-        system) is not offered again. Carved last from its block, it goes
-        back to the block's end, to be carved again later; else it is
-        dropped, and the pool still counts it."""
+        system) is not offered again, and the pool stops growing for a while
+        (`refused`). Carved last from its block, it goes back to the
+        block's end; else it is dropped, and the pool still counts it."""
         t, b = self.table, int(self.table[row, BLOCK])
         size, end = int(t[row, SIZE]), int(t[row, OFFSET] + t[row, SIZE])
+        self.refused()
         self.header[_H["held"]] -= size
         t[row, STATE] = FREE
         if self.blocks[b, 2] == end:
             self.blocks[b, 2] -= size
             self.header[_H["pool"]] -= size
+
+    def refused(self) -> None:
+        """Under the lock: the file system refused pages; for FULL_RETRY
+        seconds the pool takes no more and room comes from eviction."""
+        now = time.monotonic_ns()
+        if self.header[_H["full"]] <= now:
+            log.warning("%s has no room for more frame cache: it keeps the %d MB it has "
+                        "(pool %d MB)", self.directory, int(self.header[_H["held"]]) >> 20,
+                        int(self.header[_H["pool"]]) >> 20)
+        self.header[_H["full"]] = now + int(FULL_RETRY * 1e9)
 
     def _new_block(self, size: int) -> Optional[int]:
         """Under the lock: a new block, a sparse file of BLOCK_BYTES (or what
@@ -308,13 +343,13 @@ class FrameCache:
     def worker_died(self, slot: int) -> None:
         """Drop a dead worker's pins and free the extents it was writing."""
         with self.locked():
-            self.table[:, PINS + slot] = 0
-            t = self.table
+            t = self.rows()
+            t[:, PINS + slot] = 0
             for row in np.flatnonzero((t[:, STATE] == FILLING) & (t[:, OWNER] == slot)):
                 self.give_back(int(row))
 
     def stats(self) -> Dict[str, int]:
-        t = self.table
+        t = self.rows()
         ready = t[:, STATE] == READY
         h = {name: int(self.header[i]) for name, i in _H.items()}
         return {"limit": self.limit, "bytes_held": h["held"], "pool_bytes": h["pool"],
@@ -334,6 +369,7 @@ class WorkerCache:
         self.header = cache.header
         self._maps: Dict[int, Tuple[int, mmap.mmap]] = {}   # block -> (fd, mapping), kept
         self._pages: Dict[int, np.ndarray] = {}  # block -> which of its pages are mapped here
+        self._ahead: Dict[int, int] = {}        # block -> where `_map_ahead` goes on
 
     def _block(self, block: int) -> Tuple[int, mmap.mmap]:
         """This worker's descriptor and mapping of a block, made once: a
@@ -364,7 +400,7 @@ class WorkerCache:
         return int(a), int(b)
 
     def _row(self, key: Digest) -> Optional[int]:
-        t = self.table
+        t = self.cache.rows()
         live = (t[:, STATE] == FILLING) | (t[:, STATE] == READY)
         rows = np.flatnonzero((t[:, KA] == key[0]) & (t[:, KB] == key[1]) & live)
         return int(rows[0]) if rows.size else None
@@ -437,7 +473,7 @@ class WorkerCache:
         pages = self._pages[block][offset // PAGE:(offset + size) // PAGE]
         try:
             if not pages.all():
-                _allocate(fd, offset, size)
+                _allocate(fd, offset, size, self.cache.keep_free)
                 if not self.cache.on_disk:
                     _populate(m, offset, size)
         except ShmFullError:
@@ -466,27 +502,35 @@ class WorkerCache:
             self.cache.give_back(row)    # free space at once: a claim never waits for it
         fd, m = self._block(block)
         try:
-            _allocate(fd, offset, size)
+            _allocate(fd, offset, size, self.cache.keep_free)
             _populate(m, offset, size)
         except ShmFullError:
+            with self.cache.locked():
+                self.cache.refused()
             return False        # the file system is full: frames take what is left
         self._pages[block][offset // PAGE:(offset + size) // PAGE] = True
         return True
 
     def _map_ahead(self) -> bool:
-        """WARM_BYTES more of the pool's pages mapped in this worker; False once all are."""
+        """The next WARM_BYTES of the pool mapped in this worker, where pages
+        exist: a hole (an extent whose pages were refused, or not taken yet)
+        is left to `_ready`, which reserves pages before anything is written;
+        populating it here would take pages past the bound and the room kept
+        free. False once the whole pool carved so far was looked at."""
         for block in range(int(self.header[_H["blocks"]])):
-            self._block(block)
-            carved = self._pages[block][:int(self.cache.blocks[block, 2]) // PAGE]
-            todo = np.flatnonzero(~carved)
-            if todo.size:
-                pages = carved[todo[0]:todo[0] + WARM_BYTES // PAGE]
+            fd, m = self._block(block)
+            start = self._ahead.get(block, 0)
+            end = min(int(self.cache.blocks[block, 2]), start + WARM_BYTES)
+            if start >= end:
+                continue
+            for lo, hi in _data(fd, start, end):
                 try:
-                    _populate(self._block(block)[1], int(todo[0]) * PAGE, pages.size * PAGE)
+                    _populate(m, lo, hi - lo)
                 except ShmFullError:
-                    pass        # dropped extents: nothing to map there
-                pages[:] = True
-                return True
+                    continue
+                self._pages[block][lo // PAGE:-(-hi // PAGE)] = True
+            self._ahead[block] = end
+            return True
         return False
 
     def commit(self, fill: Fill, fields: Dict[str, Any], frame_bytes: int,
@@ -529,15 +573,37 @@ class WorkerCache:
             self.table[entry.row, PINS + self.slot] -= 1
 
 
-def _allocate(fd: int, offset: int, size: int) -> None:
+def _allocate(fd: int, offset: int, size: int, keep_free: int) -> None:
     """Pages for an extent (a no-op for pages taken before): a full file
-    system is a clean ShmFullError here, never a SIGBUS when the source writes."""
+    system, or one that would keep less than `keep_free` bytes free, is a
+    clean ShmFullError here, never a SIGBUS when the source writes."""
+    if keep_free and os.lseek(fd, offset, os.SEEK_HOLE) < offset + size:
+        st = os.fstatvfs(fd)
+        if st.f_bavail * st.f_frsize < keep_free + size:
+            raise ShmFullError(errno.ENOSPC, f"no room for {size} bytes of frame cache "
+                                             f"beside {keep_free} bytes kept free for slots")
     try:
         os.posix_fallocate(fd, offset, size)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             raise ShmFullError(e.errno, f"no room for {size} bytes of frame cache") from e
         raise
+
+
+def _data(fd: int, start: int, end: int) -> Iterator[Tuple[int, int]]:
+    """The ranges of [start, end) of a file that have pages (not holes)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # no data past pos
+                return
+            raise
+        if data >= end:
+            return
+        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, pos
 
 
 def _populate(m: mmap.mmap, offset: int, size: int) -> None:

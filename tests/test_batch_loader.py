@@ -165,6 +165,10 @@ def test_bench_frame_cache_runs_and_writes_its_json(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert {"epoch 2+ (cached)", "two clients, one run"} <= set(report["rows"])
+    assert {"epoch 2+ (cached)", "two clients, one run", "epoch 1 + step + read-ahead",
+            "dataset + step + read-ahead, epoch 1"} <= set(report["rows"])
     assert report["rows"]["two clients, one run"]["reads_per_event"] == 1.0
+    assert report["rows"]["epoch 2+ (cached)"]["reads"] == 0
+    ceilings = report["with_copies_fps"]
+    assert report["workers_over_cost_fps"] > ceilings["1"] > ceilings["2"] > 0
     assert report["scan_lru_simulated"] == 0.0 and len(report["scan_hit_rate_by_epoch"]) == 3

@@ -4,7 +4,8 @@ stays within its bound, two clients cost one read per event, read-ahead
 fills the cache, every stop removes it, the eviction policy keeps a share
 of a run larger than the cache where LRU keeps none, legacy requests use it,
 a cache on disk lives in a private directory that every stop and cleanup
-remove, and evicted extents are reused."""
+remove, evicted extents are reused, and a cache short of /dev/shm keeps room
+for slots and evicts instead of growing."""
 import os
 import stat
 import signal
@@ -29,12 +30,14 @@ from psana_ipc.server.sources.synthetic import expected
 
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
 from conftest import ROOT, pid_alive
+from faulty_source.probes import run_in_private_shm
 from test_batch_loader import _eventually
 from psana2_helpers import EVENTS, EXP, RUN, calib_of, psana_python
 
 DET = "epix100"
 RAW = 704 * 768 * 2                      # one epix100 raw frame
 ENTRY = round_up(RAW + META_ROOM)        # what one cached raw frame takes
+ALLOCATE = frame_cache._allocate
 
 
 def _stats(server):
@@ -303,6 +306,10 @@ def test_evicted_extents_are_reused_and_free_space_merges(tmp_path):
     assert stats["evictions"] == 8
     for e, entry in enumerate(entries[-4:], start=8):      # the newest are intact
         assert worker.frame(entry).tobytes() == bytes([e]) * RAW
+        key = worker.key(Get(RunKey("x", 1, DET), "raw", (e,)), e)
+        assert worker.lookup(key, pin=False).row == entry.row
+    # rows are reused: lookups scan the few in use, not the whole index
+    assert len(cache.rows()) <= 6 < len(cache.table)
     with cache.locked():
         for row in np.flatnonzero(cache.table[:, STATE] == READY):
             cache.give_back(int(row))
@@ -321,16 +328,50 @@ def test_idle_workers_take_the_cache_memory_ahead(start_server):
     assert cache["pool_bytes"] == 64 << 20 and cache["entries"] == 4
 
 
+def _full(fd, offset, size, keep_free):
+    raise ShmFullError(28, "full")
+
+
 def test_a_full_file_system_leaves_the_frame_uncached_and_the_pool_as_it_was(tmp_path,
                                                                               monkeypatch):
     cache = FrameCache(4 * ENTRY, 1, os.getpid(), "test", str(tmp_path))
     worker = cache.worker(0)
-
-    def full(fd, offset, size):
-        raise ShmFullError(28, "full")
-    monkeypatch.setattr(frame_cache, "_allocate", full)
+    monkeypatch.setattr(frame_cache, "FULL_RETRY", 0.0)     # try to grow again at once
+    monkeypatch.setattr(frame_cache, "_allocate", _full)
     key = worker.key(Get(RunKey("x", 1, DET), "raw", (0,)), 0)
     assert worker.claim(key, RAW) is None
     assert cache.stats()["pool_bytes"] == 0 and cache.stats()["bytes_held"] == 0
-    monkeypatch.undo()
+    monkeypatch.setattr(frame_cache, "_allocate", ALLOCATE)
     assert _filled(worker, 0, RAW) is not None and cache.stats()["pool_bytes"] == ENTRY
+
+
+def test_once_pages_are_refused_the_cache_evicts_instead_of_growing(tmp_path, monkeypatch):
+    """Within FULL_RETRY of a refusal, a frame takes the room of an evicted
+    one (whose pages exist) rather than asking the file system again."""
+    cache = FrameCache(8 * ENTRY, 1, os.getpid(), "test", str(tmp_path))
+    worker = cache.worker(0)
+    kept = [_filled(worker, e, RAW) for e in range(2)]
+    monkeypatch.setattr(frame_cache, "_allocate", _full)
+    assert worker.claim(worker.key(Get(RunKey("x", 1, DET), "raw", (2,)), 2), RAW) is None
+    entries = [_filled(worker, e, RAW) for e in range(3, 6)]
+    assert all(entries) and cache.stats()["pool_bytes"] == 2 * ENTRY
+    assert cache.stats()["evictions"] == 3 and {e.offset for e in entries} <= \
+        {e.offset for e in kept}
+    assert worker.frame(entries[-1]).tobytes() == bytes([5]) * RAW
+
+
+def test_a_cache_short_of_dev_shm_keeps_room_for_slots_and_evicts(pytestconfig):
+    """Out of process, in a private 64 MiB /dev/shm of which another user's
+    file takes 40: the cache (48M asked) takes pages only while the slots'
+    8M budget stays free, every frame of three passes over 32 MB is served
+    with the right bytes (none refused for memory), the cache keeps working
+    by eviction, no worker dies, the other file is untouched and nothing of
+    the server's is left."""
+    report = run_in_private_shm("faulty_source.full_cache_shm", "64m")
+    assert report["served"] == 90 and report["wrong"] == 0 and not report["refused"], report
+    cache = report["cache"]
+    assert cache["bytes_held"] <= (64 - 40 - 8) << 20, report
+    assert cache["entries"] and cache["hits"] and cache["evictions"], report
+    assert report["source_reads"] == cache["misses"] < 90, report
+    assert report["same_workers"] and report["exit_code"] == 0, report
+    assert report["others_intact"] and report["left"] == [] and report["at_end"] == 0, report
