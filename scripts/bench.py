@@ -257,7 +257,8 @@ def _epoch(loader: Iterable, step_s: float = 0.0) -> float:
     after each batch (a training step on a GPU): the step after the last
     batch overlaps nothing, and in a pass of ten batches would count a tenth
     of the pass as the loader's."""
-    t0, n = time.perf_counter(), 0
+    t0 = arrived = time.perf_counter()
+    n = 0
     for batch in loader:
         n += batch.shape[0]
         arrived = time.perf_counter()
