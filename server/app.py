@@ -72,6 +72,12 @@ class ServerOptions:
         vars(theirs).update((k, v) for k, v in values.items() if k in vars(theirs))
         return cls(**own, source_options=theirs)
 
+    @property
+    def cache_keeps_free(self) -> int:
+        """Room the frame cache leaves free for slots: the slots' budget in
+        /dev/shm, nothing on disk."""
+        return 0 if self.frame_cache_dir else self.shm_budget
+
     def validate(self) -> None:
         """Raise ValueError naming the first option whose value cannot work."""
         at_least_one = {"workers": self.workers, "open-sources": self.open_sources,
@@ -115,7 +121,8 @@ def open_factory(options: ServerOptions) -> sources.SourceFactory:
     if options.frame_cache_dir and not os.path.isdir(options.frame_cache_dir):
         raise StartupError(f"--frame-cache-dir {options.frame_cache_dir} is not a directory")
     if options.frame_cache:
-        why = check_room(options.frame_cache, options.frame_cache_dir or SHM_DIR)
+        why = check_room(options.frame_cache, options.frame_cache_dir or SHM_DIR,
+                         options.cache_keeps_free)
         if why:
             raise StartupError(why)
     if options.ready_file:
@@ -140,8 +147,7 @@ def serve(options: ServerOptions) -> int:
                      if options.frame_cache_dir else SHM_DIR)
         cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
             options.source, sources.factory_class(options.source).add_arguments,
-            options.source_options), directory,
-            keep_free=0 if options.frame_cache_dir else options.shm_budget)
+            options.source_options), directory, options.cache_keeps_free)
 
     def stats() -> Dict[str, object]:
         return dict(state.stats(), frame_cache=cache.stats() if cache else None)

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "memory, e.g. 8G, shared by all workers and clients (v1 and legacy): "
                           "a frame read again costs no psana call. Idle workers take the "
                           "cache's memory ahead, up to SIZE, so the first epoch does not wait "
-                          "for fresh pages (0: no cache)")
+                          "for fresh pages; never so much that less than --shm-budget stays "
+                          "free in /dev/shm for slots (0: no cache)")
     srv.add_argument("--frame-cache-dir", metavar="PATH",
                      help="keep the frame cache in files on node-local disk (e.g. /lscratch) "
                           "instead of /dev/shm, for runs larger than memory: a directory of "

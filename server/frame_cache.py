@@ -52,6 +52,7 @@ import numpy as np
 
 from psana_ipc.protocol.messages import Get
 from psana_ipc.protocol.shm_names import SHM_DIR, segment_name
+from psana_ipc.protocol.units import format_bytes
 
 from .cache_policy import choose_victim
 from .process_lock import ProcessLock
@@ -126,15 +127,22 @@ def source_fingerprint(source: str, add_arguments: Callable[[argparse.ArgumentPa
     return json.dumps([source, values], sort_keys=True, default=str)
 
 
-def check_room(limit: int, directory: str = SHM_DIR) -> Optional[str]:
-    """Why a cache of `limit` bytes cannot be had in `directory`, if it cannot."""
+def check_room(limit: int, directory: str = SHM_DIR, keep_free: int = 0) -> Optional[str]:
+    """Why a cache of `limit` bytes cannot be had in `directory`, if it cannot;
+    a warning if it can have less, beside the `keep_free` bytes it leaves."""
     try:
         st = os.statvfs(directory)
     except OSError as e:
         return f"cannot look at {directory}: {e.strerror}"
     size = st.f_frsize * st.f_blocks
     if limit > size:
-        return f"--frame-cache {limit} bytes is more than {directory} holds ({size} bytes)"
+        return (f"--frame-cache {format_bytes(limit)} is more than {directory} holds "
+                f"({format_bytes(size)})")
+    if limit + keep_free > size:
+        log.warning("--frame-cache %s and the %s it leaves free for slots (--shm-budget) "
+                    "add up to more than %s holds (%s): the cache will hold at most %s",
+                    format_bytes(limit), format_bytes(keep_free), directory,
+                    format_bytes(size), format_bytes(size - keep_free))
     return None
 
 

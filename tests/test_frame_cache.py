@@ -6,6 +6,7 @@ of a run larger than the cache where LRU keeps none, legacy requests use it,
 a cache on disk lives in a private directory that every stop and cleanup
 remove, evicted extents are reused, and a cache short of /dev/shm keeps room
 for slots and evicts instead of growing."""
+import logging
 import os
 import stat
 import signal
@@ -24,7 +25,8 @@ from psana_ipc.protocol.messages import Get, RunKey
 from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
 from psana_ipc.server.cache_policy import choose_victim, simulate
 from psana_ipc.server import frame_cache
-from psana_ipc.server.frame_cache import META_ROOM, READY, SIZE, SPACE, STATE, FrameCache
+from psana_ipc.server.frame_cache import (META_ROOM, READY, SIZE, SPACE, STATE, FrameCache,
+                                          check_room)
 from psana_ipc.server.shm import ShmFullError, our_segments, round_up
 from psana_ipc.server.sources.synthetic import expected
 
@@ -375,3 +377,15 @@ def test_a_cache_short_of_dev_shm_keeps_room_for_slots_and_evicts(pytestconfig):
     assert report["source_reads"] == cache["misses"] < 90, report
     assert report["same_workers"] and report["exit_code"] == 0, report
     assert report["others_intact"] and report["left"] == [] and report["at_end"] == 0, report
+
+
+def test_a_cache_larger_than_its_file_system_is_refused_and_one_short_of_room_warned(
+        tmp_path, caplog):
+    st = os.statvfs(tmp_path)
+    size = st.f_frsize * st.f_blocks
+    assert "is more than" in check_room(size + 4096, str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="psana_ipc.server.frame_cache"):
+        assert check_room(size // 2, str(tmp_path), keep_free=4096) is None
+        assert not caplog.records
+        assert check_room(size - 4096, str(tmp_path), keep_free=8192) is None
+    assert "the cache will hold at most" in caplog.text
