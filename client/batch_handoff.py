@@ -104,9 +104,11 @@ def keep_arenas_for(group: Any) -> None:
 
 def forget_arenas_of(group_id: Optional[str]) -> None:
     """Drop the kept arenas of a group whose keeper is closing."""
+    if group_id is None:
+        return
     with _lock:
         for key, buffer in list(_kept.items()):
-            if group_id is not None and buffer.group == group_id:
+            if buffer.group == group_id:
                 buffer.keeper = None
                 buffer.close()
                 del _kept[key]

@@ -36,7 +36,7 @@ from .shm import EntryMaps, SlotMaps
 from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
 RELEASE_BATCH = 16
-Received = Tuple[Reply, Optional[bytearray]]     # a reply, and the frame that came inline
+WithPayload = Tuple[Reply, Optional[bytearray]]  # a reply, and the frame that came inline
 Fields = Optional[Sequence[str]]
 
 
@@ -155,7 +155,7 @@ class Client:
         self._hints: Set[int] = set()    # prefetch requests whose replies nobody waits for
         self._next_id = 0
         self._waiting: Dict[int, Request] = {}     # requests whose last reply has not come
-        self._pending: Dict[int, Deque[Received]] = {}
+        self._pending: Dict[int, Deque[WithPayload]] = {}
         self._to_release: List[int] = []
         self._to_free: List[str] = []      # arenas to give back with the next message
         self._held: Set[int] = set()     # slots handed out and not released
@@ -300,7 +300,7 @@ class Client:
             self.flush_releases()
             return self._send_request(request)
 
-    def reply(self, rid: int) -> Received:
+    def reply(self, rid: int) -> WithPayload:
         """The next reply to request `rid`, reading (and keeping) others on the way."""
         queue = self._pending.setdefault(rid, deque())
         while not queue:
@@ -432,7 +432,7 @@ class Client:
             if isinstance(reply, FrameReply):
                 yield self._frame(reply, payload)
 
-    def replies(self, rid: int) -> Iterator[Received]:
+    def replies(self, rid: int) -> Iterator[WithPayload]:
         """The successful replies to a submitted get (skipped events included),
         in request order; an error reply raises ServerError once the rest are
         drained (slots released)."""

@@ -10,6 +10,7 @@ until released or the connection closes. When the cache has no room
 without a cache. While another worker is writing the same frame, the
 request waits for it (`Grant.PENDING`) instead of reading it twice.
 """
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ import numpy as np
 
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import Get
+from psana_ipc.protocol.replies import FrameDesc
 
 from .frame_cache import PENDING, Entry, Fill, WorkerCache
-from .frame_reader import Frame, FrameReader, frame_fields
+from .frame_reader import Frame, FrameReader, frame_desc
 from .shared_state import Grant
 from .sources.base import Allocator
 
@@ -80,18 +82,19 @@ class CachedFrames:
         """The item's frame comes from (or goes into) the cache."""
         return isinstance(item.cache_use, (Entry, Fill))
 
-    def serve(self, item: Any) -> Optional[Tuple[Entry, Dict[str, Any]]]:
+    def serve(self, item: Any) -> Optional[Tuple[Entry, FrameDesc]]:
         """The item's pinned entry and its descriptor, written first on a miss.
         None if the frame, once read, cannot be kept (its descriptor is longer
         than the room left for it, or the disk refused it): the item then
         keeps a private copy and goes through a slot, as without a cache."""
         use = item.cache_use
         if isinstance(use, Entry):
-            fields = self.cache.fields(use)
+            desc = FrameDesc.from_fields(self.cache.fields(use))
             if item.get.fields:      # values of other detectors are read, never cached
-                fields["values"] = self.reader.values(item.get, item.event)
+                values = self.reader.values(item.get, item.event)
+                desc = dataclasses.replace(desc, extra=dict(desc.extra, values=values))
             item.cache_use = None
-            return use, fields
+            return use, desc
         item.cache_use = None
         try:
             data, meta = self.reader.read(item.get, item.event, use.array, use.capacity,
@@ -99,23 +102,22 @@ class CachedFrames:
         except BaseException:
             self.cache.abandon(use)
             raise
-        fields = frame_fields(data, meta)
-        frame_only = {k: v for k, v in fields.items() if k != "values"}
-        entry = self.cache.commit(use, frame_only, data.nbytes, pin=True)
+        desc = frame_desc(data, meta)
+        entry = self.cache.commit(use, _stored(desc), data.nbytes, pin=True)
         if entry is None:
             item.prefetched, item.cache_use = (data.copy(), meta), BYPASS
             del data
             self.cache.abandon(use)
             return None
-        return entry, fields
+        return entry, desc
 
-    def copy_into(self, entry: Entry, fields: Dict[str, Any], place: Allocator) -> None:
+    def copy_into(self, entry: Entry, desc: FrameDesc, place: Allocator) -> None:
         """The entry's frame copied into `place`, its spot in a batch arena
         (which checks the shape and dtype before anything is written)."""
-        shape, dtype = tuple(fields["shape"]), np.dtype(fields["dtype"])
-        target = place(shape, dtype)
+        dtype = np.dtype(desc.dtype)
+        target = place(desc.shape, dtype)
         if entry.frame_bytes:
-            np.copyto(target, np.frombuffer(self.payload(entry), dtype).reshape(shape))
+            np.copyto(target, np.frombuffer(self.payload(entry), dtype).reshape(desc.shape))
 
     def hand_over(self, handle: int, entry: Entry) -> None:
         self.held[handle] = entry
@@ -188,5 +190,14 @@ class CachedFrames:
             self.cache.abandon(fill)
             log.debug("read-ahead of event %d failed: %s", event, e.message)
             return
-        if self.cache.commit(fill, frame_fields(data, meta), data.nbytes, pin=False) is None:
+        if self.cache.commit(fill, _stored(frame_desc(data, meta)), data.nbytes,
+                             pin=False) is None:
             self.cache.abandon(fill)
+
+
+def _stored(desc: FrameDesc) -> Dict[str, Any]:
+    """A frame's descriptor as its entry keeps it: without the values of
+    other detectors, which are read for every request."""
+    fields = desc.to_fields()
+    fields.pop("values", None)
+    return fields

@@ -27,11 +27,6 @@ def frame_desc(data: np.ndarray, meta: FrameMeta) -> FrameDesc:
     return FrameDesc(data.shape, data.dtype.str, meta.timestamp, meta.calibrated, meta.extra)
 
 
-def frame_fields(data: np.ndarray, meta: FrameMeta) -> Dict[str, Any]:
-    """The descriptor as a dict, as the frame cache stores it with an entry."""
-    return frame_desc(data, meta).to_fields()
-
-
 class SourceCache:
     """Open sources of one worker, least recently used evicted first.
 

@@ -172,13 +172,12 @@ class LegacyConnection(Channel):
             read.prefetched = self.prefetched
             served = self.cached.serve(read)
             if served is not None:
-                entry, fields = served
+                entry, desc = served
                 try:
-                    self.cached.copy_into(entry, fields, self.segment.array)
+                    self.cached.copy_into(entry, desc, self.segment.array)
                 finally:
                     self.cached.release(entry)
-                return (tuple(fields["shape"]), np.dtype(fields["dtype"]), fields["timestamp"],
-                        fields["calibrated"])
+                return desc.shape, np.dtype(desc.dtype), desc.timestamp, desc.calibrated
         data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
                                           self.segment.size,
                                           self.prefetched or (read.prefetched if read else None))

@@ -356,10 +356,9 @@ class V1Connection(Channel):
                         memoryview(data.reshape(-1)).cast("B"),
                         lambda: self._inline_sent(item.reserved))
 
-    def _send_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
+    def _send_cached(self, item: Item, entry: Entry, desc: FrameDesc) -> None:
         """A frame in the frame cache: shm clients map the entry itself, pinned
         until released; inline ones get its bytes, pinned until sent."""
-        desc = FrameDesc.from_fields(fields)
         if self.inline:
             self.inline_pending += 1
             self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
@@ -372,14 +371,14 @@ class V1Connection(Channel):
                                    name=entry.name, size=entry.frame_bytes, cached=True,
                                    offset=entry.offset, path=entry.path))
 
-    def _copy_cached(self, item: Item, entry: Entry, fields: Dict[str, Any]) -> None:
+    def _copy_cached(self, item: Item, entry: Entry, desc: FrameDesc) -> None:
         """A frame into an arena through the frame cache (read into a new entry
         on a miss): copied from the entry, which is unpinned at once."""
         try:
-            self.cached.copy_into(entry, fields, item.place)
+            self.cached.copy_into(entry, desc, item.place)
         finally:
             self.cached.release(entry)
-        self._written(item, FrameDesc.from_fields(fields))
+        self._written(item, desc)
 
     def _cached_sent(self, entry: Entry) -> None:
         self.inline_pending -= 1
