@@ -434,6 +434,114 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
             "scan_lru_simulated": simulate(trace, capacity, lru=True)}
 
 
+# -- new consumers: what a new loader, client or epoch pays ----------------------------------
+def _first_batch_ms(address: str, det: str, events: List[int], batch: int) -> float:
+    """From constructing a BatchLoader to its first batch in hand."""
+    t0 = time.perf_counter()
+    loader = BatchLoader(address, "bench", 1, det, "calib", events, batch, output="numpy")
+    next(iter(loader))
+    spent = time.perf_counter() - t0
+    loader.close()
+    return 1e3 * spent
+
+
+def _fresh_loader_pass(address: str, det: str, events: List[int],
+                       batch: int) -> Callable[[], int]:
+    """A new BatchLoader for every epoch, as a script that makes one per epoch does."""
+    def run() -> int:
+        loader = BatchLoader(address, "bench", 1, det, "calib", events, batch, output="numpy")
+        n = sum(b.shape[0] for b in loader)
+        loader.close()
+        return n
+    return run
+
+
+def _user_epoch(args: argparse.Namespace, *options: str) -> float:
+    """A cold epoch as a user starts it: a server of its own, a loader made
+    `--user-wait` seconds after the server is ready, one pass: frames/s."""
+    with running_server(args, *options) as server:
+        time.sleep(args.user_wait)
+        loader = BatchLoader(server.address, "bench", 1, args.detectors[0], "calib",
+                             list(range(args.frames)), args.batch_size, output="numpy")
+        fps = _epoch(loader)
+        loader.close()
+    return fps
+
+
+def bench_new_consumers(args: argparse.Namespace) -> Dict:
+    """What a new consumer pays, all in one run: the legacy dialect (btx's
+    design through this server: a connection and a fresh segment per event),
+    one BatchLoader reused for every epoch, a new BatchLoader every epoch, the
+    time from making a BatchLoader to its first batch on a server that served
+    before; with `--cost-ms` of CPU per event, a second client on a run the
+    frame cache holds against the first epoch, and a cold epoch as a user
+    starts it (a loader made `--user-wait` s after the server is ready) with a
+    frame cache against without. Medians of `--repeats`."""
+    det, batch = args.detectors[0], args.batch_size
+    events = list(range(args.frames))
+    plain = argparse.Namespace(**dict(vars(args), cost_ms=0.0))
+    rows: Dict[str, Dict] = {}
+    with running_server(plain, "--shm-budget", args.shm_budget) as server:
+        address = server.address
+        rows["legacy"] = timed(dataset_pass(address, det, events, "legacy",
+                                            args.loader_workers, batch), args.repeats, server)
+        reused = BatchLoader(address, "bench", 1, det, "calib", events, batch, output="numpy")
+        rows["one loader, every epoch"] = timed(loader_pass(reused, views=False), args.repeats,
+                                                server)
+        reused.close()
+        rows["a new loader every epoch"] = timed(_fresh_loader_pass(address, det, events, batch),
+                                                 args.repeats, server)
+        first_ms = statistics.median(_first_batch_ms(address, det, events, batch)
+                                     for _ in range(max(3, args.repeats)))
+    for row in rows.values():
+        row["x_legacy"] = row["fps"] / rows["legacy"]["fps"]
+    reused_fps = rows["one loader, every epoch"]["fps"]
+    for row in rows.values():
+        row["of_reused"] = row["fps"] / reused_fps
+    result: Dict = {"rows": rows, "first_batch_ms": first_ms, "frames": args.frames,
+                    "batch": batch, "detector": det}
+    if args.cost_ms:
+        cached = argparse.Namespace(**dict(vars(args), frames=args.cache_frames))
+        room = str(int(1.2 * (args.cache_frames + WARM_BATCHES * batch)
+                       * (expected(det, "calib", 0).nbytes + 8192)))
+        seconds, firsts = [], []
+        for _ in range(args.repeats):
+            with running_server(cached, "--frame-cache", room) as server:
+                loaders = [BatchLoader(server.address, "bench", 1, det, "calib",
+                                       list(range(args.cache_frames)), batch, output="numpy")
+                           for _ in range(2)]
+                firsts.append(_epoch(loaders[0]))
+                seconds.append(_epoch(loaders[1]))
+                for loader in loaders:
+                    loader.close()
+        result["cache_first_epoch_fps"] = statistics.median(firsts)
+        result["cache_second_client_fps"] = statistics.median(seconds)
+        user = argparse.Namespace(**dict(vars(args), frames=args.cache_frames))
+        without = statistics.median(_user_epoch(user) for _ in range(args.repeats))
+        with_cache = statistics.median(_user_epoch(user, "--frame-cache", args.user_cache)
+                                       for _ in range(args.repeats))
+        result["user_epoch_fps"] = {"without cache": without, "with cache": with_cache}
+    return result
+
+
+def print_consumers_table(result: Dict) -> None:
+    print(f"{result['detector']} calib, {result['frames']} frames a pass, batches of "
+          f"{result['batch']}")
+    print("| path | frames/s | x legacy | of one loader |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, r in result["rows"].items():
+        print(f"| {name} | {r['fps']:.0f} | {r['x_legacy']:.1f} | {100 * r['of_reused']:.0f}% |")
+    print(f"first batch of a new loader (warm server): {result['first_batch_ms']:.1f} ms")
+    if "cache_first_epoch_fps" in result:
+        first, second = result["cache_first_epoch_fps"], result["cache_second_client_fps"]
+        print(f"frame cache: first epoch {first:.0f} frames/s, a second client "
+              f"{second:.0f} frames/s ({second / first:.1f}x)")
+        user = result["user_epoch_fps"]
+        print(f"cold epoch as a user starts it: without cache {user['without cache']:.0f} "
+              f"frames/s, with cache {user['with cache']:.0f} frames/s "
+              f"({100 * user['with cache'] / user['without cache']:.0f}%)")
+
+
 def print_cache_table(result: Dict) -> None:
     """The rows as a markdown table (the README's), then the scan figures."""
     memcpy, ideal = result["memcpy_fps"], result["workers_over_cost_fps"]
@@ -504,9 +612,26 @@ def main() -> int:
                     help="room for three in-flight batch arenas of jungfrau4M on top of the slots")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
+    ap.add_argument("--new-consumers", action="store_true",
+                    help="measure what a new loader, client or epoch pays instead (first "
+                         "detector only; with --cost-ms also the frame cache's second client "
+                         "and a cold epoch as a user starts it)")
+    ap.add_argument("--cache-frames", type=int, default=160,
+                    help="events of the --new-consumers frame-cache rows")
+    ap.add_argument("--user-wait", type=float, default=5.0,
+                    help="seconds between a server's start and its first loader (--new-consumers)")
+    ap.add_argument("--user-cache", default="4G",
+                    help="the frame cache of the --new-consumers cold-epoch row")
     ap.add_argument("--frame-cache", action="store_true",
                     help="measure the frame cache instead (needs --cost-ms; first detector only)")
     args = ap.parse_args()
+    if args.new_consumers:
+        result = bench_new_consumers(args)
+        print_consumers_table(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     if args.frame_cache:
         result = bench_frame_cache(args)
         print_cache_table(result)

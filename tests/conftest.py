@@ -5,7 +5,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Set
+from typing import List, Optional, Set, Tuple
 
 import pytest
 
@@ -139,6 +139,31 @@ class ServerProcess(server_process.ServerProcess):
             return super().stop(sig, timeout)
         except TimeoutError as e:
             raise AssertionError(str(e)) from None
+
+
+def _mapped_at(array) -> Tuple[str, int]:
+    """The /proc/self/maps line of an array's (or tensor's) memory, and the
+    array's offset in what is mapped there."""
+    import numpy as np
+    address = np.asarray(array).__array_interface__["data"][0]
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return line, address - start + int(line.split()[2], 16)
+    return "", 0
+
+
+def in_pool(array) -> bool:
+    """Whether an array's memory is a server's pool (a memfd mapped in this
+    process), not this process's own: a batch written in place."""
+    return "/memfd:psana-ipc-pool" in _mapped_at(array)[0]
+
+
+def pool_place(array) -> Tuple[int, int]:
+    """(inode, offset) of an array's memory in the file it is mapped from:
+    which extent of which pool it is."""
+    line, offset = _mapped_at(array)
+    return int(line.split()[4]), offset
 
 
 def worker_pids(parent: int) -> List[int]:

@@ -42,7 +42,7 @@ is closed when its last source is closed.
 import argparse
 import bisect
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,7 +53,7 @@ from . import psana2_location
 from .psana2_detectors import (AREA, EPICS, as_ranges, epics_info, field_value, frame_reader,
                                holds, kind_of, missing, no_frames, offered_modes, pv_value)
 from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
-from .psana_common import PsanaDetectorSource, check_data_dir
+from .psana_common import SAMPLES, PsanaDetectorSource, check_data_dir
 
 
 def geometry_fits(iface: Any) -> bool:
@@ -100,8 +100,8 @@ class Psana2Source(PsanaDetectorSource):
         if at == len(self._held) or self._held[at] != index:
             raise missing(self.detector, index)
 
-    def sample_event(self) -> int:
-        return self._held[0] if self._held else 0
+    def sample_events(self) -> Sequence[int]:
+        return self._held[:SAMPLES]
 
     def info(self) -> Dict[str, Any]:
         """Events counts those that hold the detector; run_events all of the run's."""

@@ -11,7 +11,7 @@ A flavour subclasses `PsanaDetectorSource` and supplies the event lookup and
 the four per-event reads; everything else is decided here, once.
 """
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .base import FrameMeta, FrameSpec, Source, SourceError
 
 log = logging.getLogger(__name__)
 GAIN_BITS_MASK = 0x3FFF
+SAMPLES = 16        # events tried for a mode's shape before it counts as unavailable
 
 
 def experiment_path(template: str, exp: str) -> str:
@@ -92,20 +93,26 @@ class PsanaDetectorSource(Source):
     def modes(self) -> Tuple[str, ...]:
         return MODES
 
-    def sample_event(self) -> int:
-        """An event that holds the detector, to read shapes from."""
-        return 0
+    def sample_events(self) -> Sequence[int]:
+        """Events that may hold the detector, in the order to read shapes from:
+        the first SAMPLES of the run (psana1 cannot tell which hold it)."""
+        return range(min(len(self), SAMPLES))
 
     def specs(self) -> Dict[str, FrameSpec]:
-        """Shapes come from reading a sample event once in every mode that works."""
+        """Shapes come from reading, once in every mode that works, the first
+        sample event psana returns the mode for."""
         if self._specs is None:
             specs = {}
             for mode in self.modes():
-                try:
-                    data, meta = self.read(self.sample_event(), mode)
-                except SourceError:
-                    continue
-                specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
+                for event in self.sample_events():
+                    try:
+                        data, meta = self.read(event, mode)
+                    except SourceError as e:
+                        if e.code == READ_FAILED:
+                            continue    # psana had nothing for that event: try the next
+                        break
+                    specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
+                    break
             self._specs = specs
         return self._specs
 
