@@ -15,12 +15,14 @@ Buffer lifetime rule, the same for both: a yielded batch stays valid until
 when CUDA is available); `.clone()` (or `.copy()`) what you keep longer, or
 pass `buffers=0` for a fresh tensor every batch (copied, never an arena).
 
-Sharding follows torch's DistributedSampler exactly: each epoch's order
+Order and position (client/epoch_order.py, client/position.py): each
+epoch's global order depends only on the seed, the epoch and the events
 (with torch present, shuffled by `torch.randperm` seeded with `seed + epoch`,
-as DistributedSampler does; without torch, by numpy) is padded by wrapping
-around to a multiple of the world size, then rank r takes every world-th
-event from r, so every rank yields the same number of batches and the same
-events DistributedSampler would give it.
+as DistributedSampler does; without torch, by numpy); rank r takes every
+world-th event of it from r. `state_dict()` is the position the training
+loop has consumed, and `load_state_dict()` resumes it mid-epoch on any
+number of ranks, without reading anything again. With `padding="wrap"`
+every rank yields the events DistributedSampler would give it.
 
 Mixed rates: by default the loader iterates over the events that hold the
 detector. `fields` (other detectors' per-event values, e.g.
@@ -30,7 +32,7 @@ events lacking a field's detector, as LCLStreamer's skip_incomplete_events.
 """
 import math
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,29 +42,9 @@ from psana_ipc.protocol.messages import Into
 from .arena import ArenaRing
 from .connection import Client, Frame, stack_values
 from .optional import require
-from .distributed import rank_and_world, shard
+from .distributed import rank_and_world
 from .group import ConnectionGroup
-
-
-def permutation(n: int, seed: int) -> np.ndarray:
-    """DistributedSampler's shuffle of range(n) for `seed` (numpy's without torch)."""
-    try:
-        import torch
-    except ImportError:
-        return np.random.default_rng(seed).permutation(n)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.randperm(n, generator=generator).numpy()
-
-
-def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, rank: int,
-                world: int) -> List[int]:
-    """This rank's events for one epoch (see the module docstring)."""
-    order = np.asarray(events, dtype=np.int64)
-    if shuffle:
-        order = order[permutation(len(order), seed + epoch)]
-    padded = np.resize(order, math.ceil(len(order) / world) * world) if len(order) else order
-    return [int(e) for e in shard(padded, rank, world)]
+from .position import EpochCursor
 
 
 class BatchLoader:
@@ -95,7 +77,11 @@ class BatchLoader:
         rank, world_size: this process's share of the events (default: from
             torch.distributed, torchrun's RANK/WORLD_SIZE or srun's
             SLURM_PROCID/SLURM_NTASKS, else 0 and 1).
-        drop_last: drop this rank's last, incomplete batch.
+        drop_last: only whole steps (a full batch on every rank); the rest of
+            the epoch's events are left out.
+        padding: "none" (every event once per epoch; at the epoch's end a rank
+            may have one batch fewer than others) or "wrap" (DistributedSampler's:
+            the first events again, until every rank has as many).
         connections: connections to the server (default 0: one per server worker).
         depth: batches asked for ahead of the one being consumed.
         buffers: batch buffers reused in turn (see the buffer lifetime rule in
@@ -132,7 +118,7 @@ class BatchLoader:
                  transport: str = "auto", access_mode: str = "idx",
                  progress: bool = False, read_ahead: int = 8,
                  fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
-                 arenas: Optional[bool] = None) -> None:
+                 arenas: Optional[bool] = None, padding: str = "none") -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
@@ -152,7 +138,6 @@ class BatchLoader:
         self.read_ahead = read_ahead
         self.output = output
         self.progress = progress
-        self.epoch = 0
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -168,6 +153,8 @@ class BatchLoader:
             events = self.group.clients[0].events_with(exp, run, detector, fields,
                                                        skip_incomplete)
         self.events = [int(e) for e in events]
+        self._cursor = EpochCursor(len(self.events), lambda: self.events, seed, shuffle,
+                                   padding, drop_last, batch_size, rank, world_size)
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not (fields or skip_incomplete) else False
@@ -175,22 +162,36 @@ class BatchLoader:
         self._arena_ring: Optional[ArenaRing] = None
         self._drawn = 0
 
-    # -- sizes and epochs ---------------------------------------------------------------
+    # -- order, epochs and position -----------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._cursor.epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle of the next iteration (call it every epoch, as with
-        DistributedSampler)."""
-        self.epoch = epoch
+        DistributedSampler). The epoch a loaded position stands in goes on
+        from that position."""
+        self._cursor.set_epoch(epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position the training loop has consumed (never how far the
+        loader has asked ahead): small and JSON-serializable, to save beside
+        the model's checkpoint. Any one rank's, taken after a step every rank
+        took, resumes every rank of a new world."""
+        return self._cursor.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Make the next iteration go on from a saved position, on this loader's
+        rank and world size (which may differ from the saver's). Raises
+        StateError (`.code`) for a position of other events or another order."""
+        self._cursor.load_state_dict(state)
 
     def _order(self) -> List[int]:
-        order = epoch_order(self.events, self.epoch, self.seed, self.shuffle, self.rank,
-                            self.world_size)
-        if self.drop_last:
-            order = order[: len(order) // self.batch_size * self.batch_size]
-        return order
+        """This rank's events for the next iteration."""
+        return [self.events[p] for p in self._cursor.share()]
 
     def __len__(self) -> int:
-        n = len(self._order())
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return math.ceil(len(self._cursor.share()) / self.batch_size)
 
     # -- buffers --------------------------------------------------------------------------
     def _pin(self) -> bool:
@@ -252,7 +253,7 @@ class BatchLoader:
         """(batch number, events, the group's requests) with `depth` batches asked
         ahead, batch k written `into(k)` when given. Abandoning it mid-epoch
         drops the connections, which frees their slots and arenas."""
-        order = self._order()
+        order = [self.events[p] for p in self._cursor.begin()]
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         in_flight: List[List[Tuple[Client, int, int]]] = []
         completed = False
@@ -269,6 +270,7 @@ class BatchLoader:
                 hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield k, events, in_flight.pop(0)
             completed = True
+            self._cursor.finished()
         finally:
             if completed:
                 self.group.flush_releases()
@@ -299,6 +301,7 @@ class BatchLoader:
                 for k, events, requests in self._batches(lambda k: ring.into(first + k)):
                     self.group.wait(requests)
                     self._drawn += 1
+                    self._cursor.consumed(len(events))
                     if bar is not None:
                         bar.update(len(events))
                     yield self._output(ring.batch(first + k, len(events)))
@@ -312,6 +315,7 @@ class BatchLoader:
                     with frame:
                         np.copyto(target[pos], frame.array, casting="no")
                         values[pos] = frame.values
+                self._cursor.consumed(len(events))
                 if bar is not None:
                     bar.update(len(events))
                 if not values:
@@ -350,6 +354,7 @@ class BatchLoader:
             for pos, frame in self.group.stream(requests):
                 slots[pos] = frame
             frames = [frame for frame in slots if frame is not None]
+            self._cursor.consumed(len(events))
             try:
                 yield frames
             finally:

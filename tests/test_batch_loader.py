@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from psana_ipc.client import BatchLoader, Client
-from psana_ipc.client.batch_loader import epoch_order
+from psana_ipc.client.epoch_order import epoch_order
 from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.server.sources.synthetic import expected
 
@@ -67,7 +67,7 @@ def test_shuffle_is_seeded_per_epoch_and_shards_cover_every_event_once():
     assert sorted(e0) == events and e0 != events
     assert e0 == epoch_order(events, 0, seed=4, shuffle=True, rank=0, world=1)
     assert e0 != epoch_order(events, 1, seed=4, shuffle=True, rank=0, world=1)
-    shards = [epoch_order(events, 2, 4, True, r, 3) for r in range(3)]
+    shards = [epoch_order(events, 2, 4, True, r, 3, padding="wrap") for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]                 # padded to equal length
     flat = sorted(sum(shards, []))
     assert set(flat) == set(events) and len(flat) == 12
