@@ -1,42 +1,20 @@
 """BatchLoader against a real server: its state is the consumed position (never what it asked ahead), and a resume on another number of ranks reads each remaining event once, in the epoch's global order, without reading anything again."""
 import json
 
-import numpy as np
 import pytest
+from lockstep import lockstep
 
 from psana_ipc.client import BatchLoader, Client
 from psana_ipc.client.epoch_order import global_order
 from psana_ipc.client.position import StateError
-from psana_ipc.server.sources.synthetic import STEP
 
 EVENTS = 30
-
-
-def event_of(frame) -> int:
-    """The synthetic event a raw frame is (its first pixel is 101 * event, below 16384)."""
-    return int(np.asarray(frame).flat[0]) // STEP
 
 
 def loaders(address, world, depth=3):
     return [BatchLoader(address, "x", 1, "epix100", "raw", range(EVENTS), batch_size=2,
                         shuffle=True, seed=11, rank=r, world_size=world, output="numpy",
                         depth=depth) for r in range(world)]
-
-
-def lockstep(ranks, steps=None):
-    """Batches of every rank, a step at a time (DDP's lockstep), in global order;
-    stops after `steps` steps, else at the end of the epoch."""
-    iterators = [iter(loader) for loader in ranks]
-    seen, step = [], 0
-    while step != steps:
-        batches = [next(it, None) for it in iterators]
-        if all(b is None for b in batches):
-            break
-        rows = [[event_of(f) for f in b] if b is not None else [] for b in batches]
-        for j in range(max(len(r) for r in rows)):
-            seen += [r[j] for r in rows if j < len(r)]
-        step += 1
-    return seen
 
 
 @pytest.fixture
