@@ -15,9 +15,13 @@ of the next epoch, so `for epoch in range(loader.epoch, epochs)` goes on
 from a checkpoint whether it was taken mid-epoch or between epochs.
 """
 import hashlib
+import io
+import json
 import math
+import os
+import pickle
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Union
 
 import numpy as np
 
@@ -114,9 +118,33 @@ def find_state(obj: Any) -> Optional[Dict[str, Any]]:
     return None
 
 
+def read_checkpoint(path: Union[str, "os.PathLike[str]"]) -> Any:
+    """A checkpoint file: JSON, or what torch.save wrote (read with torch,
+    tensors only, when torch is installed)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except ValueError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        raise StateError("not_a_state", "not JSON, and reading a torch checkpoint needs "
+                                        "torch") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        raise StateError("not_a_state", "neither JSON nor a torch checkpoint of tensors and "
+                                        "plain values") from None
+
+
 def where(checkpoint: Any) -> Position:
     """Where a saved position stands (`.epoch`, `.events_done`, `.describe()`),
-    from the state itself or a checkpoint that holds it anywhere inside."""
+    from the state itself, a checkpoint that holds it anywhere inside, or the
+    path of a checkpoint file (read_checkpoint)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
     state = find_state(checkpoint)
     if state is None:
         raise StateError("not_a_state", "no psana-ipc loader position in this checkpoint "

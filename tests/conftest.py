@@ -2,6 +2,7 @@
 fails any test leaving shared memory behind."""
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -176,3 +177,21 @@ def start_server(tmp_path):
 def server(start_server):
     """A synthetic-source server with two workers."""
     return start_server(["--workers", "2"])
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A one-node SLURM for a module's tests (tests/slurm/start_slurm.sh; needs root:
+    it installs and runs the daemons), stopped after it; a failure to start fails
+    the tests with the set-up's output."""
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests start slurmctld and slurmd and must run as root")
+    setup = ROOT / "tests" / "slurm"
+    started = subprocess.run(["bash", str(setup / "start_slurm.sh")], capture_output=True,
+                             text=True, timeout=900)
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"SLURM did not start:\n{started.stdout}\n{started.stderr}")
+        yield
+    finally:
+        subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
