@@ -51,8 +51,9 @@ def fingerprint(items: Iterable[Any]) -> str:
                                                      for i in items):
         digest.update(b"events:" + np.asarray(list(items), dtype="<i8").tobytes())
     else:
-        for item in items:
-            digest.update(repr(tuple(item)).encode() + b"\n")
+        for item in items:     # numpy integers as ints: their repr changes between versions
+            fields = [int(f) if isinstance(f, (int, np.integer)) else str(f) for f in item]
+            digest.update(json.dumps(fields).encode() + b"\n")
     return digest.hexdigest()[:16]
 
 

@@ -11,7 +11,7 @@ ahead of the training loop, so there the position is kept by
 it hands over; neither depends on the number of DataLoader workers, except
 that StatefulDataLoader itself needs the same number to resume.
 """
-from typing import Any, Dict, Iterator, Optional, Sized
+from typing import Any, Dict, Iterator, List, Optional, Sized
 
 from torch.utils.data import Sampler
 
@@ -64,6 +64,10 @@ class ElasticSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self._cursor.share())
+
+    def indices(self) -> List[int]:
+        """This rank's indices for the next pass, without starting it."""
+        return [int(p) for p in self._cursor.share()]
 
     def __iter__(self) -> Iterator[int]:
         share = self._cursor.begin()

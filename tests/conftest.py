@@ -1,12 +1,14 @@
 """Fixtures shared by every test: real servers on loopback and a guard that
 fails any test leaving shared memory behind."""
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Set
+from typing import Any, List, Optional, Set, Tuple
 
 import pytest
 
@@ -195,3 +197,11 @@ def slurm_cluster():
         yield
     finally:
         subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
+
+
+def run_bench(tmp_path: Path, *args: str) -> Tuple[subprocess.CompletedProcess, Any]:
+    """scripts/bench.py with `args` and --json: its run, and what it wrote (None if it failed)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args,
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    return done, json.loads(out.read_text()) if done.returncode == 0 else None

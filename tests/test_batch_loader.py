@@ -1,9 +1,6 @@
 """Every path the benchmark times, checked for bytes, order, sharding and
 slot hygiene (never for speed)."""
 import gc
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,7 +11,7 @@ from psana_ipc.client.epoch_order import epoch_order
 from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import ROOT
+from conftest import run_bench
 
 
 def _eventually(condition, tries=100):
@@ -142,13 +139,11 @@ def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
 
 
 def test_bench_runs_and_writes_its_json(server, tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--detectors",
-                             "epix100", "--frames", "8", "--repeats", "1", "--batch-size", "4",
-                             "--json", str(out), "--plot", str(tmp_path / "bench.png")],
-                            capture_output=True, text=True, timeout=300)
+    result, report = run_bench(tmp_path, "--detectors", "epix100", "--frames", "8",
+                               "--repeats", "1", "--batch-size", "4",
+                               "--plot", str(tmp_path / "bench.png"))
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows = report["rows"]
     names = {r["name"] for r in rows}
     assert {"legacy", "dataset-w0", "batchloader", "zero-copy", "arena", "memcpy"} <= names
     for r in rows:
@@ -158,13 +153,9 @@ def test_bench_runs_and_writes_its_json(server, tmp_path):
 
 
 def test_bench_frame_cache_runs_and_writes_its_json(tmp_path):
-    out = tmp_path / "cache.json"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--frame-cache",
-                             "--detectors", "epix100", "--frames", "8", "--repeats", "1",
-                             "--batch-size", "4", "--cost-ms", "1", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result, report = run_bench(tmp_path, "--frame-cache", "--detectors", "epix100", "--frames",
+                               "8", "--repeats", "1", "--batch-size", "4", "--cost-ms", "1")
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
     assert {"epoch 2+ (cached)", "two clients, one run", "epoch 1 + step + read-ahead",
             "dataset + step + read-ahead, epoch 1"} <= set(report["rows"])
     assert report["rows"]["two clients, one run"]["reads_per_event"] == 1.0
