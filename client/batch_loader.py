@@ -152,9 +152,8 @@ class BatchLoader:
         if events is None:
             events = self.group.clients[0].events_with(exp, run, detector, fields,
                                                        skip_incomplete)
-        self.events = [int(e) for e in events]
-        self._cursor = EpochCursor(len(self.events), lambda: self.events, seed, shuffle,
-                                   padding, drop_last, batch_size, rank, world_size)
+        self.padding = padding
+        self.events = events
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not (fields or skip_incomplete) else False
@@ -163,6 +162,20 @@ class BatchLoader:
         self._drawn = 0
 
     # -- order, epochs and position -----------------------------------------------------
+    @property
+    def events(self) -> List[int]:
+        return self._events
+
+    @events.setter
+    def events(self, events: Sequence[int]) -> None:
+        """Another event list: its own order, from the start of the current epoch."""
+        epoch = self._cursor.epoch if hasattr(self, "_cursor") else 0
+        self._events = [int(e) for e in events]
+        self._cursor = EpochCursor(len(self._events), lambda: self._events, self.seed,
+                                   self.shuffle, self.padding, self.drop_last, self.batch_size,
+                                   self.rank, self.world_size)
+        self._cursor.set_epoch(epoch)
+
     @property
     def epoch(self) -> int:
         return self._cursor.epoch

@@ -6,7 +6,7 @@ from lockstep import lockstep
 
 from psana_ipc.client import BatchLoader, Client
 from psana_ipc.client.epoch_order import global_order
-from psana_ipc.client.position import StateError
+from psana_ipc.client.position import StateError, fingerprint
 
 EVENTS = 30
 
@@ -81,3 +81,14 @@ def test_a_position_of_another_event_list_is_refused(run_server):
     assert e.value.code == "other_events"
     loader.close()
     other.close()
+
+
+def test_another_event_list_has_its_own_order_from_the_epochs_start(run_server):
+    [loader] = loaders(run_server.address, 1)
+    loader.set_epoch(3)
+    next(iter(loader))
+    loader.events = range(10, 20)
+    assert loader.epoch == 3 and len(loader) == 5
+    assert sorted(lockstep([loader])) == list(range(10, 20))
+    assert loader.state_dict()["fingerprint"] == fingerprint(range(10, 20))
+    loader.close()
