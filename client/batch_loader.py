@@ -18,12 +18,14 @@ anything refers to it (the tensor, a view of it), and stays unchanged until
 are pinned when CUDA is available); `buffers=0` gives a fresh tensor every
 batch (copied, never in the server's pool).
 
-Sharding follows torch's DistributedSampler exactly: each epoch's order
+Order and position (client/epoch_order.py, client/position.py): each
+epoch's global order depends only on the seed, the epoch and the events
 (with torch present, shuffled by `torch.randperm` seeded with `seed + epoch`,
-as DistributedSampler does; without torch, by numpy) is padded by wrapping
-around to a multiple of the world size, then rank r takes every world-th
-event from r, so every rank yields the same number of batches and the same
-events DistributedSampler would give it.
+as DistributedSampler does; without torch, by numpy); rank r takes every
+world-th event of it from r. `state_dict()` is the position the training
+loop has consumed, and `load_state_dict()` resumes it mid-epoch on any
+number of ranks, without reading anything again. With `padding="wrap"`
+every rank yields the events DistributedSampler would give it.
 
 Mixed rates: by default the loader iterates over the events that hold the
 detector. `fields` (other detectors' per-event values, e.g.
@@ -43,9 +45,10 @@ from psana_ipc.protocol.messages import frame_nbytes
 
 from .batch_ring import BatchRing, Buffer, GroupBuffers, MemfdBuffer, PoolBuffer
 from .connection import Client, Frame, decode_values, stack_values
-from .distributed import rank_and_world, shard
+from .distributed import rank_and_world
 from .group import ConnectionGroup
 from .optional import require
+from .position import EpochCursor
 
 
 class Batch(NamedTuple):
@@ -54,27 +57,6 @@ class Batch(NamedTuple):
     array: Optional[np.ndarray]
     requests: List[Tuple[Client, int, int]]
     in_place: bool
-
-
-def permutation(n: int, seed: int) -> np.ndarray:
-    """DistributedSampler's shuffle of range(n) for `seed` (numpy's without torch)."""
-    try:
-        import torch
-    except ImportError:
-        return np.random.default_rng(seed).permutation(n)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.randperm(n, generator=generator).numpy()
-
-
-def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, rank: int,
-                world: int) -> List[int]:
-    """This rank's events for one epoch (see the module docstring)."""
-    order = np.asarray(events, dtype=np.int64)
-    if shuffle:
-        order = order[permutation(len(order), seed + epoch)]
-    padded = np.resize(order, math.ceil(len(order) / world) * world) if len(order) else order
-    return [int(e) for e in shard(padded, rank, world)]
 
 
 class BatchLoader:
@@ -107,7 +89,11 @@ class BatchLoader:
         rank, world_size: this process's share of the events (default: from
             torch.distributed, torchrun's RANK/WORLD_SIZE or srun's
             SLURM_PROCID/SLURM_NTASKS, else 0 and 1).
-        drop_last: drop this rank's last, incomplete batch.
+        drop_last: only whole steps (a full batch on every rank); the rest of
+            the epoch's events are left out.
+        padding: "none" (every event once per epoch; at the epoch's end a rank
+            may have one batch fewer than others) or "wrap" (DistributedSampler's:
+            the first events again, until every rank has as many).
         connections: connections to the server (default 0: one per server worker).
         depth: batches asked for ahead of the one being consumed.
         buffers: batch buffers reused in turn (see the buffer lifetime rule in
@@ -145,7 +131,7 @@ class BatchLoader:
                  transport: str = "auto", access_mode: str = "idx",
                  progress: bool = False, read_ahead: int = 8,
                  fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
-                 arenas: Optional[bool] = None) -> None:
+                 arenas: Optional[bool] = None, padding: str = "none") -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
@@ -166,7 +152,6 @@ class BatchLoader:
         self.read_ahead = read_ahead
         self.output = output
         self.progress = progress
-        self.epoch = 0
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -181,28 +166,57 @@ class BatchLoader:
         if events is None:
             events = self.group.clients[0].events_with(exp, run, detector, fields,
                                                        skip_incomplete)
-        self.events = [int(e) for e in events]
+        self.padding = padding
+        self.events = events
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not skip_incomplete else False
         self._ring: Optional[BatchRing] = None
 
-    # -- sizes and epochs ---------------------------------------------------------------
+    # -- order, epochs and position -----------------------------------------------------
+    @property
+    def events(self) -> List[int]:
+        return self._events
+
+    @events.setter
+    def events(self, events: Sequence[int]) -> None:
+        """Another event list: its own order, from the start of the current epoch."""
+        epoch = self._cursor.epoch if hasattr(self, "_cursor") else 0
+        self._events = [int(e) for e in events]
+        self._cursor = EpochCursor(len(self._events), lambda: self._events, self.seed,
+                                   self.shuffle, self.padding, self.drop_last, self.batch_size,
+                                   self.rank, self.world_size)
+        self._cursor.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._cursor.epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle of the next iteration (call it every epoch, as with
-        DistributedSampler)."""
-        self.epoch = epoch
+        DistributedSampler). The epoch a loaded position stands in goes on
+        from that position."""
+        self._cursor.set_epoch(epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position the training loop has consumed (never how far the
+        loader has asked ahead): small and JSON-serializable, to save beside
+        the model's checkpoint. Any one rank's, taken after a step every rank
+        took, resumes every rank of a new world."""
+        return self._cursor.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Make the next iteration go on from a saved position, on this loader's
+        rank and world size (which may differ from the saver's). Raises
+        StateError (`.code`) for a position of other events or another order."""
+        self._cursor.load_state_dict(state)
 
     def _order(self) -> List[int]:
-        order = epoch_order(self.events, self.epoch, self.seed, self.shuffle, self.rank,
-                            self.world_size)
-        if self.drop_last:
-            order = order[: len(order) // self.batch_size * self.batch_size]
-        return order
+        """This rank's events for the next iteration."""
+        return [self.events[p] for p in self._cursor.share()]
 
     def __len__(self) -> int:
-        n = len(self._order())
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return math.ceil(len(self._cursor.share()) / self.batch_size)
 
     # -- buffers --------------------------------------------------------------------------
     def _pin(self) -> bool:
@@ -263,7 +277,7 @@ class BatchLoader:
         place into its buffer where the ring's buffers are in the server's pool
         (with `lease`; without, only the requests). Abandoning it mid-epoch
         drops the connections, which frees what they held."""
-        order = self._order()
+        order = [self.events[p] for p in self._cursor.begin()]
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         in_flight: List[Batch] = []
         completed = False
@@ -282,6 +296,7 @@ class BatchLoader:
                 hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield events, in_flight.pop(0)
             completed = True
+            self._cursor.finished()
         finally:
             if completed:
                 self.group.flush_releases()
@@ -313,6 +328,7 @@ class BatchLoader:
                               for pos, frame in self.group.wait(batch.requests)}
                 else:
                     values = self._copy(out, batch.requests)
+                self._cursor.consumed(len(events))
                 if bar is not None:
                     bar.update(len(events))
                 if not values:
@@ -360,6 +376,7 @@ class BatchLoader:
             for pos, frame in self.group.stream(batch.requests):
                 slots[pos] = frame
             frames = [frame for frame in slots if frame is not None]
+            self._cursor.consumed(len(events))
             try:
                 yield frames
             finally:

@@ -18,6 +18,11 @@ event, as psana does) and times, per detector, calib frames through:
                 ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
 
+`--resume` measures instead the time from making a loader to its first batch
+(as a requeued job pays it): fresh at an epoch's start, resumed from a
+position saved half-way through the epoch (`load_state_dict`), and, for
+comparison, reaching that position by reading the first half again.
+
 Each figure is the median of `--repeats` timed passes after one warm-up pass;
 every pass of a path iterates the same DataLoader, as epochs of training do.
 Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
@@ -41,7 +46,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
+from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, ResumableDataLoader,
+                              RunDataset)
 from psana_ipc.client.server_process import ServerProcess, child_pids
 from psana_ipc.server.sources.synthetic import expected
 
@@ -540,6 +546,71 @@ def print_consumers_table(result: Dict) -> None:
         print(f"cold epoch as a user starts it: without cache {user['without cache']:.0f} "
               f"frames/s, with cache {user['with cache']:.0f} frames/s "
               f"({100 * user['with cache'] / user['without cache']:.0f}%)")
+# -- resuming mid-epoch (state_dict / load_state_dict) -------------------------------------------
+def _close(loader) -> None:
+    (loader.dataset if isinstance(loader, ResumableDataLoader) else loader).close()
+
+
+def _first_batch_s(make: Callable[[], object], state: Optional[Dict] = None,
+                   skip: int = 0) -> float:
+    """Seconds from making a loader (as a restarted job does) to the batch it
+    goes on with: after loading `state`, or after reading `skip` batches."""
+    t0 = time.perf_counter()
+    loader = make()
+    if state is not None:
+        loader.load_state_dict(state)
+    batches = iter(loader)
+    for _ in range(skip + 1):
+        next(batches)
+    elapsed = time.perf_counter() - t0
+    del batches
+    _close(loader)
+    return elapsed
+
+
+def _state_half_way(make: Callable[[], object], batches: int) -> Dict:
+    loader = make()
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    state = loader.state_dict()
+    del it
+    _close(loader)
+    return state
+
+
+def bench_resume(args: argparse.Namespace) -> Dict:
+    """Time to the first batch, fresh and resumed half-way, for BatchLoader and
+    for RunDataset in a ResumableDataLoader with `--loader-workers` workers."""
+    det, events = args.detectors[0], list(range(args.frames))
+    half = args.frames // args.batch_size // 2
+    result = {"detector": det, "cost_ms": args.cost_ms, "resumed_at_batch": half, "rows": {}}
+    with running_server(args) as server:
+        makers = {
+            "BatchLoader": lambda: BatchLoader(server.address, "x", 1, det, "calib", events,
+                                               batch_size=args.batch_size, shuffle=True),
+            f"ResumableDataLoader, {args.loader_workers} workers": lambda: ResumableDataLoader(
+                RunDataset(server.address, "x", 1, det, events=events), args.batch_size,
+                shuffle=True, num_workers=args.loader_workers)}
+        for name, make in makers.items():
+            state = _state_half_way(make, half)
+            _first_batch_s(make)                                      # warm-up
+            row = {case: 1e3 * statistics.median(_first_batch_s(make, **kw)
+                                                  for _ in range(args.repeats))
+                   for case, kw in (("fresh_ms", {}), ("resumed_ms", {"state": state}),
+                                    ("reread_ms", {"skip": half}))}
+            result["rows"][name] = row
+    return result
+
+
+def print_resume_table(result: Dict) -> None:
+    print(f"time to the first batch, {result['detector']} calib, cost {result['cost_ms']} ms "
+          f"per event, resumed at batch {result['resumed_at_batch']}")
+    print("| loader | fresh ms | resumed ms | resumed ÷ fresh | reading up to it again ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in result["rows"].items():
+        print(f"| {name} | {r['fresh_ms']:.1f} | {r['resumed_ms']:.1f} | "
+              f"{r['resumed_ms'] / r['fresh_ms']:.2f} | {r['reread_ms']:.1f} |")
 
 
 def print_cache_table(result: Dict) -> None:
@@ -624,21 +695,20 @@ def main() -> int:
                     help="the frame cache of the --new-consumers cold-epoch row")
     ap.add_argument("--frame-cache", action="store_true",
                     help="measure the frame cache instead (needs --cost-ms; first detector only)")
+    ap.add_argument("--resume", action="store_true",
+                    help="measure the time to the first batch, fresh and resumed mid-epoch, "
+                         "instead (first detector only)")
     args = ap.parse_args()
-    if args.new_consumers:
-        result = bench_new_consumers(args)
-        print_consumers_table(result)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
-    if args.frame_cache:
-        result = bench_frame_cache(args)
-        print_cache_table(result)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
+    for wanted, bench, show in ((args.new_consumers, bench_new_consumers, print_consumers_table),
+                                (args.resume, bench_resume, print_resume_table),
+                                (args.frame_cache, bench_frame_cache, print_cache_table)):
+        if wanted:
+            result = bench(args)
+            show(result)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+            return 0
     with running_server(args, "--shm-budget", args.shm_budget) as server:
         rows = [r for det in args.detectors
                 for r in bench_detector(server, det, args)]

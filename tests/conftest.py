@@ -1,11 +1,14 @@
 """Fixtures shared by every test: real servers on loopback and a guard that
 fails any test leaving shared memory behind."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Set, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 import pytest
 
@@ -201,3 +204,29 @@ def start_server(tmp_path):
 def server(start_server):
     """A synthetic-source server with two workers."""
     return start_server(["--workers", "2"])
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A one-node SLURM for a module's tests (tests/slurm/start_slurm.sh; needs root:
+    it installs and runs the daemons), stopped after it; a failure to start fails
+    the tests with the set-up's output."""
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests start slurmctld and slurmd and must run as root")
+    setup = ROOT / "tests" / "slurm"
+    started = subprocess.run(["bash", str(setup / "start_slurm.sh")], capture_output=True,
+                             text=True, timeout=900)
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"SLURM did not start:\n{started.stdout}\n{started.stderr}")
+        yield
+    finally:
+        subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
+
+
+def run_bench(tmp_path: Path, *args: str) -> Tuple[subprocess.CompletedProcess, Any]:
+    """scripts/bench.py with `args` and --json: its run, and what it wrote (None if it failed)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args,
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    return done, json.loads(out.read_text()) if done.returncode == 0 else None

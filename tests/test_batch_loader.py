@@ -1,20 +1,17 @@
 """Every path the benchmark times, checked for bytes, order, sharding and
 slot hygiene (never for speed)."""
 import gc
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
 from psana_ipc.client import BatchLoader, Client
-from psana_ipc.client.batch_loader import epoch_order
+from psana_ipc.client.epoch_order import epoch_order
 from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import ROOT
+from conftest import run_bench
 
 
 def _eventually(condition, tries=100):
@@ -70,7 +67,7 @@ def test_shuffle_is_seeded_per_epoch_and_shards_cover_every_event_once():
     assert sorted(e0) == events and e0 != events
     assert e0 == epoch_order(events, 0, seed=4, shuffle=True, rank=0, world=1)
     assert e0 != epoch_order(events, 1, seed=4, shuffle=True, rank=0, world=1)
-    shards = [epoch_order(events, 2, 4, True, r, 3) for r in range(3)]
+    shards = [epoch_order(events, 2, 4, True, r, 3, padding="wrap") for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]                 # padded to equal length
     flat = sorted(sum(shards, []))
     assert set(flat) == set(events) and len(flat) == 12
@@ -145,13 +142,11 @@ def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
 
 
 def test_bench_runs_and_writes_its_json(server, tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--detectors",
-                             "epix100", "--frames", "8", "--repeats", "1", "--batch-size", "4",
-                             "--json", str(out), "--plot", str(tmp_path / "bench.png")],
-                            capture_output=True, text=True, timeout=300)
+    result, report = run_bench(tmp_path, "--detectors", "epix100", "--frames", "8",
+                               "--repeats", "1", "--batch-size", "4",
+                               "--plot", str(tmp_path / "bench.png"))
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows = report["rows"]
     names = {r["name"] for r in rows}
     assert {"legacy", "dataset-w0", "batchloader", "zero-copy", "arena", "memcpy"} <= names
     for r in rows:
@@ -161,13 +156,9 @@ def test_bench_runs_and_writes_its_json(server, tmp_path):
 
 
 def test_bench_frame_cache_runs_and_writes_its_json(tmp_path):
-    out = tmp_path / "cache.json"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--frame-cache",
-                             "--detectors", "epix100", "--frames", "8", "--repeats", "1",
-                             "--batch-size", "4", "--cost-ms", "1", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result, report = run_bench(tmp_path, "--frame-cache", "--detectors", "epix100", "--frames",
+                               "8", "--repeats", "1", "--batch-size", "4", "--cost-ms", "1")
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
     assert {"epoch 2+ (cached)", "two clients, one run", "epoch 1 + step + read-ahead",
             "dataset + step + read-ahead, epoch 1"} <= set(report["rows"])
     assert report["rows"]["two clients, one run"]["reads_per_event"] == 1.0

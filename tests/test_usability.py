@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 
 import psana_ipc
 from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset, RunDataset
-from psana_ipc.client.batch_loader import epoch_order
+from psana_ipc.client.epoch_order import epoch_order
 from psana_ipc.client.server_process import ServerProcess, ServerStartError
 
 from psana2_helpers import psana_python
@@ -153,7 +153,7 @@ def test_shuffle_is_distributed_samplers_order(n, world, seed, epoch):
         sampler = DistributedSampler(events, num_replicas=world, rank=rank, shuffle=True,
                                      seed=seed)
         sampler.set_epoch(epoch)
-        assert epoch_order(events, epoch, seed, True, rank, world) == \
+        assert epoch_order(events, epoch, seed, True, rank, world, padding="wrap") == \
             [events[i] for i in sampler]
 
 

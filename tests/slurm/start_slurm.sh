@@ -29,7 +29,8 @@ fi
 
 # One partition with this host, its CPUs and memory as slurmd sees them. Addresses are pinned to
 # 127.0.0.1 so nothing depends on DNS. proctrack/pgid: a job's background children end with it.
-# MinJobAge=5 keeps `sbatch -W` polling every 2 s instead of backing off.
+# MinJobAge=5 keeps `sbatch -W` polling every 2 s instead of backing off. A job credential lives
+# cred_expire seconds, and a requeued job waits that long before it starts again (default 120).
 host=$(hostname -s)
 install -d /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 cat > /etc/slurm/slurm.conf <<CONF
@@ -37,6 +38,7 @@ ClusterName=psana-ipc-test
 SlurmctldHost=${host}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
