@@ -11,18 +11,18 @@ A flavour subclasses `PsanaDetectorSource` and supplies the event lookup and
 the four per-event reads; everything else is decided here, once.
 """
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import NO_CALIBRATION, NO_GEOMETRY, READ_FAILED
-from psana_ipc.protocol.messages import MODES
+from psana_ipc.protocol.errors import NO_CALIBRATION, NO_DATA, NO_GEOMETRY, READ_FAILED
 
 from ..startup import StartupError
 from .base import FrameMeta, FrameSpec, Source, SourceError
 
 log = logging.getLogger(__name__)
 GAIN_BITS_MASK = 0x3FFF
+MODES = ("raw", "calib", "image", "mask")
 
 
 def experiment_path(template: str, exp: str) -> str:
@@ -92,20 +92,24 @@ class PsanaDetectorSource(Source):
     def modes(self) -> Tuple[str, ...]:
         return MODES
 
-    def sample_event(self) -> int:
-        """An event that holds the detector, to read shapes from."""
-        return 0
+    def sample_events(self) -> Iterable[int]:
+        """Events to read shapes from, in turn, while they lack the mode's data."""
+        return (0,)
 
     def specs(self) -> Dict[str, FrameSpec]:
         """Shapes come from reading a sample event once in every mode that works."""
         if self._specs is None:
             specs = {}
             for mode in self.modes():
-                try:
-                    data, meta = self.read(self.sample_event(), mode)
-                except SourceError:
-                    continue
-                specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
+                for event in self.sample_events():
+                    try:
+                        data, meta = self.read(event, mode)
+                    except SourceError as e:
+                        if e.code == NO_DATA:
+                            continue
+                        break
+                    specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
+                    break
             self._specs = specs
         return self._specs
 
