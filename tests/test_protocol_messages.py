@@ -127,7 +127,7 @@ descs = st.builds(FrameDesc, shapes, text, st.none() | json_objects(), st.boolea
                   json_objects(frozenset({"ok", "id", "retired", "seq", "event", "done", "slot",
                                           "name", "size", "cached", "nbytes", "shape",
                                           "dtype", "timestamp", "calibrated", "offset",
-                                          "path"})))
+                                          "path", "skipped", "message"})))
 dones = st.booleans()
 
 
