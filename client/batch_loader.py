@@ -28,10 +28,13 @@ number of ranks, without reading anything again. With `padding="wrap"`
 every rank yields the events DistributedSampler would give it.
 
 Mixed rates: by default the loader iterates over the events that hold the
-detector. `fields` (other detectors' per-event values, e.g.
-"ebeam.ebeamPhotonEnergy") makes each batch `(frames, {name: values})`, the
-values batched as tensors (arrays); `skip_incomplete` also leaves out the
-events lacking a field's detector, as LCLStreamer's skip_incomplete_events.
+detector. `fields` (per-event values, e.g. "ebeam.ebeamPhotonEnergy",
+"scan.motor1", "sum(hsd.calib)": see `Client.get`) makes each batch
+`(frames, {name: values})`, numbers batched as tensors (arrays), strings and
+records as numpy arrays, values whose shape varies padded with zeros to the
+batch's largest; `skip_incomplete` also leaves out the events lacking a
+field's detector, as LCLStreamer's skip_incomplete_events. `event_codes` and
+`step` choose events by the timing system's codes and by scan step.
 """
 import math
 import warnings
@@ -44,7 +47,7 @@ from psana_ipc.protocol.errors import NO_MEMORY, ServerError
 from psana_ipc.protocol.messages import frame_nbytes
 
 from .batch_ring import BatchRing, Buffer, GroupBuffers, MemfdBuffer, PoolBuffer
-from .connection import Client, Frame, decode_values, stack_values
+from .connection import Client, Codes, Frame, chosen_events, decode_values, stack_values
 from .distributed import rank_and_world
 from .group import ConnectionGroup
 from .optional import require
@@ -78,9 +81,11 @@ class BatchLoader:
             $PSANA_IPC_READY_FILE, else 127.0.0.1:5000).
         exp: experiment name, e.g. "xpptut15".
         run: run number.
-        detector: detector name (`psana-ipc info EXP RUN` lists them).
-        mode: "raw", "calib", "image" or "mask"; checked against the server at once.
-        events: event indices to draw from (default: every event of the run).
+        detector: detector name (`psana-ipc info EXP RUN` lists them), or a field
+            served as frames by its name ("ebeam.ebeamPhotonEnergy").
+        mode: "raw", "calib", "image", "mask", "waveforms" or "padded"; checked
+            against the server at once.
+        events: event indices to draw from (default: every event holding the detector).
         batch_size: frames per batch; the last batch may be smaller unless
             `drop_last`.
         shuffle: a new order every epoch, the same as torch's DistributedSampler
@@ -111,6 +116,9 @@ class BatchLoader:
         fields: other detectors' per-event values beside each frame, e.g.
             "ebeam.ebeamPhotonEnergy"; batches are then `(frames, {name: values})`.
         skip_incomplete: leave out the events lacking a field's detector.
+        event_codes: {"with": [codes], "without": [codes]}: only the events the
+            timing system's event codes choose (e.g. laser off: {"without": [40]}).
+        step: only the events of this step of a scan (see `Client.steps`).
         arenas: True to require batches written in place in the server's
             pool, False to always copy, None (default) for in place wherever
             it can be had (see the module docstring); never with
@@ -131,7 +139,8 @@ class BatchLoader:
                  transport: str = "auto", access_mode: str = "idx",
                  progress: bool = False, read_ahead: int = 8,
                  fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
-                 arenas: Optional[bool] = None, padding: str = "none") -> None:
+                 arenas: Optional[bool] = None, event_codes: Codes = None,
+                 step: Optional[int] = None, padding: str = "none") -> None:
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
@@ -163,11 +172,9 @@ class BatchLoader:
             raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
-        if events is None:
-            events = self.group.clients[0].events_with(exp, run, detector, fields,
-                                                       skip_incomplete)
         self.padding = padding
-        self.events = events
+        self.events = chosen_events(self.group.clients[0], exp, run, detector, events, fields,
+                                    skip_incomplete, event_codes, step)
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not skip_incomplete else False
@@ -356,7 +363,8 @@ class BatchLoader:
         stacked = stack_values(per_event)
         if self.output == "torch":
             import torch
-            return {name: torch.from_numpy(v) for name, v in stacked.items()}
+            return {name: torch.from_numpy(v) if v.dtype.kind in "biuf" else v
+                    for name, v in stacked.items()}
         return stacked
 
     def _progress_bar(self) -> Any:

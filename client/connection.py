@@ -25,10 +25,10 @@ import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
-from psana_ipc.protocol.errors import UNKNOWN_DETECTOR, ProtocolError, ServerError
-from psana_ipc.protocol.messages import (FieldRef, FreeArenas, Get, Hello, Info, Into, MakeArena,
-                                         Ping, Prefetch, Release, Request, RunKey, Shutdown,
-                                         Stats)
+from psana_ipc.protocol.errors import OUT_OF_RANGE, UNKNOWN_DETECTOR, ProtocolError, ServerError
+from psana_ipc.protocol.messages import (CodeFilter, FieldRef, FreeArenas, Get, Hello, Info, Into,
+                                         MakeArena, Ping, Prefetch, Release, Request, RunKey,
+                                         Shutdown, Stats)
 from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameReply, InPool,
                                         Reply, Welcome, parse_reply)
 
@@ -40,20 +40,69 @@ from .wire import ConnectionClosed, recv_message, send_message, socket_family
 RELEASE_BATCH = 16
 WithPayload = Tuple[Reply, Optional[bytearray]]  # a reply, and the frame that came inline
 Fields = Optional[Sequence[str]]
+Codes = Optional[Dict[str, Sequence[int]]]     # {"with": [codes], "without": [codes]}
+STEP = "step"          # the run-level info entry of a run's steps
+
+
+def step_range(found: Dict[str, Any], step: int, exp: str, run: int) -> List[int]:
+    """Step `step`'s events as a [start, stop, 1] range, from run-level info."""
+    steps = found.get(STEP, {}).get("steps", [])
+    if not 0 <= step < len(steps):
+        raise ServerError(OUT_OF_RANGE, f"run {run} of {exp} has {len(steps)} steps; there is "
+                                        f"no step {step}")
+    return [steps[step][0], steps[step][1], 1]
+
+
+def decode_value(value: Dict[str, Any]) -> np.ndarray:
+    """One field's value as an array (0-d for a scalar), exactly what psana
+    returned: numbers, strings, or a record (a named tuple's members, its
+    dtype given as [name, type] pairs)."""
+    if isinstance(value["dtype"], list):
+        record = np.dtype([(name, kind) for name, kind in value["dtype"]])
+        return np.array(tuple(value["data"]), dtype=record).reshape(value["shape"])
+    return np.array(value["data"], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
 
 
 def decode_values(values: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """A reply's field values as arrays (0-d for scalars), exactly the
-    numbers psana returned."""
-    return {name: np.array(v["data"], dtype=np.dtype(v["dtype"])).reshape(v["shape"])
-            for name, v in values.items()}
+    """A reply's field values as arrays (see `decode_value`)."""
+    return {name: decode_value(v) for name, v in values.items()}
+
+
+def padded_stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Arrays stacked, events first; where their shapes differ (a digitizer's
+    peaks, a batch's list), each is padded with zeros at the end of every
+    axis to the largest (peak tables and `count(...)` say the true sizes)."""
+    shapes = {a.shape for a in arrays}
+    if len(shapes) == 1:
+        return np.stack(arrays)
+    largest = tuple(max(sizes) for sizes in zip(*shapes))
+    out = np.zeros((len(arrays),) + largest, np.result_type(*arrays))
+    for row, a in zip(out, arrays):
+        row[tuple(slice(0, n) for n in a.shape)] = a
+    return out
 
 
 def stack_values(per_event: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Per-event field values batched: one array per name, events first."""
     if not per_event:
         return {}
-    return {name: np.stack([values[name] for values in per_event]) for name in per_event[0]}
+    return {name: padded_stack([values[name] for values in per_event]) for name in per_event[0]}
+
+
+def chosen_events(client: "Client", exp: str, run: int, detector: str,
+                  events: Optional[Sequence[int]], fields: Fields, skip_incomplete: bool,
+                  event_codes: Codes, step: Optional[int]) -> List[int]:
+    """What a loader iterates over: `events` (default: those holding the
+    detector, see `Client.events_with`), only those the event codes and the
+    step choose."""
+    if events is not None and event_codes is None and step is None:
+        return [int(e) for e in events]
+    held = client.events_with(exp, run, detector, fields,
+                              skip_incomplete and events is None, event_codes, step)
+    if events is None:
+        return held
+    kept = set(held)
+    return [int(e) for e in events if int(e) in kept]
 
 
 class Frame:
@@ -388,27 +437,48 @@ class Client:
         return True
 
     def info(self, exp: str, run: int, detector: Optional[str] = None,
-             present: bool = False) -> Dict[str, Any]:
-        """Run-level (no detector): every detector with its kind, modes and how
-        many events hold it; for one detector its events and shapes per mode.
-        `present`: also which events hold it, as [start, stop, step] ranges."""
-        return self.call(Info(exp, int(run), detector, present)).info
+             present: bool = False, event_codes: Codes = None) -> Dict[str, Any]:
+        """Run-level (no detector): every detector with its kind, modes, fields
+        and how many events hold it, and the run's EPICS PVs, scan variables
+        and steps; for one detector its events and shapes per mode.
+        `present`: also which events hold it, as [start, stop, step] ranges.
+        `event_codes` ({"with": [codes], "without": [codes]}): count and list
+        only the events the timing system's event codes choose."""
+        codes = None if event_codes is None else CodeFilter.parse(event_codes)
+        return self.call(Info(exp, int(run), detector, present, codes)).info
 
     def events_with(self, exp: str, run: int, detector: str, fields: Fields = None,
-                    skip_incomplete: bool = False) -> List[int]:
+                    skip_incomplete: bool = False, event_codes: Codes = None,
+                    step: Optional[int] = None) -> List[int]:
         """The events that hold `detector` and, with `skip_incomplete`, every
-        field's detector too, in order: what loaders iterate over by default."""
-        ranges = [self.info(exp, run, detector, present=True)["present"]]
-        others = {FieldRef.parse(f).detector for f in fields or ()} if skip_incomplete else ()
-        if others:
+        field's detector too (a batch's `sum(...)` and the like excepted), in
+        order: what loaders iterate over by default. `event_codes` keeps those
+        the event codes choose (see `info`), `step` those of one step of a scan
+        (counted from 0, see `steps`)."""
+        ranges = [self.info(exp, run, detector, True, event_codes)["present"]]
+        refs = [FieldRef.parse(f) for f in fields or ()] if skip_incomplete else []
+        others = {ref.detector for ref in refs if ref.reduce is None}
+        if others or step is not None:
             found = self.info(exp, run, present=True)["detectors"]
             unknown = sorted(others - set(found))
             if unknown:
                 raise ServerError(UNKNOWN_DETECTOR, f"run {run} of {exp} has no detector "
                                                     f"{', '.join(unknown)}")
             ranges += [found[name]["present"] for name in others]
+            if step is not None:
+                ranges.append([step_range(found, step, exp, run)])
         held = set.intersection(*({e for r in rs for e in range(*r)} for rs in ranges))
         return sorted(held)
+
+    def steps(self, exp: str, run: int) -> List[Dict[str, Any]]:
+        """The run's steps in order (psana's `run.steps()`), each {"index",
+        "events": range of event indices, "values": {scan variable: value at
+        its BeginStep}}; empty for a run without steps."""
+        found = self.info(exp, run)["detectors"].get(STEP)
+        if found is None:
+            return []
+        return [{"index": k, "events": range(*bounds), "values": decode_values(values)}
+                for k, (bounds, values) in enumerate(zip(found["steps"], found["values"]))]
 
     def stats(self) -> Dict[str, Any]:
         """The server's counters: workers, connections, requests, events, bytes,
@@ -521,10 +591,13 @@ class Client:
 
     def get(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
             access_mode: str = "idx", fields: Fields = None) -> Any:
-        """One frame as a private array. With `fields` (names of other
-        detectors' per-event values, e.g. "ebeam.ebeamPhotonEnergy",
-        "gasdet.f_11_ENRC", "wave8.raw_all"), `(frame, {name: value})`, each
-        value a numpy array (0-d for a scalar)."""
+        """One frame as a private array. With `fields` (names of per-event
+        values: other detectors' "ebeam.ebeamPhotonEnergy", "wave8.raw_all",
+        "xpphsd.hsd.peaks", "timing.eventcodes", or the run's "epics.<PV>",
+        "scan.<variable>", "step.index"; over the batch an integrating
+        detector's event ends: "sum(hsd.calib)", "list(...)", "count(...)"),
+        `(frame, {name: value})`, each value a numpy array (0-d for a scalar;
+        strings and records as psana gives them, see `decode_value`)."""
         frame, reply = self._copy(exp, run, detector, event, mode, access_mode, fields)
         return (frame, decode_values(reply.desc.values)) if fields else frame
 

@@ -46,7 +46,7 @@ from psana_ipc.protocol.messages import MODES, Into
 from . import legacy
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing, GroupBuffers, MemfdBuffer
-from .connection import Client, decode_values
+from .connection import Client, Codes, chosen_events, decode_values, padded_stack
 from .group import ConnectionGroup
 from .read_ahead import SequentialReadAhead
 
@@ -198,7 +198,7 @@ class IPCRemotePsanaDataset(Dataset):
         if not self.fields:
             return rows
         values = {pos: decode_values(frame.desc.values) for pos, frame in frames}
-        return [(row, values[k]) for k, row in enumerate(rows)]
+        return list(zip(rows, collatable([values[k] for k in range(len(rows))])))
 
     def _assemble(self, requests: List[Request]) -> List[np.ndarray]:
         """Copy every frame once from its slot into a ring batch, releasing the
@@ -230,7 +230,7 @@ class IPCRemotePsanaDataset(Dataset):
         else:
             items = batch.rows()
         if self.fields:
-            return [(item, values[k]) for k, item in enumerate(items)]
+            return list(zip(items, collatable([values[k] for k in range(len(requests))])))
         return items
 
     def close(self) -> None:
@@ -243,40 +243,68 @@ class IPCRemotePsanaDataset(Dataset):
         self._group.close()
 
 
+def collatable(per_event: List[Dict[str, np.ndarray]]) -> List[Dict[str, Any]]:
+    """A batch's field values as DataLoader's default collate can batch them:
+    values whose shape differs from event to event padded alike (see
+    `padded_stack`), strings as str and records as {member: value}."""
+    if not per_event:
+        return []
+    rows = {name: list(padded_stack([values[name] for values in per_event]))
+            for name in per_event[0]}
+    return [{name: plain(rows[name][k]) for name in rows} for k in range(len(per_event))]
+
+
+def plain(value: np.ndarray) -> Any:
+    if value.dtype.names:
+        return {name: value[name].item() for name in value.dtype.names}
+    if value.dtype.kind == "U":
+        return value.tolist()
+    return value
+
+
 class RunDataset(IPCRemotePsanaDataset):
     """One detector of one run as a map-style dataset: item i is the frame of
     event `events[i]` (by default every event that holds the detector). With
     `fields` an item is `(frame, {name: value})`, which DataLoader batches
-    into `(frames, {name: values})`, the frames still one ring batch.
+    into `(frames, {name: values})`, the frames still one ring batch (strings
+    become lists of str, records dicts of their members, and values whose
+    shape varies are padded with zeros to the batch's largest).
 
     Args:
         server_address: as for IPCRemotePsanaDataset.
-        exp, run, detector: the run and detector (`psana-ipc info EXP RUN`).
-        mode: "raw", "calib", "image" or "mask"; checked against the detector
-            at construction (one `info` call).
+        exp, run, detector: the run and detector (`psana-ipc info EXP RUN`),
+            or a field served as frames by its name ("ebeam.ebeamPhotonEnergy").
+        mode: "raw", "calib", "image", "mask", "waveforms" or "padded"; checked
+            against the detector at construction (one `info` call).
         events: event indices (default: every event that holds the detector).
         transport, timeout, buffers: as for IPCRemotePsanaDataset.
-        fields: other detectors' per-event values, e.g. "ebeam.ebeamPhotonEnergy".
+        fields: per-event values beside each frame (see `Client.get`), e.g.
+            "ebeam.ebeamPhotonEnergy", "scan.motor1", "sum(hsd.calib)".
         skip_incomplete: the default events are those holding every field's
             detector too (as LCLStreamer's skip_incomplete_events).
+        event_codes: {"with": [codes], "without": [codes]}: only the events the
+            timing system's event codes choose (e.g. laser on: {"with": [40]}).
+        step: only the events of this step of a scan (see `Client.steps`).
 
     Raises:
         ValueError: a mode the detector does not have.
-        ServerError: an unknown run or detector.
+        ServerError: an unknown run or detector, a run without timing codes
+            (with `event_codes`) or without the step.
     """
 
     def __init__(self, server_address: Any, exp: str, run: int, detector: str,
                  mode: str = "calib", events: Optional[Sequence[int]] = None,
                  transport: str = "auto", timeout: Optional[float] = 300.0,
                  buffers: int = 2, fields: Optional[Sequence[str]] = None,
-                 skip_incomplete: bool = False) -> None:
+                 skip_incomplete: bool = False, event_codes: Codes = None,
+                 step: Optional[int] = None) -> None:
         with Client(server_address, transport=transport, timeout=timeout) as client:
             info = client.info(exp, run, detector)
             if mode not in info["modes"]:
                 raise ValueError(f"{detector} has no {mode!r} mode; it has "
                                  f"{', '.join(sorted(info['modes']))}")
-            if events is None:
-                events = client.events_with(exp, run, detector, fields, skip_incomplete)
+            events = chosen_events(client, exp, run, detector, events, fields, skip_incomplete,
+                                   event_codes, step)
         super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
                          mode=mode, protocol="v1", transport=transport, timeout=timeout,
                          buffers=buffers)

@@ -14,12 +14,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import BAD_ARENA, BAD_REQUEST, UNKNOWN_MODE, UNKNOWN_OP, ProtocolError
 
-MODES = ("raw", "calib", "image", "mask")
+MODES = ("raw", "calib", "image", "mask", "waveforms", "padded")
 TRANSPORTS = ("shm", "inline")
 MAX_EVENTS_PER_GET = 4096
 MAX_NAME = 256
 MAX_FIELDS = 64
 MAX_DIMS = 8
+REDUCERS = ("sum", "list", "count")
+MAX_CODES = 64
 
 
 def _field(header: Dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -95,15 +97,57 @@ class RunKey:
 
 
 @dataclass(frozen=True)
+class CodeFilter:
+    """Events chosen by the timing system's event codes: those holding every
+    code of `with_codes` and none of `without_codes` (e.g. laser on: with 40;
+    laser off: without 40). On the wire {"with": [...], "without": [...]}."""
+    with_codes: Tuple[int, ...] = ()
+    without_codes: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        codes = self.with_codes + self.without_codes
+        if not codes or len(codes) > MAX_CODES:
+            raise ProtocolError(BAD_REQUEST, f"an event-code filter names 1 to {MAX_CODES} codes")
+        for code in codes:
+            if not isinstance(code, int) or isinstance(code, bool) or code < 0:
+                raise ProtocolError(BAD_REQUEST, f"event code {code!r} must be a non-negative "
+                                                 f"integer")
+        if set(self.with_codes) & set(self.without_codes):
+            raise ProtocolError(BAD_REQUEST, "an event code cannot be both asked for and "
+                                             "left out")
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"with": list(self.with_codes), "without": list(self.without_codes)}
+
+    @classmethod
+    def parse(cls, value: Any) -> "CodeFilter":
+        """From the wire form, or from a user's {"with": [...], "without": [...]}."""
+        if isinstance(value, CodeFilter):
+            return value
+        if not isinstance(value, dict) or not set(value) <= {"with", "without"}:
+            raise ProtocolError(BAD_REQUEST, 'event codes must be given as {"with": [codes], '
+                                             '"without": [codes]}')
+        lists = []
+        for key in ("with", "without"):
+            codes = value.get(key, [])
+            if not isinstance(codes, (list, tuple)):
+                raise ProtocolError(BAD_REQUEST, f'event codes "{key}" must be a list of codes')
+            lists.append(tuple(codes))
+        return cls(*lists)
+
+
+@dataclass(frozen=True)
 class Info:
     exp: str
     run: int
     detector: Optional[str] = None
     present: bool = False    # also list which events hold each detector (as ranges)
+    codes: Optional[CodeFilter] = None   # count and list only the events these codes choose
 
     def to_header(self, rid: int) -> Dict[str, Any]:
         header = {"op": "info", "id": rid, "exp": self.exp, "run": self.run}
-        _optional(header, detector=self.detector, present=self.present or None)
+        _optional(header, detector=self.detector, present=self.present or None,
+                  codes=self.codes.to_json() if self.codes is not None else None)
         return header
 
 
@@ -112,10 +156,15 @@ class FieldRef:
     """One per-event value of another detector of the run, named on the wire
     `detector.attribute` (psana's `det.raw.attribute(evt)`) or
     `detector.interface.attribute`: EBeam's `ebeam.ebeamPhotonEnergy`, a
-    gas detector's `gasdet.f_11_ENRC`, a wave8's `wave8.raw_all`."""
+    gas detector's `gasdet.f_11_ENRC`, a wave8's `wave8.raw_all`.
+
+    With `reduce`, named `sum(...)`, `list(...)` or `count(...)`, it is the
+    value over the events of a batch (an integrating detector's events end
+    the batches): their sum, the values stacked, or how many events hold it."""
     detector: str
     attribute: str
     interface: str = "raw"
+    reduce: Optional[str] = None
 
     def __post_init__(self) -> None:
         for part in (self.detector, self.interface, self.attribute):
@@ -126,24 +175,36 @@ class FieldRef:
         if self.interface.startswith("_") or self.attribute.startswith("_"):
             raise ProtocolError(BAD_REQUEST, f"field {self.name!r}: private attributes "
                                              f"cannot be read")
+        if self.reduce is not None and self.reduce not in REDUCERS:
+            raise ProtocolError(BAD_REQUEST, f"field {self.name!r}: a batch's values are "
+                                             f"{', '.join(r + '(...)' for r in REDUCERS)}")
+
+    @property
+    def plain(self) -> str:
+        """The name of the value itself, without a reduction."""
+        if self.interface == "raw":
+            return f"{self.detector}.{self.attribute}"
+        return f"{self.detector}.{self.interface}.{self.attribute}"
 
     @property
     def name(self) -> str:
         """The name a request gives and a reply's `values` uses."""
-        if self.interface == "raw":
-            return f"{self.detector}.{self.attribute}"
-        return f"{self.detector}.{self.interface}.{self.attribute}"
+        return f"{self.reduce}({self.plain})" if self.reduce else self.plain
 
     @classmethod
     def parse(cls, text: Any) -> "FieldRef":
         if not isinstance(text, str):
             raise ProtocolError(BAD_REQUEST, "fields must be a list of strings")
+        reduce = None
+        head, paren, rest = text.partition("(")
+        if paren and rest.endswith(")") and head.isidentifier():
+            reduce, text = head, rest[:-1]     # an unknown reduction is refused below
         parts = text.split(".")
         if len(parts) == 2:
-            return cls(parts[0], parts[1])
+            return cls(parts[0], parts[1], reduce=reduce)
         if len(parts) == 3:
-            return cls(parts[0], parts[2], parts[1])
-        return cls(text, "")   # refused with the message above
+            return cls(parts[0], parts[2], parts[1], reduce)
+        return cls(text, "", reduce=reduce)   # refused with the message above
 
 
 @dataclass(frozen=True)
@@ -325,6 +386,11 @@ def _get(h: Dict[str, Any]) -> Get:
                _field(h, "skip_incomplete", bool, False), _into(h))
 
 
+def _codes(h: Dict[str, Any]) -> Optional[CodeFilter]:
+    codes = _field(h, "codes", dict, None)
+    return None if codes is None else CodeFilter.parse(codes)
+
+
 def _into(h: Dict[str, Any]) -> Optional[Into]:
     into = _field(h, "into", dict, None)
     if into is None:
@@ -338,7 +404,8 @@ _PARSERS = {
                              _field(h, "host", str, ""), _field(h, "transport", str, "shm"),
                              _field(h, "window", int, 0), _field(h, "group", str, None)),
     "info": lambda h: Info(_field(h, "exp", str), _field(h, "run", int),
-                           _field(h, "detector", str, None), _field(h, "present", bool, False)),
+                           _field(h, "detector", str, None), _field(h, "present", bool, False),
+                           _codes(h)),
     "get": _get,
     "prefetch": lambda h: Prefetch(*_events_of(h)),
     "arena": lambda h: MakeArena(_field(h, "size", int), _field(h, "wait", bool, True)),

@@ -47,10 +47,30 @@ DAQ's other kinds, each in a stream of its own after the area detectors':
              in events; every stream of the run then gets those (empty)
              SlowUpdates too, as the DAQ sends transitions to every stream
 
-their values are plain functions of the event index (`field_value`).
+    timing   the timing system (ts_raw_2_1_0): pulseId, timeStamp (uint64),
+             ebeamDestn (uint8), inhibitCounts (uint32, 8) and sequenceValues
+             (uint16, 18), whose bits are the event codes psana's `eventcodes`
+             gives: 1 in every event, 40 in even events (laser on), 41 in odd
+             ones (laser off), 280 in every 3rd (`EVENT_CODES`)
+    andor    a 1-D camera as psana reads a pva andor (andor_raw_0_0_1):
+             value, float64 (ANDOR_PIXELS,); with `--rate` an integrating detector
+    piranha4 a line camera (piranha4_raw_2_1_0): image, uint16 (1, PIRANHA4_PIXELS)
+    hsd      a two-channel digitizer (hsd_raw_2_0_0), one channel per segment,
+             in the firmware's format psana parses: each event holds fex peaks
+             (`hsd_peaks`), every HSD_RAW_EVERY-th event also the raw waveform
+             (HSD_SAMPLES samples); its config gives psana's padding (ymin,
+             ymax, gate_ns)
+    scan     a step scan's variables motor1, step_value (float64) and
+             step_docstring (str), in BeginStep transitions (needs --steps)
+
+their values are plain functions of the event (or step) index (`field_value`).
 `--rate DET=N[:FIRST]` writes DET only in events FIRST, FIRST+N, ... (default
 every event), as a detector read out at a lower rate: its stream then has no
 record at all for the other events, as the DAQ writes it.
+
+`--steps N` splits the events into N steps: every stream gets a BeginStep
+before a step's first event and an EndStep after its last, as psana's
+`run.steps()` reads them; the scan detector's BeginSteps hold its variables.
 
 `--calib-dir CDIR` writes offline constants in the layout the psana2 source
 reads with `--calib-dir`:
@@ -101,8 +121,24 @@ FIELD_TYPES = {
     "cspad": ("cspad", (2, 3, 42), {"arrayRaw": (np.int16, 2)}),
     "epics": ("epics", (2, 0, 0), {"HX2_DVD_GCC_01_PMON": (np.float64, 0),
                                    "XPP_VARS_FLOAT_02": (np.float64, 0)}),
+    "timing": ("ts", (2, 1, 0), {"pulseId": (np.uint64, 0), "timeStamp": (np.uint64, 0),
+                                 "ebeamDestn": (np.uint8, 0), "inhibitCounts": (np.uint32, 1),
+                                 "sequenceValues": (np.uint16, 1)}),
+    "andor": ("andor", (0, 0, 1), {"value": (np.float64, 1)}),
+    "piranha4": ("piranha4", (2, 1, 0), {"image": (np.uint16, 2)}),
+    "scan": ("scan", (2, 0, 0), {"motor1": (np.float64, 0), "step_value": (np.float64, 0),
+                                 "step_docstring": (str, 1)}),
 }
+# detectors with a stream but no events: their data is in transitions
+TRANSITION_ONLY = ("epics", "scan")
 EPICS_EVERY = 2
+ANDOR_PIXELS, PIRANHA4_PIXELS = 512, 2048
+# event codes (psana's eventcodes: bit i & 15 of sequenceValues[i >> 4]) of event e
+EVENT_CODES = ((1, lambda e: True), (40, lambda e: e % 2 == 0), (41, lambda e: e % 2 == 1),
+               (280, lambda e: e % 3 == 0))
+HSD_SEGMENTS, HSD_SAMPLES, HSD_RAW_EVERY = 2, 64, 2
+HSD_CONFIG = {"user.fex.ymin": 2000, "user.fex.ymax": 2010, "user.fex.gate_ns": 200}
+HSD_RAW, HSD_FEX, HSD_SKIP = 0, 1, 0x8000     # stream ids, a skip sample's flag
 CSPAD_PANEL = (185, 388)
 HEADROOM = 1 << 20
 GAIN_BITS = 0xC000
@@ -144,18 +180,84 @@ def declare(config: DgramEdit, detector: str, node: int) -> List:
 
 
 def field_value(detector: str, field: str, event: int) -> object:
-    """What a non-area detector's field holds in an event."""
+    """What a non-area detector's field holds in an event (a scan's: in a step)."""
     if field == "arrayRaw":
         n = int(np.prod(CSPAD_PANEL))
         return ((np.arange(n) + 5 * event) % 3000 - 1000).astype(np.int16).reshape(CSPAD_PANEL)
     if field.startswith("raw_"):
         channel = int(field[4:])
         return ((np.arange(WAVE8_SAMPLES) * (channel + 1) + 7 * event) % 4096).astype(np.uint16)
+    if detector == "timing":
+        return timing_value(field, event)
+    if field == "value":
+        return np.arange(ANDOR_PIXELS) * 0.5 + event
+    if field == "image":
+        return ((np.arange(PIRANHA4_PIXELS) * 3 + 11 * event) % 4096).astype(np.uint16)[None]
+    if field == "step_docstring":
+        return f'{{"detname": "scan", "step": {event}}}'
     if field == "damageMask":
         return np.uint32(event % 3)
-    offset = {"ebeamPhotonEnergy": 9500.0, "ebeamCharge": 0.25,
-              "HX2_DVD_GCC_01_PMON": 41.0}.get(field, 1.5)
+    offset = {"ebeamPhotonEnergy": 9500.0, "ebeamCharge": 0.25, "HX2_DVD_GCC_01_PMON": 41.0,
+              "motor1": 10.0, "step_value": 0.0}.get(field, 1.5)
     return np.float64(offset + event / 7.0)
+
+
+def timing_value(field: str, event: int) -> object:
+    if field == "sequenceValues":
+        words = np.zeros(18, np.uint16)
+        for code, held in EVENT_CODES:
+            if held(event):
+                words[code >> 4] |= 1 << (code & 15)
+        return words
+    if field == "inhibitCounts":
+        return np.arange(8, dtype=np.uint32) * (event + 1)
+    return {"pulseId": np.uint64(100000 + event), "timeStamp": np.uint64(timestamp_of(event)),
+            "ebeamDestn": np.uint8(event % 4)}[field]
+
+
+def hsd_peaks(segment: int, event: int) -> List[Tuple[int, np.ndarray]]:
+    """The fex peaks of a channel in an event: (start sample, samples); starts
+    and lengths are multiples of 4, as the firmware writes them."""
+    peaks = []
+    for k in range(1 + (event + segment) % 3):
+        length = 4 * (1 + (event + k) % 3)
+        samples = 2050 + 10 * segment + 3 * k + (np.arange(length) + event) % 7
+        peaks.append((8 + 32 * k + 4 * (event % 2), samples.astype(np.uint16)))
+    return peaks
+
+
+def hsd_waveform(segment: int, event: int) -> np.ndarray:
+    return ((np.arange(HSD_SAMPLES) * (segment + 1) + 13 * event) % 4096).astype(np.uint16)
+
+
+def hsd_stream(stream: int, samples: np.ndarray) -> bytes:
+    """One stream of a channel: its header (sample count, stream id), then the samples."""
+    header = np.array([len(samples), stream << 24, 0, 0], np.uint32)
+    return header.tobytes() + samples.astype(np.uint16).tobytes()
+
+
+def hsd_fex(peaks: List[Tuple[int, np.ndarray]]) -> np.ndarray:
+    """Peaks in the firmware's sparse form: a group of 4 skip samples (their
+    counts summed) before each peak, its samples, 4 skip samples after the last."""
+    words: List[int] = []
+    position = 0
+    for start, samples in peaks:
+        words += [HSD_SKIP | (start - position)] + [HSD_SKIP] * 3
+        words += [int(v) for v in samples]
+        position = start + len(samples)
+    return np.array(words + [HSD_SKIP] * 4, np.uint16)
+
+
+def hsd_channel(segment: int, event: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A channel's event header (which streams follow) and its data."""
+    streams = hsd_stream(HSD_FEX, hsd_fex(hsd_peaks(segment, event)))
+    present = 1 << HSD_FEX
+    if event % HSD_RAW_EVERY == 0:
+        streams = hsd_stream(HSD_RAW, hsd_waveform(segment, event)) + streams
+        present |= 1 << HSD_RAW
+    header = np.zeros(8, np.uint32)
+    header[0] = present << 20
+    return header, np.frombuffer(streams, np.uint8).copy()
 
 
 def declare_fields(config: DgramEdit, detector: str, node: int) -> List:
@@ -165,8 +267,30 @@ def declare_fields(config: DgramEdit, detector: str, node: int) -> List:
     return [config.Detector(serial, AlgDef("raw", *version), dict(fields), nodeId=node, segment=0)]
 
 
+def declare_hsd(config: DgramEdit, detector: str, node: int) -> List:
+    """One segment per channel, each with the config psana pads peaks by."""
+    serial = DetectorDef(detector, "hsd", f"{detector}-0")
+    segments = []
+    for seg in range(HSD_SEGMENTS):
+        segments.append(config.Detector(serial, AlgDef("raw", 2, 0, 0),
+                                        {"eventHeader": (np.uint32, 1), "chan00": (np.uint8, 1)},
+                                        nodeId=node, segment=seg))
+        cfg = config.Detector(serial, AlgDef("config", 2, 0, 0),
+                              {name: (np.int64, 0) for name in HSD_CONFIG},
+                              nodeId=node, segment=seg)
+        for name, value in HSD_CONFIG.items():
+            setattr(cfg.config, name, np.int64(value))
+        config.adddata(cfg.config)
+    return segments
+
+
 def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Iterator:
     """The filled `raw` containers of one event, one per segment."""
+    if detector == "hsd":
+        for seg, names in enumerate(segments):
+            names.raw.eventHeader, names.raw.chan00 = hsd_channel(seg, event)
+            yield names.raw
+        return
     if detector in FIELD_TYPES:
         names = segments[0]
         for field in FIELD_TYPES[detector][2]:
@@ -181,7 +305,7 @@ def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Ite
 
 def record_bytes(detector: str) -> int:
     """Bytes of one event's data beyond HEADROOM (which the small detectors fit in)."""
-    if detector in FIELD_TYPES:
+    if detector in FIELD_TYPES or detector == "hsd":
         return 0
     return int(np.prod(DETECTORS[detector][0])) * 2
 
@@ -211,12 +335,14 @@ def chunk_path(path: Path, chunk: int) -> Path:
 def write_stream(path: Path, detector: str, exp: str, run: int, events: int, node: int,
                  gain_bits: int, chunk_events: int = 0,
                  present: Callable[[int], bool] = every_event,
-                 slow_updates: Sequence[int] = ()) -> List[Path]:
+                 slow_updates: Sequence[int] = (), steps: Sequence[int] = ()) -> List[Path]:
     """Configure, BeginRun (with exp/run), the L1Accepts of the `events`
     that `present` selects, each preceded by a SlowUpdate if listed in
     `slow_updates` (holding the PVs for epics, which has no L1Accepts), EndRun;
-    split into chunk files of `chunk_events` events if it is not 0. Returns
-    the files written, chunk 0 first."""
+    step k from event `steps[k]` on, between a BeginStep (holding the scan's
+    variables for scan, which has no L1Accepts either) and an EndStep; split
+    into chunk files of `chunk_events` events if it is not 0. Returns the
+    files written, chunk 0 first."""
     bufsize = record_bytes(detector) + HEADROOM
     buf = bytearray(bufsize)
     t0 = timestamp_of(0) - (1 << 32)
@@ -227,18 +353,29 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
                                 AlgDef("chunkinfo", 0, 0, 1),
                                 {"filename": (str, 1), "chunkid": (np.uint32, 0)},
                                 nodeId=node, segment=0) if chunk_events else None
-    segments = (declare_fields if detector in FIELD_TYPES else declare)(config, detector, node)
+    declared = declare_hsd if detector == "hsd" else (
+        declare_fields if detector in FIELD_TYPES else declare)
+    segments = declared(config, detector, node)
     files = [path]
 
     def emit(dgram: DgramEdit) -> None:
         dgram.save(buf)
         out.write(buf[:dgram.size])
 
+    def emit_transition(transition: int, ts: int, holder: str = "", index: int = 0) -> None:
+        """A transition (or event); the stream of `holder` puts its data of
+        event (or step) `index` in it."""
+        dgram = DgramEdit(transition_id=transition, config_dgramedit=config, ts=ts,
+                          bufsize=bufsize)
+        if detector == holder:
+            for data in event_data(detector, segments, index, gain_bits):
+                dgram.adddata(data)
+        emit(dgram)
+
     def next_chunk(e: int) -> None:
         """Disable, then a new chunk file: Configure, Enable naming the file."""
         nonlocal out
-        emit(DgramEdit(transition_id=TransitionId.Disable, config_dgramedit=config,
-                       ts=timestamp_of(e) - 3, bufsize=bufsize))
+        emit_transition(TransitionId.Disable, timestamp_of(e) - 3)
         out.close()
         files.append(chunk_path(path, len(files)))
         out = open(files[-1], "wb")
@@ -260,25 +397,20 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         begin.adddata(runinfo.runinfo)
         emit(begin)
         for e in range(events):
+            if e in steps:
+                step = list(steps).index(e)
+                if step:
+                    emit_transition(TransitionId.EndStep, timestamp_of(e) - 6)
+                emit_transition(TransitionId.BeginStep, timestamp_of(e) - 5, "scan", step)
             if chunk_events and e and e % chunk_events == 0:
                 next_chunk(e)
             if e in slow_updates:
-                update = DgramEdit(transition_id=TransitionId.SlowUpdate,
-                                   config_dgramedit=config, ts=timestamp_of(e) - 1,
-                                   bufsize=bufsize)
-                if detector == "epics":
-                    for data in event_data(detector, segments, e, gain_bits):
-                        update.adddata(data)
-                emit(update)
-            if detector == "epics" or not present(e):
-                continue
-            event = DgramEdit(transition_id=TransitionId.L1Accept, config_dgramedit=config,
-                              ts=timestamp_of(e), bufsize=bufsize)
-            for data in event_data(detector, segments, e, gain_bits):
-                event.adddata(data)
-            emit(event)
-        emit(DgramEdit(transition_id=TransitionId.EndRun, config_dgramedit=config,
-                       ts=timestamp_of(events), bufsize=bufsize))
+                emit_transition(TransitionId.SlowUpdate, timestamp_of(e) - 1, "epics", e)
+            if detector not in TRANSITION_ONLY and present(e):
+                emit_transition(TransitionId.L1Accept, timestamp_of(e), detector, e)
+        if steps:
+            emit_transition(TransitionId.EndStep, timestamp_of(events) - 1)
+        emit_transition(TransitionId.EndRun, timestamp_of(events))
     finally:
         out.close()
     return files
@@ -372,12 +504,15 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--run", type=int, default=1, help="run number (default: %(default)s)")
     parser.add_argument("-n", "--events", type=int, default=10,
                         help="events to write (default: %(default)s)")
-    parser.add_argument("--detectors", nargs="+", choices=sorted(PSANA_TYPES) + sorted(FIELD_TYPES),
+    parser.add_argument("--detectors", nargs="+",
+                        choices=sorted(PSANA_TYPES) + sorted(FIELD_TYPES) + ["hsd"],
                         default=sorted(PSANA_TYPES),
                         help="detectors to write (default: the area detectors)")
     parser.add_argument("--rate", type=parse_rate, action="append", default=[],
                         metavar="DET=N[:FIRST]",
                         help="write DET only in events FIRST, FIRST+N, ... (repeatable)")
+    parser.add_argument("--steps", type=int, default=0, metavar="N",
+                        help="split the events into N steps of a scan (default: no steps)")
     parser.add_argument("--chunk-events", type=int, default=0, metavar="N",
                         help="split each stream into chunk files of N events (default: one file)")
     parser.add_argument("--corrupt-event", type=int, metavar="E",
@@ -404,19 +539,25 @@ def main(argv: List[str] = None) -> int:
     unknown = set(rates) - set(args.detectors)
     if unknown:
         parser.error(f"--rate names detectors not written: {', '.join(sorted(unknown))}")
+    if ("scan" in args.detectors) != bool(args.steps):
+        parser.error("the scan detector and --steps go together")
+    if args.steps > args.events:
+        parser.error("--steps: more steps than events")
     area = [d for d in args.detectors if d in PSANA_TYPES]
     slow_updates = range(0, args.events, EPICS_EVERY) if "epics" in args.detectors else ()
+    steps = [args.events * k // args.steps for k in range(args.steps)]
     for stream, detector in enumerate(area + [d for d in args.detectors if d not in area]):
         base = f"{args.exp}-r{args.run:04d}-s{stream:03d}-c000"
         present = rates.get(detector, every_event)
         files = write_stream(args.outdir / f"{base}.xtc2", detector, args.exp, args.run,
                              args.events, stream + 1, args.gain_bits, args.chunk_events,
-                             present, slow_updates)
+                             present, slow_updates, steps)
         write_smalldata(files, args.outdir / "smalldata" / f"{base}.smd.xtc2", tool)
-        written = 0 if detector == "epics" else sum(map(present, range(args.events)))
+        written = 0 if detector in TRANSITION_ONLY else sum(map(present, range(args.events)))
         chunks = f" (+{len(files) - 1} chunk files)" if len(files) > 1 else ""
         print(f"{files[0]}{chunks}: {detector}, {written} of {args.events} events")
-        if args.corrupt_event is not None and detector != "epics" and present(args.corrupt_event):
+        if (args.corrupt_event is not None and detector not in TRANSITION_ONLY
+                and present(args.corrupt_event)):
             nth = sum(map(present, range(args.corrupt_event)))   # the stream's nth L1Accept
             print(f"{corrupt_event(files, nth)}: event {args.corrupt_event} corrupt")
         if args.calib_dir and detector in PSANA_TYPES:

@@ -5,7 +5,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from psana_ipc.protocol.replies import FrameDesc
 from .shared_state import Counters
 from .sources.base import (Allocator, FrameMeta, Source, SourceError, SourceFactory,
                            frame_bytes)
+from .sources.event_ranges import as_ranges, expand
 
 log = logging.getLogger(__name__)
 SourceKey = Tuple[str, str, int, str, str]
@@ -132,20 +133,40 @@ class FrameReader:
 
     def info(self, request: Info) -> Dict[str, Any]:
         """Run-level: every detector; with `present`, each one's events as
-        [start, stop, step] ranges. Detector-level: its events and modes."""
+        [start, stop, step] ranges. Detector-level: its events and modes.
+        With `codes`, events count (and `present` lists) only the events
+        those event codes choose."""
         with self._source_call(f"info for {request}", INTERNAL):
             if request.detector is None:
                 found = self.sources.factory.detectors(request.exp, request.run)
+                chosen = self._chosen(request)
                 for det in found.values():
                     held = det.pop("present", [[0, det["events"], 1]])
+                    if chosen is not None:
+                        held = _among(held, chosen)
+                        det["events"] = len(expand(held))
                     if request.present:
                         det["present"] = held
                 return {"detectors": found}
             source = self.sources.get(RunKey(request.exp, request.run, request.detector))
             info = source.info()
+            held = source.present()
+            chosen = self._chosen(request)
+            if chosen is not None:
+                held = _among(held, chosen)
+                info["events"] = len(expand(held))
             if request.present:
-                info["present"] = source.present()
+                info["present"] = held
             return info
+
+    def _chosen(self, request: Info) -> Optional[Set[int]]:
+        if request.codes is None:
+            return None
+        return set(self.sources.factory.events_with_codes(request.exp, request.run, request.codes))
+
+
+def _among(ranges: List[List[int]], chosen: Set[int]) -> List[List[int]]:
+    return as_ranges([e for e in expand(ranges) if e in chosen])
 
 
 def _with_values(meta: FrameMeta, values: Dict[str, Any]) -> FrameMeta:

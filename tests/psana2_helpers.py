@@ -11,6 +11,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
+from psana_ipc.protocol.errors import ServerError
 from psana_ipc.server.sources.synthetic import expected
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,19 @@ def run_psana(args: List[str]) -> str:
     done = subprocess.run([psana_python()] + args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def assert_same(served: np.ndarray, reference: np.ndarray) -> None:
+    """Byte-identical: the same type, shape and bytes."""
+    served = np.asarray(served)
+    assert (served.dtype, served.shape) == (reference.dtype, reference.shape)
+    assert served.tobytes() == reference.tobytes()
+
+
+def error_of(call, *args, **kwargs) -> ServerError:
+    with pytest.raises(ServerError) as e:
+        call(*args, **kwargs)
+    return e.value
 
 
 def calib_of(detector: str, run: int, event: int) -> np.ndarray:
@@ -94,21 +108,41 @@ def psana2_runs(tmp_path_factory) -> Runs:
     return runs
 
 
+@dataclass(frozen=True)
+class Answers:
+    """psana's answers, as tests/psana2_values_oracle.py writes them."""
+    arrays: Dict[str, np.ndarray]     # "<det>.<iface>.<method>/<event>[/...]"
+    found: dict                       # timestamps, events, records, errors, held, steps, ...
+
+    def get(self, key: str):
+        return self.arrays.get(key)
+
+    def parts(self, key: str) -> Dict[str, np.ndarray]:
+        """A flattened answer's arrays, by the rest of their key."""
+        return {k[len(key) + 1:]: v for k, v in self.arrays.items() if k.startswith(key + "/")}
+
+
+def oracle_answers(data_dir: Path, calib_dir: Path, exp: str, run: int, spec: dict,
+                   folder: Path) -> Answers:
+    """psana's own answers for a run, made in the psana environment by
+    tests/psana2_values_oracle.py (see there for `spec`)."""
+    (folder / "spec.json").write_text(json.dumps(spec))
+    out = folder / "answers.npz"
+    run_psana([str(ROOT / "tests" / "psana2_values_oracle.py"), str(data_dir), str(calib_dir),
+               exp, str(run), str(folder / "spec.json"), str(out)])
+    with np.load(out) as answers:
+        return Answers(dict(answers), json.loads(out.with_suffix(".json").read_text()))
+
+
 @pytest.fixture(scope="session")
-def mixed_oracle(psana2_runs, tmp_path_factory) -> Dict[str, np.ndarray]:
+def mixed_oracle(psana2_runs, tmp_path_factory) -> Answers:
     """psana's own answer to every ORACLE_CALLS call in every event of the
     mixed run, keyed "<detector>.<interface>.<method>/<event>"; a call psana
     answers None for is absent."""
-    folder = tmp_path_factory.mktemp("oracle")
-    spec = folder / "spec.json"
-    spec.write_text(json.dumps({"events": list(range(MIXED_EVENTS)),
-                                "calls": [list(call) for call in ORACLE_CALLS],
-                                "pvs": list(PVS)}))
-    out = folder / "answers.npz"
-    run_psana([str(ROOT / "tests" / "psana2_values_oracle.py"), str(psana2_runs.data_dir),
-               str(psana2_runs.calib_dir), EXP, str(MIXED_RUN), str(spec), str(out)])
-    with np.load(out) as answers:
-        return dict(answers)
+    spec = {"events": list(range(MIXED_EVENTS)), "calls": [list(call) for call in ORACLE_CALLS],
+            "env": [["epics", pv] for pv in PVS]}
+    return oracle_answers(psana2_runs.data_dir, psana2_runs.calib_dir, EXP, MIXED_RUN, spec,
+                          tmp_path_factory.mktemp("oracle"))
 
 
 CHUNKED_RUN, CHUNKED_EVENTS, CHUNK_EVENTS = 5, 5, 2      # both detectors in chunks of 2 events
@@ -186,3 +220,124 @@ def psana2_constants(tmp_path_factory) -> ConstantsRun:
                "--bad-pixel-every", str(BAD_PIXEL_EVERY),
                "--pixel-offset", str(PIXEL_OFFSET)])
     return run
+
+
+# lcls2's own test runs (tests/data/lcls2, see its README) under the names the
+# server finds them by: name -> (exp, run); the single files get small data
+# made by psana's smdwriter
+LCLS2_DATA = ROOT / "tests" / "data" / "lcls2"
+LCLS2_RUNS = {"mixed_rate": ("xpptut15", 14), "multi-seg-epics": ("xpptut15", 15),
+              "fakesteps": ("xpptut15", 16), "intg_det": ("xpptut15", 17),
+              "test_hsd": ("xpptut15", 18), "test_ts": ("xpptut15", 19),
+              "test_timetool": ("xpptut15", 20), "dgramedit-test": ("tmolv9418", 175)}
+
+
+@dataclass(frozen=True)
+class Lcls2Runs:
+    data_dir: Path
+    calib_dir: Path     # empty: the runs are read without constants
+
+    def server_args(self) -> List[str]:
+        return ["--source", "psana2", "--workers", "1", "--offline", "--data-dir",
+                str(self.data_dir)]
+
+    def oracle(self, name: str, spec: dict, folder: Path) -> Answers:
+        exp, run = LCLS2_RUNS[name]
+        return oracle_answers(self.data_dir, self.calib_dir, exp, run, spec, folder)
+
+
+def smdwriter_path() -> str:
+    """psana's smdwriter, found as our writer finds it."""
+    return run_psana(["-c", f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
+                            f"from make_xtc2_run import smdwriter; print(smdwriter())"]).strip()
+
+
+@pytest.fixture(scope="session")
+def lcls2_runs(tmp_path_factory) -> Lcls2Runs:
+    root = tmp_path_factory.mktemp("lcls2")
+    runs = Lcls2Runs(root / "xtc", root / "calib")
+    (runs.data_dir / "smalldata").mkdir(parents=True)
+    runs.calib_dir.mkdir()
+    tool = None
+    for name, (exp, run) in LCLS2_RUNS.items():
+        source = LCLS2_DATA / name
+        if source.is_dir():
+            for path in sorted(source.glob("*.xtc2")):
+                name = f"{exp}-r{run:04d}-s{path.name.split('-s', 1)[1]}"
+                (runs.data_dir / name).symlink_to(path)
+                smd = name.replace(".xtc2", ".smd.xtc2")
+                (runs.data_dir / "smalldata" / smd).symlink_to(
+                    source / "smalldata" / path.name.replace(".xtc2", ".smd.xtc2"))
+            continue
+        tool = tool or smdwriter_path()
+        linked = runs.data_dir / f"{exp}-r{run:04d}-s000-c000.xtc2"
+        linked.symlink_to(LCLS2_DATA / f"{name}.xtc2")
+        smd = runs.data_dir / "smalldata" / linked.name.replace(".xtc2", ".smd.xtc2")
+        subprocess.run([tool, "-f", str(linked), "-o", str(smd)], check=True,
+                       capture_output=True, timeout=300)
+    return runs
+
+
+def psana_channels(answers: Answers, key: str, channels: List[List[int]]):
+    """psana's answer for a digitizer's channels ({segment: {channel: array}})
+    stacked in the order the server lists them, or None where psana gave none."""
+    parts = [answers.get(f"{key}/{segment}/{chan}") for segment, chan in channels]
+    return None if any(p is None for p in parts) else np.stack(parts)
+
+
+def assert_peaks(table: np.ndarray, answers: Answers, key: str) -> None:
+    """A served peaks table (rows [segment, channel, start, length, samples...])
+    holds exactly psana's peaks ({segment: {channel: (starts, peaks)}})."""
+    served: Dict[str, list] = {}
+    for row in np.asarray(table):
+        segment, chan, start, length = (int(v) for v in row[:4])
+        served.setdefault(f"{segment}/{chan}", []).append((start, row[4:4 + length]))
+        assert not row[4 + length:].any()
+    parts = answers.parts(key)
+    channels = sorted(k[:-2] for k in parts if k.count("/") == 2 and k.endswith("/0"))
+    assert sorted(served) == channels
+    for channel in channels:
+        starts = parts[f"{channel}/0"].tolist()
+        assert [start for start, _ in served[channel]] == starts
+        for k, (_, samples) in enumerate(served[channel]):
+            peak = parts[f"{channel}/1/{k}"]
+            assert np.can_cast(peak.dtype, np.int64) and np.array_equal(samples, peak)
+
+
+# A run of our writer with every kind the issue names beside area detectors:
+# a digitizer (raw waveforms in even events only), a 1-D camera read out every
+# 3rd event from event 2 (the integrating detector of the run), a line camera,
+# timing with event codes, a step scan of KINDS_STEPS steps and EPICS PVs
+KINDS_RUN, KINDS_EVENTS, KINDS_STEPS = 12, 12, 3
+KINDS_DETECTORS = ("hsd", "timing", "andor", "piranha4", "scan", "epics")
+KINDS_CALLS = (("hsd", "raw", "waveforms"), ("hsd", "raw", "padded"), ("hsd", "raw", "peaks"),
+               ("timing", "raw", "eventcodes"), ("timing", "raw", "pulseId"),
+               ("timing", "raw", "timestamp"), ("timing", "raw", "destination"),
+               ("timing", "raw", "inhibitCounts"), ("andor", "raw", "raw"),
+               ("piranha4", "raw", "raw"), ("piranha4", "raw", "calib"))
+SCAN_VARIABLES = ("motor1", "step_docstring", "step_value")
+
+
+@dataclass(frozen=True)
+class KindsRun:
+    data_dir: Path
+    answers: Answers
+
+    def server_args(self) -> List[str]:
+        return ["--source", "psana2", "--workers", "1", "--offline", "--data-dir",
+                str(self.data_dir)]
+
+
+@pytest.fixture(scope="session")
+def kinds_run(tmp_path_factory) -> KindsRun:
+    root = tmp_path_factory.mktemp("psana2-kinds")
+    run_psana([str(ROOT / "scripts" / "make_xtc2_run.py"), "--outdir", str(root / "xtc"),
+               "--exp", EXP, "--run", str(KINDS_RUN), "-n", str(KINDS_EVENTS),
+               "--detectors", *KINDS_DETECTORS, "--steps", str(KINDS_STEPS),
+               "--rate", "andor=3:2"])
+    spec = {"events": None, "calls": [list(call) for call in KINDS_CALLS], "steps": True,
+            "env": [["scan", var] for var in SCAN_VARIABLES] + [["epics", pv] for pv in PVS],
+            "intg_det": "andor"}
+    (root / "calib").mkdir()
+    return KindsRun(root / "xtc", oracle_answers(root / "xtc", root / "calib", EXP, KINDS_RUN,
+                                                  spec, root))

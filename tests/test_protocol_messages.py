@@ -11,9 +11,10 @@ from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import (Done, LegacyError, LegacyFrame, LegacyGet, LegacyMark,
                                        Probe, is_ours, parse_legacy, parse_legacy_reply)
-from psana_ipc.protocol.messages import (MODES, TRANSPORTS, FieldRef, FreeArenas, Get, Hello,
-                                         Info, Into, MakeArena, Ping, Prefetch, Release, RunKey,
-                                         Shutdown, Stats, frame_nbytes, parse_request)
+from psana_ipc.protocol.messages import (MODES, REDUCERS, TRANSPORTS, CodeFilter, FieldRef,
+                                         FreeArenas, Get, Hello, Info, Into, MakeArena, Ping,
+                                         Prefetch, Release, RunKey, Shutdown, Stats, frame_nbytes,
+                                         parse_request)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
                                         FrameReply, InfoReply, Inline, InPool, Pong, Queued,
                                         Skipped, StatsReply, Stopping, Welcome, WrittenFrame,
@@ -39,7 +40,10 @@ def json_objects(reserved=frozenset()):
 # -- v1 requests ---------------------------------------------------------------------------
 run_keys = st.builds(RunKey, text, ids, text, text)
 events = st.lists(counts, min_size=1, max_size=20).map(tuple)
-field_refs = st.builds(FieldRef, names, names, names)
+field_refs = st.builds(FieldRef, names, names, names, st.none() | st.sampled_from(REDUCERS))
+codes = st.lists(st.integers(0, 300), max_size=4, unique=True).map(tuple)
+code_filters = st.tuples(codes, codes).filter(
+    lambda c: (c[0] or c[1]) and not set(c[0]) & set(c[1])).map(lambda c: CodeFilter(*c))
 shapes = st.lists(st.integers(0, 4096), max_size=4).map(tuple)
 
 
@@ -58,7 +62,7 @@ plain_gets = st.builds(Get, run_keys, st.sampled_from(MODES), events,
 requests = st.one_of(
     st.builds(Hello, st.integers(0, 9), st.none() | text, text, st.sampled_from(TRANSPORTS),
               st.integers(0, 4096), st.none() | text),
-    st.builds(Info, text, ids, st.none() | text, st.booleans()),
+    st.builds(Info, text, ids, st.none() | text, st.booleans(), st.none() | code_filters),
     plain_gets,
     gets_into(),
     st.builds(Prefetch, run_keys, st.sampled_from(MODES), events),
@@ -101,11 +105,29 @@ def test_a_request_says_only_what_differs_from_its_defaults():
                                                      "wait": False}
 
 
+def test_event_code_filters_and_batch_values_are_checked_where_they_are_made():
+    assert CodeFilter.parse({"with": [40]}) == CodeFilter((40,))
+    assert CodeFilter.parse({"without": (41, 280)}).to_json() == {"with": [], "without": [41, 280]}
+    for bad in ({"with": []}, {"with": [40], "without": [40]}, {"with": [-1]}, {"with": [True]},
+                {"when": [1]}, [40], {"with": 40}, {"with": list(range(65))}):
+        with pytest.raises(ProtocolError) as e:
+            CodeFilter.parse(bad)
+        assert e.value.code == errors.BAD_REQUEST
+    ref = FieldRef.parse("sum(hsd.fex.calib)")
+    assert (ref.reduce, ref.plain, ref.name) == ("sum", "hsd.fex.calib", "sum(hsd.fex.calib)")
+    assert FieldRef.parse("epics.HX2:DVD(1)").reduce is None
+    for bad in ("mean(hsd.calib)", "sum(hsd)", "sum(hsd._raw)"):
+        with pytest.raises(ProtocolError) as e:
+            FieldRef.parse(bad)
+        assert e.value.code == errors.BAD_REQUEST
+
+
 # -- v1 replies ----------------------------------------------------------------------------
 descs = st.builds(FrameDesc, shapes, text, st.none() | json_objects(), st.booleans(),
                   json_objects(frozenset({"ok", "id", "seq", "event", "done", "handle", "pool",
                                           "offset", "size", "ticket", "nbytes", "shape",
-                                          "dtype", "timestamp", "calibrated"})))
+                                          "dtype", "timestamp", "calibrated", "skipped",
+                                          "message"})))
 dones = st.booleans()
 
 

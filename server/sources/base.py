@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import BAD_REQUEST, OUT_OF_RANGE, UNKNOWN_MODE, ProtocolError
-from psana_ipc.protocol.messages import FieldRef, RunKey, frame_nbytes
+from psana_ipc.protocol.messages import CodeFilter, FieldRef, RunKey, frame_nbytes
 
 # Gives the memory a frame is written into: (shape, dtype) -> writable array.
 Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
@@ -143,6 +143,11 @@ class SourceFactory:
         """Detector name -> per-detector info (with its `events`) for `info`
         without a detector."""
         raise NotImplementedError
+
+    def events_with_codes(self, exp: str, run: int, codes: CodeFilter) -> List[int]:
+        """The events of a run that the timing system's event codes choose."""
+        raise SourceError(BAD_REQUEST, f"{self.name} runs have no timing event codes: events "
+                                       f"are chosen by event code in psana2 runs only")
 
     def close(self) -> None:
         """Release what the factory holds in this process; a worker calls it as it exits."""

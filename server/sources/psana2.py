@@ -5,11 +5,14 @@ A request names exp, run and detector; the run is opened with
 run's timestamp table (see psana2_run). Modes depend on the detector's kind
 (see psana2_detectors): an area detector offers raw, calib, image and, when
 psana has a pixel mask for it (it needs pixel_status constants), mask; a
-waveform digitizer raw; a scalar detector no frames, only fields beside
-another detector's frame. An event without the detector (one read out at a
-lower rate) is the error no_data. Every frame's descriptor carries the
-event's 64-bit psana timestamp (sec << 32 | nsec) as {"time": ts}. A
-request's access_mode is not used: psana2 runs are always read by index.
+waveform digitizer raw; a digitizer (hsd) waveforms and padded; a 1-D camera
+raw and calib; a scalar or timing detector no frames, only fields beside
+another detector's frame. Any field is also served as a frame by its own
+name, e.g. detector `ebeam.ebeamPhotonEnergy` (psana2_field_source). An event
+without the detector (one read out at a lower rate) is the error no_data.
+Every frame's descriptor carries the event's 64-bit psana timestamp
+(sec << 32 | nsec) as {"time": ts}. A request's access_mode is not used:
+psana2 runs are always read by index.
 
 Options:
   --data-dir DIR, --data-root ROOT, --files FILE ...
@@ -40,20 +43,28 @@ detectors of one run use one DataSource, and each detector is made once. A run
 is closed when its last source is closed.
 """
 import argparse
-import bisect
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.messages import FieldRef, RunKey
+from psana_ipc.protocol.errors import NO_DATA
+from psana_ipc.protocol.messages import CodeFilter, FieldRef, RunKey
 
-from .base import Source, SourceFactory
+from .base import FrameMeta, Source, SourceError, SourceFactory
 from . import psana2_location
-from .psana2_detectors import (AREA, EPICS, as_ranges, epics_info, field_value, frame_reader,
-                               holds, kind_of, missing, no_frames, offered_modes, pv_value)
+from .event_ranges import as_ranges
+from .psana2_detectors import (AREA, DIGITIZER, DIGITIZER_MODES, field_names, frame_method,
+                               holds, kind_of, main_interface, missing, no_frames,
+                               offered_modes)
+from .psana2_env import STEP, STORES, pseudo_frames, step_info, store_info
+from .psana2_field_source import FieldSource, is_field
+from .psana2_fields import field_json
 from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
-from .psana_common import SAMPLES, PsanaDetectorSource, check_data_dir
+from .psana2_values import sorted_channels, to_array
+from .psana_common import PsanaDetectorSource, check_data_dir
+
+SAMPLE_EVENTS = 64      # events tried for a mode's shape: a digitizer keeps waveforms in some
 
 
 def geometry_fits(iface: Any) -> bool:
@@ -91,47 +102,75 @@ class Psana2Source(PsanaDetectorSource):
         return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
 
     def check(self, index: int, mode: str) -> None:
-        """Also no_data for an event without the detector: told before the
-        server reserves memory for the frame."""
+        """Also no_data for an event without the detector, or without a
+        digitizer's waveforms: told before the server reserves memory."""
         if not self.modes():
-            raise no_frames(self.detector, self._det.use())
+            classes = self._opened.interfaces(self.detector)
+            raise no_frames(self.detector, self.kind,
+                            field_names(self.detector, classes, self._opened.run.detinfo))
         super().check(index, mode)
-        at = bisect.bisect_left(self._held, index)
-        if at == len(self._held) or self._held[at] != index:
+        if not self._opened.holds(self.detector, index):
             raise missing(self.detector, index)
+        if mode in DIGITIZER_MODES:
+            self.digitized(index, mode)
 
-    def sample_events(self) -> Sequence[int]:
-        return self._held[:SAMPLES]
+    def sample_events(self) -> List[int]:
+        return self._held[:SAMPLE_EVENTS]
 
     def info(self) -> Dict[str, Any]:
-        """Events counts those that hold the detector; run_events all of the run's."""
-        return dict(super().info(), events=len(self._held), run_events=len(self),
-                    kind=self.kind)
+        """Events counts those that hold the detector; run_events all of the
+        run's; a digitizer's channels are listed in the order its frames stack
+        them, as [segment, channel]."""
+        info = dict(super().info(), events=len(self._held), run_events=len(self), kind=self.kind)
+        if self.kind == DIGITIZER:
+            info["channels"] = self.channels()
+        return info
+
+    def channels(self) -> List[List[int]]:
+        """[segment, channel] of each row of a digitizer's frames."""
+        for mode in self.modes():
+            for event in self.sample_events():
+                answer = frame_method(self._det.use(), mode)(self.event(event))
+                if answer is not None:
+                    return [[int(s), int(c)] for s, c, _ in sorted_channels(answer)]
+        return []
 
     def present(self) -> List[List[int]]:
         return as_ranges(self._held)
 
     def event(self, index: int) -> Any:
         evt = self._opened.event(index)
-        if not holds(evt, self.detector):
+        if not holds(evt, self.detector, self._det.interface):
             raise missing(self.detector, index)
         return evt
 
+    def digitized(self, index: int, mode: str) -> np.ndarray:
+        """A digitizer's waveforms or padded peaks, its channels stacked."""
+        answer = frame_method(self._det.use(), mode)(self.event(index))
+        if answer is None:
+            raise SourceError(NO_DATA, f"event {index} holds no {mode} of {self.detector}: "
+                                       f"psana gives none for it (a digitizer keeps its raw "
+                                       f"waveforms in some events only, and pads peaks only "
+                                       f"where it found some)")
+        return to_array(f"{self.detector} {mode}", mode, answer)
+
+    def read(self, index: int, mode: str) -> Tuple[np.ndarray, FrameMeta]:
+        if mode not in DIGITIZER_MODES:
+            return super().read(index, mode)
+        frame = self.digitized(index, mode)
+        return frame, FrameMeta(timestamp=self.timestamp(index, self._opened.event(index)))
+
     def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
-        """A value of any detector of the run (or an EPICS PV) in this event."""
+        """A value of any detector of the run (or an EPICS PV, a scan variable,
+        the step) in this event, or over the batch it ends (see psana2_fields)."""
         self.check_range(index)
-        evt = self._opened.event(index)
-        if ref.detector == EPICS:
-            return pv_value(self._opened.run, ref.attribute, evt, index)
-        det = self._opened.detector(ref.detector)
-        det.use()
-        return field_value(det.container, ref, evt, index)
+        return field_json(self._opened, index, ref, self._held)
 
     def timestamp(self, index: int, evt: Any) -> Dict[str, int]:
         return {"time": int(evt.timestamp)}
 
     def raw(self, evt: Any) -> Optional[np.ndarray]:
-        return frame_reader(self._det.use())(evt)
+        return frame_method(self._det.use(), "raw")(evt)
 
     def calib(self, evt: Any) -> Optional[np.ndarray]:
         return self._det.use().calib(evt)
@@ -195,6 +234,10 @@ class Factory(SourceFactory):
     def open(self, key: RunKey) -> Source:
         opened = self._acquire(key.exp, key.run)
         try:
+            if key.detector in STORES + (STEP,):
+                raise pseudo_frames(key.detector)
+            if is_field(key.detector):
+                return FieldSource(self, opened, key.detector)
             return Psana2Source(self, opened, key.detector)
         except BaseException:
             self.release(opened)
@@ -202,25 +245,41 @@ class Factory(SourceFactory):
 
     def detectors(self, exp: str, run: int) -> Dict[str, Any]:
         """Every detector with its kind and modes, judged from the class psana
-        picks for its raw interface (no detector is made), and the events
-        holding it; mask is listed where pixel_status constants are known."""
+        picks for its raw interface (no detector is made), the events holding
+        it and its fields; one that serves no frames says why (`note`); mask
+        is listed where pixel_status constants are known. Then the run's
+        EPICS PVs, scan variables and steps (psana2_env)."""
         opened = self._acquire(exp, run)
         try:
             found: Dict[str, Any] = {}
             for name, dettype, _, _ in opened.run.xtcinfo:
                 if name not in opened.run.detnames or name in found:
                     continue
-                raw = opened.interfaces(name).get("raw")
+                classes = opened.interfaces(name)
+                raw = classes[main_interface(classes)]
                 held = opened.events_of(name)
                 has_mask = "pixel_status" in opened.constants(name)
-                found[name] = {"type": dettype, "kind": kind_of(raw),
-                               "interfaces": sorted(opened.interfaces(name)),
-                               "modes": list(offered_modes(raw, has_mask)), "events": len(held),
-                               "present": as_ranges(held)}
-            pvs = epics_info(opened.run, opened.timestamps)
-            if pvs:
-                found[EPICS] = pvs
+                fields = field_names(name, classes, opened.run.detinfo)
+                found[name] = {"type": dettype, "kind": kind_of(raw), "interfaces": sorted(classes),
+                               "modes": list(offered_modes(raw, has_mask)), "fields": fields,
+                               "events": len(held), "present": as_ranges(held)}
+                if not found[name]["modes"]:
+                    found[name]["note"] = no_frames(name, kind_of(raw), fields).message
+            for store in STORES:
+                listed = store_info(opened.run, opened.timestamps, store)
+                if listed:
+                    found[store] = listed
+            steps = step_info(opened.run, opened.steps)
+            if steps:
+                found[STEP] = steps
             return found
+        finally:
+            self.release(opened)
+
+    def events_with_codes(self, exp: str, run: int, codes: CodeFilter) -> List[int]:
+        opened = self._acquire(exp, run)
+        try:
+            return opened.event_codes().events(codes)
         finally:
             self.release(opened)
 

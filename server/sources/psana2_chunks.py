@@ -16,17 +16,20 @@ or psana aborts on the bytes it finds there. `EventTable` notes, during
 the same scan, at which event each stream changed chunk, and reads each
 event from its own chunk file. Every record is checked (xtc2_record) before
 psana parses it, so a corrupt one is an error reply, not a dead worker.
+
+The same scan notes where the run's steps begin and end (BeginStep and
+EndStep transitions), which `run.steps()` would find reading in order.
 """
 import bisect
 import os
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from psana_ipc.protocol.errors import READ_FAILED
 
 from .base import SourceError
 from .xtc2_record import record_problem
 
-ENABLE = 8   # psana's TransitionId.Enable
+ENABLE, BEGIN_STEP, END_STEP = 8, 6, 7   # psana's TransitionId
 
 
 def chunk_named(dgram: Any) -> Optional[str]:
@@ -38,8 +41,13 @@ def chunk_named(dgram: Any) -> Optional[str]:
     return None
 
 
+def first_record(dgrams: List[Any]) -> Any:
+    return next((d for d in dgrams if d is not None), None)
+
+
 class EventTable:
-    """Every event's timestamp, and for each stream its chunk file, offset and size."""
+    """Every event's timestamp, and for each stream its chunk file, offset and
+    size; the run's steps as (first event, stop, BeginStep time)."""
 
     def __init__(self, run: Any) -> None:
         self._run = run
@@ -49,23 +57,33 @@ class EventTable:
         self._chunks: Dict[int, Tuple[List[int], List[str]]] = {
             i: ([0], [path]) for i, path in enumerate(first)}
         self._fds: Dict[str, int] = {}
+        self.steps: List[Tuple[int, int, int]] = []
+        begun: List[Tuple[int, int]] = []
         handle_transition = run._handle_transition
 
-        def note_chunks(dgrams: List[Any]) -> bool:
+        def note_transition(dgrams: List[Any]) -> bool:
             for i, d in enumerate(dgrams):
                 name = chunk_named(d)
                 if name is not None:
                     starts, files = self._chunks[i]
                     starts.append(len(run._ts_table))
                     files.append(os.path.join(os.path.dirname(first[i]), name))
+            record = first_record(dgrams)
+            service = record.service() if record is not None else None
+            if service == BEGIN_STEP:
+                begun.append((len(run._ts_table), int(record.timestamp())))
+            elif service == END_STEP and begun:
+                start, when = begun.pop()
+                self.steps.append((start, len(run._ts_table), when))
             return handle_transition(dgrams)
 
-        run._handle_transition = note_chunks
+        run._handle_transition = note_transition
         try:
             with run.build_table():
                 self.timestamps: List[int] = list(run._ts_table)
         finally:
             del run._handle_transition
+        self.steps += [(start, len(self.timestamps), when) for start, when in begun]
         self._offsets = run._ts_table
 
     def event_streams(self) -> List[FrozenSet[int]]:
@@ -77,13 +95,15 @@ class EventTable:
         starts, files = self._chunks[stream]
         return files[bisect.bisect_right(starts, index) - 1]
 
-    def event(self, index: int) -> Any:
+    def event(self, index: int, streams: Optional[Set[int]] = None) -> Any:
         """psana's event `index`, read as `run.event(ts)` reads it but from
-        each stream's own chunk file."""
+        each stream's own chunk file; only `streams`' records if given."""
         from psana import dgram
         from psana.event import Event
         dgrams: List[Any] = [None] * len(self._run.configs)
         for stream, (offset, size) in self._offsets[self.timestamps[index]].items():
+            if streams is not None and stream not in streams:
+                continue
             path = self.chunk_file(stream, index)
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)

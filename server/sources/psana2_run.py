@@ -9,6 +9,7 @@ wrong (runs split into chunk files) and checks every record first.
 
 psana is imported here, inside functions, never when the module is imported.
 """
+import bisect
 import logging
 import os
 from pathlib import Path
@@ -20,7 +21,8 @@ from psana_ipc.protocol.errors import NOT_FOUND, UNKNOWN_DETECTOR
 
 from .base import SourceError
 from .psana2_chunks import EventTable
-from .psana2_detectors import events_with, streams_of
+from .psana2_codes import EventCodes, codes_method, no_timing
+from .psana2_detectors import events_with, main_interface, streams_of
 from .psana2_location import RunFiles, files_listed
 from .psana2_shared import RunDetector, release_all
 
@@ -101,15 +103,18 @@ class OpenRun:
         except (AssertionError, FileNotFoundError) as e:
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where}: {e}") from e
         if self.run is None or (self.run.expt and self.run.expt != exp):
-            found = "no run" if self.run is None else f"a run of {self.run.expt}"
+            found = ("psana finds no run in its files: a run starts with Configure and "
+                     "BeginRun records" if self.run is None else f"a run of {self.run.expt}")
             self._ds.dm.close()
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where} ({found})")
         self._table = EventTable(self.run)
         self.timestamps: List[int] = self._table.timestamps
+        self.steps = self._table.steps
         # per event, the streams holding a record of it: which detectors it has
         self.event_streams = self._table.event_streams()
         self._held: Dict[str, List[int]] = {}
         self._last: Tuple[int, Any] = (-1, None)
+        self._codes: Optional[EventCodes] = None
         log.info("opened run %d of %s from %s: %d events, detectors %s", run, exp, where,
                  len(self.timestamps), ", ".join(sorted(self.run.detnames)))
 
@@ -124,7 +129,8 @@ class OpenRun:
             if self.calib_dir:
                 found = read_constants(self.calib_dir, self.exp, self.runnum, name)
                 self.run.dsparms.calibconst.setdefault(name, {}).update(found)
-            self._detectors[name] = RunDetector(self.run, name)
+            self._detectors[name] = RunDetector(self.run, name,
+                                                main_interface(self.interfaces(name)))
         return self._detectors[name]
 
     def constants(self, name: str) -> Dict[str, Any]:
@@ -135,6 +141,12 @@ class OpenRun:
         if name not in self._held:
             self._held[name] = events_with(self.event_streams, streams_of(self.run.configs, name))
         return self._held[name]
+
+    def holds(self, name: str, index: int) -> bool:
+        """Whether event `index` holds detector `name`."""
+        held = self.events_of(name)
+        at = bisect.bisect_left(held, index)
+        return at < len(held) and held[at] == index
 
     def interfaces(self, name: str) -> Dict[str, Any]:
         """Interface name -> the psana class serving it, without making the detector."""
@@ -147,6 +159,29 @@ class OpenRun:
         if self._last[0] != index:
             self._last = (index, self._table.event(index))
         return self._last[1]
+
+    def event_of(self, index: int, name: str) -> Any:
+        """psana's event with only the records of the streams holding `name`
+        (the last one read whole if it is this one)."""
+        if self._last[0] == index:
+            return self._last[1]
+        return self._table.event(index, streams_of(self.run.configs, name))
+
+    def event_codes(self) -> EventCodes:
+        """Every event's codes, read once (see psana2_codes)."""
+        if self._codes is None:
+            found = ((name, codes_method(self.interfaces(name)))
+                     for name in sorted(self.run.detnames))
+            timing = next(((name, iface) for name, iface in found if iface), None)
+            if timing is None:
+                raise no_timing(self.exp, self.runnum, self.run.detnames)
+            name, iface = timing
+            det = self.detector(name)
+            det.use()
+            read = getattr(det.container, iface).eventcodes
+            self._codes = EventCodes(self.events_of(name),
+                                     lambda event: read(self.event_of(event, name)))
+        return self._codes
 
     def close(self) -> None:
         self._last = (-1, None)

@@ -28,20 +28,22 @@ def release_all() -> None:
 
 
 class RunDetector:
-    """`run.Detector(name)` of one run, created once, with its own state."""
+    """`run.Detector(name)` of one run, created once, with its own state;
+    `interface`: the one its frames come from (usually `raw`)."""
 
-    def __init__(self, run: Any, name: str) -> None:
+    def __init__(self, run: Any, name: str, interface: str = "raw") -> None:
         holder = _holders.get(name)
         if holder is not None:
             holder.release()
         self.name = name
+        self.interface = interface
         self.container = run.Detector(name)     # one attribute per interface: raw, fex, ...
-        self.iface = getattr(self.container, "raw", None)
+        self.iface = getattr(self.container, interface, None)
         self._saved: List[Tuple[Any, Dict[str, Any]]] = []
         _holders[name] = self
 
     def use(self) -> Any:
-        """The `det.raw` interface, holding this run's state."""
+        """The frames' interface (`det.raw`), holding this run's state."""
         holder = _holders.get(self.name)
         if holder is not self:
             if holder is not None:

@@ -11,12 +11,11 @@ A flavour subclasses `PsanaDetectorSource` and supplies the event lookup and
 the four per-event reads; everything else is decided here, once.
 """
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import NO_CALIBRATION, NO_GEOMETRY, READ_FAILED
-from psana_ipc.protocol.messages import MODES
+from psana_ipc.protocol.errors import NO_CALIBRATION, NO_DATA, NO_GEOMETRY, READ_FAILED
 
 from ..startup import StartupError
 from .base import FrameMeta, FrameSpec, Source, SourceError
@@ -24,6 +23,7 @@ from .base import FrameMeta, FrameSpec, Source, SourceError
 log = logging.getLogger(__name__)
 GAIN_BITS_MASK = 0x3FFF
 SAMPLES = 16        # events tried for a mode's shape before it counts as unavailable
+MODES = ("raw", "calib", "image", "mask")
 
 
 def experiment_path(template: str, exp: str) -> str:
@@ -93,9 +93,9 @@ class PsanaDetectorSource(Source):
     def modes(self) -> Tuple[str, ...]:
         return MODES
 
-    def sample_events(self) -> Sequence[int]:
-        """Events that may hold the detector, in the order to read shapes from:
-        the first SAMPLES of the run (psana1 cannot tell which hold it)."""
+    def sample_events(self) -> Iterable[int]:
+        """Events to read shapes from, in turn, while they lack the mode's
+        data: the first SAMPLES of the run (psana1 cannot tell which hold it)."""
         return range(min(len(self), SAMPLES))
 
     def specs(self) -> Dict[str, FrameSpec]:
@@ -108,7 +108,7 @@ class PsanaDetectorSource(Source):
                     try:
                         data, meta = self.read(event, mode)
                     except SourceError as e:
-                        if e.code == READ_FAILED:
+                        if e.code in (READ_FAILED, NO_DATA):
                             continue    # psana had nothing for that event: try the next
                         break
                     specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)

@@ -51,7 +51,7 @@ def test_the_fair_share_rule():
     for a connection of it holding nothing; a group holding nothing may take
     any room left; larger than the budget is never."""
     ix = _index(budget=120)
-    first, second = dict(owner=0, conn=1), dict(owner=0, conn=2)
+    first = dict(owner=0, conn=1)
     with _locked(ix):
         assert ix.grant(1, 121, 0, 1) is Grant.TOO_LARGE
         assert ix.grant(1, 50, 0, 1) is Grant.GRANTED
