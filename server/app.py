@@ -23,7 +23,7 @@ from .frame_cache import FrameCache, source_fingerprint
 from .frame_memory import SHM_POOL, FrameMemory
 from .frame_reader import FrameReader, OpenSources
 from .listener import bind_tcp, bind_unix
-from .master import SHUTDOWN_SIGNAL, Master
+from .master import DONE_SIGNAL, SHUTDOWN_SIGNAL, Master
 from .pool_index import Index
 from .pool_pages import PoolFile
 from .shared_state import SharedState
@@ -167,7 +167,7 @@ def serve(options: ServerOptions) -> int:
         ctx = WorkerContext(
             reader=FrameReader(OpenSources(factory, options.open_sources), counters),
             memory=memory, counters=counters,
-            shutdown=lambda: os.kill(master_pid, SHUTDOWN_SIGNAL),
+            shutdown=lambda done: os.kill(master_pid, DONE_SIGNAL if done else SHUTDOWN_SIGNAL),
             stats=stats, source=options.source, server_pid=master_pid, window=options.window,
             max_window=options.max_window, token=token,
             legacy=not options.no_legacy and token is None,

@@ -21,7 +21,7 @@ class WorkerContext:
     reader: FrameReader
     memory: FrameMemory
     counters: Counters
-    shutdown: Callable[[], None]
+    shutdown: Callable[[bool], None]        # True: a legacy DONE asked for it
     stats: Callable[[], Dict[str, object]]
     source: str
     server_pid: int

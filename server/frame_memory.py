@@ -141,7 +141,7 @@ class FrameMemory:
         """A new extent of `size` in the pool in memory, held by no client."""
         pool, ix = self.pools[SHM_POOL], self.index
         with self.locked():
-            grant = ix.grant(fields["group"], size, self.slot, fields["conn"])
+            grant = ix.grant(fields["group"], size, self.slot, fields["conn"], state == BATCH)
             if grant is not Grant.GRANTED:
                 return grant, None
             while True:

@@ -94,8 +94,9 @@ class LegacyConnection(Channel):
             self.send(LegacyMark().to_bytes())
             self.finish()
         elif isinstance(request, Done):
-            log.info("DONE received: stopping the server")
-            self.ctx.shutdown()
+            self.ctx.shutdown(True)
+            self.replied = True
+            self.send(LegacyMark().to_bytes())   # tells `psana-ipc stop` one was enough
             self.finish()
         else:
             self.request = request.get

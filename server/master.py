@@ -5,10 +5,10 @@ Signal handlers only enqueue; the loop drains the queue. Stopping asks
 workers to stop, reaps them until a deadline, then SIGKILLs the rest, and
 finally unlinks every segment named with this server's pid (of this user's
 files only), so nothing survives a stop whatever state the workers were in.
-Until then, and for `ABSORB_GRACE` after, the master accepts and closes
-whatever connects: the btx family stops a server with one connect + `DONE`
-per worker, and every connect of that loop must succeed even though the
-first `DONE` stopped us. While it runs it holds the liveness lock
+Until then, and for `ABSORB_GRACE` after a stop a `DONE` asked for, the
+master accepts and closes whatever connects: the btx family stops a server
+with one connect + `DONE` per worker, and every connect of that loop must
+succeed even though the first `DONE` stopped us. While it runs it holds the liveness lock
 `psana-ipc cleanup` looks at. A worker that dies before it ever accepted
 stops the server instead of being respawned forever; one whose loop stalls
 longer than the request timeout (stuck in a source call, or frozen), or
@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 DUMP_GRACE = 2.0       # a stalled worker's time to write its traceback before SIGKILL
-# A worker asks the master to stop with this signal (a client's shutdown or DONE),
-# so the log tells a requested stop from a SIGTERM.
+# A worker asks the master to stop with these signals (a client's v1 shutdown, or a
+# legacy DONE), so the log tells a requested stop from a SIGTERM, and only a DONE
+# stop keeps absorbing the DONEs that follow it.
 SHUTDOWN_SIGNAL = signal.SIGUSR1
-ABSORB_GRACE = 1.0     # connections still accepted (and closed) after a stop
+DONE_SIGNAL = signal.SIGUSR2
+ABSORB_GRACE = 1.0     # connections still accepted (and closed) after a DONE stop
 
 
 class Master:
@@ -67,6 +69,7 @@ class Master:
         self.condemned: Dict[int, float] = {}    # stalled worker pid -> SIGKILL then
         self.lock: Optional[int] = None           # the liveness lock, while running
         self.stopping = False
+        self.grace = 0.0                          # ABSORB_GRACE once a DONE stopped us
         self.exit_code = 0
 
     # -- signals --------------------------------------------------------------------
@@ -77,7 +80,8 @@ class Master:
         """SIGHUP stops the server unless it was started with SIGHUP ignored
         (`nohup`): then master and workers keep ignoring it."""
         self._wake = wakeup_pipe()
-        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, SHUTDOWN_SIGNAL]
+        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, SHUTDOWN_SIGNAL,
+                         DONE_SIGNAL]
         if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
             self._handled.append(signal.SIGHUP)
         for sig in self._handled:
@@ -108,6 +112,9 @@ class Master:
             elif signum == SHUTDOWN_SIGNAL:
                 log.info("shutdown requested by a client: stopping")
                 self.stopping = True
+            elif signum == DONE_SIGNAL:
+                log.info("DONE received from a client: stopping")
+                self.stopping, self.grace = True, ABSORB_GRACE
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 self.stopping = True
@@ -226,7 +233,7 @@ class Master:
         liveness.release(self.lock, self.pid)
         if self.ready_file:
             _remove(self.ready_file)
-        grace_end = time.monotonic() + ABSORB_GRACE
+        grace_end = time.monotonic() + self.grace
         while time.monotonic() < grace_end:
             self.absorb(grace_end - time.monotonic())
         self.listener.close()

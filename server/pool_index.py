@@ -64,6 +64,7 @@ HEADER = ("used", "tick", "hits", "misses", "read_ahead", "evictions", "horizon"
           "warmed")
 PER_WORKER = ("generation", "reclaimed", "since")
 LOCK_LIMIT = 2.0        # seconds a holder may keep the lock before it counts as frozen
+BATCH_SHARE = 3         # quarters of the budget batch buffers may fill
 _F_GETLK = struct.Struct("hhqqi")     # POSIX struct flock, 64-bit off_t (l_pid last)
 Held = Callable[[int, int, int], bool]   # (pool, offset, size) -> does a client hold it?
 _MEMBERS: Dict[Tuple[int, ...], np.ndarray] = {}      # states -> which states are among them
@@ -79,6 +80,10 @@ class Grant(enum.Enum):
 
 def refusal(grant: Grant, nbytes: int, budget: int, what: str = "a frame") -> str:
     """Why `nbytes` for `what` were not granted."""
+    if grant is Grant.TOO_LARGE and what == "a batch buffer":
+        return (f"{what} of {nbytes} bytes is larger than the room batch buffers have: "
+                f"{BATCH_SHARE} quarters of the shared-memory budget of {budget} bytes "
+                f"(iserver --shm-budget)")
     if grant is Grant.TOO_LARGE:
         return (f"{what} of {nbytes} bytes is larger than the whole shared-memory budget of "
                 f"{budget} bytes (iserver --shm-budget)")
@@ -262,18 +267,22 @@ class Index:
         return freed
 
     # -- the budget -------------------------------------------------------------------------
-    def grant(self, group: int, nbytes: int, slot: int = -1, conn: int = -1) -> Grant:
+    def grant(self, group: int, nbytes: int, slot: int = -1, conn: int = -1,
+              batch: bool = False) -> Grant:
         """Whether `group` may take `nbytes` more of the budget now for the
         connection `conn` of worker `slot` (see the module docstring); the
         caller then puts the row. A connection holding nothing may take any
         room left, so each connection of a group gets a frame at a time, and
-        a client reading its connections in turn never waits on itself."""
-        if nbytes > self.budget:
+        a client reading its connections in turn never waits on itself.
+        Batch buffers (`batch`) may fill BATCH_SHARE of the budget: frames
+        always find room beside them."""
+        limit = self.budget * BATCH_SHARE // 4 if batch else self.budget
+        if nbytes > limit:
             return Grant.TOO_LARGE
         rows = self.rows_where(BUDGET)
         sizes = self.size[rows]
         in_use = int(sizes.sum())
-        if in_use + nbytes > self.budget:
+        if in_use + nbytes > limit:
             return Grant.WAIT
         groups = self.group[rows]
         held = int(sizes[groups == group].sum())

@@ -209,7 +209,7 @@ class V1Connection(Channel):
             self._fail(rid, UNAUTHORIZED, "shutdown needs the server's token")
             return
         self._reply(Stopping(rid))
-        self.ctx.shutdown()
+        self.ctx.shutdown(False)
 
     def _release(self, rid: int, handles: Tuple[int, ...]) -> None:
         bad = []

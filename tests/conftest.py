@@ -200,17 +200,36 @@ def start_server(tmp_path):
             assert code == 0, f"server exited {code} on SIGTERM:\n{server.log()}"
 
 
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory):
+    """`start_server` for the servers a module's tests share (read-only use:
+    tests that change a server's state start their own)."""
+    started = []
+    tmp = tmp_path_factory.mktemp("servers")
+
+    def start(args: List[str] = (), **kw) -> ServerProcess:
+        server = ServerProcess(list(args), tmp, **kw)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            code = server.stop()
+            assert code == 0, f"server exited {code} on SIGTERM:\n{server.log()}"
+
+
 @pytest.fixture
 def server(start_server):
     """A synthetic-source server with two workers."""
     return start_server(["--workers", "2"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_cluster():
-    """A one-node SLURM for a module's tests (tests/slurm/start_slurm.sh; needs root:
-    it installs and runs the daemons), stopped after it; a failure to start fails
-    the tests with the set-up's output."""
+    """A one-node SLURM for the session's SLURM tests (tests/slurm/start_slurm.sh;
+    needs root: it installs and runs the daemons), stopped after them; a failure
+    to start fails the tests with the set-up's output."""
     if os.geteuid() != 0:
         pytest.fail("the SLURM tests start slurmctld and slurmd and must run as root")
     setup = ROOT / "tests" / "slurm"

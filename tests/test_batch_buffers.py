@@ -266,11 +266,11 @@ def test_a_buffer_larger_than_the_budget_is_refused_and_the_loader_copies_instea
 
 
 def test_making_a_buffer_without_waiting_fails_at_once_without_room(start_server):
-    server = start_server(["--workers", "2", "--shm-budget", "4M"])
+    server = start_server(["--workers", "2", "--shm-budget", "8M"])
     with Client(server.address) as first, Client(server.address) as other:
-        first.make_arena(3 << 20)
+        first.make_arena(4 << 20)
         with pytest.raises(ServerError) as err:
-            other.make_arena(3 << 20, wait=False)
+            other.make_arena(4 << 20, wait=False)
         assert err.value.code == "no_memory" and "a batch buffer" in err.value.message
         assert first.stats()["batch_buffers"] == 1
 

@@ -167,6 +167,16 @@ def test_stop_our_server_reports_the_shutdown_request(server):
     assert server.proc.wait(30) == 0
 
 
+def test_stop_legacy_sends_our_server_one_done(server):
+    """Ours stops entirely on one DONE and says so: no DONE per worker, and the
+    report waits for the listener to close (after the grace that absorbs old
+    clients' remaining DONEs)."""
+    report = stop_server(parse_address(server.address), legacy=True, timeout=5, wait=20)
+    assert (report.stopped, report.dialect, report.done_sent) == (True, "legacy", 1)
+    assert server.proc.wait(30) == 0
+    assert "DONE received from a client: stopping" in server.log()
+
+
 # -- 3. one DONE per worker -------------------------------------------------------------
 @pytest.mark.parametrize("pause", [0.0, 0.15])
 def test_btx_done_loop_completes_against_our_server(start_server, pause):
