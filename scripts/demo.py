@@ -2,7 +2,9 @@
 """The main job on the embedded default: an iserver on the synthetic source
 with a frame cache, one epoch read from the source, then the same epoch from
 the cache through btx's dialect, IPCRemotePsanaDataset and BatchLoader, with
-frames/s and ratios to btx's dialect; a legacy DONE stops the server.
+frames/s and ratios to btx's dialect; a legacy DONE stops the server. The
+epochs start once the server's idle workers have taken the cache's pages, as
+for a server started ahead of its job.
 
     python scripts/demo.py [--detector epix10k2M] [--events 200] [--cost-ms 10]
 
@@ -24,7 +26,7 @@ from typing import Callable, Iterable, List
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from psana_ipc.client import BatchLoader, IPCRemotePsanaDataset
+from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
 from psana_ipc.client.server_process import ServerProcess
 from psana_ipc.client.stop import stop_server
 from psana_ipc.protocol.address import parse_address
@@ -47,6 +49,18 @@ def timed(label: str, make: Callable[[], Iterable], frames: int, args: argparse.
 def rate(label: str, make: Callable[[], Iterable], args: argparse.Namespace) -> float:
     """Median frames/s of `--repeats` passes."""
     return statistics.median(timed(label, make, args.events, args) for _ in range(args.repeats))
+
+
+def warm_up(address: str, timeout: float = 60.0) -> None:
+    """Wait (at most `timeout`) until the server's idle workers have taken the frame
+    cache's pages, as they have for a server started ahead of its job."""
+    with Client(address) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cache = client.stats()["frame_cache"]
+            if cache is None or cache["pool_bytes"] >= cache["limit"]:
+                return
+            time.sleep(0.2)
 
 
 def main() -> int:
@@ -82,6 +96,7 @@ def main() -> int:
               f"{args.events} {args.detector} {args.mode} frames, batches of "
               f"{args.batch_size}, {args.loader_workers} DataLoader workers", flush=True)
         requests = [(args.exp, args.run, "idx", args.detector, e) for e in range(args.events)]
+        warm_up(server.address)
 
         def batch_loader() -> BatchLoader:
             return BatchLoader(server.address, args.exp, args.run, args.detector, args.mode,
