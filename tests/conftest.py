@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
@@ -182,30 +182,10 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture
-def start_server(tmp_path):
-    """Start servers with `start_server(args, python=..., env=...)`; each must
-    exit 0 on SIGTERM at teardown unless the test already stopped it."""
+def _servers(tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """`start(args, python=..., env=...)` for servers with their files in `tmp`;
+    each must exit 0 on SIGTERM at the end unless its test already stopped it."""
     started = []
-
-    def start(args: List[str] = (), **kw) -> ServerProcess:
-        server = ServerProcess(list(args), tmp_path, **kw)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            code = server.stop()
-            assert code == 0, f"server exited {code} on SIGTERM:\n{server.log()}"
-
-
-@pytest.fixture(scope="module")
-def start_module_server(tmp_path_factory):
-    """`start_server` for the servers a module's tests share (read-only use:
-    tests that change a server's state start their own)."""
-    started = []
-    tmp = tmp_path_factory.mktemp("servers")
 
     def start(args: List[str] = (), **kw) -> ServerProcess:
         server = ServerProcess(list(args), tmp, **kw)
@@ -217,6 +197,19 @@ def start_module_server(tmp_path_factory):
         if server.proc.poll() is None:
             code = server.stop()
             assert code == 0, f"server exited {code} on SIGTERM:\n{server.log()}"
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start a test's servers with `start_server(args, python=..., env=...)`."""
+    yield from _servers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory):
+    """`start_server` for the servers a module's tests share (read-only use:
+    tests that change a server's state start their own)."""
+    yield from _servers(tmp_path_factory.mktemp("servers"))
 
 
 @pytest.fixture
