@@ -530,11 +530,18 @@ def bench_new_consumers(args: argparse.Namespace) -> Dict:
     return result
 
 
+def print_head(*columns: str) -> None:
+    """A markdown table's header: the first column and `other` read as text, the rest as
+    numbers (right-aligned)."""
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("---" if k == 0 or name == "other" else "---:"
+                            for k, name in enumerate(columns)) + " |")
+
+
 def print_consumers_table(result: Dict) -> None:
     print(f"{result['detector']} calib, {result['frames']} frames a pass, batches of "
           f"{result['batch']}")
-    print("| path | frames/s | x legacy | of one loader |")
-    print("| --- | ---: | ---: | ---: |")
+    print_head("path", "frames/s", "x legacy", "of one loader")
     for name, r in result["rows"].items():
         print(f"| {name} | {r['fps']:.0f} | {r['x_legacy']:.1f} | {100 * r['of_reused']:.0f}% |")
     print(f"first batch of a new loader (warm server): {result['first_batch_ms']:.1f} ms")
@@ -606,8 +613,7 @@ def bench_resume(args: argparse.Namespace) -> Dict:
 def print_resume_table(result: Dict) -> None:
     print(f"time to the first batch, {result['detector']} calib, cost {result['cost_ms']} ms "
           f"per event, resumed at batch {result['resumed_at_batch']}")
-    print("| loader | fresh ms | resumed ms | resumed ÷ fresh | reading up to it again ms |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print_head("loader", "fresh ms", "resumed ms", "resumed ÷ fresh", "reading up to it again ms")
     for name, r in result["rows"].items():
         print(f"| {name} | {r['fresh_ms']:.1f} | {r['resumed_ms']:.1f} | "
               f"{r['resumed_ms'] / r['fresh_ms']:.2f} | {r['reread_ms']:.1f} |")
@@ -616,8 +622,7 @@ def print_resume_table(result: Dict) -> None:
 def print_cache_table(result: Dict) -> None:
     """The rows as a markdown table (the README's), then the scan figures."""
     memcpy, ideal = result["memcpy_fps"], result["workers_over_cost_fps"]
-    print("| path | frames/s | of memcpy | of workers/cost | of no cache | other |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    print_head("path", "frames/s", "of memcpy", "of workers/cost", "of no cache", "other")
     for name, r in result["rows"].items():
         other = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in ("fps", "of_no_cache"))
         print(f"| {name} | {r['fps']:.1f} | {100 * r['fps'] / memcpy:.0f}% | "
