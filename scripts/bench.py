@@ -240,22 +240,12 @@ def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerPr
 def cache_server(args: argparse.Namespace, cache_bytes: int,
                  warm: bool = True) -> Iterator[ServerProcess]:
     """A server with a frame cache; `warm`: once its idle workers have taken
-    the cache's memory, as a server started ahead of its job has."""
+    the cache's memory and mapped it in, as a server started ahead of its job has."""
     with running_server(args, "--frame-cache", str(cache_bytes)) as server:
-        if warm:
-            while _stats(server.address)["frame_cache"]["pool_bytes"] < cache_bytes - 4096:
-                time.sleep(0.05)
-            _until_idle(server)     # then each worker maps the pool in
+        while warm and _stats(server.address)["frame_cache"]["ready_workers"] \
+                < args.server_workers:
+            time.sleep(0.05)
         yield server
-
-
-def _until_idle(server: ServerProcess) -> None:
-    """Wait until the server's workers have stopped using CPU."""
-    while True:
-        before = cpu_seconds(server.workers)
-        time.sleep(0.25)
-        if cpu_seconds(server.workers) - before < 0.02:
-            return
 
 
 def _epoch(loader: Iterable, step_s: float = 0.0) -> float:

@@ -53,12 +53,13 @@ def rate(label: str, make: Callable[[], Iterable], args: argparse.Namespace) -> 
 
 def warm_up(address: str, timeout: float = 60.0) -> None:
     """Wait (at most `timeout`) until the server's idle workers have taken the frame
-    cache's pages, as they have for a server started ahead of its job."""
+    cache's pages and mapped them in, as they have for a server started ahead of its job."""
     with Client(address) as client:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            cache = client.stats()["frame_cache"]
-            if cache is None or cache["pool_bytes"] >= cache["limit"]:
+            stats = client.stats()
+            cache = stats["frame_cache"]
+            if cache is None or cache["ready_workers"] >= stats["workers"]:
                 return
             time.sleep(0.2)
 

@@ -243,6 +243,7 @@ class FrameCache:
         rows = ix.rows_where((CACHED,))
         counters = {name: ix.get(name) for name in ("hits", "misses", "read_ahead", "evictions")}
         return dict(counters, limit=ix.cache_limit, bytes_held=ix.cache_bytes(),
-                    pool_bytes=self.memory.pools[self.pool].taken(), entries=int(rows.size),
+                    pool_bytes=self.memory.pools[self.pool].taken(),
+                    ready_workers=ix.get("warm_mapped"), entries=int(rows.size),
                     pinned=int((ix.pins[rows].sum(axis=1) > 0).sum()))
 

@@ -9,6 +9,7 @@ given out has pages (`Mapping.ready`) before anything is written into it:
 a node out of memory is the error `no_memory`, never a fault.
 """
 import secrets
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
@@ -20,7 +21,8 @@ from .pool_allocator import place
 from .pool_index import BATCH, CONN, FREE, ORPHAN, RESERVED, TRANSFER, Grant, Index
 from .pool_pages import PAGE, Held, Mapping, NoRoom, PoolFile, round_up
 
-WARM_BYTES = 8 << 20        # pages taken (or mapped) at a time by an idle worker
+WARM_BYTES = 8 << 20        # pages taken (or mapped in) at a time by an idle worker
+WARM_WAIT = 0.005           # how long a worker waits for the others' steps to end
 SHM_POOL = 0
 
 
@@ -52,10 +54,10 @@ class FrameMemory:
         self.index = index
         self.pools = {p.id: p for p in pools}
         self.slot = slot
-        self.warm_target = warm_target
+        self.warm_target = warm_target // PAGE * PAGE
         self.maps: Dict[int, Mapping] = {}
         self.heartbeat: Callable[[], None] = lambda: None
-        self._mapped_to = 0         # this worker's page tables are filled below this
+        self._mapped_to = 0         # this worker's page tables cover the cache's pages below
 
     def start(self, heartbeat: Callable[[], None]) -> None:
         """In the worker: map the pools, then reclaim what this slot's dead
@@ -250,24 +252,41 @@ class FrameMemory:
 
     def warm(self) -> bool:
         """Idle work, one step at a time: take WARM_BYTES more of the pages a
-        frame cache may fill (`warm_target`), then fill this worker's page
-        tables for the pages others took. False once there is nothing left."""
+        frame cache may fill (`warm_target`); once the workers' steps have
+        taken them all, fill this worker's page tables for them. Entries are
+        then written into pages that exist and are mapped, where fresh ones
+        cost each frame milliseconds. False once done, or when the node has no
+        room for them."""
+        ix, mapping = self.index, self.maps[SHM_POOL]
         with self.locked():
-            start = self.index.count("warmed", WARM_BYTES) - WARM_BYTES
+            start = ix.get("warm_claimed")
+            if start < self.warm_target:
+                ix.count("warm_claimed", WARM_BYTES)
+            taken, failed = ix.get("warm_taken"), ix.get("warm_failed")
+        if failed:
+            return False
         if start < self.warm_target:
             size = min(WARM_BYTES, self.warm_target - start)
             try:
-                self.maps[SHM_POOL].ready(start, size // PAGE * PAGE)
+                mapping.ready(start, size)
             except NoRoom:
-                self.warm_target = 0
+                with self.locked():
+                    ix.count("warm_failed")
+                return False
+            with self.locked():
+                ix.count("warm_taken", size)
             return True
-        pool = self.pools[SHM_POOL]
-        if self._mapped_to >= pool.size:
-            return False
-        end = min(pool.size, self._mapped_to + WARM_BYTES)
-        self.maps[SHM_POOL].map_taken(self._mapped_to, end)
+        if taken < self.warm_target:
+            time.sleep(WARM_WAIT)       # another worker's step: not a spin that takes its core
+            return True
+        end = min(self.warm_target, self._mapped_to + WARM_BYTES)
+        mapping.map_in(self._mapped_to, end - self._mapped_to)
         self._mapped_to = end
-        return True
+        if end < self.warm_target:
+            return True
+        with self.locked():
+            ix.count("warm_mapped")
+        return False
 
     @contextmanager
     def writing(self, extent: Extent) -> Iterator[None]:

@@ -61,7 +61,7 @@ OWNED = (CONN, TRANSFER, RESERVED, FILLING, BATCH)      # rows whose `owner` may
 COLUMNS = ("state", "pool", "offset", "size", "owner", "gen", "conn", "group", "ticket",
            "key_a", "key_b", "last", "interval", "uses", "frame_bytes", "meta_len")
 HEADER = ("used", "tick", "hits", "misses", "read_ahead", "evictions", "horizon", "peak",
-          "warmed")
+          "warm_claimed", "warm_taken", "warm_failed", "warm_mapped")
 PER_WORKER = ("generation", "reclaimed", "since")
 LOCK_LIMIT = 2.0        # seconds a holder may keep the lock before it counts as frozen
 BATCH_SHARE = 3         # quarters of the budget batch buffers may fill

@@ -144,26 +144,28 @@ class Mapping:
         """Pages for a range, taken if nobody had, and mapped in this worker
         unless they were: NoRoom when the node has no memory for them."""
         lo, hi = offset // PAGE, -(-(offset + size) // PAGE)
-        pages = self._mapped[lo:hi]
-        if pages.all():
+        if self._mapped[lo:hi].all():
             return
         take(self.fd, lo * PAGE, (hi - lo) * PAGE)
+        self._populate(lo, hi)
+
+    def map_in(self, offset: int, size: int) -> None:
+        """Fill this worker's page tables for a range whose pages some worker
+        took, so a frame written there later does not fault each page in. Never
+        for a range that may have holes: filling a hole takes a page past every
+        room check."""
+        lo, hi = offset // PAGE, -(-(offset + size) // PAGE)
+        if not self._mapped[lo:hi].all():
+            self._populate(lo, hi)
+
+    def _populate(self, lo: int, hi: int) -> None:
         if not self.pool.on_disk:
             try:
                 self.map.madvise(MADV_POPULATE_WRITE, lo * PAGE, (hi - lo) * PAGE)
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.ENOMEM, errno.EFAULT):
                     raise
-        pages[:] = True
-
-    def map_taken(self, start: int, end: int) -> None:
-        """Fill this worker's page tables for the pages of [start, end) that
-        exist, so a frame written there later does not fault them in."""
-        for lo, hi in _data(self.fd, start, end):
-            lo, hi = lo // PAGE * PAGE, min(end, -(-hi // PAGE) * PAGE)
-            if not self._mapped[lo // PAGE:hi // PAGE].all():
-                self.map.madvise(MADV_POPULATE_WRITE, lo, hi - lo)
-                self._mapped[lo // PAGE:hi // PAGE] = True
+        self._mapped[lo:hi] = True
 
     # -- holds ----------------------------------------------------------------------------
     def held(self, offset: int, size: int) -> bool:
@@ -219,20 +221,4 @@ def take(fd: int, offset: int, size: int) -> None:
         if e.errno in FULL:
             raise NoRoom(e.errno, f"no room for {size} bytes of frame memory") from e
         raise
-
-
-def _data(fd: int, start: int, end: int) -> Iterator[Tuple[int, int]]:
-    """The ranges of [start, end) of a file that have pages (not holes)."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:      # no data past pos
-                return
-            raise
-        if data >= end:
-            return
-        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, pos
 

@@ -16,11 +16,11 @@ the frame is refused.
 
 With a frame cache, a loop with no request waiting reads ahead: one frame a
 client said comes next (a `prefetch`) goes into the cache per pass, so a
-request that arrives meanwhile waits at most for that one frame. With
-nothing to read ahead either, it gets a few more MB of the pool ready
-(frame_memory.WARM_BYTES: pages the cache may fill, then its own page
-tables for pages other workers took), so frames are written into pages
-that are ready instead of fresh ones. It also hands the pools to local
+request that arrives meanwhile waits at most for that one frame. Once it
+has had nothing at all to do for WARM_AFTER, it takes a few more MB of the
+pages the cache may fill (frame_memory.WARM_BYTES), so entries are written
+into pages that exist instead of fresh ones; never while clients keep it
+busy, where taking pages would only compete with their frames. It also hands the pools to local
 clients at the door (door.py) and, once a second, frees orphaned memory
 nobody holds any more.
 
@@ -60,6 +60,7 @@ RETRY_EVERY = 0.1       # how often a waiting frame looks again (no source call 
 FILL_POLL = 0.002       # how often a frame another worker is caching looks again
 MAKE_ROOM = 8           # connections closed at a time when accept runs out of descriptors
 SWEEP_EVERY = 1.0       # how often an idle worker frees orphaned memory nobody holds
+WARM_AFTER = 0.5        # idle this long, a worker takes the frame cache's pages ahead
 
 
 class Worker:
@@ -85,7 +86,8 @@ class Worker:
         self.wake_at: Dict[Channel, float] = {}         # looks again then
         self.deadlines: Dict[Channel, float] = {}       # from each connection's tick
         self.heartbeat = min(PARENT_CHECK, ctx.request_timeout / 5)
-        self.warming = True         # the pool's pages are not all ready yet
+        self.warming = True         # the frame cache's pages are not all taken yet
+        self.worked_at = 0.0        # when the last unit of work was done
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
@@ -120,7 +122,7 @@ class Worker:
             now = time.monotonic()
             self.counters.progress()
             busy = bool(self._ready(now)) or self._read_ahead_waiting() is not None \
-                or self.warming
+                or self._warm_due(now)
             timeout = 0 if busy else self._next_deadline(now)
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
@@ -148,10 +150,12 @@ class Worker:
 
     def _next_deadline(self, now: float) -> float:
         """Seconds the loop may sleep: until a pending accept, a memory retry, a
-        connection's deadline, or the next heartbeat (the master takes a loop
+        connection's deadline, the warm-up's turn, or the next heartbeat (the master takes a loop
         that does not go round for --request-timeout for a frozen worker)."""
         waits = [self.heartbeat] + [at - now for at in self.wake_at.values()] \
             + [at - now for at in self.deadlines.values()]
+        if self.warming:
+            waits.append(self.worked_at + WARM_AFTER - now)
         if self.pending_since is not None:
             waits.append(ACCEPT_GRACE / 5)
         return max(0.0, min(waits))
@@ -258,17 +262,23 @@ class Worker:
         ready = self._ready(now)
         if ready:
             conn = min(ready, key=lambda c: c.next_arrival())
+            self.worked_at = now
             self._step(conn, functools.partial(self._serve, conn, now))
             return
         conn = self._read_ahead_waiting()
         if conn is not None:
+            self.worked_at = now
             self._step(conn, conn.read_ahead)
-        elif not any(c.has_work() for c in self.conns.values()):
-            if now - self.swept >= SWEEP_EVERY:
-                self.swept = now
-                self.ctx.memory.sweep()
-            elif self.warming:
-                self.warming = self.ctx.memory.warm()
+        elif any(c.has_work() for c in self.conns.values()):
+            self.worked_at = now
+        elif now - self.swept >= SWEEP_EVERY:
+            self.swept = now
+            self.ctx.memory.sweep()
+        elif self._warm_due(now):
+            self.warming = self.ctx.memory.warm()
+
+    def _warm_due(self, now: float) -> bool:
+        return self.warming and now - self.worked_at >= WARM_AFTER
 
     def _read_ahead_waiting(self) -> Optional[Channel]:
         """A connection with frames to read ahead, when no request waits at all

@@ -311,8 +311,10 @@ def test_evicted_extents_are_reused_within_the_bound():
 
 
 def test_idle_workers_take_the_cache_memory_ahead(start_server):
+    """Idle workers take the cache's pages, then each maps them all in."""
     server = start_server(["--workers", "2", "--frame-cache", "64M"])
-    assert _eventually(lambda: _stats(server)["frame_cache"]["pool_bytes"] >= 64 << 20)
+    assert _eventually(lambda: _stats(server)["frame_cache"]["ready_workers"] == 2)
+    assert _stats(server)["frame_cache"]["pool_bytes"] >= 64 << 20
     with Client(server.address) as c:
         for e in range(4):
             assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
