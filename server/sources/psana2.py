@@ -51,7 +51,7 @@ import numpy as np
 from psana_ipc.protocol.errors import NO_DATA
 from psana_ipc.protocol.messages import CodeFilter, FieldRef, RunKey
 
-from .base import FrameMeta, Source, SourceError, SourceFactory
+from .base import FrameMeta, FrameSpec, Source, SourceError, SourceFactory
 from . import psana2_location
 from .event_ranges import as_ranges
 from .psana2_detectors import (AREA, DIGITIZER, DIGITIZER_MODES, field_names, frame_method,
@@ -101,6 +101,24 @@ class Psana2Source(PsanaDetectorSource):
         offered = offered_modes(iface, has_mask=True)
         return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
 
+    def specs(self) -> Dict[str, FrameSpec]:
+        """As for any psana source; in a live run, shapes not found yet (no
+        event holds the detector yet) are looked for again next time."""
+        found = super().specs()
+        if self._opened.live and len(found) < len(self.modes()):
+            self._specs = None
+        return found
+
+    def check_range(self, index: int) -> None:
+        self._opened.reach(index)
+        super().check_range(index)
+
+    def growth(self) -> Dict[str, Any]:
+        return self._opened.state()
+
+    def held(self) -> List[int]:
+        return self._held
+
     def check(self, index: int, mode: str) -> None:
         """Also no_data for an event without the detector, or without a
         digitizer's waveforms: told before the server reserves memory."""
@@ -119,9 +137,11 @@ class Psana2Source(PsanaDetectorSource):
 
     def info(self) -> Dict[str, Any]:
         """Events counts those that hold the detector; run_events all of the
-        run's; a digitizer's channels are listed in the order its frames stack
-        them, as [segment, channel]."""
-        info = dict(super().info(), events=len(self._held), run_events=len(self), kind=self.kind)
+        run's (so far, in a live run: see OpenRun.state); a digitizer's
+        channels are listed in the order its frames stack them, as [segment,
+        channel]."""
+        state = self.growth()      # a live run: brought up to date first
+        info = dict(super().info(), events=len(self._held), kind=self.kind, **state)
         if self.kind == DIGITIZER:
             info["channels"] = self.channels()
         return info
@@ -216,11 +236,13 @@ class Factory(SourceFactory):
         self._listed = psana2_location.runs_of_files(options.files)
 
     def _acquire(self, exp: str, run: int) -> OpenRun:
+        """The open run (a live one brought up to date), one user more."""
         opened = self._runs.get((exp, run))
         if opened is None:
             files = psana2_location.find_run(exp, run, self.options, self._listed)
             opened = OpenRun(exp, run, files, self.options.offline, self.options.calib_dir)
             self._runs[(exp, run)] = opened
+        opened.refresh()
         opened.users += 1
         return opened
 
@@ -275,6 +297,16 @@ class Factory(SourceFactory):
             return found
         finally:
             self.release(opened)
+
+    def run_state(self, exp: str, run: int) -> Dict[str, Any]:
+        opened = self._acquire(exp, run)
+        try:
+            return opened.state()
+        finally:
+            self.release(opened)
+
+    def next_run(self, exp: str, run: int) -> Optional[int]:
+        return psana2_location.next_run(exp, run, self.options, self._listed)
 
     def events_with_codes(self, exp: str, run: int, codes: CodeFilter) -> List[int]:
         opened = self._acquire(exp, run)
