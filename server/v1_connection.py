@@ -27,9 +27,9 @@ from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LAR
                                        NO_MEMORY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
                                        UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (AdoptArena, FreeArenas, Get, Hello, Info, MakeArena,
-                                         Ping, Prefetch, Release, Shutdown, Stats, parse_request,
-                                         request_id)
+from psana_ipc.protocol.messages import (AdoptArena, Follow, FreeArenas, Get, Hello, Info,
+                                         MakeArena, Ping, Prefetch, Release, Shutdown, Stats,
+                                         parse_request, request_id)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
                                         FrameReply, InfoReply, Pong, Queued, Reply, Skipped,
                                         StatsReply, Stopping, Welcome, WrittenFrame, encode_reply)
@@ -40,6 +40,7 @@ from .context import WorkerContext, is_local_peer
 from .cached_frames import CacheUse, CachedFrames
 from .frame_cache import Entry
 from .frame_reader import Frame, frame_desc
+from .live import follow_reply
 from .shared_state import Grant
 from .slots import Holding, Slot, SlotPool, refusal
 from .sources.base import Allocator
@@ -159,6 +160,8 @@ class V1Connection(Channel):
             self._reply(StatsReply(rid, self.ctx.stats()))
         elif isinstance(request, Shutdown):
             self._shutdown(rid, request)
+        elif isinstance(request, Follow):
+            self._reply(follow_reply(self.ctx.reader, rid, request))
 
     def _authorized(self, token: Optional[str]) -> bool:
         expected = self.ctx.token

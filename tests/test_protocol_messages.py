@@ -12,13 +12,13 @@ from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import (Done, LegacyError, LegacyFrame, LegacyGet, LegacyMark,
                                        Probe, is_ours, parse_legacy, parse_legacy_reply)
 from psana_ipc.protocol.messages import (MODES, REDUCERS, TRANSPORTS, AdoptArena, CodeFilter,
-                                         FieldRef, FreeArenas, Get, Hello, Info, Into, MakeArena,
-                                         Ping, Prefetch, Release, RunKey, Shutdown, Stats,
-                                         frame_nbytes, parse_request)
+                                         FieldRef, Follow, FreeArenas, Get, Hello, Info, Into,
+                                         MakeArena, Ping, Prefetch, Release, RunKey, Shutdown,
+                                         Stats, frame_nbytes, parse_request)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
-                                        FrameReply, InfoReply, Pong, Queued, Received, Skipped,
-                                        StatsReply, Stopping, Welcome, WrittenFrame, encode_reply,
-                                        parse_reply)
+                                        FrameReply, InfoReply, Pong, Queued, Received, RunProgress,
+                                        Skipped, StatsReply, Stopping, Welcome, WrittenFrame,
+                                        encode_reply, parse_reply)
 
 text = st.text(max_size=20)
 names = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:-",
@@ -71,6 +71,8 @@ requests = st.one_of(
     st.builds(Release, st.lists(ids, max_size=20).map(tuple)),
     st.builds(Ping), st.builds(Stats),
     st.builds(Shutdown, st.none() | text),
+    st.builds(Follow, text, ids, text, st.integers(-1, 2**40), st.none() | code_filters,
+              st.booleans()),
 )
 
 
@@ -161,6 +163,9 @@ REPLIES = [
     (st.builds(Skipped, ids, ids, counts, text, dones), any_get),
     (frame_replies(), any_get),
     (st.builds(ArenaWritten, ids, text, st.lists(written, max_size=4).map(tuple)), into_get),
+    (st.builds(RunProgress, ids, st.lists(counts, max_size=8).map(tuple), counts, counts, counts,
+               st.booleans(), text, st.floats(0, 1e9), st.integers(-1, 2**31)),
+     Follow("x", 1, "d")),
     (st.builds(ErrorReply, st.integers(-1, 2**31), st.sampled_from(sorted(errors.ALL_CODES)),
                text, st.none() | dones, st.none() | ids, st.none() | counts), None),
 ]
