@@ -12,15 +12,15 @@ from .connection import Client, Frame
 from .optional import require
 
 __all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "RunDataset",
-           "BatchLoader"]
+           "BatchLoader", "LiveRunDataset"]
 _LAZY = {"IPCRemotePsanaDataset": ".dataset", "RunDataset": ".dataset",
-         "BatchLoader": ".batch_loader"}
+         "BatchLoader": ".batch_loader", "LiveRunDataset": ".live_dataset"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
-        if _LAZY[name] == ".dataset":
+        if _LAZY[name] in (".dataset", ".live_dataset"):
             require("torch", "torch", name)
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,10 +30,18 @@ records as numpy arrays, values whose shape varies padded with zeros to the
 batch's largest; `skip_incomplete` also leaves out the events lacking a
 field's detector, as LCLStreamer's skip_incomplete_events. `event_codes` and
 `step` choose events by the timing system's codes and by scan step.
+
+Live runs: with `follow`, the loader follows the run while the DAQ writes it
+(client/follow.py): each batch is the next `batch_size` events of the
+detector as they are written (policy "every"), or the newest ones (policy
+"latest", the others skipped and counted); iteration ends with the run.
+Ranks split the stream (rank r takes every world-th event from the r-th),
+nothing is asked ahead, and `follower` tells the lag, the skips and why the
+follow ended.
 """
 import math
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +52,7 @@ from .arena import ArenaRing
 from .connection import Client, Codes, Frame, chosen_events, stack_values
 from .optional import require
 from .distributed import rank_and_world, shard
+from .follow import TIMEOUT, Follower, written_info
 from .group import ConnectionGroup
 
 
@@ -124,6 +133,9 @@ class BatchLoader:
         arenas: True to require batch arenas, False to always copy, None
             (default) for arenas wherever they can be had (see the module
             docstring); never with `fields` or `skip_incomplete`.
+        follow: True to follow the run as it is written (see the module
+            docstring), or a dict of `Client.follow`'s options (start, policy,
+            timeout, next_runs, poll); not with `events`, `shuffle` or `step`.
 
     Raises:
         ValueError: a bad option, or a mode the detector does not have.
@@ -141,7 +153,10 @@ class BatchLoader:
                  progress: bool = False, read_ahead: int = 8,
                  fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
                  arenas: Optional[bool] = None, event_codes: Codes = None,
-                 step: Optional[int] = None) -> None:
+                 step: Optional[int] = None, follow: Union[bool, Dict[str, Any]] = False) -> None:
+        if follow and (events is not None or shuffle or step is not None):
+            raise ValueError("a followed run is read in order as it is written: neither "
+                             "events, shuffle nor step")
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
@@ -167,14 +182,22 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         window = min(64, max(8, 2 * batch_size))
         self.group = ConnectionGroup(address, connections, transport=transport, window=window)
-        info = self.group.clients[0].info(exp, run, detector)
+        self.follow = dict(follow) if isinstance(follow, dict) else ({} if follow else None)
+        self.event_codes = event_codes
+        self.follower: Optional[Follower] = None     # the follow of the last iteration
+        if self.follow is None:
+            info = self.group.clients[0].info(exp, run, detector)
+        else:
+            info = written_info(self.group.clients[0], exp, run, detector, mode,
+                                self.follow.get("timeout", TIMEOUT))
         spec = info["modes"].get(mode)
         if spec is None:
             raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
-        self.events = chosen_events(self.group.clients[0], exp, run, detector, events, fields,
-                                    skip_incomplete, event_codes, step)
+        if self.follow is None:
+            self.events = chosen_events(self.group.clients[0], exp, run, detector, events,
+                                        fields, skip_incomplete, event_codes, step)
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not (fields or skip_incomplete) else False
@@ -196,6 +219,8 @@ class BatchLoader:
         return order
 
     def __len__(self) -> int:
+        if self.follow is not None:
+            raise TypeError("a followed run's length is known only once it has ended")
         n = len(self._order())
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -259,6 +284,9 @@ class BatchLoader:
         """(batch number, events, the group's requests) with `depth` batches asked
         ahead, batch k written `into(k)` when given. Abandoning it mid-epoch
         drops the connections, which frees their slots and arenas."""
+        if self.follow is not None:
+            yield from self._followed(into)
+            return
         order = self._order()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         in_flight: List[List[Tuple[Client, int, int]]] = []
@@ -275,6 +303,29 @@ class BatchLoader:
                                                        into=into(ahead) if into else None))
                 hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield k, events, in_flight.pop(0)
+            completed = True
+        finally:
+            if completed:
+                self.group.flush_releases()
+            else:
+                self.close()
+
+    def _followed(self, into: Optional[Callable[[int], Callable[[int, int], Into]]]
+                  = None) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
+        """As `_batches`, for a run followed as it is written: each batch asked
+        for once its events are (see client/follow.py), none ahead."""
+        self.follower = Follower(self.group.clients[0], self.exp, self.run, self.detector,
+                                 self.mode, fields=self.fields,
+                                 skip_incomplete=self.skip_incomplete,
+                                 event_codes=self.event_codes,
+                                 share=(self.rank, self.world_size), **self.follow)
+        completed = False
+        try:
+            for k, (run, events) in enumerate(self.follower.batches(self.batch_size)):
+                yield k, events, self.group.submit(self.exp, run, self.detector, events,
+                                                   self.mode, self.access_mode, self.fields,
+                                                   self.skip_incomplete,
+                                                   into=into(k) if into else None)
             completed = True
         finally:
             if completed:
@@ -345,7 +396,8 @@ class BatchLoader:
         if not self.progress:
             return None
         tqdm = require("tqdm.auto", "torch", "BatchLoader(progress=True)").tqdm
-        return tqdm(total=len(self._order()), unit=" frames",
+        total = None if self.follow is not None else len(self._order())
+        return tqdm(total=total, unit=" frames",
                     desc=f"{self.detector} epoch {self.epoch}")
 
     def views(self) -> Iterator[List[Frame]]:
