@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import NOT_FOUND, ServerError
+from psana_ipc.protocol.errors import BAD_ARENA, NOT_FOUND, ServerError
 from psana_ipc.protocol.messages import CodeFilter, Follow
 from psana_ipc.protocol.replies import RunProgress
 
@@ -87,35 +87,50 @@ class Follower:
         self.lag = 0           # the detector's events written after the last one handed out
         self.skipped = 0       # events left out (policy latest)
         self.reason = ""       # why the follow ended, once it has
+        self.waiting = ""      # what a follow waits for when the server cannot answer
         self.progress: Optional[RunProgress] = None    # the last answer
 
     # -- where the run stands ---------------------------------------------------------------
-    def _look(self) -> Optional[RunProgress]:
-        """The server's answer, or None while the run does not exist (yet)."""
+    def _look(self, next_run: bool) -> Optional[RunProgress]:
+        """The server's answer (naming the next run if `next_run`); None while
+        the run does not exist (yet) or the server cannot be reached (it may
+        be restarting), saying which in `waiting`."""
         try:
             self.progress = self.client.call(Follow(self.exp, self.run, self.detector,
-                                                    self._after, self.codes, self.next_runs))
-        except ServerError as e:
-            if e.code != NOT_FOUND:
-                raise
+                                                    self._after, self.codes, next_run))
+        except (ServerError, ConnectionError) as e:
+            if not self._reconnecting(e):
+                if getattr(e, "code", None) != NOT_FOUND:
+                    raise
+                self.waiting = f"run {self.run} of {self.exp} did not begin"
             return None
         return self.progress
+
+    def _reconnecting(self, error: Exception) -> bool:
+        """Whether `error` is the server gone or restarted, which the next
+        look connects again to (a restarted server issues new connection
+        groups: the connection asks for one, it uses no batch arena)."""
+        if isinstance(error, ServerError) and error.code != BAD_ARENA:
+            return False
+        self.client.group = None
+        self.waiting = f"the server could not be reached ({error})"
+        return True
 
     def ready(self, newest: int = 1) -> Iterator[Tuple[int, List[Tuple[int, int]]]]:
         """(run, [(place, event)]) to hand out, in order, as they are written,
         `place` being the event's among those holding the detector (policy
         latest: the `newest` of each look); ends when the follow does
         (`reason`)."""
-        since = time.monotonic()        # when this run's follow began
+        since = time.monotonic()        # when the server last answered, or the run began
         over: Optional[float] = None    # when this run was first seen over
         while True:
-            found = self._look()
+            found = self._look(self.next_runs and over is not None)
             if found is None:
                 if time.monotonic() - since >= self.timeout:
-                    return self._end(f"run {self.run} of {self.exp} did not begin within "
-                                     f"{self.timeout:g} s")
+                    return self._end(f"{self.waiting} within {self.timeout:g} s")
                 time.sleep(self.poll)
                 continue
+            since = time.monotonic()
             if found.events:
                 events = self._chosen(found, newest)
                 self._after = found.events[-1]
@@ -129,8 +144,7 @@ class Follower:
                 return self._end(ending)
             elif found.next_run >= 0:
                 log.info("%s; following run %d next", ending, found.next_run)
-                self.run, self._after = found.next_run, -1
-                since, over = time.monotonic(), None
+                self.run, self._after, over = found.next_run, -1, None
                 continue
             else:
                 over = over or time.monotonic()
@@ -172,18 +186,29 @@ class Follower:
 
     # -- what it hands out ------------------------------------------------------------------
     def __iter__(self) -> Iterator[LiveEvent]:
-        """Every event handed out, its frame fetched (pipelined, then copied)."""
+        """Every event handed out, its frame fetched (pipelined, then copied).
+        A connection lost on the way (the server restarting) is taken up
+        again after the last event handed out."""
         for run, events in self.ready():
             places = {e: place for place, e in events}
-            rid = self.client.submit(self.exp, run, self.detector, list(places), self.mode,
-                                     fields=self.fields, skip_incomplete=self.skip_incomplete)
-            for frame in self.client.frames(rid):
-                with frame:
-                    yield LiveEvent(run, frame.event, np.array(frame.array),
-                                    frame.reply.desc.timestamp,
-                                    self.lag_after(places[frame.event]), self.skipped,
-                                    frame.values if self.fields else {})
-            self.client.flush_releases()
+            last = events[0][1] - 1
+            try:
+                rid = self.client.submit(self.exp, run, self.detector, list(places), self.mode,
+                                         fields=self.fields,
+                                         skip_incomplete=self.skip_incomplete)
+                for frame in self.client.frames(rid):
+                    with frame:
+                        event = LiveEvent(run, frame.event, np.array(frame.array),
+                                          frame.reply.desc.timestamp,
+                                          self.lag_after(places[frame.event]), self.skipped,
+                                          frame.values if self.fields else {})
+                    last = event.event
+                    yield event
+                self.client.flush_releases()
+            except (ServerError, ConnectionError) as e:
+                if not self._reconnecting(e):
+                    raise
+                self._after = last        # the next look lists the rest again
 
     def batches(self, size: int) -> Iterator[Tuple[int, List[int]]]:
         """(run, events) of `size` events (fewer at the end of a run), as

@@ -18,6 +18,7 @@ offset and size in its chunk file. smdwriter itself is run twice per stream
 two records; every other one is made from them.
 """
 import os
+import signal
 import struct
 import subprocess
 import tempfile
@@ -146,13 +147,17 @@ class LiveStream:
 
 
 def write_live(directory: Path, streams: Sequence[Tuple[str, Iterator[List[Record]]]],
-               events: int, rate: float, tool: str, times: Optional[Path] = None) -> None:
+               events: int, rate: float, tool: str, times: Optional[Path] = None,
+               stop_after: Sequence[int] = ()) -> None:
     """Write the streams (each its chunk-0 name and its records, step by step:
     the run's header, then one step per event, then its end) event by event,
     event e at e / `rate` seconds (0: as fast as they can be written); each
     event's records are all written before the next event's. `times` gets a
     line `event time` (seconds since the epoch) once an event is written in
-    every stream. Prints the rate sustained, and the one writing allows."""
+    every stream. For each N of `stop_after` the writer stops itself
+    (SIGSTOP) once N events are written (N = events: before EndRun), as a
+    paused DAQ, until SIGCONT; a pause shifts the times of the events after
+    it. Prints the rate sustained, and the one writing allows."""
     live = [LiveStream(directory, name, tool) for name, _ in streams]
     log = open(times, "w", buffering=1) if times else None
     steps = zip(*(records for _, records in streams))
@@ -179,6 +184,11 @@ def write_live(directory: Path, streams: Sequence[Tuple[str, Iterator[List[Recor
         written.append(done)
         if log is not None:
             log.write(f"{event} {time.time():.6f}\n")
+        if event + 1 in stop_after:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            paused = time.monotonic() - done
+            start += paused
+            written = [t + paused for t in written]
         if done - reported >= REPORT_EVERY:
             reported = done
             print(f"event {event + 1} of {events} written, "

@@ -580,6 +580,9 @@ def main(argv: List[str] = None) -> int:
                              "fast as it can), in .inprogress files renamed at its end")
     parser.add_argument("--times", type=Path, metavar="FILE",
                         help="with --live: a line 'event time' in FILE once each event is written")
+    parser.add_argument("--stop-after", type=int, nargs="+", default=[], metavar="N",
+                        help="with --live: stop (SIGSTOP) once N events are written (N = -n: "
+                             "before EndRun), as a paused DAQ; SIGCONT goes on")
     args = parser.parse_args(argv)
 
     (args.outdir / "smalldata").mkdir(parents=True, exist_ok=True)
@@ -594,8 +597,8 @@ def main(argv: List[str] = None) -> int:
         parser.error("--steps: more steps than events")
     if args.live is not None and (args.live < 0 or args.corrupt_event is not None):
         parser.error("--live takes a rate >= 0, and no --corrupt-event")
-    if args.times and args.live is None:
-        parser.error("--times goes with --live")
+    if (args.times or args.stop_after) and args.live is None:
+        parser.error("--times and --stop-after go with --live")
     try:
         streams = plan_streams(args.detectors, args.panel_streams)
     except ValueError as e:
@@ -614,7 +617,7 @@ def main(argv: List[str] = None) -> int:
     names = [stream.name(args.exp, args.run) for stream in streams]
     if args.live is not None:
         write_live(args.outdir, list(zip(names, records)), args.events, args.live, tool,
-                   args.times)
+                   args.times, args.stop_after)
         return 0
     for stream, name, stream_records in zip(streams, names, records):
         detector = stream.detector
