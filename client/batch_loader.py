@@ -305,10 +305,15 @@ class BatchLoader:
                 yield k, events, in_flight.pop(0)
             completed = True
         finally:
-            if completed:
-                self.group.flush_releases()
-            else:
-                self.close()
+            self._end_iteration(completed)
+
+    def _end_iteration(self, completed: bool) -> None:
+        """A completed iteration sends its releases; one abandoned drops the
+        connections, which frees their slots and arenas."""
+        if completed:
+            self.group.flush_releases()
+        else:
+            self.close()
 
     def _followed(self, into: Optional[Callable[[int], Callable[[int, int], Into]]]
                   = None) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
@@ -328,10 +333,7 @@ class BatchLoader:
                                                    into=into(k) if into else None)
             completed = True
         finally:
-            if completed:
-                self.group.flush_releases()
-            else:
-                self.close()
+            self._end_iteration(completed)
 
     def _hint(self, batches: List[List[int]], hinted: int, submitted: int) -> int:
         """Keep the server told of the `read_ahead` batches after those

@@ -90,6 +90,7 @@ class Psana2Source(PsanaDetectorSource):
         self._held = opened.events_of(detector)
         self._mask: Optional[np.ndarray] = None
         self._mask_read = False
+        self._sampled = 0          # events holding the detector when shapes were looked for
         calibrated = self.kind != AREA or "pedestals" in opened.constants(detector)
         super().__init__(detector, calibrated, self.kind == AREA and geometry_fits(iface))
 
@@ -102,12 +103,17 @@ class Psana2Source(PsanaDetectorSource):
         return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
 
     def specs(self) -> Dict[str, FrameSpec]:
-        """As for any psana source; in a live run, shapes not found yet (no
-        event holds the detector yet) are looked for again next time."""
-        found = super().specs()
-        if self._opened.live and len(found) < len(self.modes()):
+        """As for any psana source; in a live run, modes without a shape yet
+        are looked for again once more events hold the detector (up to
+        SAMPLE_EVENTS of them): none may have held it, or a digitizer's
+        waveforms, when they were first looked for."""
+        sampled = len(self.sample_events())
+        if (self._specs is not None and sampled > self._sampled
+                and len(self._specs) < len(self.modes())):
             self._specs = None
-        return found
+        if self._specs is None:
+            self._sampled = sampled
+        return super().specs()
 
     def check_range(self, index: int) -> None:
         self._opened.reach(index)

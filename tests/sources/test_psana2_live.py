@@ -76,7 +76,8 @@ def grown(tmp_path_factory) -> Grown:
         report = writer.finish()
     finally:
         writer.resume()
-        assert server.stop() == 0
+        stopped = server.stop()
+    assert stopped == 0
     live = oracle.answers()
     finished = LiveOracle(data, calib, RUN, CALLS, root / "finished.npz").answers()
     return Grown(paused, info, frames, not_written, followed, follower.reason, ended_info,
