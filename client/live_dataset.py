@@ -16,7 +16,7 @@ shares rather than strictly by event. Items are frames, `(frame, {name:
 value})` with `fields` (as RunDataset's), and with `metadata` a dict {run,
 event, lag, skipped} last (see client/follow.py).
 """
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -65,7 +65,7 @@ class LiveRunDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.reason = ""      # why the follow ended (in the process that iterated)
 
-    def share(self) -> tuple:
+    def share(self) -> Tuple[int, int]:
         """This follower's share (k, n): ranks, then DataLoader workers in each."""
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)

@@ -72,6 +72,21 @@ record at all for the other events, as the DAQ writes it.
 before a step's first event and an EndStep after its last, as psana's
 `run.steps()` reads them; the scan detector's BeginSteps hold its variables.
 
+`--panel-streams N` spreads each area detector's panels over N streams of
+consecutive panels (the DAQ reads a large detector out through several
+nodes, each writing a stream); psana joins the segments of every stream.
+
+`--live RATE` writes the run as the DAQ does while it takes data
+(live_writer.py): event by event at RATE Hz (0: as fast as it can), every
+stream's record then its small data (byte for byte what smdwriter makes of
+the finished stream), all files named `<name>.inprogress` and renamed when
+done (a chunk file when the stream moves on, the rest after EndRun). It
+refuses to write over an existing run, and ends with the rate it sustained
+and the one its writing allows. `--times FILE` logs `event time` once each
+event is written in every stream; `--stop-after N ...` stops it (SIGSTOP)
+once N events are written (N = -n: before EndRun), as a paused DAQ, until
+SIGCONT. Constants (`--calib-dir`) are written before the run begins.
+
 `--calib-dir CDIR` writes offline constants in the layout the psana2 source
 reads with `--calib-dir`:
 

@@ -105,6 +105,12 @@ def test_a_request_says_only_what_differs_from_its_defaults():
     assert MakeArena(8).to_header(5) == {"op": "arena", "id": 5, "size": 8}
     assert MakeArena(8, wait=False).to_header(5) == {"op": "arena", "id": 5, "size": 8,
                                                      "wait": False}
+    assert Follow("x", 1, "d").to_header(6) == {"op": "follow", "id": 6, "exp": "x", "run": 1,
+                                                "detector": "d", "after": -1}
+    with pytest.raises(ProtocolError) as e:
+        parse_request({"op": "follow", "id": 7, "exp": "x", "run": 1, "detector": "d",
+                       "after": -2})
+    assert e.value.code == errors.BAD_REQUEST
 
 
 def test_event_code_filters_and_batch_values_are_checked_where_they_are_made():
