@@ -165,6 +165,7 @@ def serve(options: ServerOptions) -> int:
             request_timeout=options.request_timeout,
             cache=cache.worker(slot) if cache else None)
         try:
+            factory.prepare_worker()
             return Worker(listener, state, slot, ctx, master_pid).run()
         finally:
             factory.close()

@@ -160,6 +160,11 @@ class SourceFactory:
         without a detector."""
         raise NotImplementedError
 
+    def prepare_worker(self) -> None:
+        """Called once in each worker process as it starts, before it serves:
+        a source whose library takes long to import loads it here, so that no
+        request (the first event of a live run, say) waits for it."""
+
     def run_state(self, exp: str, run: int) -> Dict[str, Any]:
         """What run-level `info` says of a run besides its detectors: for a
         run that may grow, the keys of `Source.growth`; nothing for sources

@@ -60,7 +60,7 @@ from .psana2_detectors import (AREA, DIGITIZER, DIGITIZER_MODES, field_names, fr
 from .psana2_env import STEP, STORES, pseudo_frames, step_info, store_info
 from .psana2_field_source import FieldSource, is_field
 from .psana2_fields import field_json
-from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
+from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun, datasource_class
 from .psana2_values import sorted_channels, to_array
 from .psana_common import PsanaDetectorSource, check_data_dir
 
@@ -102,18 +102,16 @@ class Psana2Source(PsanaDetectorSource):
         offered = offered_modes(iface, has_mask=True)
         return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
 
-    def specs(self) -> Dict[str, FrameSpec]:
+    def spec(self, mode: str) -> Optional[FrameSpec]:
         """As for any psana source; in a live run, modes without a shape yet
         are looked for again once more events hold the detector (up to
         SAMPLE_EVENTS of them): none may have held it, or a digitizer's
         waveforms, when they were first looked for."""
         sampled = len(self.sample_events())
-        if (self._specs is not None and sampled > self._sampled
-                and len(self._specs) < len(self.modes())):
-            self._specs = None
-        if self._specs is None:
+        if sampled > self._sampled:
+            self._specs = {m: found for m, found in self._specs.items() if found is not None}
             self._sampled = sampled
-        return super().specs()
+        return super().spec(mode)
 
     def check_range(self, index: int) -> None:
         self._opened.reach(index)
@@ -303,6 +301,10 @@ class Factory(SourceFactory):
             return found
         finally:
             self.release(opened)
+
+    def prepare_worker(self) -> None:
+        """psana takes about a second to import."""
+        datasource_class()
 
     def run_state(self, exp: str, run: int) -> Dict[str, Any]:
         opened = self._acquire(exp, run)
