@@ -25,6 +25,7 @@ Prints a table; `--json` saves the figures. Needs both environments
 """
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -220,8 +221,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print_table(results)
+    load = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"on {os.cpu_count()} cores (work of others on a shared machine shows here)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps(dict(results, load_average=load), indent=1) + "\n")
     return 0
 
 
