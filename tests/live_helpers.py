@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
+import pytest
 
 from psana2_helpers import EXP, ROOT, psana_python
 
@@ -111,3 +112,20 @@ def server_args(data_dir: Path, workers: int = 1, calib_dir: Path = None) -> Lis
     args = ["--source", "psana2", "--workers", str(workers), "--offline", "--data-dir",
             str(data_dir)]
     return args + (["--calib-dir", str(calib_dir)] if calib_dir else [])
+
+
+@pytest.fixture
+def live_writer():
+    """Start writers with `live_writer(outdir, run, events, rate, *options,
+    stop_after=...)`; one still running when the test ends (a failure while
+    it is stopped, say) is killed."""
+    started: List[LiveWriter] = []
+
+    def start(*args, **kwargs) -> LiveWriter:
+        started.append(LiveWriter(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for writer in started:
+        if writer.proc.poll() is None:
+            writer.kill()

@@ -163,7 +163,8 @@ def files_listed(files: RunFiles) -> Iterator[None]:
     answers with `files` (what the logbook would say) and its file check
     finds a file under either name; afterwards psana is as it was."""
     from psana.psexp.ds_base import DataSourceBase
-    lookup, check = DataSourceBase._get_file_info_from_db, DataSourceBase._check_file_exist_with_retry
+    lookup = DataSourceBase._get_file_info_from_db
+    check = DataSourceBase._check_file_exist_with_retry
     DataSourceBase._get_file_info_from_db = lambda self, runnum: {
         "xtc_files": list(files.names), "dirname": files.directory}
     DataSourceBase._check_file_exist_with_retry = file_check

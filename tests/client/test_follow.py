@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from live_helpers import LiveWriter, server_args
+from live_helpers import server_args
 from psana2_helpers import EXP, psana_python
 from psana_ipc.client import BatchLoader, Client, LiveRunDataset
 from psana_ipc.server.sources.synthetic import expected
@@ -34,8 +34,9 @@ def test_a_finished_run_is_followed_to_its_end_every_event_or_the_latest(server)
 
 
 @pytest.mark.psana2
-def test_every_event_lags_and_the_latest_skips_while_a_run_grows(tmp_path, start_server):
-    writer = LiveWriter(tmp_path / "xtc", RUN, EVENTS, RATE, *SMALL, stop_after=[PAUSE_AT])
+def test_every_event_lags_and_the_latest_skips_while_a_run_grows(tmp_path, start_server,
+                                                                 live_writer):
+    writer = live_writer(tmp_path / "xtc", RUN, EVENTS, RATE, *SMALL, stop_after=[PAUSE_AT])
     writer.stopped(PAUSE_AT)
     server = start_server(server_args(tmp_path / "xtc"), python=psana_python())
     with Client(server.address) as c:
@@ -58,8 +59,9 @@ def test_every_event_lags_and_the_latest_skips_while_a_run_grows(tmp_path, start
 
 @pytest.mark.psana2
 def test_dataloader_workers_and_ranks_split_a_growing_run_without_repeats(tmp_path,
-                                                                          start_server):
-    writer = LiveWriter(tmp_path / "xtc", RUN, EVENTS, RATE, *SMALL, stop_after=[3])
+                                                                          start_server,
+                                                                          live_writer):
+    writer = live_writer(tmp_path / "xtc", RUN, EVENTS, RATE, *SMALL, stop_after=[3])
     writer.stopped(3)
     server = start_server(server_args(tmp_path / "xtc", workers=2), python=psana_python())
     dataset = LiveRunDataset(server.address, EXP, RUN, "cspad", "raw", metadata=True, timeout=60)
@@ -87,9 +89,9 @@ def test_dataloader_workers_and_ranks_split_a_growing_run_without_repeats(tmp_pa
 
 @pytest.mark.psana2
 def test_a_follow_goes_on_through_a_server_restart_and_ends_if_a_run_never_begins(
-        tmp_path, start_server):
+        tmp_path, start_server, live_writer):
     socket = tmp_path / "iserver.sock"
-    writer = LiveWriter(tmp_path / "xtc", RUN, EVENTS, RATE, *SMALL, stop_after=[PAUSE_AT])
+    writer = live_writer(tmp_path / "xtc", RUN, EVENTS, RATE, *SMALL, stop_after=[PAUSE_AT])
     writer.stopped(PAUSE_AT)
     args = server_args(tmp_path / "xtc") + ["--unix", str(socket)]
     first = start_server(args, python=psana_python())

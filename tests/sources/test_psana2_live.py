@@ -1,6 +1,5 @@
 """A run our writer grows as the DAQ does is served while it is written, as psana's own live read gives it and byte-identical to the finished run, and its end is told."""
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -120,14 +119,15 @@ def test_the_writer_renames_every_file_and_writes_the_small_data_smdwriter_makes
         assert_same_small_data(written.read_bytes(), made)
 
 
-def test_a_chunked_run_is_followed_across_its_chunk_files_renames(tmp_path, start_server):
+def test_a_chunked_run_is_followed_across_its_chunk_files_renames(tmp_path, start_server,
+                                                                  live_writer):
     """The writer renames each chunk file when it moves on to the next: the
     server reads every event from its chunk under either name, while psana
     4.3.4's own live read opens a chunk the DAQ still writes by its final
     name and fails (FileNotFoundError); the reference is psana's read of the
     finished run."""
     data = tmp_path / "xtc"
-    writer = LiveWriter(data, CHUNKED_RUN, CHUNKED_EVENTS, RATE, "--detectors", "cspad",
+    writer = live_writer(data, CHUNKED_RUN, CHUNKED_EVENTS, RATE, "--detectors", "cspad",
                         "ebeam", "--chunk-events", str(CHUNK), stop_after=[PAUSE_AT])
     writer.stopped(PAUSE_AT)
     names = sorted(path.name for path in data.glob("*-s000-c*"))
@@ -181,20 +181,20 @@ def assert_same_small_data(written: bytes, made: bytes) -> None:
 
 
 def test_a_dead_writers_run_is_served_to_its_last_whole_event_and_a_follow_goes_on_to_the_next(
-        tmp_path, start_server):
+        tmp_path, start_server, live_writer):
     """The writer dies mid-run (no EndRun, nothing renamed, a record maybe
     half written), a new one writes the next run; a server started then
     serves the first run as it was left, and a follow ends the first run
     after the timeout and goes on to the next one."""
     data = tmp_path / "xtc"
-    crashed = LiveWriter(data, RUN, 40, 40, "--detectors", "cspad", "ebeam", "timing",
+    crashed = live_writer(data, RUN, 40, 40, "--detectors", "cspad", "ebeam", "timing",
                          stop_after=[5])
     crashed.stopped(5)
     served = len(crashed.kill())
     for small in (data / "smalldata").glob(f"*-r{RUN:04d}-*.inprogress"):
         with open(small, "ab") as out:             # as if it died within a record
             out.write(small.read_bytes()[-40:-10])
-    LiveWriter(data, RUN + 1, 4, 0, "--detectors", "cspad", "ebeam", "timing").finish()
+    live_writer(data, RUN + 1, 4, 0, "--detectors", "cspad", "ebeam", "timing").finish()
     server = start_server(server_args(data), python=psana_python())
     with Client(server.address) as c:
         info = c.info(EXP, RUN)
@@ -215,11 +215,12 @@ def cspad_raw(event: int) -> np.ndarray:
     return values.astype(np.int16).reshape(1, 185, 388)
 
 
-def test_every_kind_grown_live_is_listed_and_chosen_as_when_finished(tmp_path, start_server):
+def test_every_kind_grown_live_is_listed_and_chosen_as_when_finished(tmp_path, start_server,
+                                                                     live_writer):
     """Mixed rates, steps, EPICS and scan values and event codes of a run
     opened while it grew are what a server opening the finished run says."""
     data = tmp_path / "xtc"
-    writer = LiveWriter(data, KINDS_RUN, KINDS_EVENTS, 20, *KINDS, stop_after=[4])
+    writer = live_writer(data, KINDS_RUN, KINDS_EVENTS, 20, *KINDS, stop_after=[4])
     writer.stopped(4)
     grew = start_server(server_args(data), python=psana_python())
     with Client(grew.address) as c:
@@ -247,6 +248,7 @@ def kinds_answers(c: Client) -> dict:
     for event in c.events_with(EXP, KINDS_RUN, "andor"):
         _, found = c.get(EXP, KINDS_RUN, "andor", event, mode="raw", fields=fields)
         values[event] = {name: (v.dtype.str, v.tolist()) for name, v in found.items()}
-    return {"info": info, "steps": [(s["index"], list(s["events"])) for s in c.steps(EXP, KINDS_RUN)],
+    steps = [(step["index"], list(step["events"])) for step in c.steps(EXP, KINDS_RUN)]
+    return {"info": info, "steps": steps,
             "codes": c.events_with(EXP, KINDS_RUN, "hsd", event_codes={"without": [40]}),
             "values": values}
