@@ -104,6 +104,7 @@ the source prefers for that run: runs with different constants side by side.
 Without --gain-bits every pixel is in gain range 0, so calib = (raw - pedestal) / gain.
 """
 import argparse
+import functools
 import shutil
 import struct
 import subprocess
@@ -315,10 +316,17 @@ def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Ite
             setattr(names.raw, field, field_value(detector, field, event))
         yield names.raw
         return
-    raw = expected(detector, "raw", event) | np.uint16(gain_bits)
+    raw = area_raw(detector, event, gain_bits)
     for seg, names in segments:
         names.raw.raw = raw[seg]
         yield names.raw
+
+
+@functools.lru_cache(maxsize=1)
+def area_raw(detector: str, event: int, gain_bits: int) -> np.ndarray:
+    """An area detector's raw frame of an event, made once for all the
+    streams its panels are spread over (the live writer makes them in turn)."""
+    return expected(detector, "raw", event) | np.uint16(gain_bits)
 
 
 def record_bytes(detector: str) -> int:
