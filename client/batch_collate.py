@@ -1,7 +1,8 @@
 """How a batch assembled in a ring buffer goes through DataLoader unchanged.
 
-The dataset's `__getitems__` copies each frame once into a `RingBatch` and
-returns its rows as items of type `BatchRow`. A collate for that type,
+The dataset's `__getitems__` has a batch written into a `RingBatch` (in
+place by the server, or by copying each frame once) and returns its rows as
+items of type `BatchRow`. A collate for that type,
 registered in torch's `default_collate_fn_map` (torch's extension point),
 makes the default collate return the batch itself instead of stacking the
 items into fresh memory: a tensor over the buffer in the process that
@@ -14,6 +15,8 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
+
+from psana_ipc.protocol.messages import frame_nbytes
 
 from .batch_handoff import SharedBatch
 from .batch_ring import BatchRing
@@ -35,9 +38,9 @@ class RingBatch:
     def __init__(self, ring: BatchRing, shape: Sequence[int], dtype: np.dtype) -> None:
         self._handed_over = get_worker_info() is not None
         pinned = not self._handed_over and _cuda()
-        self._ring = ring
-        self.buffer = ring.lease(shape, dtype, self._handed_over, pinned)
-        self.array = self.buffer.lease(shape, np.dtype(dtype))
+        dtype = np.dtype(dtype)
+        self.buffer = ring.lease(frame_nbytes(shape, dtype.itemsize), self._handed_over, pinned)
+        self.array = self.buffer.lease(shape, dtype)
 
     def fits(self, frame: np.ndarray) -> bool:
         return frame.shape == self.array.shape[1:] and frame.dtype == self.array.dtype
@@ -52,8 +55,7 @@ class RingBatch:
     def output(self) -> Any:
         """The whole batch as this process hands it on."""
         if self._handed_over:
-            retired, self._ring.retired = self._ring.retired, []
-            return SharedBatch(self.buffer, self.array, retired)
+            return SharedBatch(self.buffer, self.array)
         import torch
         return torch.from_numpy(self.array)
 

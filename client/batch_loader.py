@@ -3,24 +3,29 @@ can produce frames.
 
 It splits every batch over a ConnectionGroup (one connection per server
 worker) and keeps the next batches' requests in flight. On the server's
-host, every batch is a batch arena (client/arena.py): the server's workers
-write each frame straight into its place in it, and the batch is a tensor
-over the arena, with no copy in the client. Elsewhere (frames inline), or
-when the server's budget has no room for the arenas, each frame is copied
-once from its slot into a reused batch buffer. No DataLoader worker
-processes, no pickling, no collate copy.
+host, every batch is a batch buffer of the loader's group in the server's
+pool (batch_ring.PoolBuffer): the server's workers write each frame, and
+the fields asked beside it, straight into its place, and the batch is a
+tensor over the buffer, with no copy in the client. A new loader on a
+server that served before reuses memory that is there already. Elsewhere
+(frames inline), or when the server's budget has no room for the buffers,
+each frame is copied once into a reused buffer of this process. No
+DataLoader worker processes, no pickling, no collate copy.
 
-Buffer lifetime rule, the same for both: a yielded batch stays valid until
-`buffers` further batches have been drawn (arenas and buffers are pinned
-when CUDA is available); `.clone()` (or `.copy()`) what you keep longer, or
-pass `buffers=0` for a fresh tensor every batch (copied, never an arena).
+Buffer lifetime rule, the same for both: a batch is never overwritten while
+anything refers to it (the tensor, a view of it), and stays unchanged until
+`buffers` further batches have been drawn even after it is dropped (buffers
+are pinned when CUDA is available); `buffers=0` gives a fresh tensor every
+batch (copied, never in the server's pool).
 
-Sharding follows torch's DistributedSampler exactly: each epoch's order
+Order and position (client/epoch_order.py, client/position.py): each
+epoch's global order depends only on the seed, the epoch and the events
 (with torch present, shuffled by `torch.randperm` seeded with `seed + epoch`,
-as DistributedSampler does; without torch, by numpy) is padded by wrapping
-around to a multiple of the world size, then rank r takes every world-th
-event from r, so every rank yields the same number of batches and the same
-events DistributedSampler would give it.
+as DistributedSampler does; without torch, by numpy); rank r takes every
+world-th event of it from r. `state_dict()` is the position the training
+loop has consumed, and `load_state_dict()` resumes it mid-epoch on any
+number of ranks, without reading anything again. With `padding="wrap"`
+every rank yields the events DistributedSampler would give it.
 
 Mixed rates: by default the loader iterates over the events that hold the
 detector. `fields` (per-event values, e.g. "ebeam.ebeamPhotonEnergy",
@@ -41,40 +46,29 @@ follow ended.
 """
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import functools
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from psana_ipc.protocol.errors import NO_MEMORY, ServerError
-from psana_ipc.protocol.messages import Into
+from psana_ipc.protocol.messages import frame_nbytes
 
-from .arena import ArenaRing
-from .connection import Client, Codes, Frame, chosen_events, stack_values
-from .optional import require
-from .distributed import rank_and_world, shard
+from .batch_ring import BatchRing, Buffer, GroupBuffers, MemfdBuffer, PoolBuffer
+from .connection import Client, Codes, Frame, chosen_events, decode_values, stack_values
+from .distributed import rank_and_world
 from .follow import TIMEOUT, Follower, written_info
 from .group import ConnectionGroup
+from .optional import require
+from .position import EpochCursor
 
 
-def permutation(n: int, seed: int) -> np.ndarray:
-    """DistributedSampler's shuffle of range(n) for `seed` (numpy's without torch)."""
-    try:
-        import torch
-    except ImportError:
-        return np.random.default_rng(seed).permutation(n)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.randperm(n, generator=generator).numpy()
-
-
-def epoch_order(events: Sequence[int], epoch: int, seed: int, shuffle: bool, rank: int,
-                world: int) -> List[int]:
-    """This rank's events for one epoch (see the module docstring)."""
-    order = np.asarray(events, dtype=np.int64)
-    if shuffle:
-        order = order[permutation(len(order), seed + epoch)]
-    padded = np.resize(order, math.ceil(len(order) / world) * world) if len(order) else order
-    return [int(e) for e in shard(padded, rank, world)]
+class Batch(NamedTuple):
+    """A batch in flight: its array, the group's requests for its frames, and
+    whether the server writes them in place."""
+    array: Optional[np.ndarray]
+    requests: List[Tuple[Client, int, int]]
+    in_place: bool
 
 
 class BatchLoader:
@@ -109,7 +103,11 @@ class BatchLoader:
         rank, world_size: this process's share of the events (default: from
             torch.distributed, torchrun's RANK/WORLD_SIZE or srun's
             SLURM_PROCID/SLURM_NTASKS, else 0 and 1).
-        drop_last: drop this rank's last, incomplete batch.
+        drop_last: only whole steps (a full batch on every rank); the rest of
+            the epoch's events are left out.
+        padding: "none" (every event once per epoch; at the epoch's end a rank
+            may have one batch fewer than others) or "wrap" (DistributedSampler's:
+            the first events again, until every rank has as many).
         connections: connections to the server (default 0: one per server worker).
         depth: batches asked for ahead of the one being consumed.
         buffers: batch buffers reused in turn (see the buffer lifetime rule in
@@ -130,9 +128,10 @@ class BatchLoader:
         event_codes: {"with": [codes], "without": [codes]}: only the events the
             timing system's event codes choose (e.g. laser off: {"without": [40]}).
         step: only the events of this step of a scan (see `Client.steps`).
-        arenas: True to require batch arenas, False to always copy, None
-            (default) for arenas wherever they can be had (see the module
-            docstring); never with `fields` or `skip_incomplete`.
+        arenas: True to require batches written in place in the server's
+            pool, False to always copy, None (default) for in place wherever
+            it can be had (see the module docstring); never with
+            `skip_incomplete`.
         follow: True to follow the run as it is written (see the module
             docstring), or a dict of `Client.follow`'s options (start, policy,
             timeout, next_runs, poll); not with `events`, `shuffle` or `step`.
@@ -153,7 +152,8 @@ class BatchLoader:
                  progress: bool = False, read_ahead: int = 8,
                  fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
                  arenas: Optional[bool] = None, event_codes: Codes = None,
-                 step: Optional[int] = None, follow: Union[bool, Dict[str, Any]] = False) -> None:
+                 step: Optional[int] = None, padding: str = "none",
+                 follow: Union[bool, Dict[str, Any]] = False) -> None:
         if follow and (events is not None or shuffle or step is not None):
             raise ValueError("a followed run is read in order as it is written: neither "
                              "events, shuffle nor step")
@@ -162,9 +162,10 @@ class BatchLoader:
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
             raise ValueError("batch_size and depth must be >= 1, buffers and read_ahead >= 0")
         if arenas and not buffers:
-            raise ValueError("batch arenas are reused: they need buffers >= 1")
-        if arenas and (fields or skip_incomplete):
-            raise ValueError("batch arenas take neither fields nor skip_incomplete "
+            raise ValueError("batch buffers in the server's pool are reused: they need "
+                             "buffers >= 1")
+        if arenas and skip_incomplete:
+            raise ValueError("batches written in place take no skip_incomplete "
                              "(use arenas=None or False)")
         self.exp, self.run, self.detector, self.mode = exp, int(run), detector, mode
         self.access_mode = access_mode
@@ -176,7 +177,6 @@ class BatchLoader:
         self.read_ahead = read_ahead
         self.output = output
         self.progress = progress
-        self.epoch = 0
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -195,34 +195,61 @@ class BatchLoader:
             raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
-        if self.follow is None:
-            self.events = chosen_events(self.group.clients[0], exp, run, detector, events,
-                                        fields, skip_incomplete, event_codes, step)
+        self.padding = padding
+        self.events = [] if self.follow is not None else chosen_events(
+            self.group.clients[0], exp, run, detector, events, fields, skip_incomplete,
+            event_codes, step)
         self.pin_memory = pin_memory
         self.buffers = buffers
-        self.arenas = arenas if buffers and not (fields or skip_incomplete) else False
-        self._ring: List[Any] = []
-        self._arena_ring: Optional[ArenaRing] = None
-        self._drawn = 0
+        self.arenas = arenas if buffers and not skip_incomplete else False
+        self._ring: Optional[BatchRing] = None
 
-    # -- sizes and epochs ---------------------------------------------------------------
+    # -- order, epochs and position -----------------------------------------------------
+    @property
+    def events(self) -> List[int]:
+        return self._events
+
+    @events.setter
+    def events(self, events: Sequence[int]) -> None:
+        """Another event list: its own order, from the start of the current epoch."""
+        epoch = self._cursor.epoch if hasattr(self, "_cursor") else 0
+        self._events = [int(e) for e in events]
+        self._cursor = EpochCursor(len(self._events), lambda: self._events, self.seed,
+                                   self.shuffle, self.padding, self.drop_last, self.batch_size,
+                                   self.rank, self.world_size)
+        self._cursor.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._cursor.epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle of the next iteration (call it every epoch, as with
-        DistributedSampler)."""
-        self.epoch = epoch
+        DistributedSampler). The epoch a loaded position stands in goes on
+        from that position."""
+        self._cursor.set_epoch(epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position the training loop has consumed (never how far the
+        loader has asked ahead): small and JSON-serializable, to save beside
+        the model's checkpoint. Any one rank's, taken after a step every rank
+        took, resumes every rank of a new world."""
+        return self._cursor.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Make the next iteration go on from a saved position, on this loader's
+        rank and world size (which may differ from the saver's). Raises
+        StateError (`.code`) for a position of other events or another order."""
+        self._cursor.load_state_dict(state)
 
     def _order(self) -> List[int]:
-        order = epoch_order(self.events, self.epoch, self.seed, self.shuffle, self.rank,
-                            self.world_size)
-        if self.drop_last:
-            order = order[: len(order) // self.batch_size * self.batch_size]
-        return order
+        """This rank's events for the next iteration."""
+        return [self.events[p] for p in self._cursor.share()]
 
     def __len__(self) -> int:
         if self.follow is not None:
             raise TypeError("a followed run's length is known only once it has ended")
-        n = len(self._order())
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return math.ceil(len(self._cursor.share()) / self.batch_size)
 
     # -- buffers --------------------------------------------------------------------------
     def _pin(self) -> bool:
@@ -231,46 +258,45 @@ class BatchLoader:
         torch = require("torch", "torch", "BatchLoader(output='torch')")
         return torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
 
-    def _new_buffer(self) -> Any:
-        shape = (self.batch_size,) + self.frame_shape
-        if self.output == "numpy":
-            return np.empty(shape, self.dtype)
-        torch = require("torch", "torch", "BatchLoader(output='torch')")
-        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, self.dtype)).dtype,
-                           pin_memory=self._pin())
-
-    def _buffer(self, k: int, n: int) -> Any:
-        if not self.buffers:
-            return self._new_buffer()[:n]
-        if not self._ring:
-            self._ring = [self._new_buffer() for _ in range(self.buffers)]
-        return self._ring[k % len(self._ring)][:n]
-
-    def _arenas(self) -> Optional[ArenaRing]:
-        """The ring of batch arenas (made again after the connections were
-        dropped), or None for the copy path. Enough arenas that the server
-        writes the `depth` batches asked ahead while the last `buffers`
-        drawn stay intact."""
-        if self._arena_ring is not None and self._arena_ring.alive():
-            return self._arena_ring
-        if self._arena_ring is not None:
-            self._arena_ring.close()
-            self._arena_ring = None
+    def _in_place(self) -> bool:
+        """Whether batches are written in place in the server's pool."""
         if self.arenas is False or self.group.clients[0].server.transport != "shm":
             if self.arenas:
-                raise ValueError("batch arenas need shared memory with the server (same host)")
-            return None
-        try:
-            self._arena_ring = ArenaRing(self.group, self.buffers + self.depth - 1,
-                                         self.frame_shape, self.dtype, self.batch_size,
-                                         self._pin())
-        except ServerError as e:
-            if self.arenas or e.code != NO_MEMORY:
-                raise
-            warnings.warn(f"no room for batch arenas ({e.message}); copying frames instead")
-            self.close()           # gives back the arenas made so far
-            self.arenas = False
-        return self._arena_ring
+                raise ValueError("batches written in place need shared memory with the "
+                                 "server (same host)")
+            return False
+        return True
+
+    def _buffers(self) -> BatchRing:
+        """The ring of batch buffers (made again after the connections were
+        dropped): in the server's pool (the `buffers + depth` a pass needs
+        made at once; where the server has no room for them, the copy path
+        from now on, warned), or this process's for the copy path."""
+        if self._ring is not None:
+            return self._ring
+        if self._in_place():
+            self._ring = BatchRing(GroupBuffers(self.group, wait=True), self.buffers,
+                                   self.buffers + self.depth)
+            nbytes = frame_nbytes((self.batch_size,) + self.frame_shape, self.dtype.itemsize)
+            try:
+                self._ring.fill(self.buffers + self.depth, nbytes, self._pin())
+            except ServerError as e:
+                if self.arenas or e.code != NO_MEMORY:
+                    raise
+                warnings.warn(f"no room for batch buffers in the server ({e.message}); "
+                              f"copying frames instead")
+                self._ring.close()
+                self.arenas = False
+        if not self._in_place():
+            self._ring = BatchRing(MemfdBuffer, self.buffers)
+        return self._ring
+
+    def _lease(self, n: int) -> Tuple[Buffer, np.ndarray]:
+        """A buffer for a batch of `n` frames, and the batch's array over it."""
+        shape = (n,) + self.frame_shape
+        buffer = self._buffers().lease(frame_nbytes(shape, self.dtype.itemsize), False,
+                                       self._pin())
+        return buffer, buffer.lease(shape, self.dtype)
 
     def _output(self, batch: np.ndarray) -> Any:
         if self.output == "numpy":
@@ -279,44 +305,50 @@ class BatchLoader:
         return torch.from_numpy(batch)
 
     # -- iteration ------------------------------------------------------------------------
-    def _batches(self, into: Optional[Callable[[int], Callable[[int, int], Into]]]
-                 = None) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
-        """(batch number, events, the group's requests) with `depth` batches asked
-        ahead, batch k written `into(k)` when given. Abandoning it mid-epoch
-        drops the connections, which frees their slots and arenas."""
+    def _submit(self, run: int, events: List[int], lease: bool) -> Batch:
+        """Ask for one batch, written in place into its buffer where the ring's
+        buffers are in the server's pool (with `lease`; without, only the
+        requests)."""
+        buffer, array = self._lease(len(events)) if lease else (None, None)
+        into = (functools.partial(buffer.into, frame_shape=self.frame_shape, dtype=self.dtype)
+                if isinstance(buffer, PoolBuffer) else None)
+        return Batch(array, self.group.submit(self.exp, run, self.detector, events, self.mode,
+                                              self.access_mode, self.fields,
+                                              self.skip_incomplete, into=into),
+                     into is not None)
+
+    def _batches(self, lease: bool = True) -> Iterator[Tuple[List[int], Batch]]:
+        """(events, the batch) with `depth` batches asked ahead (see `_submit`).
+        Abandoning it mid-epoch drops the connections, which frees what they
+        held."""
         if self.follow is not None:
-            yield from self._followed(into)
+            yield from self._followed(lease)
             return
-        order = self._order()
+        order = [self.events[p] for p in self._cursor.begin()]
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        in_flight: List[List[Tuple[Client, int, int]]] = []
+        in_flight: List[Batch] = []
         completed = False
         hinted = 0
         try:
             for k, events in enumerate(batches):
                 while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
-                    ahead = k + len(in_flight)
-                    in_flight.append(self.group.submit(self.exp, self.run, self.detector,
-                                                       batches[ahead], self.mode,
-                                                       self.access_mode, self.fields,
-                                                       self.skip_incomplete,
-                                                       into=into(ahead) if into else None))
+                    in_flight.append(self._submit(self.run, batches[k + len(in_flight)], lease))
                 hinted = self._hint(batches, hinted, k + len(in_flight))
-                yield k, events, in_flight.pop(0)
+                yield events, in_flight.pop(0)
             completed = True
+            self._cursor.finished()
         finally:
             self._end_iteration(completed)
 
     def _end_iteration(self, completed: bool) -> None:
         """A completed iteration sends its releases; one abandoned drops the
-        connections, which frees their slots and arenas."""
+        connections, which frees what they held."""
         if completed:
             self.group.flush_releases()
         else:
             self.close()
 
-    def _followed(self, into: Optional[Callable[[int], Callable[[int, int], Into]]]
-                  = None) -> Iterator[Tuple[int, List[int], List[Tuple[Client, int, int]]]]:
+    def _followed(self, lease: bool) -> Iterator[Tuple[List[int], Batch]]:
         """As `_batches`, for a run followed as it is written: each batch asked
         for once its events are (see client/follow.py), none ahead."""
         self.follower = Follower(self.group.clients[0], self.exp, self.run, self.detector,
@@ -326,11 +358,8 @@ class BatchLoader:
                                  share=(self.rank, self.world_size), **self.follow)
         completed = False
         try:
-            for k, (run, events) in enumerate(self.follower.batches(self.batch_size)):
-                yield k, events, self.group.submit(self.exp, run, self.detector, events,
-                                                   self.mode, self.access_mode, self.fields,
-                                                   self.skip_incomplete,
-                                                   into=into(k) if into else None)
+            for run, events in self.follower.batches(self.batch_size):
+                yield events, self._submit(run, events, lease)
             completed = True
         finally:
             self._end_iteration(completed)
@@ -347,44 +376,42 @@ class BatchLoader:
         return end
 
     def __iter__(self) -> Iterator[Any]:
-        """Batches in arenas or copied into the reused buffers (see the buffer
-        lifetime rule); with `fields`, `(batch, {name: values})`. A batch the
-        server skipped events of (`skip_incomplete`) is shorter, and a fresh
-        copy."""
-        ring = self._arenas()
-        first = self._drawn       # ring places count on across epochs
+        """Batches written in place or copied into the reused buffers (see the
+        buffer lifetime rule); with `fields`, `(batch, {name: values})`. A batch
+        the server skipped events of (`skip_incomplete`) is shorter, and a
+        fresh copy."""
         bar = self._progress_bar()
         try:
-            if ring is not None:
-                for k, events, requests in self._batches(lambda k: ring.into(first + k)):
-                    self.group.wait(requests)
-                    self._drawn += 1
-                    if bar is not None:
-                        bar.update(len(events))
-                    yield self._output(ring.batch(first + k, len(events)))
-                return
-            for k, events, requests in self._batches():
-                self._drawn += 1
-                out = self._buffer(first + k, len(events))
-                target = out.numpy() if self.output == "torch" else out
-                values = {}
-                for pos, frame in self.group.stream(requests):
-                    with frame:
-                        np.copyto(target[pos], frame.array, casting="no")
-                        values[pos] = frame.values
+            for events, batch in self._batches():
+                out = batch.array
+                if batch.in_place:
+                    values = {pos: decode_values(frame.desc.values)
+                              for pos, frame in self.group.wait(batch.requests)}
+                else:
+                    values = self._copy(out, batch.requests)
+                self._cursor.consumed(len(events))
                 if bar is not None:
                     bar.update(len(events))
                 if not values:
                     continue
                 if len(values) < len(events):
                     out = out[sorted(values)]
-                if self.fields:
-                    yield out, self._batched([values[pos] for pos in sorted(values)])
-                else:
-                    yield out
+                frames = self._output(out)
+                yield (frames, self._batched([values[p] for p in sorted(values)])) \
+                    if self.fields else frames
         finally:
             if bar is not None:
                 bar.close()
+
+    def _copy(self, out: np.ndarray, requests: List[Tuple[Client, int, int]]
+              ) -> Dict[int, Dict[str, np.ndarray]]:
+        """Copy every frame of a batch into its row; the values of each."""
+        values = {}
+        for pos, frame in self.group.stream(requests):
+            with frame:
+                np.copyto(out[pos], frame.array, casting="no")
+                values[pos] = frame.values
+        return values
 
     def _batched(self, per_event: List[Any]) -> Any:
         stacked = stack_values(per_event)
@@ -407,11 +434,12 @@ class BatchLoader:
         the server's slot itself, in order (`.values` holds the fields). They
         are valid until the next batch is drawn, when the loader releases them;
         copy what you keep."""
-        for _, events, requests in self._batches():
+        for events, batch in self._batches(lease=False):
             slots: List[Optional[Frame]] = [None] * len(events)
-            for pos, frame in self.group.stream(requests):
+            for pos, frame in self.group.stream(batch.requests):
                 slots[pos] = frame
             frames = [frame for frame in slots if frame is not None]
+            self._cursor.consumed(len(events))
             try:
                 yield frames
             finally:
@@ -419,12 +447,12 @@ class BatchLoader:
                     frame.release()
 
     def close(self) -> None:
-        """Drop the connections and with them the arenas (both are made again
-        on the next iteration)."""
+        """Drop the buffers and the connections (both are made again on the
+        next iteration)."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         self.group.close()
-        if self._arena_ring is not None:
-            self._arena_ring.close()
-            self._arena_ring = None
 
     def __enter__(self) -> "BatchLoader":
         return self

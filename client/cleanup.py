@@ -3,18 +3,18 @@
 A server is alive while its master holds the lock on /dev/shm/psipc_<pid>.lock
 (see server/liveness.py): a lock that can be taken is a dead server's, never
 a guess from a command line. Only this user's files are touched; what cannot
-be removed, or belongs to someone else, is skipped and reported. A frame
-cache on disk (`--frame-cache-dir`) is found through its marker in /dev/shm.
+be removed, or belongs to someone else, is skipped and reported. The
+server's pool of frame memory and a frame cache on disk have no name and
+go with the server's last process: only legacy segments and lock files can
+be left.
 """
 import errno
 import fcntl
 import os
-import stat
 from typing import Dict, List
 
-from psana_ipc.protocol.shm_names import (SHM_DIR, cache_dir_marker, is_own_file, lock_name,
-                                          ours, parse_lock_name, parse_segment_name,
-                                          segment_path)
+from psana_ipc.protocol.shm_names import (SHM_DIR, is_own_file, lock_name, parse_lock_name,
+                                          parse_segment_name, segment_path)
 
 from .shm import our_segments
 
@@ -68,31 +68,6 @@ def _remove(path: str, skipped: List[str]) -> bool:
         return False
 
 
-def _remove_cache_dir(pid: int, skipped: List[str]) -> int:
-    """The files of a dead server's frame cache on disk (`--frame-cache-dir`),
-    from the directory its marker names: only a directory of this user named
-    for that server, and in it only files of ours; returns how many."""
-    marker = segment_path(cache_dir_marker(pid))
-    if not _ours(marker):
-        return 0
-    with open(marker) as f:
-        path = f.read()
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return 0
-    if os.path.basename(path) != f"psana-ipc-{pid}" or not stat.S_ISDIR(st.st_mode) \
-            or st.st_uid != os.geteuid():
-        skipped.append(f"{path}: not a frame cache directory of this user's")
-        return 0
-    removed = sum(_remove(os.path.join(path, n), skipped) for n in ours(os.listdir(path), pid))
-    try:
-        os.rmdir(path)
-    except OSError as e:
-        skipped.append(f"{path}: {e.strerror}")
-    return removed
-
-
 def cleanup() -> List[str]:
     """Remove what dead servers left; returns lines saying what was done and skipped."""
     by_server: Dict[int, List[str]] = {}
@@ -112,8 +87,6 @@ def cleanup() -> List[str]:
             lines.append(f"server {pid}: its lock file is not this user's: kept its "
                          f"{len(names)} segment(s)")
             continue
-        if cache_dir_marker(pid) in names:
-            removed += _remove_cache_dir(pid, skipped)
         removed += sum(_remove(segment_path(n), skipped) for n in names)
         lock = segment_path(lock_name(pid))
         if os.path.lexists(lock):

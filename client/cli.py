@@ -1,6 +1,7 @@
 """`psana-ipc`: talk to a running iserver from the shell (ping, info, stats,
-get, stop), remove what dead servers left in /dev/shm (cleanup), and write or
-submit a SLURM job that runs a server beside a client command (slurm).
+get, stop), remove what dead servers left in /dev/shm (cleanup), write or
+submit a SLURM job that runs a server beside a client command (slurm), and
+tell where a saved loader position stands (position).
 
 Human output by default (tables, units, ISO times), `--json` for scripts.
 Every mistake ends in one `psana-ipc: ...` line and an exit status:
@@ -27,6 +28,7 @@ from .cleanup import cleanup
 from .connection import Client
 from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
 from .optional import require
+from .position import StateError, where
 
 EXIT_SERVER_ERROR = 1
 EXIT_NO_SERVER = 3
@@ -107,6 +109,17 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_position(args: argparse.Namespace) -> int:
+    try:
+        position = where(args.checkpoint)
+    except OSError as e:
+        raise UserError(f"cannot read {args.checkpoint}: {e.strerror}") from None
+    except StateError as e:
+        raise UserError(f"{args.checkpoint}: {e.message} [{e.code}]") from None
+    print(json.dumps(position.to_state(), indent=2) if args.json else position.describe())
+    return 0
+
+
 def _command(sub: "argparse._SubParsersAction", name: str, parents: List[argparse.ArgumentParser],
              help: str, *examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, parents=parents, help=help, description=help,
@@ -169,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stop)
     _command(sub, "cleanup", [], "remove shared memory left by servers that died",
              "psana-ipc cleanup").set_defaults(func=cmd_cleanup)
+    s = _command(sub, "position", [as_json], "where a saved loader position stands: epoch, "
+                                             "events done, batches, ranks",
+                 "psana-ipc position ckpt.json", "psana-ipc position model.pt --json")
+    s.add_argument("checkpoint", help="a loader's state_dict() saved as JSON, or a checkpoint "
+                                      "(JSON or torch.save) that holds one")
+    s.set_defaults(func=cmd_position)
     slurm.add_parser(sub)
     return p
 

@@ -3,15 +3,16 @@
 It connects on first use and again after a fork (each DataLoader worker gets
 its own connection), and turns error replies into `ServerError`. It sends
 the protocol's request types (`protocol.messages`) and reads every reply as
-the protocol's reply types (`protocol.replies`), never a header by hand. Frames
-arrive in shared-memory slots (same host) or inline; `get`/`get_many` copy
-each frame once and give its slot back (releases travel in batches, all
-sent before the call returns); `view` and `frames` hand out the slot itself
-(zero-copy) until released.
+the protocol's reply types (`protocol.replies`), never a header by hand.
+Frames arrive in the server's pool (same host; client/pool.py maps it once
+per process) or inline; `get`/`get_many` copy each frame once and release
+it (releases travel in batches, all sent before the call returns); `view`
+and `frames` hand out the pool's memory itself (zero-copy), held until
+released.
 
 Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
-the server reuses the slot for another event. Copy what you keep.
+the server reuses the memory for another event. Copy what you keep.
 """
 import contextlib
 import os
@@ -25,15 +26,16 @@ import numpy as np
 from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import OUT_OF_RANGE, UNKNOWN_DETECTOR, ProtocolError, ServerError
-from psana_ipc.protocol.messages import (AdoptArena, CodeFilter, FieldRef, FreeArenas, Get, Hello,
-                                         Info, Into, MakeArena, Ping, Prefetch, Release, Request,
-                                         RunKey, Shutdown, Stats)
-from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameReply, Reply,
-                                        Welcome, parse_reply)
+from psana_ipc.protocol.messages import (CodeFilter, FieldRef, FreeArenas, Get, Hello, Info, Into,
+                                         MakeArena, Ping, Prefetch, Release, Request, RunKey,
+                                         Shutdown, Stats)
+from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameReply, InPool,
+                                        Reply, Welcome, parse_reply)
 
+from . import pool
 from .discovery import find_token, resolve_address
 from .follow import Follower
-from .shm import EntryMaps, SlotMaps
+from .pool import Hold, Pools
 from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
 RELEASE_BATCH = 16
@@ -105,17 +107,18 @@ def chosen_events(client: "Client", exp: str, run: int, detector: str,
 
 
 class Frame:
-    """One event's frame with the reply that described it; holds a slot until
-    released."""
+    """One event's frame with the reply that described it; holds its memory
+    in the server's pool until released."""
 
-    __slots__ = ("array", "reply", "_client", "_slot", "_generation")
+    __slots__ = ("array", "reply", "_client", "_handle", "_hold", "_generation")
 
     def __init__(self, array: np.ndarray, reply: FrameReply, client: "Client",
-                 slot: Optional[int]) -> None:
+                 handle: Optional[int] = None, hold: Optional[Hold] = None) -> None:
         self.array = array
         self.reply = reply
         self._client = client
-        self._slot = slot
+        self._handle = handle
+        self._hold = hold
         self._generation = client.generation
 
     @property
@@ -134,11 +137,14 @@ class Frame:
         return decode_values(self.reply.desc.values)
 
     def release(self) -> None:
-        """Give the slot back; a no-op once the connection it came from is gone
-        (the server freed the slot with it)."""
-        if self._slot is not None and self._generation == self._client.generation:
-            self._client.release(self._slot)
-        self._slot = None
+        """Let go of the frame's memory (the hold first, then the server is told
+        with the next message; a connection gone since needs no telling)."""
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+        if self._handle is not None and self._generation == self._client.generation:
+            self._client.release(self._handle)
+        self._handle = None
 
     def __enter__(self) -> "Frame":
         return self
@@ -162,13 +168,13 @@ class Client:
         token: the server's token (default: see `find_token`).
         window: frames this connection may hold unreleased (0: the server's
             default).
-        writable: map slots writable, for code that insists on writable arrays
-            and does not write them (torch.as_tensor).
+        writable: map the server's memory copy-on-write, for code that insists
+            on writable arrays (torch.as_tensor); writes stay in this process.
         timeout: seconds to wait for a reply (None: forever).
         connect_timeout: seconds to wait for the connection.
         group: a connection group id the server issued to another connection
-            (batch arenas); without one, the server issues a new one
-            (`Client.group` once connected).
+            (batch buffers, a fair share); without one, the server issues a new
+            one (`Client.group` once connected).
 
     It connects on first use (and again in a forked child). Errors the server
     replies with raise `ServerError` (`.code`, `.message`); no server, or a
@@ -200,15 +206,14 @@ class Client:
         """Forget the connection; frames handed out before now no longer release."""
         self.generation += 1
         self._sock = None
-        self._maps = SlotMaps(self.writable)
-        self._entries = EntryMaps(self.writable)
+        self.pools: Optional[Pools] = None      # the server's memory, shared by the process
         self._hints: Set[int] = set()    # prefetch requests whose replies nobody waits for
         self._next_id = 0
         self._waiting: Dict[int, Request] = {}     # requests whose last reply has not come
         self._pending: Dict[int, Deque[WithPayload]] = {}
         self._to_release: List[int] = []
-        self._to_free: List[str] = []      # arenas to give back with the next message
-        self._held: Set[int] = set()     # slots handed out and not released
+        self._to_free: List[int] = []      # batch buffers to give back with the next message
+        self._held: Set[int] = set()     # frames handed out and not released
         self.server: Optional[Welcome] = None     # the hello reply, once connected
 
     # -- connection ---------------------------------------------------------------------
@@ -248,6 +253,12 @@ class Client:
             self.close()
             raise ConnectionError("the server cannot share memory with this client "
                                   "(another host?); use transport='auto' or 'inline'")
+        if self.server.transport == "shm":
+            try:
+                self.pools = pool.acquire(self.server.door, self.writable)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         """Release what this connection holds and close it (the next request
@@ -258,8 +269,8 @@ class Client:
             except OSError:
                 pass
             self._sock.close()
-        self._maps.close()
-        self._entries.close()
+        if self.pools is not None and self._pid == os.getpid():
+            pool.release(self.pools.door, self.writable)
         self._reset()
 
     def __del__(self) -> None:
@@ -314,7 +325,9 @@ class Client:
         if self._sock is None or self._pending or self._held:
             return False
         try:
-            if not select.select([self._sock], [], [], 0)[0]:
+            poller = select.poll()      # not select(): descriptors past 1024 are common
+            poller.register(self._sock, select.POLLIN)
+            if not poller.poll(0):
                 return False
             return self._sock.recv(1, socket.MSG_PEEK) == b""
         except OSError:
@@ -357,8 +370,7 @@ class Client:
             with self._stream():
                 self.flush_releases()
                 header, payload = recv_message(self._sock)
-            reply, retired = parse_reply(header, self._waiting)
-            self._maps.drop(retired)
+            reply = parse_reply(header, self._waiting)
             if reply.last:
                 self._waiting.pop(reply.rid, None)
             if reply.rid in self._hints:
@@ -382,26 +394,27 @@ class Client:
         """Send a request and return its reply; an error reply raises ServerError."""
         return self._result(self.send(request))
 
-    # -- releasing slots ------------------------------------------------------------------
-    def release(self, slot: int) -> None:
-        """Give a slot back (sent in batches, and always before waiting for a reply)."""
-        self._held.discard(slot)
-        self._to_release.append(slot)
+    # -- releasing frames -----------------------------------------------------------------
+    def release(self, handle: int) -> None:
+        """Tell the server a frame was let go (sent in batches, and always before
+        waiting for a reply)."""
+        self._held.discard(handle)
+        self._to_release.append(handle)
         if len(self._to_release) >= RELEASE_BATCH:
             self.flush_releases()
 
     def flush_releases(self) -> None:
         """Send the releases not sent yet (they go in batches)."""
         if self._to_release and self._sock is not None:
-            slots = []
+            handles = []
             while self._to_release:
-                slots.append(self._to_release.pop())
-            self._send_request(Release(tuple(slots)))
+                handles.append(self._to_release.pop())
+            self._send_request(Release(tuple(handles)))
         if self._to_free and self._sock is not None:
-            names = []
+            tickets = []
             while self._to_free:
-                names.append(self._to_free.pop())
-            self._send_request(FreeArenas(tuple(names)))
+                tickets.append(self._to_free.pop())
+            self._send_request(FreeArenas(tuple(tickets)))
 
     def connect(self) -> "Client":
         """Connect now rather than on first use."""
@@ -493,10 +506,10 @@ class Client:
                mode: str = "calib", access_mode: str = "idx", fields: Fields = None,
                skip_incomplete: bool = False, into: Optional[Into] = None) -> int:
         """Ask for several events without waiting; read them with `frames(rid)`,
-        or, written `into` a batch arena, wait for them with `replies(rid)`.
-        `fields` and `skip_incomplete`: see `get` (a get into an arena takes
-        neither). A get the server would refuse is answered as it would be,
-        without being sent: its replies raise ServerError."""
+        or, written `into` a batch buffer, wait for them with `replies(rid)`.
+        `fields` and `skip_incomplete`: see `get` (a get into a batch buffer
+        takes no skip_incomplete). A get the server would refuse is answered
+        as it would be, without being sent: its replies raise ServerError."""
         refs = tuple(FieldRef.parse(f) for f in fields or ())   # ProtocolError at once
         try:
             request = Get(RunKey(exp, int(run), detector, access_mode), mode,
@@ -509,7 +522,7 @@ class Client:
         """The frames of a submitted get, in request order (zero-copy: see the
         lifetime rule); events the server skipped (`skip_incomplete`) yield
         nothing. An error reply raises ServerError after the request's
-        remaining replies are drained and their slots released."""
+        remaining replies are drained and their frames released."""
         for reply, payload in self.replies(rid):
             if isinstance(reply, FrameReply):
                 yield self._frame(reply, payload)
@@ -517,15 +530,15 @@ class Client:
     def replies(self, rid: int) -> Iterator[WithPayload]:
         """The successful replies to a submitted get (skipped events included),
         in request order; an error reply raises ServerError once the rest are
-        drained (slots released)."""
+        drained (frames released)."""
         error = None
         while True:
             reply, payload = self.reply(rid)
             if isinstance(reply, ErrorReply):
                 error = error or ServerError.from_reply(reply)
             elif error is not None:
-                if isinstance(reply, FrameReply) and reply.slot is not None:
-                    self.release(reply.slot)
+                if isinstance(reply, FrameReply) and isinstance(reply.where, InPool):
+                    self.release(reply.where.handle)
             else:
                 yield reply, payload
             if reply.last:
@@ -533,34 +546,31 @@ class Client:
         if error is not None:
             raise error
 
-    def free_arena(self, name: str) -> None:
-        """Give an arena back with the next message; no I/O, safe anywhere."""
-        self._to_free.append(name)
+    def free_arena(self, ticket: int) -> None:
+        """Give a batch buffer back with the next message; no I/O, safe anywhere."""
+        self._to_free.append(ticket)
 
     def make_arena(self, nbytes: int, wait: bool = True) -> ArenaMade:
-        """A batch arena of at least `nbytes` on this connection, writable by
-        every connection of its group (`.name`, `.size`). It lives until this
-        connection closes. Without `wait`, ServerError `no_memory` at once when
-        the budget has no room now."""
+        """A batch buffer of at least `nbytes` for this connection's group, which
+        every connection of the group may fill (`.arena` names it; `.pool`,
+        `.offset` and `.size` say where it is): an idle one of the group's,
+        else a new one. It lives until the group's last connection closes, or
+        `free_arena`. Without `wait`, ServerError `no_memory` at once when the
+        budget has no room now."""
         return self.call(MakeArena(int(nbytes), wait))
 
-    def adopt_arena(self, name: str) -> ArenaMade:
-        """Keep, on this connection, an arena another connection of the group
-        made (`.name`, its new name, and `.size`). ServerError `no_memory` when
-        this connection's share has no room (answered at once)."""
-        return self.call(AdoptArena(name))
-
     def _frame(self, reply: FrameReply, payload: Optional[bytearray]) -> Frame:
-        dtype, shape = np.dtype(reply.desc.dtype), reply.desc.shape
-        if reply.nbytes is not None:
-            array = np.frombuffer(payload or b"", dtype=dtype).reshape(shape)
-            return Frame(array, reply, self, None)
-        if reply.cached:      # a frame-cache entry, pinned for us until released
-            array = self._entries.view(reply.name, shape, dtype, reply.offset, reply.path)
-        else:
-            array = self._maps.view(reply.slot, reply.name, shape, dtype)
-        self._held.add(reply.slot)
-        return Frame(array, reply, self, reply.slot)
+        dtype, shape, where = np.dtype(reply.desc.dtype), reply.desc.shape, reply.where
+        if not isinstance(where, InPool):
+            return Frame(np.frombuffer(payload or b"", dtype=dtype).reshape(shape), reply, self)
+        try:
+            hold = self.pools.hold(where.pool, where.offset, where.size, where.ticket)
+        except ConnectionError:
+            self.release(where.handle)
+            raise
+        self._held.add(where.handle)
+        array = self.pools.view(where.pool, where.offset, shape, dtype)
+        return Frame(array, reply, self, where.handle, hold)
 
     def prefetch(self, exp: str, run: int, detector: str, events: Sequence[int],
                  mode: str = "calib", access_mode: str = "idx") -> None:
@@ -588,7 +598,7 @@ class Client:
               access_mode: str, fields: Fields) -> Tuple[np.ndarray, FrameReply]:
         with self.view(exp, run, detector, event, mode, access_mode, fields) as frame:
             copy = np.array(frame.array), frame.reply
-        self.flush_releases()    # an idle client should not sit on a slot
+        self.flush_releases()    # an idle client should not sit on a frame
         return copy
 
     def get(self, exp: str, run: int, detector: str, event: int, mode: str = "calib",
@@ -608,7 +618,7 @@ class Client:
                  access_mode: str = "idx", fields: Fields = None,
                  skip_incomplete: bool = False) -> Any:
         """Frames of several events stacked into one array (or into `out`), each
-        copied once straight from its slot; requests are pipelined. With
+        copied once straight from the server's memory; requests are pipelined. With
         `fields`, `(frames, {name: values stacked})`. With `skip_incomplete`,
         events lacking the detector or a field's detector are left out (as
         LCLStreamer's skip_incomplete_events) instead of raising `no_data`: the

@@ -2,19 +2,21 @@
 v1 when the server speaks it and the legacy dialect otherwise.
 
 Each process (each DataLoader worker) keeps its own connections, one per
-server worker (a ConnectionGroup; they reconnect after fork). DataLoader
+server worker (a ConnectionGroup; they reconnect after fork), all of one
+connection group, whose id is fixed when the dataset is made. DataLoader
 hands `__getitems__` a whole batch of indices; runs of consecutive requests
 for the same run and detector become one request split over all server
-workers. On the server's host, a batch of one detector without `fields` is
-a batch arena (client/arena.py): the server's workers write each frame in
-place and the client copies nothing; otherwise each frame is copied once,
-straight from its slot, into a reused batch buffer (batch_ring). Either way
-the items are rows of that buffer, which the default collate hands on as
-the batch itself (batch_collate), through workers as a handle
-(batch_handoff, where the main process also keeps the workers' arenas for
-the next epoch's workers). Read in order, the next batches are hinted to
-the server's frame cache (read_ahead). `dataset[i]` always returns a
-private copy.
+workers. On the server's host, a batch of one detector is a batch buffer
+of the group in the server's pool (batch_ring.PoolBuffer): the server's
+workers write each frame in place, with the fields asked beside it in the
+reply, and the client copies nothing; the next epoch's workers fill the
+same buffers again (the server keeps them for the group). Otherwise each
+frame is copied once, straight from the server's memory, into a reused
+batch buffer of this process. Either way the items are rows of that
+buffer, which the default collate hands on as the batch itself
+(batch_collate), through workers as a handle (batch_handoff). Read in
+order, the next batches are hinted to the server's frame cache
+(read_ahead). `dataset[i]` always returns a private copy.
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
 tensor, a view or slice, an array made from it); without workers it also
@@ -41,11 +43,10 @@ from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, UNAUTHORIZED, Server
 from psana_ipc.protocol.legacy import is_ours
 from psana_ipc.protocol.messages import MODES, Into
 
-from . import batch_handoff, legacy
-from .arena import GroupArenas, layout
+from . import legacy
 from .batch_collate import RingBatch
-from .batch_ring import BatchRing
-from .connection import Client, Codes, chosen_events, padded_stack
+from .batch_ring import BatchRing, GroupBuffers, MemfdBuffer
+from .connection import Client, Codes, chosen_events, decode_values, padded_stack
 from .group import ConnectionGroup
 from .read_ahead import SequentialReadAhead
 
@@ -96,15 +97,14 @@ class IPCRemotePsanaDataset(Dataset):
         self._auto = protocol == "auto"
         self._group = ConnectionGroup(server_address, transport=transport, window=WINDOW,
                                       timeout=timeout)
-        self._ring = BatchRing(buffers, batch_handoff.claim)
+        self._ring = BatchRing(MemfdBuffer, buffers)
         self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
-        arenas = GroupArenas(self._group)
-        self._arenas = BatchRing(buffers, arenas.claim, arenas.make) if buffers else None
+        self._pool_ring = BatchRing(GroupBuffers(self._group), buffers) if buffers else None
         self._specs: Dict[Tuple[Any, ...], Any] = {}
         if len(requests_list):
             try:
                 if self._dialect() == "v1":
-                    batch_handoff.keep_arenas_for(self._group)
+                    self._group.connect()       # the group id DataLoader workers inherit
             except (OSError, ServerError):
                 pass   # not reachable yet, or refused: each process finds out on its first fetch
 
@@ -149,17 +149,16 @@ class IPCRemotePsanaDataset(Dataset):
         if self._dialect() == "legacy":
             return [self.fetch_event(*r) for r in requests]
         self._read_ahead.follow(indices)
-        batch = self._in_arena(requests)
-        return batch.rows() if batch is not None else self._assemble(requests)
+        items = self._in_arena(requests)
+        return items if items is not None else self._assemble(requests)
 
-    def _in_arena(self, requests: List[Request]) -> Optional[RingBatch]:
-        """The batch written in place into an arena, or None where that cannot
-        be: several detectors in one batch, `fields` (their values come with
-        each frame's reply, which a get into an arena does not send), no shared
+    def _in_arena(self, requests: List[Request]) -> Optional[List[Any]]:
+        """The batch's items, written in place into a batch buffer, or None
+        where that cannot be: several detectors in one batch, no shared
         memory, no room in the budget (warned once), or frames unlike the
         detector's spec."""
         keys = {tuple(r[:4]) for r in requests}
-        if self._arenas is None or self.fields or len(keys) != 1:
+        if self._pool_ring is None or len(keys) != 1:
             return None
         exp, run, access, det = keys.pop()
         if self._group.clients[0].server.transport != "shm":
@@ -172,29 +171,34 @@ class IPCRemotePsanaDataset(Dataset):
             return None
         shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
         try:
-            batch = RingBatch(self._arenas, (len(requests),) + shape, dtype)
+            batch = RingBatch(self._pool_ring, (len(requests),) + shape, dtype)
         except ServerError as e:
             if e.code != NO_MEMORY:
                 raise
-            why = f"no room for batch arenas ({e.message}); copying frames instead"
+            why = f"no room for batch buffers ({e.message}); copying frames instead"
             if get_worker_info() is None:
                 warnings.warn(why)
             else:
                 log.info("DataLoader worker: %s", why)   # every epoch's workers would warn again
-            self._arenas = None
+            self._pool_ring = None
             return None
-        name = batch.buffer.name
+        buffer = batch.buffer
 
         def into(start: int, count: int) -> Into:
-            return layout(name, start, count, shape, dtype)
+            return buffer.into(start, count, shape, dtype)
         try:
-            self._group.wait(self._group.submit(exp, run, det, [r[4] for r in requests],
-                                                self.mode, access, into=into))
+            frames = self._group.wait(self._group.submit(exp, run, det, [r[4] for r in requests],
+                                                         self.mode, access, self.fields,
+                                                         into=into))
         except ServerError as e:
             if e.code != BAD_ARENA:
                 raise
             return None
-        return batch
+        rows = batch.rows()
+        if not self.fields:
+            return rows
+        values = {pos: decode_values(frame.desc.values) for pos, frame in frames}
+        return list(zip(rows, collatable([values[k] for k in range(len(rows))])))
 
     def _assemble(self, requests: List[Request]) -> List[np.ndarray]:
         """Copy every frame once from its slot into a ring batch, releasing the
@@ -230,9 +234,12 @@ class IPCRemotePsanaDataset(Dataset):
         return items
 
     def close(self) -> None:
-        """Drop this process's connections (they reconnect on the next fetch)
-        and the batch arenas they keep for DataLoader workers."""
-        batch_handoff.forget_arenas_of(self._group.group_id)
+        """Drop this process's batch buffers and connections (they reconnect on
+        the next fetch; the group's buffers in the server go with its last
+        connection)."""
+        if self._pool_ring is not None:
+            self._pool_ring.close()
+        self._ring.close()
         self._group.close()
 
 

@@ -109,7 +109,7 @@ class Follower:
     def _reconnecting(self, error: Exception) -> bool:
         """Whether `error` is the server gone or restarted, which the next
         look connects again to (a restarted server issues new connection
-        groups: the connection asks for one, it uses no batch arena)."""
+        groups: the connection asks for a new one, as it holds no batch buffer)."""
         if isinstance(error, ServerError) and error.code != BAD_ARENA:
             return False
         self.client.group = None

@@ -5,6 +5,8 @@ worker that serves it), so a request split across the group is produced by
 all workers at once. Frames are read
 round-robin, one per connection in turn, so no worker waits for the client
 to drain another. BatchLoader and IPCRemotePsanaDataset both fetch this way.
+The connections share one group id, so the server counts their memory as
+one client's and keeps their batch buffers while any of them is open.
 """
 import os
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -12,11 +14,11 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from psana_ipc.protocol.messages import Into
+from psana_ipc.protocol.replies import WrittenFrame
 
 from .connection import Client, Frame
 
 DEFAULT_WINDOW = 32
-MAX_KEEPERS = 8       # connections made only to keep batch arenas (batch_handoff)
 
 
 class ConnectionGroup:
@@ -29,7 +31,6 @@ class ConnectionGroup:
         self._first = Client(address, **self._settings)
         self._size = size
         self._clients: List[Client] = []
-        self._keepers: List[Client] = []
         self._pid = os.getpid()
 
     @property
@@ -76,17 +77,6 @@ class ConnectionGroup:
             client.close()
         return chosen
 
-    def keepers(self) -> Iterator[Client]:
-        """The group's connections, then up to MAX_KEEPERS more made one by one
-        as asked for: where the batch arenas this process keeps go, each
-        within its own fair share of the server's budget."""
-        yield from self.clients
-        yield from list(self._keepers)
-        while len(self._keepers) < MAX_KEEPERS:
-            self._keepers.append(Client(self._first.address, group=self._first.group,
-                                        **self._settings).connect())
-            yield self._keepers[-1]
-
     @property
     def capacity(self) -> int:
         """Frames the group can hold at once: a batch larger than this cannot be
@@ -100,7 +90,7 @@ class ConnectionGroup:
                ) -> List[Tuple[Client, int, int]]:
         """Split the events over the connections; (connection, request id, first
         position) for each connection that got any. `into(first position,
-        count)`: where in a batch arena that connection's frames go."""
+        count)`: where in a batch buffer that connection's frames go."""
         requests, start = [], 0
         for client, chunk in zip(self.clients, self._split(events)):
             if len(chunk):
@@ -125,18 +115,21 @@ class ConnectionGroup:
                             access_mode)
 
     @staticmethod
-    def wait(requests: List[Tuple[Client, int, int]]) -> int:
-        """Wait until every frame of a split written into a batch arena is
-        there; returns how many (an error reply raises ServerError)."""
-        return sum(len(reply.frames) for client, rid, _ in requests
-                   for reply, _ in client.replies(rid))
+    def wait(requests: List[Tuple[Client, int, int]]) -> List[Tuple[int, WrittenFrame]]:
+        """Wait until every frame of a split written into a batch buffer is
+        there; (position, frame) for each (an error reply raises ServerError)."""
+        return [(start + frame.seq, frame) for client, rid, start in requests
+                for reply, _ in client.replies(rid) for frame in reply.frames]
 
     def stream(self, requests: List[Tuple[Client, int, int]]) -> Iterator[Tuple[int, Frame]]:
         """(position, frame) for every event of a submitted split, round-robin;
-        an event the server skipped leaves its position out."""
+        an event the server skipped leaves its position out. Before waiting on
+        one connection, the frames let go on the others are released: the
+        group shares one fair share of the server's budget."""
         cursors = [(client.frames(rid), start) for client, rid, start in requests]
         while cursors:
             for cursor in list(cursors):
+                self.flush_releases()
                 frame = next(cursor[0], None)
                 if frame is None:
                     cursors.remove(cursor)
@@ -148,6 +141,6 @@ class ConnectionGroup:
             client.flush_releases()
 
     def close(self) -> None:
-        for client in {id(c): c for c in [self._first] + self._clients + self._keepers}.values():
+        for client in {id(c): c for c in [self._first] + self._clients}.values():
             client.close()
-        self._clients, self._keepers = [], []
+        self._clients = []

@@ -22,7 +22,7 @@ from psana_ipc.protocol.legacy import (ACK, LegacyError, LegacyFrame, LegacyGet,
 from psana_ipc.protocol.shm_names import segment_path
 
 from .shm import attach
-from .wire import socket_family
+from .wire import ConnectionClosed, socket_family
 
 MAX_REPLY = 1 << 20
 PROBE_TIMEOUT = 30.0
@@ -31,20 +31,22 @@ PROBE_TIMEOUT = 30.0
 def recv_reply(sock: socket.socket, until_closed: bool = False) -> Optional[LegacyReply]:
     """A reply, read until its bytes parse (the dialect has no framing) or,
     `until_closed`, until the server closes (None if nothing parses then).
+    ConnectionClosed when the server closes before a whole reply came;
     ProtocolError when what came is no reply."""
     buf = b""
     while len(buf) < MAX_REPLY:
         chunk = sock.recv(4096)
         if not chunk:
-            break
+            if until_closed:
+                return parse_legacy_reply(buf)
+            raise ConnectionClosed(f"lost the connection to the legacy server before its reply "
+                                   f"was complete ({len(buf)} bytes came)")
         buf += chunk
         reply = None if until_closed else parse_legacy_reply(buf)
         if reply is not None:
             return reply
-    reply = parse_legacy_reply(buf)
-    if reply is None and not until_closed:
-        raise ProtocolError(BAD_JSON, f"no JSON reply from the legacy server (got {buf[:80]!r})")
-    return reply
+    raise ProtocolError(BAD_JSON, f"no JSON reply from the legacy server in {MAX_REPLY} bytes "
+                                  f"(got {buf[:80]!r}...)")
 
 
 def _request(sock: socket.socket, request: Any) -> LegacyReply:

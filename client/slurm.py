@@ -9,6 +9,12 @@ SIGKILL, then `psana-ipc cleanup` for leftover segments. The job's exit code
 is the client's. Facility presets follow the btx JobScheduler (S3DF, SLAC,
 SRCF_FFB) so existing job headers keep their meaning.
 
+Preemption (client/preemption.py): `--warn-before S` has SLURM signal the
+job S seconds before its time limit, and the script passes SIGUSR2 on to
+the client (every task), which can checkpoint; with `--requeue` SLURM may
+requeue the job when it is preempted, and the script requeues it itself
+when the client exits 75 (preemption.RESUME_EXIT).
+
 The script is the bash template slurm_job.sh beside this module (package
 data, checked by shellcheck in the tests); this module only fills in the
 job's #SBATCH header and settings.
@@ -26,6 +32,8 @@ from importlib import resources
 from typing import Callable, Dict, List, Optional, Sequence
 
 from psana_ipc.cli_help import HelpFormatter, epilog
+
+from .preemption import RESUME_EXIT, WARNING_SIGNAL
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class JobSpec:
     server_args: List[str] = field(default_factory=list)
     ready_timeout: int = 300  # seconds for every server to accept; psana set-up can be slow
     stop_timeout: int = 5  # seconds for each stop step; three steps fit SLURM's 30 s KillWait
+    requeue: bool = False  # requeue on preemption, and when the client exits RESUME_EXIT
+    warn_before: Optional[int] = None  # seconds before the time limit the client is signalled
 
 
 def activation(env: Optional[str]) -> str:
@@ -108,7 +118,10 @@ def sbatch_options(spec: JobSpec) -> List[str]:
                f"--mem={spec.mem}" if spec.mem else None,
                "--exclusive" if spec.exclusive else None,
                f"--account={spec.account}" if spec.account else None,
-               f"--reservation={spec.reservation}" if spec.reservation else None]
+               f"--reservation={spec.reservation}" if spec.reservation else None,
+               "--requeue" if spec.requeue else None,
+               f"--signal=B:{WARNING_SIGNAL.name[3:]}@{spec.warn_before}"
+               if spec.warn_before is not None else None]
     return [option for option in options if option is not None]
 
 
@@ -120,6 +133,8 @@ def check(spec: JobSpec) -> None:
         raise ValueError(f"need 1 <= nodes <= ntasks, got {spec.nodes} nodes, {spec.ntasks} tasks")
     if spec.cpus_per_task < 1 or spec.ready_timeout < 1 or spec.stop_timeout < 1:
         raise ValueError("cpus-per-task, ready-timeout and stop-timeout must be positive")
+    if spec.warn_before is not None and not 1 <= spec.warn_before <= 65535:
+        raise ValueError("--warn-before takes seconds from 1 to 65535 (SLURM's limit)")
     for option in sbatch_options(spec):
         if any(c.isspace() for c in option):
             raise ValueError(f"#SBATCH {option!r}: values cannot contain spaces")
@@ -155,6 +170,9 @@ def render_script(spec: JobSpec) -> str:
         "LOG_DIR": shlex.quote(os.path.abspath(spec.log_dir)),
         "READY_TIMEOUT": str(int(spec.ready_timeout)),
         "STOP_TIMEOUT": str(int(spec.stop_timeout)),
+        "REQUEUE": "1" if spec.requeue else "0",
+        "RESUME_EXIT": str(RESUME_EXIT),
+        "WARNING_SIGNAL": WARNING_SIGNAL.name[3:],
     }
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], job_template())
 
@@ -227,6 +245,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the whole node for the job")
     slurm.add_argument("--log-dir", default=".", help="job logs, server logs and ready files; "
                                                       "must be seen from every node")
+    slurm.add_argument("--requeue", action="store_true",
+                       help=f"SLURM may requeue the job when preempted; the job also requeues "
+                            f"itself when the client exits {RESUME_EXIT} (checkpointed, to be "
+                            f"resumed)")
+    slurm.add_argument("--warn-before", type=int, metavar="S",
+                       help=f"send the client SIG{WARNING_SIGNAL.name[3:]} S seconds before the "
+                            f"time limit, to checkpoint (psana_ipc.client.preemption)")
     envs = parser.add_argument_group(
         "environments", "an activation script, a venv or conda environment directory, or a "
                         "command such as 'source ~/miniforge3/bin/activate torch' "
@@ -257,7 +282,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
         description=_DESCRIPTION, formatter_class=HelpFormatter,
         epilog=epilog(["psana-ipc slurm --facility S3DF --server-args='--source psana2' --submit \\\n"
                        "    -- python train.py --exp xpptut15 --run 14",
-                       "psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py"]))
+                       "psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py",
+                       "psana-ipc slurm -t 04:00:00 --requeue --warn-before 300 --submit \\\n"
+                       "    -- python train.py --checkpoint ckpt.pt ..."]))
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -280,7 +307,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
                    mem=args.mem, exclusive=args.exclusive, server_env=server_env,
                    client_env=activation(args.client_env),
                    server_args=shlex.split(args.server_args),
-                   ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout)
+                   ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout,
+                   requeue=args.requeue, warn_before=args.warn_before)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@ CLIENT=(@CLIENT@)
 LOG_DIR=@LOG_DIR@
 READY_TIMEOUT=@READY_TIMEOUT@
 STOP_TIMEOUT=@STOP_TIMEOUT@
+REQUEUE=@REQUEUE@  # 1: requeue the job when the client exits RESUME_EXIT
+RESUME_EXIT=@RESUME_EXIT@
+WARNING_SIGNAL=@WARNING_SIGNAL@  # the time-limit warning (#SBATCH --signal), passed on to the client
 
 # Everything below is the same for every job.
 set -u
@@ -79,7 +82,7 @@ wait_ready() {  # until every node's server has written its ready file
 
 finish() {  # on every exit: stop the client if it still runs, then the servers; keep the exit code
   local rc=$?
-  trap '' TERM INT HUP
+  trap '' TERM INT HUP "$WARNING_SIGNAL"
   if [ -n "$CLIENT_PID" ] && kill -0 "$CLIENT_PID" 2>/dev/null; then
     kill -TERM "$CLIENT_PID"
     ended_within "$CLIENT_PID" "$STOP_TIMEOUT" || kill -KILL "$CLIENT_PID"
@@ -89,7 +92,15 @@ finish() {  # on every exit: stop the client if it still runs, then the servers;
     wait "$SERVERS_PID" || echo "psana-ipc: a server ended badly; logs in $RUN_DIR" >&2
   fi
   rm -f "$RUN_DIR"/ready-*.json
+  if [ "$REQUEUE" = 1 ] && [ "$rc" = "$RESUME_EXIT" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "psana-ipc: the client stopped to be resumed; requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
   exit "$rc"
+}
+
+warn_client() {  # pass the time-limit warning on to the client (srun passes it to every task)
+  if [ -n "$CLIENT_PID" ]; then kill -s "$WARNING_SIGNAL" "$CLIENT_PID" 2>/dev/null; fi
 }
 
 JOB=${SLURM_JOB_ID:-local-$$}
@@ -107,15 +118,21 @@ trap finish EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
 trap 'exit 129' HUP
+trap '' "$WARNING_SIGNAL"  # the servers start ignoring the time-limit warning: it is the client's
 
 mkdir -p "$RUN_DIR" || exit 1
 rm -f "$RUN_DIR"/ready-*.json
 "${ON_NODES[@]}" bash -c "$(declare -f activating ended_within serve_node)"$'\n''serve_node "$@"' \
   serve-node "$SERVER_ENV" "$CLIENT_ENV" "$SOCKET" "$RUN_DIR" "$STOP_TIMEOUT" "${SERVER_ARGS[@]}" &
 SERVERS_PID=$!
+trap warn_client "$WARNING_SIGNAL"
 wait_ready || exit 1
 echo "psana-ipc: $NODES server(s) ready at $PSANA_IPC_ADDRESS; running:" \
   "$(printf '%q ' "${CLIENT[@]}")" >&2
 "${ON_TASKS[@]}" bash -c "$(activating client "$CLIENT_ENV")" in-client-env "${CLIENT[@]}" &
 CLIENT_PID=$!
-wait "$CLIENT_PID"
+while :; do  # a trapped signal (the warning) ends a wait early: wait again until the client ends
+  wait "$CLIENT_PID"
+  rc=$?
+  kill -0 "$CLIENT_PID" 2>/dev/null || exit "$rc"
+done

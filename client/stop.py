@@ -63,12 +63,13 @@ def stop_server(address: Address, legacy: bool = False, timeout: float = 60.0,
                 sock.connect(address)
                 sock.sendall(Done().to_bytes())
                 sent += 1
-                _until_closed(sock)
+                if _until_closed(sock):
+                    break
         except REFUSED:
             return _report(address, True, "legacy", sent)
         except OSError:
             time.sleep(0.05)   # a timeout or a reset: the server is busy stopping
-    return _report(address, _refused_by(address, time.monotonic(), timeout), "legacy", sent)
+    return _report(address, _refused_by(address, deadline, timeout), "legacy", sent)
 
 
 def _shutdown_v1(address: Address, timeout: float, token: Optional[str]) -> bool:
@@ -84,15 +85,17 @@ def _shutdown_v1(address: Address, timeout: float, token: Optional[str]) -> bool
         client.close()
 
 
-def _until_closed(sock: socket.socket) -> None:
-    """Read until the server closes the DONE connection; a marked error reply
-    (our server refusing DONE, e.g. with a token) is raised."""
+def _until_closed(sock: socket.socket) -> bool:
+    """Read until the server closes the DONE connection: True when it was ours,
+    which stops entirely on one DONE (it answers with its mark); its marked
+    error reply (refusing DONE, e.g. without the token) is raised."""
     try:
         reply = recv_reply(sock, until_closed=True)
     except ProtocolError:
-        return
+        return False
     if isinstance(reply, LegacyError) and is_ours(reply):
         raise ServerError.from_reply(reply)
+    return is_ours(reply)
 
 
 def _refused_by(address: Address, deadline: float, timeout: float) -> bool:

@@ -237,10 +237,11 @@ class FieldRef:
 
 @dataclass(frozen=True)
 class Into:
-    """Where a get's frames go instead of slots: a batch arena of the
-    connection group, frame k at `offsets[k]`, each of `shape` and `dtype`
-    (checked by the server against the frame it reads before writing)."""
-    arena: str
+    """Where a get's frames go instead of extents of their own: the batch
+    buffer `arena` (its ticket) of the connection group, frame k at
+    `offsets[k]` from its start, each of `shape` and `dtype` (checked by the
+    server against the frame it reads before writing)."""
+    arena: int
     offsets: Tuple[int, ...]
     shape: Tuple[int, ...]
     dtype: str
@@ -262,7 +263,8 @@ class Get:
     """Events of one detector in one mode; with `fields`, each event's reply
     also carries those values of other detectors (`values`). With
     `skip_incomplete`, an event lacking the detector or a field's detector is
-    answered `skipped` rather than with the error `no_data`."""
+    answered `skipped` rather than with the error `no_data` (not with `into`:
+    a skipped event would leave a row of the batch unwritten)."""
     key: RunKey
     mode: str
     events: Tuple[int, ...]
@@ -278,9 +280,8 @@ class Get:
             return
         if len(self.into.offsets) != len(self.events):
             raise ProtocolError(BAD_ARENA, "a get into an arena needs one offset per event")
-        if self.fields or self.skip_incomplete:
-            raise ProtocolError(BAD_REQUEST, "a get into an arena takes neither fields "
-                                             "nor skip_incomplete")
+        if self.skip_incomplete:
+            raise ProtocolError(BAD_REQUEST, "a get into an arena takes no skip_incomplete")
 
     def to_header(self, rid: int) -> Dict[str, Any]:
         header = _events_header("get", rid, self.key, self.mode, self.events)
@@ -310,9 +311,9 @@ class Prefetch:
 
 @dataclass(frozen=True)
 class MakeArena:
-    """A batch arena of at least `size` bytes for this connection's group (op
-    `arena`); with `wait` false, `no_memory` at once when there is no room now
-    rather than after waiting for it."""
+    """A batch buffer of at least `size` bytes for this connection's group (op
+    `arena`): an idle one of the group's, else a new one; with `wait` false,
+    `no_memory` at once when there is no room now rather than after waiting."""
     size: int
     wait: bool = True
 
@@ -328,11 +329,11 @@ class MakeArena:
 
 @dataclass(frozen=True)
 class Release:
-    """Slots (or frame-cache entries) the client has done reading."""
-    slots: Tuple[int, ...]
+    """Frames (their `handle`s) the client has done reading."""
+    handles: Tuple[int, ...]
 
     def to_header(self, rid: int) -> Dict[str, Any]:
-        return {"op": "release", "id": rid, "slots": list(self.slots)}
+        return {"op": "release", "id": rid, "handles": list(self.handles)}
 
 
 @dataclass(frozen=True)
@@ -359,27 +360,15 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class FreeArenas:
-    """Arenas of this connection it no longer needs (op `free_arenas`)."""
-    names: Tuple[str, ...]
+    """Batch buffers (their tickets) the group no longer needs (op `free_arenas`)."""
+    arenas: Tuple[int, ...]
 
     def to_header(self, rid: int) -> Dict[str, Any]:
-        return {"op": "free_arenas", "id": rid, "names": list(self.names)}
+        return {"op": "free_arenas", "id": rid, "arenas": list(self.arenas)}
 
 
-@dataclass(frozen=True)
-class AdoptArena:
-    """An arena another connection of this group made, which this connection
-    keeps from now on under a new name (op `adopt_arena`): a batch written by
-    a DataLoader worker outlives the worker. Answered at once: with no room in
-    this connection's share, `no_memory` without waiting."""
-    name: str
-
-    def to_header(self, rid: int) -> Dict[str, Any]:
-        return {"op": "adopt_arena", "id": rid, "name": self.name}
-
-
-Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, AdoptArena, Release, Ping,
-                Stats, Shutdown, Follow]
+Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, Release, Ping, Stats,
+                Shutdown, Follow]
 
 
 def _optional(header: Dict[str, Any], **fields: Any) -> None:
@@ -404,13 +393,6 @@ def _int_list(header: Dict[str, Any], name: str) -> Tuple[int, ...]:
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool):
             raise ProtocolError(BAD_REQUEST, f"{name} must be a list of integers")
-    return tuple(values)
-
-
-def _str_list(header: Dict[str, Any], name: str) -> Tuple[str, ...]:
-    values = _field(header, name, list)
-    if not all(isinstance(v, str) for v in values):
-        raise ProtocolError(BAD_REQUEST, f"{name} must be a list of strings")
     return tuple(values)
 
 
@@ -441,7 +423,7 @@ def _into(h: Dict[str, Any]) -> Optional[Into]:
     into = _field(h, "into", dict, None)
     if into is None:
         return None
-    return Into(_field(into, "arena", str), _int_list(into, "offsets"), _int_list(into, "shape"),
+    return Into(_field(into, "arena", int), _int_list(into, "offsets"), _int_list(into, "shape"),
                 _field(into, "dtype", str))
 
 
@@ -455,9 +437,8 @@ _PARSERS = {
     "get": _get,
     "prefetch": lambda h: Prefetch(*_events_of(h)),
     "arena": lambda h: MakeArena(_field(h, "size", int), _field(h, "wait", bool, True)),
-    "free_arenas": lambda h: FreeArenas(_str_list(h, "names")),
-    "adopt_arena": lambda h: AdoptArena(_field(h, "name", str)),
-    "release": lambda h: Release(_int_list(h, "slots")),
+    "free_arenas": lambda h: FreeArenas(_int_list(h, "arenas")),
+    "release": lambda h: Release(_int_list(h, "handles")),
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),
     "shutdown": lambda h: Shutdown(_field(h, "token", str, None)),

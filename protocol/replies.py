@@ -9,19 +9,22 @@ event they are about (`seq`, `event`) and whether more follow (`done`).
 Which class a header is depends on the request it answers, so the client
 passes the requests waiting for replies to `parse_reply`; an error (`ok:
 false`) answers any request, and `id` -1 when the request had no usable id.
-Any reply may also carry the ids of slots the server retired since its last
-reply (`retired`), so the client drops their mappings: `parse_reply` returns
-them beside the reply.
+
+Where a frame's bytes are is one union, `Where`: `InPool`, an extent of
+the server's pool that the client holds until it releases `handle` (a
+frame of its own, or a frame-cache entry: the client need not know which),
+or `Inline`, a payload of `nbytes` after the header. Frames a get wrote into
+a batch buffer (`into`) are in that buffer: `ArenaWritten` lists them.
 
 The checks are one class test per field: this is the path of every frame,
 thousands a second.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
 from .errors import BAD_FRAME, ProtocolError
-from .messages import (AdoptArena, Follow, FreeArenas, Get, Hello, Info, MakeArena, Ping,
-                       Prefetch, Release, Request, Shutdown, Stats, request_id)
+from .messages import (Follow, FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
+                       Release, Request, Shutdown, Stats, request_id)
 
 _MISSING = object()
 
@@ -171,10 +174,11 @@ class Welcome(_Flat):
     window: int
     source: str
     worker: int           # the pid of the worker serving this connection
-    group: str            # the connection group id (batch arenas)
+    group: str            # the connection group id (batch buffers)
+    door: str             # the abstract UNIX socket handing out the pools ("" inline)
 
     _KINDS = {"version": int, "transport": str, "window": int, "source": str, "worker": int,
-              "group": str}
+              "group": str, "door": str}
 
 
 @dataclass(frozen=True)
@@ -230,13 +234,15 @@ class Stopping(_Flat):
 
 @dataclass(frozen=True)
 class ArenaMade(_Flat):
-    """A batch arena made (or adopted, under its new name) for the
-    connection's group: its segment and size."""
+    """A batch buffer of the connection's group: `size` bytes at `offset` of
+    pool `pool`, named by its ticket `arena` (see protocol.pool)."""
     rid: int
-    name: str
+    arena: int
+    pool: int
+    offset: int
     size: int
 
-    _KINDS = {"name": str, "size": int}
+    _KINDS = {"arena": int, "pool": int, "offset": int, "size": int}
 
 
 @dataclass(frozen=True)
@@ -265,30 +271,35 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class InPool:
+    """A frame in an extent of the server's pool (protocol.pool): `size`
+    bytes at `offset` of pool `pool` with `ticket` at its end, held by the
+    client until it releases `handle`."""
+    handle: int
+    pool: int
+    offset: int
+    size: int
+    ticket: int
+
+
+@dataclass(frozen=True)
+class Inline:
+    """A frame whose `nbytes` follow the header."""
+    nbytes: int
+
+
+Where = Union[InPool, Inline]
+
+
+@dataclass(frozen=True)
 class FrameReply:
-    """One event's frame: in a slot of the connection (`slot`, its segment
-    `name` and mapped `size`; `cached`: a frame-cache entry pinned under the
-    handle `slot`, `size` bytes at `offset` of the cache's block `name`, or
-    of the file `path` for a cache on disk), or inline, `nbytes` of payload
-    after the header."""
+    """One event's frame, and `where` its bytes are."""
     rid: int
     seq: int
     event: int
     done: bool
     desc: FrameDesc
-    slot: Optional[int] = None
-    name: Optional[str] = None
-    size: Optional[int] = None
-    cached: bool = False
-    nbytes: Optional[int] = None
-    offset: int = 0
-    path: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        in_slot = self.slot is not None and self.name is not None and self.size is not None
-        if in_slot == (self.nbytes is not None) or (self.cached and not in_slot):
-            raise ProtocolError(BAD_FRAME, "bad reply from server: a frame is either in a slot "
-                                           "(slot, name, size) or inline (nbytes)")
+    where: Where
 
     @property
     def last(self) -> bool:
@@ -298,27 +309,19 @@ class FrameReply:
         header = _reply_header(self.rid)
         header.update(seq=self.seq, event=self.event, done=self.done)
         header.update(self.desc.to_fields())
-        if self.nbytes is not None:
-            header["nbytes"] = self.nbytes
-            return header
-        header.update(slot=self.slot, name=self.name, size=self.size)
-        if self.cached:
-            header.update(cached=True, offset=self.offset)
-            if self.path is not None:
-                header["path"] = self.path
+        header.update(vars(self.where))
         return header
 
     @classmethod
     def from_header(cls, h: Dict[str, Any]) -> "FrameReply":
-        seq, event, done, slot, name, size, cached, nbytes, offset, path = _take(h, _FRAME_SPEC)
-        return cls(request_id(h), seq, event, done, FrameDesc.from_fields(h, _FRAME_REPLY), slot,
-                   name, size, cached, nbytes, offset, path)
+        seq, event, done, nbytes = _take(h, _FRAME_SPEC)
+        where = Inline(nbytes) if nbytes is not None else InPool(*_take(h, _IN_POOL_SPEC))
+        return cls(request_id(h), seq, event, done, FrameDesc.from_fields(h, _FRAME_REPLY), where)
 
 
 _FRAME_SPEC: Spec = (("seq", int, _MISSING), ("event", int, _MISSING), ("done", bool, _MISSING),
-                     ("slot", int, None), ("name", str, None), ("size", int, None),
-                     ("cached", bool, False), ("nbytes", int, None), ("offset", int, 0),
-                     ("path", str, None))
+                     ("nbytes", int, None))
+_IN_POOL_SPEC: Spec = tuple((name, int, _MISSING) for name in InPool.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -343,9 +346,9 @@ class WrittenFrame:
 
 @dataclass(frozen=True)
 class ArenaWritten:
-    """Every frame of a get into a batch arena is there (one reply per get)."""
+    """Every frame of a get into a batch buffer is there (one reply per get)."""
     rid: int
-    arena: str
+    arena: int
     frames: Tuple[WrittenFrame, ...]
 
     last = True
@@ -357,7 +360,7 @@ class ArenaWritten:
 
     @classmethod
     def from_header(cls, h: Dict[str, Any]) -> "ArenaWritten":
-        return cls(request_id(h), _want(h, "arena", str),
+        return cls(request_id(h), _want(h, "arena", int),
                    tuple(WrittenFrame.from_fields(f) for f in _want(h, "frames", list)))
 
 
@@ -399,23 +402,9 @@ class RunProgress:
 
 Reply = Union[ErrorReply, Welcome, InfoReply, Queued, Pong, StatsReply, Stopping, ArenaMade,
               Skipped, FrameReply, ArenaWritten, RunProgress]
-_ENVELOPE = frozenset(("ok", "id", "retired"))
-_FRAME_REPLY = _ENVELOPE | _DESC | {"seq", "event", "done", "slot", "name", "size", "cached",
-                                    "nbytes", "offset", "path"}
-
-
-class Received(NamedTuple):
-    """A parsed reply, and the slots the server retired since its last one."""
-    reply: Reply
-    retired: Tuple[int, ...]
-
-
-def encode_reply(reply: Reply, retired: Sequence[int] = ()) -> Dict[str, Any]:
-    """The header of `reply`, telling the slots retired since the last reply."""
-    header = reply.to_header()
-    if retired:
-        header["retired"] = list(retired)
-    return header
+_ENVELOPE = frozenset(("ok", "id"))
+_FRAME_REPLY = _ENVELOPE | _DESC | {"seq", "event", "done", "nbytes"} \
+    | set(InPool.__dataclass_fields__)
 
 
 def _get_reply(h: Dict[str, Any], request: Get) -> Reply:
@@ -431,7 +420,6 @@ _PARSERS = {
     Info: InfoReply.from_header,
     Prefetch: Queued.from_header,
     MakeArena: ArenaMade.from_header,
-    AdoptArena: ArenaMade.from_header,
     Ping: Pong.from_header,
     Stats: StatsReply.from_header,
     Shutdown: Stopping.from_header,
@@ -440,18 +428,17 @@ _PARSERS = {
 NO_REPLY = (Release, FreeArenas)     # answered only when they fail
 
 
-def parse_reply(header: Dict[str, Any], waiting: Mapping[int, Request]) -> Received:
+def parse_reply(header: Dict[str, Any], waiting: Mapping[int, Request]) -> Reply:
     """The reply in a decoded header to one of the requests `waiting` for
     replies (by id); ProtocolError if it is not one. An error may answer any
     id, also one not waiting (a release, or -1)."""
-    retired = _ints(header, "retired") if "retired" in header else ()
     if _want(header, "ok", bool) is False:
-        return Received(ErrorReply.from_header(header), retired)
+        return ErrorReply.from_header(header)
     request = waiting.get(request_id(header))
     if isinstance(request, Get):
-        return Received(_get_reply(header, request), retired)
+        return _get_reply(header, request)
     parser = _PARSERS.get(type(request))
     if parser is None:
         raise ProtocolError(BAD_FRAME, f"bad reply from server: a reply to request "
                                        f"{request_id(header)}, which waits for none")
-    return Received(parser(header), retired)
+    return parser(header)

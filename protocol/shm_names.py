@@ -1,12 +1,12 @@
-"""Names of the shared-memory segments a server creates.
+"""Names of what a server puts in /dev/shm: legacy segments and its lock.
 
+The pool of frame memory has no name (protocol/pool.py); only the legacy
+(btx) dialect's segments do, one per frame:
 `psipc_<server pid>_<worker pid>_<serial>`: the server pid lets
 `psana-ipc cleanup` find what a dead server left, the worker pid lets the
 master remove what a dead worker left, without probing other users' files.
 `psipc_<server pid>.lock` is the file the live master holds a lock on, so
-cleanup can tell a live server from a dead one. `psipc_<pid>_<pid>_dir`
-holds the path of the directory of a frame cache on disk
-(`--frame-cache-dir`), whose files are named like segments.
+cleanup can tell a live server from a dead one.
 
 Only names here: listing /dev/shm is the job of the code that sweeps it.
 """
@@ -33,11 +33,6 @@ def segment_name(server_pid: int, worker_pid: int, serial: str) -> str:
 def parse_segment_name(name: str) -> Optional[SegmentName]:
     m = _NAME.match(name.lstrip("/"))
     return SegmentName(int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
-
-
-def cache_dir_marker(server_pid: int) -> str:
-    """The segment naming the directory of a server's frame cache on disk."""
-    return segment_name(server_pid, server_pid, "dir")
 
 
 def lock_name(server_pid: int) -> str:

@@ -18,6 +18,11 @@ event, as psana does) and times, per detector, calib frames through:
                 ceiling DataLoader itself puts on any dataset
   memcpy        one thread copying the same frames: the physical reference
 
+`--resume` measures instead the time from making a loader to its first batch
+(as a requeued job pays it): fresh at an epoch's start, resumed from a
+position saved half-way through the epoch (`load_state_dict`), and, for
+comparison, reaching that position by reading the first half again.
+
 Each figure is the median of `--repeats` timed passes after one warm-up pass;
 every pass of a path iterates the same DataLoader, as epochs of training do.
 Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
@@ -41,7 +46,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
+from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, ResumableDataLoader,
+                              RunDataset)
 from psana_ipc.client.server_process import ServerProcess, child_pids
 from psana_ipc.server.sources.synthetic import expected
 
@@ -434,11 +440,189 @@ def bench_frame_cache(args: argparse.Namespace) -> Dict:
             "scan_lru_simulated": simulate(trace, capacity, lru=True)}
 
 
+# -- new consumers: what a new loader, client or epoch pays ----------------------------------
+def _first_batch_ms(address: str, det: str, events: List[int], batch: int) -> float:
+    """From constructing a BatchLoader to its first batch in hand."""
+    t0 = time.perf_counter()
+    loader = BatchLoader(address, "bench", 1, det, "calib", events, batch, output="numpy")
+    next(iter(loader))
+    spent = time.perf_counter() - t0
+    loader.close()
+    return 1e3 * spent
+
+
+def _fresh_loader_pass(address: str, det: str, events: List[int],
+                       batch: int) -> Callable[[], int]:
+    """A new BatchLoader for every epoch, as a script that makes one per epoch does."""
+    def run() -> int:
+        loader = BatchLoader(address, "bench", 1, det, "calib", events, batch, output="numpy")
+        n = sum(b.shape[0] for b in loader)
+        loader.close()
+        return n
+    return run
+
+
+def _user_epoch(args: argparse.Namespace, *options: str) -> float:
+    """A cold epoch as a user starts it: a server of its own, a loader made
+    `--user-wait` seconds after the server is ready, one pass: frames/s."""
+    with running_server(args, *options) as server:
+        time.sleep(args.user_wait)
+        loader = BatchLoader(server.address, "bench", 1, args.detectors[0], "calib",
+                             list(range(args.frames)), args.batch_size, output="numpy")
+        fps = _epoch(loader)
+        loader.close()
+    return fps
+
+
+def bench_new_consumers(args: argparse.Namespace) -> Dict:
+    """What a new consumer pays, all in one run: the legacy dialect (btx's
+    design through this server: a connection and a fresh segment per event),
+    one BatchLoader reused for every epoch, a new BatchLoader every epoch, the
+    time from making a BatchLoader to its first batch on a server that served
+    before; with `--cost-ms` of CPU per event, a second client on a run the
+    frame cache holds against the first epoch, and a cold epoch as a user
+    starts it (a loader made `--user-wait` s after the server is ready) with a
+    frame cache against without. Medians of `--repeats`."""
+    det, batch = args.detectors[0], args.batch_size
+    events = list(range(args.frames))
+    plain = argparse.Namespace(**dict(vars(args), cost_ms=0.0))
+    rows: Dict[str, Dict] = {}
+    with running_server(plain, "--shm-budget", args.shm_budget) as server:
+        address = server.address
+        rows["legacy"] = timed(dataset_pass(address, det, events, "legacy",
+                                            args.loader_workers, batch), args.repeats, server)
+        reused = BatchLoader(address, "bench", 1, det, "calib", events, batch, output="numpy")
+        rows["one loader, every epoch"] = timed(loader_pass(reused, views=False), args.repeats,
+                                                server)
+        reused.close()
+        rows["a new loader every epoch"] = timed(_fresh_loader_pass(address, det, events, batch),
+                                                 args.repeats, server)
+        first_ms = statistics.median(_first_batch_ms(address, det, events, batch)
+                                     for _ in range(max(3, args.repeats)))
+    for row in rows.values():
+        row["x_legacy"] = row["fps"] / rows["legacy"]["fps"]
+    reused_fps = rows["one loader, every epoch"]["fps"]
+    for row in rows.values():
+        row["of_reused"] = row["fps"] / reused_fps
+    result: Dict = {"rows": rows, "first_batch_ms": first_ms, "frames": args.frames,
+                    "batch": batch, "detector": det}
+    if args.cost_ms:
+        cached = argparse.Namespace(**dict(vars(args), frames=args.cache_frames))
+        room = str(int(1.2 * (args.cache_frames + WARM_BATCHES * batch)
+                       * (expected(det, "calib", 0).nbytes + 8192)))
+        seconds, firsts = [], []
+        for _ in range(args.repeats):
+            with running_server(cached, "--frame-cache", room) as server:
+                loaders = [BatchLoader(server.address, "bench", 1, det, "calib",
+                                       list(range(args.cache_frames)), batch, output="numpy")
+                           for _ in range(2)]
+                firsts.append(_epoch(loaders[0]))
+                seconds.append(_epoch(loaders[1]))
+                for loader in loaders:
+                    loader.close()
+        result["cache_first_epoch_fps"] = statistics.median(firsts)
+        result["cache_second_client_fps"] = statistics.median(seconds)
+        user = argparse.Namespace(**dict(vars(args), frames=args.cache_frames))
+        without = statistics.median(_user_epoch(user) for _ in range(args.repeats))
+        with_cache = statistics.median(_user_epoch(user, "--frame-cache", args.user_cache)
+                                       for _ in range(args.repeats))
+        result["user_epoch_fps"] = {"without cache": without, "with cache": with_cache}
+    return result
+
+
+def print_head(*columns: str) -> None:
+    """A markdown table's header: the first column and `other` read as text, the rest as
+    numbers (right-aligned)."""
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("---" if k == 0 or name == "other" else "---:"
+                            for k, name in enumerate(columns)) + " |")
+
+
+def print_consumers_table(result: Dict) -> None:
+    print(f"{result['detector']} calib, {result['frames']} frames a pass, batches of "
+          f"{result['batch']}")
+    print_head("path", "frames/s", "x legacy", "of one loader")
+    for name, r in result["rows"].items():
+        print(f"| {name} | {r['fps']:.0f} | {r['x_legacy']:.1f} | {100 * r['of_reused']:.0f}% |")
+    print(f"first batch of a new loader (warm server): {result['first_batch_ms']:.1f} ms")
+    if "cache_first_epoch_fps" in result:
+        first, second = result["cache_first_epoch_fps"], result["cache_second_client_fps"]
+        print(f"frame cache: first epoch {first:.0f} frames/s, a second client "
+              f"{second:.0f} frames/s ({second / first:.1f}x)")
+        user = result["user_epoch_fps"]
+        print(f"cold epoch as a user starts it: without cache {user['without cache']:.0f} "
+              f"frames/s, with cache {user['with cache']:.0f} frames/s "
+              f"({100 * user['with cache'] / user['without cache']:.0f}%)")
+# -- resuming mid-epoch (state_dict / load_state_dict) -------------------------------------------
+def _close(loader) -> None:
+    (loader.dataset if isinstance(loader, ResumableDataLoader) else loader).close()
+
+
+def _first_batch_s(make: Callable[[], object], state: Optional[Dict] = None,
+                   skip: int = 0) -> float:
+    """Seconds from making a loader (as a restarted job does) to the batch it
+    goes on with: after loading `state`, or after reading `skip` batches."""
+    t0 = time.perf_counter()
+    loader = make()
+    if state is not None:
+        loader.load_state_dict(state)
+    batches = iter(loader)
+    for _ in range(skip + 1):
+        next(batches)
+    elapsed = time.perf_counter() - t0
+    del batches
+    _close(loader)
+    return elapsed
+
+
+def _state_half_way(make: Callable[[], object], batches: int) -> Dict:
+    loader = make()
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    state = loader.state_dict()
+    del it
+    _close(loader)
+    return state
+
+
+def bench_resume(args: argparse.Namespace) -> Dict:
+    """Time to the first batch, fresh and resumed half-way, for BatchLoader and
+    for RunDataset in a ResumableDataLoader with `--loader-workers` workers."""
+    det, events = args.detectors[0], list(range(args.frames))
+    half = args.frames // args.batch_size // 2
+    result = {"detector": det, "cost_ms": args.cost_ms, "resumed_at_batch": half, "rows": {}}
+    with running_server(args) as server:
+        makers = {
+            "BatchLoader": lambda: BatchLoader(server.address, "x", 1, det, "calib", events,
+                                               batch_size=args.batch_size, shuffle=True),
+            f"ResumableDataLoader, {args.loader_workers} workers": lambda: ResumableDataLoader(
+                RunDataset(server.address, "x", 1, det, events=events), args.batch_size,
+                shuffle=True, num_workers=args.loader_workers)}
+        for name, make in makers.items():
+            state = _state_half_way(make, half)
+            _first_batch_s(make)                                      # warm-up
+            row = {case: 1e3 * statistics.median(_first_batch_s(make, **kw)
+                                                  for _ in range(args.repeats))
+                   for case, kw in (("fresh_ms", {}), ("resumed_ms", {"state": state}),
+                                    ("reread_ms", {"skip": half}))}
+            result["rows"][name] = row
+    return result
+
+
+def print_resume_table(result: Dict) -> None:
+    print(f"time to the first batch, {result['detector']} calib, cost {result['cost_ms']} ms "
+          f"per event, resumed at batch {result['resumed_at_batch']}")
+    print_head("loader", "fresh ms", "resumed ms", "resumed ÷ fresh", "reading up to it again ms")
+    for name, r in result["rows"].items():
+        print(f"| {name} | {r['fresh_ms']:.1f} | {r['resumed_ms']:.1f} | "
+              f"{r['resumed_ms'] / r['fresh_ms']:.2f} | {r['reread_ms']:.1f} |")
+
+
 def print_cache_table(result: Dict) -> None:
     """The rows as a markdown table (the README's), then the scan figures."""
     memcpy, ideal = result["memcpy_fps"], result["workers_over_cost_fps"]
-    print("| path | frames/s | of memcpy | of workers/cost | of no cache | other |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    print_head("path", "frames/s", "of memcpy", "of workers/cost", "of no cache", "other")
     for name, r in result["rows"].items():
         other = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in ("fps", "of_no_cache"))
         print(f"| {name} | {r['fps']:.1f} | {100 * r['fps'] / memcpy:.0f}% | "
@@ -504,16 +688,32 @@ def main() -> int:
                     help="room for three in-flight batch arenas of jungfrau4M on top of the slots")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
+    ap.add_argument("--new-consumers", action="store_true",
+                    help="measure what a new loader, client or epoch pays instead (first "
+                         "detector only; with --cost-ms also the frame cache's second client "
+                         "and a cold epoch as a user starts it)")
+    ap.add_argument("--cache-frames", type=int, default=160,
+                    help="events of the --new-consumers frame-cache rows")
+    ap.add_argument("--user-wait", type=float, default=5.0,
+                    help="seconds between a server's start and its first loader (--new-consumers)")
+    ap.add_argument("--user-cache", default="4G",
+                    help="the frame cache of the --new-consumers cold-epoch row")
     ap.add_argument("--frame-cache", action="store_true",
                     help="measure the frame cache instead (needs --cost-ms; first detector only)")
+    ap.add_argument("--resume", action="store_true",
+                    help="measure the time to the first batch, fresh and resumed mid-epoch, "
+                         "instead (first detector only)")
     args = ap.parse_args()
-    if args.frame_cache:
-        result = bench_frame_cache(args)
-        print_cache_table(result)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
+    for wanted, bench, show in ((args.new_consumers, bench_new_consumers, print_consumers_table),
+                                (args.resume, bench_resume, print_resume_table),
+                                (args.frame_cache, bench_frame_cache, print_cache_table)):
+        if wanted:
+            result = bench(args)
+            show(result)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+            return 0
     with running_server(args, "--shm-budget", args.shm_budget) as server:
         rows = [r for det in args.detectors
                 for r in bench_detector(server, det, args)]

@@ -12,24 +12,27 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, format_address, is_loopback
-from psana_ipc.protocol.shm_names import SHM_DIR
 
-from . import cache_dir, sources, startup
+from . import sources, startup
 from .context import WorkerContext
-from .frame_cache import FrameCache, check_room, source_fingerprint
-from .frame_reader import FrameReader, SourceCache
+from .door import door_name, open_door
+from .frame_cache import FrameCache, source_fingerprint
+from .frame_memory import SHM_POOL, FrameMemory
+from .frame_reader import FrameReader, OpenSources
 from .listener import bind_tcp, bind_unix
-from .master import SHUTDOWN_SIGNAL, Master
+from .master import DONE_SIGNAL, SHUTDOWN_SIGNAL, Master
+from .pool_index import Index
+from .pool_pages import PoolFile
 from .shared_state import SharedState
-from .slots import Budget
 from .startup import StartupError
 from .token_file import read_or_create_token
 from .worker import Worker
 
 log = logging.getLogger("psana_ipc.server")
+ROWS = 65536        # rows of the pool's index: extents in use and connections at once
 
 
 def default_budget() -> int:
@@ -73,10 +76,12 @@ class ServerOptions:
         return cls(**own, source_options=theirs)
 
     @property
-    def cache_keeps_free(self) -> int:
-        """Room the frame cache leaves free for slots: the slots' budget in
-        /dev/shm, nothing on disk."""
-        return 0 if self.frame_cache_dir else self.shm_budget
+    def pools(self) -> List[Tuple[int, Optional[str]]]:
+        """(size, directory) of each pool: memory for the budget (and the frame
+        cache, unless it is on disk), then the cache's file on disk."""
+        in_memory = self.shm_budget + (0 if self.frame_cache_dir else self.frame_cache)
+        on_disk = [(self.frame_cache, self.frame_cache_dir)] if self.frame_cache_dir else []
+        return [(in_memory, None)] + on_disk
 
     def validate(self) -> None:
         """Raise ValueError naming the first option whose value cannot work."""
@@ -120,11 +125,8 @@ def open_factory(options: ServerOptions) -> sources.SourceFactory:
     startup.check_budget(options.shm_budget)
     if options.frame_cache_dir and not os.path.isdir(options.frame_cache_dir):
         raise StartupError(f"--frame-cache-dir {options.frame_cache_dir} is not a directory")
-    if options.frame_cache:
-        why = check_room(options.frame_cache, options.frame_cache_dir or SHM_DIR,
-                         options.cache_keeps_free)
-        if why:
-            raise StartupError(why)
+    startup.check_memory(options.shm_budget + options.frame_cache * (not options.frame_cache_dir),
+                         options.frame_cache, options.frame_cache_dir)
     if options.ready_file:
         startup.check_ready_file(options.ready_file)
     return factory
@@ -139,34 +141,41 @@ def serve(options: ServerOptions) -> int:
         log.warning("listening on %s without --token-file: anyone who can reach this port "
                     "can read events and stop the server", options.host)
     address = options.unix or listener.getsockname()[:2]
-    state = SharedState(options.workers, options.shm_budget)
+    state = SharedState(options.workers)
     master_pid = os.getpid()
-    cache = None
-    if options.frame_cache:
-        directory = (cache_dir.make(options.frame_cache_dir, master_pid)
-                     if options.frame_cache_dir else SHM_DIR)
-        cache = FrameCache(options.frame_cache, options.workers, master_pid, source_fingerprint(
-            options.source, sources.factory_class(options.source).add_arguments,
-            options.source_options), directory, options.cache_keeps_free)
-
-    def stats() -> Dict[str, object]:
-        return dict(state.stats(), frame_cache=cache.stats() if cache else None)
+    try:
+        pools = [PoolFile(pid, size, directory)
+                 for pid, (size, directory) in enumerate(options.pools)]
+    except OSError as e:
+        raise StartupError(f"cannot make the pool of frame memory: {e.strerror}") from None
+    index = Index(ROWS, options.workers, options.shm_budget, options.frame_cache)
+    door = open_door(master_pid)
+    fingerprint = source_fingerprint(options.source,
+                                     sources.factory_class(options.source).add_arguments,
+                                     options.source_options)
+    cache_pool = len(pools) - 1 if options.frame_cache else None
 
     def run_worker(slot: int) -> int:
         counters = state.counters(slot)
+        memory = FrameMemory(index, pools, slot, warm_target=options.frame_cache
+                             if cache_pool == SHM_POOL else 0)
+        cache = FrameCache(memory, fingerprint, cache_pool) if cache_pool is not None else None
+
+        def stats() -> Dict[str, object]:
+            return dict(state.stats(), **index.budget_stats(),
+                        frame_cache=cache.stats() if cache is not None else None)
         ctx = WorkerContext(
-            reader=FrameReader(SourceCache(factory, options.open_sources), counters),
-            budget=Budget(state, counters, master_pid), counters=counters,
-            shutdown=lambda: os.kill(master_pid, SHUTDOWN_SIGNAL),
-            stats=stats, source=options.source, window=options.window,
+            reader=FrameReader(OpenSources(factory, options.open_sources), counters),
+            memory=memory, counters=counters,
+            shutdown=lambda done: os.kill(master_pid, DONE_SIGNAL if done else SHUTDOWN_SIGNAL),
+            stats=stats, source=options.source, server_pid=master_pid, window=options.window,
             max_window=options.max_window, token=token,
             legacy=not options.no_legacy and token is None,
             ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
-            request_timeout=options.request_timeout,
-            cache=cache.worker(slot) if cache else None)
+            request_timeout=options.request_timeout, cache=cache, door=door_name(door))
         try:
             factory.prepare_worker()
-            return Worker(listener, state, slot, ctx, master_pid).run()
+            return Worker(listener, door, state, slot, ctx, master_pid).run()
         finally:
             factory.close()
 
@@ -174,15 +183,9 @@ def serve(options: ServerOptions) -> int:
         "address": format_address(address), "pid": master_pid, "source": options.source,
         "shm_budget": options.shm_budget,
         "token_file": os.path.abspath(options.token_file) if options.token_file else None}
-    master = Master(listener, state, run_worker, ready, options.ready_file,
+    master = Master(listener, state, index, pools, run_worker, ready, options.ready_file,
                     options.request_timeout)
-    if cache is not None:
-        master.on_worker_death = cache.worker_died
-    try:
-        code = master.run()
-    finally:
-        if cache is not None and cache.on_disk and os.getpid() == master_pid:
-            cache_dir.remove(cache.directory, master_pid)
+    code = master.run()
     if options.unix and os.getpid() == master_pid:
         os.unlink(options.unix)
     return code

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Optional, Union
 
-from .shared_state import Grant
+from .pool_index import Grant
 
 RECV_SIZE = 65536
 MAX_UNSENT = 4096       # chunks queued for a peer that does not read: then it is dropped
@@ -78,11 +78,6 @@ class Channel:
 
     def work(self) -> None:
         """Do one unit of work (one frame) into the memory `reserve` granted."""
-
-    def trim(self, everything: bool) -> int:
-        """Give back idle memory: all of it, or what is over the connection's
-        fair share. Returns the bytes given back."""
-        return 0
 
     def tick(self, now: float) -> Optional[float]:
         """Act on the deadlines that passed; returns when the next one is due
@@ -148,4 +143,4 @@ class Channel:
             pass
 
     def release(self) -> None:
-        """Give back what the connection holds (segments); runs once, on close."""
+        """Give back what the connection holds; runs once, on close."""

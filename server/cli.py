@@ -70,22 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                      default=DEFAULTS.open_sources, metavar="N",
                      help="open sources kept per worker, least recently used dropped")
     srv.add_argument("--frame-cache", type=_size, default=DEFAULTS.frame_cache, metavar="SIZE",
-                     help="keep frames sources produced in a node-wide cache of this much shared "
-                          "memory, e.g. 8G, shared by all workers and clients (v1 and legacy): "
-                          "a frame read again costs no psana call. Idle workers take the "
-                          "cache's memory ahead, up to SIZE, so the first epoch does not wait "
-                          "for fresh pages; never so much that less than --shm-budget stays "
-                          "free in /dev/shm for slots (0: no cache)")
+                     help="keep frames sources produced in a cache of this much shared memory, "
+                          "e.g. 8G, shared by all workers and clients (v1 and legacy): a frame "
+                          "read again costs no psana call. Idle workers take the cache's memory "
+                          "ahead, up to SIZE, so the first epoch does not wait for fresh pages "
+                          "(0: no cache)")
     srv.add_argument("--frame-cache-dir", metavar="PATH",
-                     help="keep the frame cache in files on node-local disk (e.g. /lscratch) "
-                          "instead of /dev/shm, for runs larger than memory: a directory of "
-                          "this server's own under PATH (0700), removed when it stops; "
-                          "--frame-cache SIZE bounds it, as does the disk's free space")
+                     help="keep the frame cache on node-local disk (e.g. /lscratch) instead of "
+                          "in memory, for runs larger than memory: a file without a name in "
+                          "PATH, which goes with the server however it stops; --frame-cache "
+                          "SIZE bounds it, as does the disk's free space")
     srv.add_argument("--shm-budget", type=_size, default=None, metavar="SIZE",
-                     help="shared memory all workers together may hold, e.g. 2G (default: "
-                          "half of /dev/shm, at most 4G)")
+                     help="shared memory the frames and batches handed to clients may take "
+                          "together, e.g. 2G; taken as needed and reused, never given back "
+                          "while the server runs (default: half of /dev/shm, at most 4G)")
     srv.add_argument("--window", type=int, default=DEFAULTS.window, metavar="N",
-                     help="frames a v1 connection may hold before releasing")
+                     help="frames a v1 connection may hold before releasing them")
     srv.add_argument("--max-window", type=int, default=DEFAULTS.max_window, metavar="N",
                      help="largest window a client may ask for")
     srv.add_argument("--ack-timeout", type=float, default=DEFAULTS.ack_timeout, metavar="S",

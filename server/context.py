@@ -1,15 +1,17 @@
 """What a worker's connections share: settings, the frame reader, the
-budget, the worker's counters, and how to ask the master to stop."""
+pool's memory and the frame cache, the worker's counters, and how to ask
+the master to stop."""
+import itertools
 import socket
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional
 
 from psana_ipc.protocol.address import is_loopback
 
-from .frame_cache import WorkerCache
+from .frame_cache import FrameCache
+from .frame_memory import FrameMemory
 from .frame_reader import FrameReader
 from .shared_state import Counters
-from .slots import Budget
 
 FIRST_REQUEST_WITHIN = 10.0   # seconds a connection has for hello (v1) or its request (legacy)
 
@@ -17,11 +19,12 @@ FIRST_REQUEST_WITHIN = 10.0   # seconds a connection has for hello (v1) or its r
 @dataclass
 class WorkerContext:
     reader: FrameReader
-    budget: Budget
+    memory: FrameMemory
     counters: Counters
-    shutdown: Callable[[], None]
+    shutdown: Callable[[bool], None]        # True: a legacy DONE asked for it
     stats: Callable[[], Dict[str, object]]
     source: str
+    server_pid: int
     window: int = 8
     max_window: int = 64
     token: Optional[str] = None
@@ -30,7 +33,13 @@ class WorkerContext:
     idle_timeout: float = 30.0
     request_timeout: float = 300.0
     hostname: str = socket.gethostname()
-    cache: Optional[WorkerCache] = None     # iserver --frame-cache
+    cache: Optional[FrameCache] = None      # iserver --frame-cache
+    door: str = ""                          # where local clients get the pools (door.py)
+    _serials: Iterator[int] = field(default_factory=itertools.count)
+
+    def next_connection(self) -> int:
+        """A number for a new connection, unique in this worker."""
+        return next(self._serials)
 
     @property
     def first_request_within(self) -> float:

@@ -1,4 +1,4 @@
-"""Opening sources (through a per-worker LRU cache), telling a frame's size
+"""Opening sources (kept open per worker, least recently used closed first), telling a frame's size
 before reading it, and reading frames with the fields asked beside them: the
 part of serving that both dialects share."""
 import dataclasses
@@ -20,7 +20,7 @@ from .sources.base import (Allocator, FrameMeta, Source, SourceError, SourceFact
 from .sources.event_ranges import as_ranges, expand
 
 log = logging.getLogger(__name__)
-CacheKey = Tuple[str, str, int, str, str]
+SourceKey = Tuple[str, str, int, str, str]
 Frame = Tuple[np.ndarray, FrameMeta]
 
 
@@ -29,8 +29,9 @@ def frame_desc(data: np.ndarray, meta: FrameMeta) -> FrameDesc:
     return FrameDesc(data.shape, data.dtype.str, meta.timestamp, meta.calibrated, meta.extra)
 
 
-class SourceCache:
-    """Open sources of one worker, least recently used evicted first.
+class OpenSources:
+    """Open sources of one worker (`--open-sources`), the least recently used
+    closed first.
 
     Keyed by (source kind, exp, run, detector, access mode): two detectors
     of one run, or one detector of two runs, are separate entries.
@@ -39,7 +40,7 @@ class SourceCache:
     def __init__(self, factory: SourceFactory, size: int) -> None:
         self.factory = factory
         self.size = size
-        self._open: "OrderedDict[CacheKey, Source]" = OrderedDict()
+        self._open: "OrderedDict[SourceKey, Source]" = OrderedDict()
 
     def get(self, key: RunKey) -> Source:
         ck = (self.factory.name, key.exp, key.run, key.detector, key.access_mode)
@@ -62,8 +63,8 @@ class SourceCache:
 class FrameReader:
     """Reads one event into memory a connection reserved, counting it."""
 
-    def __init__(self, cache: SourceCache, counters: Counters) -> None:
-        self.cache = cache
+    def __init__(self, sources: OpenSources, counters: Counters) -> None:
+        self.sources = sources
         self.counters = counters
 
     @contextmanager
@@ -84,7 +85,7 @@ class FrameReader:
         the source cannot tell ahead, or failed to; read it with `read_private`
         first)."""
         with self._source_call(f"opening {get.key}", READ_FAILED):
-            source = self.cache.get(get.key)
+            source = self.sources.get(get.key)
             source.check(event, get.mode)
         try:
             return source.frame_nbytes(get.mode)
@@ -110,7 +111,7 @@ class FrameReader:
             np.copyto(out, data, casting="no")
             return out, _with_values(meta, values)
         with self._source_call(f"reading event {event}", READ_FAILED):
-            data, meta = self.cache.get(get.key).read_into(event, get.mode, allocate)
+            data, meta = self.sources.get(get.key).read_into(event, get.mode, allocate)
         self.counters.frame(data.nbytes)
         return data, _with_values(meta, values)
 
@@ -120,14 +121,14 @@ class FrameReader:
         if not get.fields:
             return {}
         with self._source_call(f"reading fields of event {event}", READ_FAILED):
-            source = self.cache.get(get.key)
+            source = self.sources.get(get.key)
             return {ref.name: source.field(event, ref) for ref in get.fields}
 
     def read_private(self, get: Get, event: int) -> Frame:
         """The frame in fresh private memory: for a source whose frame size is
         known only once read."""
         with self._source_call(f"reading event {event}", READ_FAILED):
-            data, meta = self.cache.get(get.key).read_into(event, get.mode, np.empty)
+            data, meta = self.sources.get(get.key).read_into(event, get.mode, np.empty)
         self.counters.frame(data.nbytes)
         return data, meta
 
@@ -138,7 +139,7 @@ class FrameReader:
         those event codes choose."""
         with self._source_call(f"info for {request}", INTERNAL):
             if request.detector is None:
-                found = self.cache.factory.detectors(request.exp, request.run)
+                found = self.sources.factory.detectors(request.exp, request.run)
                 chosen = self._chosen(request)
                 for det in found.values():
                     held = det.pop("present", [[0, det["events"], 1]])
@@ -147,9 +148,9 @@ class FrameReader:
                         det["events"] = len(expand(held))
                     if request.present:
                         det["present"] = held
-                state = self.cache.factory.run_state(request.exp, request.run)
+                state = self.sources.factory.run_state(request.exp, request.run)
                 return dict(state, detectors=found)
-            source = self.cache.get(RunKey(request.exp, request.run, request.detector))
+            source = self.sources.get(RunKey(request.exp, request.run, request.detector))
             info = source.info()
             held = source.present()
             chosen = self._chosen(request)
@@ -164,12 +165,12 @@ class FrameReader:
         """Where a run stands and the detector's events past `request.after`
         (see live.py)."""
         with self._source_call(f"follow for {request}", INTERNAL):
-            return progress(self.cache, request)
+            return progress(self.sources, request)
 
     def _chosen(self, request: Info) -> Optional[Set[int]]:
         if request.codes is None:
             return None
-        return set(self.cache.factory.events_with_codes(request.exp, request.run, request.codes))
+        return set(self.sources.factory.events_with_codes(request.exp, request.run, request.codes))
 
 
 def _among(ranges: List[List[int]], chosen: Set[int]) -> List[List[int]]:

@@ -1,61 +1,70 @@
 """The btx dialect: one request per connection, a fresh segment per event.
 
-request -> reserve the frame's bytes -> read it into a new segment -> reply
-{name, shape, dtype} -> wait for `ACK` (bounded by --ack-timeout) -> retire
-(truncate and unlink) once acknowledged, only unlink without an ACK. A client that
-vanishes or never acknowledges costs the segment nothing: it is unlinked
-either way. Old clients unlink the segment themselves as well, which is
-harmless. `DONE` stops the whole server, as old launchers expect.
+request -> reserve the frame's bytes from the budget -> read it into a new
+segment -> reply {name, shape, dtype} -> wait for `ACK` (bounded by
+--ack-timeout) -> retire (truncate and unlink) once acknowledged, only
+unlink without an ACK. A client that vanishes or never acknowledges costs
+the segment nothing: it is unlinked either way. Old clients unlink the
+segment themselves as well, which is harmless. `DONE` stops the whole
+server, as old launchers expect. Segment names are random (shm.py): a name
+someone planted is passed over, never in the way.
 
 With a frame cache (`--frame-cache`), the frame comes from the cache when it
 is there (no source call) and goes into it when it is not: either way it is
 copied into the fresh segment, since a legacy client unlinks what it is
 given.
 
-An event that cannot be read is answered as btx's own server does, with a
-NaN frame of the mode's shape (btx and pypca filter those out) in the
-segment reserved for the frame, the error beside it for clients that read
-one. When the shape is not known, or a float32 frame of it does not fit
-what was reserved (an integer mode narrower than 4 bytes), the error goes
-alone. A request flagged as a probe gets the server's mark alone.
+An event that cannot be read (psana returns nothing, or the event does not
+hold the detector) is answered as btx's own server does, with a NaN frame
+of the mode's shape (btx and pypca filter those out), the error beside it
+for clients that read one: the segment is always large enough for a
+float32 frame of the mode's shape. Only when the source cannot tell the
+shape at all does the error go alone. A request flagged as a probe gets
+the server's mark alone.
 """
 import logging
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from psana_ipc.protocol.errors import NO_MEMORY, READ_FAILED, UNAUTHORIZED, ProtocolError
+from psana_ipc.protocol.errors import (NO_DATA, NO_MEMORY, READ_FAILED, UNAUTHORIZED,
+                                       ProtocolError)
 from psana_ipc.protocol.legacy import (ACK, NAN_DTYPE, Done, LegacyError, LegacyFrame,
                                        LegacyMark, Probe, parse_legacy)
 
-from .cached_frames import CacheRead, CachedFrames
+from . import cached_frames
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
+from .frame_cache import PENDING, Entry, Fill
 from .frame_reader import Frame
-from .shared_state import Grant
-from .shm import Segment, round_up
-from .slots import Holding, refusal
+from .groups import lone_key
+from .pool_index import Grant, refusal
+from .pool_pages import Held, round_up
+from .shm import Segment
 from .sources.base import frame_bytes
 
 log = logging.getLogger(__name__)
+UNREADABLE = (READ_FAILED, NO_DATA)     # answered with btx's NaN frame
 
 
 class LegacyConnection(Channel):
     def __init__(self, sock, ctx: WorkerContext) -> None:
         super().__init__(sock)
         self.ctx = ctx
+        self.memory = ctx.memory
+        self.conn, self.group = ctx.next_connection(), lone_key()
         self.buf = b""
         self.request = None
         self.arrived = 0.0
-        self.holding = Holding(ctx.budget)
+        self.reserved: Optional[int] = None     # the budget's row for the segment
         self.nbytes: Optional[int] = None
         self.prefetched: Optional[Frame] = None
         self.segment: Optional[Segment] = None
         self.replied = False
-        self.missing: Optional[str] = None     # why the event cannot be read: send NaNs
-        self.cached = CachedFrames(ctx.cache, ctx.reader)
-        self.cache_read: Optional[CacheRead] = None     # with --frame-cache
+        self.missing: Optional[ProtocolError] = None     # why the event cannot be read: NaNs
+        self.cache_use: Union[Entry, Fill, None] = None     # with --frame-cache
+        self.bypass = ctx.cache is None
         self.acked = False
         self.ack_deadline: Optional[float] = None
 
@@ -85,13 +94,12 @@ class LegacyConnection(Channel):
             self.send(LegacyMark().to_bytes())
             self.finish()
         elif isinstance(request, Done):
-            log.info("DONE received: stopping the server")
-            self.ctx.shutdown()
+            self.ctx.shutdown(True)
+            self.replied = True
+            self.send(LegacyMark().to_bytes())   # tells `psana-ipc stop` one was enough
             self.finish()
         else:
             self.request = request.get
-            if self.ctx.cache is not None:
-                self.cache_read = CacheRead(self.request, self.request.events[0])
             self.arrived = time.monotonic()
             self.ctx.counters.request()
 
@@ -109,9 +117,13 @@ class LegacyConnection(Channel):
                 grant = self._reserve_segment()
                 if grant is not Grant.GRANTED or self.segment is None:
                     return grant
-            if self.missing is None and self.cache_read is not None \
-                    and self.cached.reserve(self.cache_read, lambda: self.nbytes) is Grant.PENDING:
-                return Grant.PENDING
+            if self.missing is None and not self.bypass and self.cache_use is None:
+                get = self.request
+                found = cached_frames.find(self.ctx.cache, get, get.events[0],
+                                           lambda: self.nbytes)
+                if found is PENDING:
+                    return Grant.PENDING
+                self.cache_use, self.bypass = found, found is None
             return Grant.GRANTED
         except ProtocolError as e:
             self._fail(e.code, e.message)
@@ -126,24 +138,18 @@ class LegacyConnection(Channel):
                     self.prefetched = self.ctx.reader.read_private(get, get.events[0])
                     self.nbytes = self.prefetched[0].nbytes
                 except ProtocolError as e:
-                    shape = self._nan_shape()
-                    if e.code != READ_FAILED or shape is None:
+                    if e.code not in UNREADABLE or self._nan_shape() is None:
                         raise
-                    self.missing, self.nbytes = e.message, frame_bytes(shape, NAN_DTYPE)
-        size = round_up(self.nbytes)
-        if size > self.ctx.budget.limit:
-            return Grant.TOO_LARGE
-        grant = self.holding.take(size)
+                    self.missing, self.nbytes = e, 0
+        shape = self._nan_shape()
+        size = round_up(max(self.nbytes, frame_bytes(shape, NAN_DTYPE) if shape else 0))
+        grant, self.reserved = self.memory.reserve(self.conn, self.group, size)
         if grant is Grant.GRANTED:
-            try:
-                self.segment = self.ctx.budget.segment(size)
-            except BaseException:
-                self.holding.give(size)
-                raise
+            self.segment = Segment(size, self.ctx.server_pid)
         return grant
 
     def refuse(self, grant: Grant) -> None:
-        self._fail(NO_MEMORY, refusal(grant, self.nbytes, self.ctx.budget.limit))
+        self._fail(NO_MEMORY, refusal(grant, self.nbytes, self.memory.index.budget))
 
     def work(self) -> None:
         if self.closed or self.close_after_flush:    # `reserve` answered with an error
@@ -153,8 +159,12 @@ class LegacyConnection(Channel):
             return
         try:
             shape, dtype, timestamp, calibrated = self._read()
+        except Held:                # a client of an earlier use of the entry still reads it
+            self.cache_use, self.bypass = None, True
+            self.work()
+            return
         except ProtocolError as e:
-            if e.code == READ_FAILED and self._send_nan_frame(e.message):
+            if e.code in UNREADABLE and self._send_nan_frame(e):
                 return
             self._fail(e.code, e.message)
             return
@@ -167,41 +177,42 @@ class LegacyConnection(Channel):
         """The frame into the segment, from the frame cache when it serves this
         request (filling it first on a miss), else from the source; its shape,
         dtype, timestamp and `calibrated`."""
-        get, read = self.request, self.cache_read
-        if read is not None and self.cached.serves(read):
-            read.prefetched = self.prefetched
-            served = self.cached.serve(read)
-            if served is not None:
-                entry, desc = served
+        get, use = self.request, self.cache_use
+        if use is not None:
+            self.cache_use = None
+            entry, desc, kept = cached_frames.serve(self.ctx.cache, self.ctx.reader, get,
+                                                    get.events[0], use, self.prefetched)
+            if entry is None:
+                self.prefetched = kept
+            else:
                 try:
-                    self.cached.copy_into(entry, desc, self.segment.array)
+                    cached_frames.copy_entry(self.ctx.cache, entry, desc, self.segment.array)
                 finally:
-                    self.cached.release(entry)
+                    self.ctx.cache.unpin(entry)
                 return desc.shape, np.dtype(desc.dtype), desc.timestamp, desc.calibrated
         data, meta = self.ctx.reader.read(get, get.events[0], self.segment.array,
-                                          self.segment.size,
-                                          self.prefetched or (read.prefetched if read else None))
+                                          self.segment.size, self.prefetched)
         return data.shape, data.dtype, meta.timestamp, meta.calibrated
 
     def _nan_shape(self) -> Optional[Tuple[int, ...]]:
         """The requested mode's shape, or None if the source cannot tell it."""
         get = self.request
         try:
-            return tuple(self.ctx.reader.cache.get(get.key).specs()[get.mode].shape)
+            return tuple(self.ctx.reader.sources.get(get.key).specs()[get.mode].shape)
         except Exception:    # the source cannot tell its shape: the error goes alone
             return None
 
-    def _send_nan_frame(self, message: str) -> bool:
+
+    def _send_nan_frame(self, error: ProtocolError) -> bool:
         """Reply with a NaN frame of the requested mode's shape in the reserved
-        segment; False when the shape is unknown or the frame does not fit."""
+        segment; False when the shape is unknown."""
         shape = self._nan_shape()
-        if shape is None or self.segment is None \
-                or frame_bytes(shape, NAN_DTYPE) > self.segment.size:
+        if shape is None or self.segment is None:
             return False
         self.segment.array(shape, np.dtype(NAN_DTYPE)).fill(np.nan)
-        self.ctx.counters.error(READ_FAILED)
+        self.ctx.counters.error(error.code)
         self.replied = True
-        self.send(LegacyError(READ_FAILED, message, self.segment.name, shape).to_bytes())
+        self.send(LegacyError(error.code, error.message, self.segment.name, shape).to_bytes())
         self.ack_deadline = time.monotonic() + self.ctx.ack_timeout
         return True
 
@@ -235,13 +246,17 @@ class LegacyConnection(Channel):
 
     def release(self) -> None:
         """An acknowledged segment is retired (its pages freed at once); one the
-        client may still read is only unlinked."""
-        if self.cache_read is not None:
-            self.cached.forget(self.cache_read)
+        client may still read is only unlinked. The budget and any cache entry
+        are given back."""
+        if isinstance(self.cache_use, Entry):
+            self.ctx.cache.unpin(self.cache_use)
+        elif isinstance(self.cache_use, Fill):
+            self.ctx.cache.abandon(self.cache_use)
         if self.segment is not None:
             if self.acked:
                 self.segment.retire()
             else:
                 self.segment.destroy()
-            self.holding.give(self.segment.size)
             self.segment = None
+        if self.reserved is not None:
+            self.memory.unreserve(self.reserved)

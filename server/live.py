@@ -19,21 +19,21 @@ from psana_ipc.protocol.messages import MAX_FOLLOWED, Follow, RunKey
 from psana_ipc.protocol.replies import ErrorReply, Reply, RunProgress
 
 if TYPE_CHECKING:
-    from .frame_reader import FrameReader, SourceCache
+    from .frame_reader import FrameReader, OpenSources
 
 
-def progress(cache: "SourceCache", request: Follow) -> Dict[str, Any]:
+def progress(sources: "OpenSources", request: Follow) -> Dict[str, Any]:
     """The fields of the answer to `request` (see RunProgress)."""
-    source = cache.get(RunKey(request.exp, request.run, request.detector))
+    source = sources.get(RunKey(request.exp, request.run, request.detector))
     state = source.growth()            # a growing run takes in what was written first
     held = source.held()
     if request.codes is not None:
-        chosen = set(cache.factory.events_with_codes(request.exp, request.run, request.codes))
+        chosen = set(sources.factory.events_with_codes(request.exp, request.run, request.codes))
         held = [event for event in held if event in chosen]
     start = bisect_right(held, request.after)
     following = None
     if request.next_run:
-        following = cache.factory.next_run(request.exp, request.run)
+        following = sources.factory.next_run(request.exp, request.run)
     return dict(state, events=tuple(held[start:start + MAX_FOLLOWED]), position=start,
                 held=len(held), next_run=-1 if following is None else following)
 

@@ -5,14 +5,18 @@ Signal handlers only enqueue; the loop drains the queue. Stopping asks
 workers to stop, reaps them until a deadline, then SIGKILLs the rest, and
 finally unlinks every segment named with this server's pid (of this user's
 files only), so nothing survives a stop whatever state the workers were in.
-Until then, and for `ABSORB_GRACE` after, the master accepts and closes
-whatever connects: the btx family stops a server with one connect + `DONE`
-per worker, and every connect of that loop must succeed even though the
-first `DONE` stopped us. While it runs it holds the liveness lock
+Until then, and for `ABSORB_GRACE` after a stop a `DONE` asked for, the
+master accepts and closes whatever connects: the btx family stops a server
+with one connect + `DONE` per worker, and every connect of that loop must
+succeed even though the first `DONE` stopped us. While it runs it holds the liveness lock
 `psana-ipc cleanup` looks at. A worker that dies before it ever accepted
 stops the server instead of being respawned forever; one whose loop stalls
-longer than the request timeout (stuck in a source call, or frozen) logs
-its traceback and is replaced.
+longer than the request timeout (stuck in a source call, or frozen), or
+that holds the pool index's lock longer than pool_index.LOCK_LIMIT (frozen
+while holding it), logs its traceback and is replaced. The master never
+takes that lock: it tells the workers that one died by bumping the slot's
+generation (a single write), and they reclaim what it left. At stop it
+gives back every page of the pools that no client still holds.
 """
 import json
 import logging
@@ -27,6 +31,8 @@ from typing import Callable, Dict, List, Optional
 from psana_ipc.protocol.units import format_bytes
 
 from . import liveness
+from .pool_index import LOCK_LIMIT, Index
+from .pool_pages import PoolFile
 from .private_file import write_atomically
 from .shared_state import SharedState
 from .shm import sweep
@@ -36,30 +42,34 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 DUMP_GRACE = 2.0       # a stalled worker's time to write its traceback before SIGKILL
-# A worker asks the master to stop with this signal (a client's shutdown or DONE),
-# so the log tells a requested stop from a SIGTERM.
+# A worker asks the master to stop with these signals (a client's v1 shutdown, or a
+# legacy DONE), so the log tells a requested stop from a SIGTERM, and only a DONE
+# stop keeps absorbing the DONEs that follow it.
 SHUTDOWN_SIGNAL = signal.SIGUSR1
-ABSORB_GRACE = 1.0     # connections still accepted (and closed) after a stop
+DONE_SIGNAL = signal.SIGUSR2
+ABSORB_GRACE = 1.0     # connections still accepted (and closed) after a DONE stop
 
 
 class Master:
-    def __init__(self, listener: socket.socket, state: SharedState,
-                 run_worker: Callable[[int], int], ready_info: Dict[str, object],
-                 ready_file: Optional[str], request_timeout: float,
-                 on_worker_death: Callable[[int], None] = lambda slot: None) -> None:
+    def __init__(self, listener: socket.socket, state: SharedState, index: Index,
+                 pools: List[PoolFile], run_worker: Callable[[int], int],
+                 ready_info: Dict[str, object], ready_file: Optional[str],
+                 request_timeout: float) -> None:
         self.listener = listener
         self.state = state
+        self.index = index
+        self.pools = pools
         self.run_worker = run_worker
         self.ready_info = ready_info
         self.ready_file = ready_file
         self.request_timeout = request_timeout
-        self.on_worker_death = on_worker_death
         self.pid = os.getpid()
         self.workers: Dict[int, int] = {}        # pid -> slot
         self.signals: List[int] = []
         self.condemned: Dict[int, float] = {}    # stalled worker pid -> SIGKILL then
         self.lock: Optional[int] = None           # the liveness lock, while running
         self.stopping = False
+        self.grace = 0.0                          # ABSORB_GRACE once a DONE stopped us
         self.exit_code = 0
 
     # -- signals --------------------------------------------------------------------
@@ -70,7 +80,8 @@ class Master:
         """SIGHUP stops the server unless it was started with SIGHUP ignored
         (`nohup`): then master and workers keep ignoring it."""
         self._wake = wakeup_pipe()
-        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, SHUTDOWN_SIGNAL]
+        self._handled = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, SHUTDOWN_SIGNAL,
+                         DONE_SIGNAL]
         if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
             self._handled.append(signal.SIGHUP)
         for sig in self._handled:
@@ -101,6 +112,9 @@ class Master:
             elif signum == SHUTDOWN_SIGNAL:
                 log.info("shutdown requested by a client: stopping")
                 self.stopping = True
+            elif signum == DONE_SIGNAL:
+                log.info("DONE received from a client: stopping")
+                self.stopping, self.grace = True, ABSORB_GRACE
             elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 self.stopping = True
@@ -160,34 +174,45 @@ class Master:
             self.spawn(slot)
 
     def forget(self, slot: int, pid: int) -> None:
-        """Remove what a dead worker held: its segments, its gauges, and its
-        pins and half-written entries in the frame cache."""
+        """Remove what a dead worker held: its segments and its gauges; its
+        generation moves on, so the workers reclaim what it held in the pool."""
         sweep(self.pid, pid)
         self.state.reset_gauges(slot)
-        self.on_worker_death(slot)
+        self.index.generation[slot] += 1
 
     def watchdog(self) -> None:
-        """Replace a worker whose loop has not gone round for the request timeout:
-        SIGABRT (with SIGCONT, for a SIGSTOPped one) makes its faulthandler log
-        where it hung and ends it; SIGKILL follows if it is still there."""
+        """Replace a worker whose loop has not gone round for the request timeout,
+        or that holds the pool index's lock for longer than LOCK_LIMIT: SIGABRT
+        (with SIGCONT, for a SIGSTOPped one) makes its faulthandler log where it
+        hung and ends it; SIGKILL follows if it is still there."""
         now = time.monotonic()
         for slot in self.state.stalled_workers(self.request_timeout):
-            for pid, s in self.workers.items():
-                if s != slot or pid in self.condemned:
-                    continue
-                why = ("spent over %.0fs on one request" if self.state.in_source_call(slot)
-                       else "made no progress for %.0fs (frozen?)")
-                log.error("worker %d " + why + ": logging its traceback and replacing it",
-                          pid, self.request_timeout)
-                _no_core_dump(pid)
-                _kill(pid, signal.SIGABRT)
-                _kill(pid, signal.SIGCONT)
-                self.condemned[pid] = now + DUMP_GRACE
+            why = ("spent over %.0fs on one request" % self.request_timeout
+                   if self.state.in_source_call(slot)
+                   else "made no progress for %.0fs (frozen?)" % self.request_timeout)
+            self.condemn(slot, why, now)
+        holder = self.index.lock.holder()
+        slot = self.workers.get(holder) if holder is not None else None
+        if slot is not None:
+            since = int(self.index.since[slot])
+            if since and time.monotonic_ns() - since > LOCK_LIMIT * 1e9:
+                self.condemn(slot, "held the pool's lock for over %.0fs (frozen?)" % LOCK_LIMIT,
+                             now)
         for pid, deadline in list(self.condemned.items()):
             if pid not in self.workers:
                 del self.condemned[pid]
             elif now >= deadline:
                 _kill(pid, signal.SIGKILL)
+
+    def condemn(self, slot: int, why: str, now: float) -> None:
+        for pid, s in self.workers.items():
+            if s != slot or pid in self.condemned:
+                continue
+            log.error("worker %d %s: logging its traceback and replacing it", pid, why)
+            _no_core_dump(pid)
+            _kill(pid, signal.SIGABRT)
+            _kill(pid, signal.SIGCONT)
+            self.condemned[pid] = now + DUMP_GRACE
 
     # -- stopping -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -203,10 +228,12 @@ class Master:
             os.waitpid(pid, 0)
             self.forget(self.workers.pop(pid), pid)
         sweep(self.pid)
+        for pool in self.pools:
+            pool.give_back()
         liveness.release(self.lock, self.pid)
         if self.ready_file:
             _remove(self.ready_file)
-        grace_end = time.monotonic() + ABSORB_GRACE
+        grace_end = time.monotonic() + self.grace
         while time.monotonic() < grace_end:
             self.absorb(grace_end - time.monotonic())
         self.listener.close()

@@ -1,43 +1,36 @@
-"""Shared-memory segments as the server creates them.
+"""Segments in /dev/shm: the one kind of shared memory with a name, a fresh
+one per frame of the legacy (btx) dialect, whose clients open it by name.
 
 The server is the only creator and the only one that unlinks. Segments are
 opened in /dev/shm directly, which is what POSIX `shm_open` does on Linux:
 the standard library's SharedMemory would register every segment with a
 resource tracker that unlinks them behind our back when a process exits.
 Pages are reserved with `posix_fallocate`, so a full /dev/shm is a clean
-error at creation instead of a SIGBUS on the first write.
+error at creation instead of a SIGBUS on the first write. Names carry the
+server's and the worker's pid (protocol/shm_names.py) and a random serial:
+a name someone else planted is never guessed ahead and is passed over.
 
 Giving a segment back comes in two strengths. `retire` truncates it to zero
 length before unlinking: tmpfs frees the pages at once even if a client
-still maps the file, so what the server counts is what the node pays; only
-for segments no client reads any more. `unlink` only removes the name: a
-client still reading keeps its pages until it unmaps.
-
-/dev/shm is shared with every user of the node: a name someone else planted
-is skipped for a fresh one, and an unlink or truncate that fails is logged,
-never fatal.
+still maps the file; only for a segment no client reads any more.
+`destroy` only removes the name: a client still reading keeps its pages
+until it unmaps. An unlink or truncate that fails is logged, never fatal.
 """
 import errno
 import logging
 import mmap
 import os
-from typing import Callable, List, Optional, Tuple
+import secrets
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.shm_names import SHM_DIR, is_own_file, ours, segment_path
+from psana_ipc.protocol.errors import NO_MEMORY, ProtocolError
+from psana_ipc.protocol.shm_names import (SHM_DIR, is_own_file, ours, segment_name,
+                                          segment_path)
 
 log = logging.getLogger(__name__)
-PAGE = mmap.PAGESIZE
-NAME_TRIES = 16
-
-
-class ShmFullError(OSError):
-    """/dev/shm has no room for the segment asked for."""
-
-
-def round_up(nbytes: int) -> int:
-    return max(PAGE, -(-nbytes // PAGE) * PAGE)
+NAME_TRIES = 64
 
 
 def _create(name: str, size: int) -> mmap.mmap:
@@ -48,7 +41,7 @@ def _create(name: str, size: int) -> mmap.mmap:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                raise ShmFullError(e.errno, f"/dev/shm has no room for {size} bytes") from e
+                raise ProtocolError(NO_MEMORY, f"/dev/shm has no room for {size} bytes") from e
             raise
         return mmap.mmap(fd, size)
     except BaseException:
@@ -58,38 +51,20 @@ def _create(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _take_over(old: str, name: str) -> mmap.mmap:
-    """Give the segment `old` the name `name` as well (a hard link, which never
-    replaces an existing name) and map it."""
-    os.link(segment_path(old), segment_path(name))
-    fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return mmap.mmap(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
 class Segment:
-    """A segment this process created, or took over from another worker of
-    its server: a mapping plus the name clients attach by."""
+    """A segment this worker created: a mapping plus the name clients attach by."""
 
-    def __init__(self, names: Callable[[], str], size: int, take_over: Optional[str] = None
-                 ) -> None:
-        """`names` gives a new candidate name on each call: one that exists
-        already (planted by someone else) is passed over. With `take_over`,
-        the segment of that name gets the new name and loses the old one."""
+    def __init__(self, size: int, server_pid: int) -> None:
         for _ in range(NAME_TRIES):
-            name = names()
+            name = segment_name(server_pid, os.getpid(), secrets.token_hex(8))
             try:
-                self.map = _create(name, size) if take_over is None else _take_over(take_over, name)
+                self.map = _create(name, size)
                 break
             except FileExistsError:
                 log.warning("/dev/shm/%s exists and is not ours: using another name", name)
         else:
-            raise FileExistsError(errno.EEXIST, f"{NAME_TRIES} segment names in a row exist "
-                                                f"in /dev/shm already")
-        if take_over is not None:
-            unlink(take_over)
+            raise ProtocolError(NO_MEMORY, f"{NAME_TRIES} random segment names in a row exist "
+                                           f"in /dev/shm already")
         self.name = name
         self.size = size
 
@@ -98,7 +73,7 @@ class Segment:
         return np.ndarray(shape, dtype=dtype, buffer=self.map)
 
     def close(self) -> None:
-        """Unmap only: the name stays, for clients (and other workers) to map."""
+        """Unmap only: the name stays, for clients to map."""
         try:
             self.map.close()
         except BufferError:

@@ -1,6 +1,6 @@
 """Checks that make `iserver` fail at start-up, in one line, rather than on
 every request: a source whose library is missing, a directory that does not
-exist, a shared-memory budget no frame fits in.
+exist, a shared-memory budget no frame fits in, a pool larger than the node.
 
 `StartupError` carries the line a user reads; the CLI prints it after
 `iserver:` and exits with `EXIT_STARTUP`.
@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from psana_ipc.protocol.units import format_bytes
 
@@ -59,19 +59,49 @@ def check_directories(source_options: argparse.Namespace) -> None:
 
 
 def check_budget(budget: int) -> None:
-    """Refuse a budget no frame fits in; warn about one larger than /dev/shm."""
+    """Refuse a budget no frame fits in."""
     if budget < MIN_BUDGET:
         raise StartupError(f"--shm-budget {format_bytes(budget)} is smaller than one detector "
                            f"frame; give at least 1M (e.g. --shm-budget 2G)")
+
+
+def memory_info() -> Dict[str, int]:
+    """/proc/meminfo's MemTotal and MemAvailable, in bytes (empty where unknown)."""
+    found = {}
     try:
-        st = os.statvfs("/dev/shm")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("MemTotal", "MemAvailable"):
+                    found[name] = int(value.split()[0]) * 1024
     except OSError:
-        return
-    size = st.f_frsize * st.f_blocks
-    if budget > size:
-        log.warning("--shm-budget %s is larger than /dev/shm (%s): frames will fail with "
-                    "'no space' before the budget is reached", format_bytes(budget),
-                    format_bytes(size))
+        pass
+    return found
+
+
+def check_memory(in_memory: int, frame_cache: int, cache_dir: Optional[str]) -> None:
+    """The pool in memory (--shm-budget, and --frame-cache unless on disk)
+    must fit in the node's memory (a warning if more than is free now); a
+    frame cache on disk must fit on its disk (a warning if not free now)."""
+    info = memory_info()
+    what = "--shm-budget" + ("" if cache_dir or not frame_cache else " and --frame-cache")
+    if in_memory > info.get("MemTotal", in_memory):
+        raise StartupError(f"{what} ({format_bytes(in_memory)}) are more than this node's "
+                           f"memory ({format_bytes(info['MemTotal'])})")
+    if in_memory > info.get("MemAvailable", in_memory):
+        log.warning("%s (%s) are more than the memory available now (%s): frames will be "
+                    "refused 'no_memory' before that is reached", what,
+                    format_bytes(in_memory), format_bytes(info["MemAvailable"]))
+    if cache_dir:
+        st = os.statvfs(cache_dir)
+        size, free = st.f_frsize * st.f_blocks, st.f_frsize * st.f_bavail
+        if frame_cache > size:
+            raise StartupError(f"--frame-cache {format_bytes(frame_cache)} is more than "
+                               f"{cache_dir} holds ({format_bytes(size)})")
+        if frame_cache > free:
+            log.warning("--frame-cache %s is more than %s has free (%s): the cache will "
+                        "hold at most that", format_bytes(frame_cache), cache_dir,
+                        format_bytes(free))
 
 
 def check_ready_file(path: str) -> None:

@@ -4,13 +4,19 @@ Requests are handled in arrival order and may be pipelined. A `get` becomes
 one work item per event; the worker's loop runs one item at a time across
 all its connections, so a long `get` does not starve other clients. Each
 event gets its own reply (with `seq`); the last reply of a request carries
-`done: true`. Frames go into slots of this connection's pool (shared memory)
-or inline after the header; either way at most `window` frames are
-outstanding, which is the back-pressure a slow client feels, and every
-frame's bytes are reserved from the budget before it is read (inline ones
-until they are sent). A get into a batch arena (server/arenas.py) writes
-each frame at the place the request names and is answered once, when its
-last frame is there, with the list of its frames.
+`done: true`. Where each frame goes is decided once, when its memory is
+reserved (placement.py): an extent of the pool of its own or a frame-cache
+entry for a local client, private memory sent inline otherwise, or its
+place in a batch buffer of the group (`into`), which is answered once,
+when the get's last frame is there. At most `window` frames are held by
+the client at once (released, or sent inline), which is the back-pressure
+a slow client feels.
+
+Everything the connection holds is given back when it closes, whatever
+the client did or did not release: reservations, pins of cache entries
+(also of entries being sent inline), its claims on batch buffers. What was
+handed to the client stays held by the client's own holds (pool_pages.py)
+until it lets go.
 """
 import hmac
 import logging
@@ -20,30 +26,31 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
-import numpy as np
-
 from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LARGE, NO_DATA,
                                        NO_MEMORY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
                                        UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (AdoptArena, Follow, FreeArenas, Get, Hello, Info,
-                                         MakeArena, Ping, Prefetch, Release, Shutdown, Stats,
-                                         parse_request, request_id)
+from psana_ipc.protocol.messages import (Follow, FreeArenas, Get, Hello, Info, MakeArena, Ping,
+                                         Prefetch, Release, Shutdown, Stats, parse_request,
+                                         request_id)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
-                                        FrameReply, InfoReply, Pong, Queued, Reply, Skipped,
-                                        StatsReply, Stopping, Welcome, WrittenFrame, encode_reply)
+                                        FrameReply, InfoReply, Inline as InlineBytes, InPool,
+                                        Pong, Queued, Reply, Skipped, StatsReply, Stopping,
+                                        Welcome, WrittenFrame)
 
-from .arenas import Arenas, group_is_ours, issue_group
+from . import cached_frames
+from .cached_frames import ReadAhead, copy_entry
 from .channel import Channel
 from .context import WorkerContext, is_local_peer
-from .cached_frames import CacheUse, CachedFrames
-from .frame_cache import Entry
+from .frame_cache import PENDING, Entry
+from .frame_memory import Extent
 from .frame_reader import Frame, frame_desc
+from .groups import group_is_ours, group_key, issue_group
 from .live import follow_reply
-from .shared_state import Grant
-from .slots import Holding, Slot, SlotPool, refusal
-from .sources.base import Allocator
+from .placement import Cached, Inline, Own, Place, Placement
+from .pool_index import Grant, refusal
+from .pool_pages import Held
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
@@ -53,17 +60,16 @@ REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)  # no 
 
 @dataclass
 class Item:
-    """One event of a get (or one arena to make), and the memory reserved for it."""
+    """One event of a get (or one batch buffer to make), and where it goes."""
     rid: int
     get: Union[Get, MakeArena]
     seq: int
     arrived: float
     nbytes: Optional[int] = None          # the frame's size, once known
     prefetched: Optional[Frame] = None    # read ahead: its size was not known before
-    slot: Optional[Slot] = None           # shm: the slot reserved for it
-    reserved: int = 0                     # inline: the bytes reserved for it
-    cache_use: CacheUse = None            # its frame-cache entry (see `CachedFrames`)
-    place: Optional[Allocator] = None     # its place in a batch arena
+    placement: Optional[Placement] = None
+    bypass: bool = False                  # the frame cache had no room for it
+    made: Optional[Extent] = None         # a batch buffer, for MakeArena
     error: Optional[ProtocolError] = None
 
     @property
@@ -75,7 +81,7 @@ class Item:
         return isinstance(self.get, MakeArena) or self.seq == len(self.get.events) - 1
 
     def where(self) -> Tuple[Optional[int], Optional[int]]:
-        """The seq and event a reply about this item names (none for an arena)."""
+        """The seq and event a reply about this item names (none for a buffer)."""
         return (None, None) if isinstance(self.get, MakeArena) else (self.seq, self.event)
 
 
@@ -83,19 +89,22 @@ class V1Connection(Channel):
     def __init__(self, sock, ctx: WorkerContext) -> None:
         super().__init__(sock)
         self.ctx = ctx
+        self.memory = ctx.memory
+        self.conn = ctx.next_connection()
         self.decoder = FrameDecoder()
         self.local = is_local_peer(sock)
         self.hello: Optional[Hello] = None
-        self.pool: Optional[SlotPool] = None
-        self.arenas: Optional[Arenas] = None     # batch arenas: shm connections only
-        self.written: Dict[int, List[WrittenFrame]] = {}   # per get into an arena: so far
+        self.group = 0
         self.inline = False
         self.window = ctx.window
         self.queue: Deque[Item] = deque()
-        self.inline_pending = 0
-        self.holding = Holding(ctx.budget)      # inline frames not sent yet
+        self.handed: Dict[int, Union[Extent, Entry]] = {}   # handle -> what the client holds
+        self.sending: List[Placement] = []      # inline frames queued, given back once sent
+        self.handles = 0
+        self.written: Dict[int, List[WrittenFrame]] = {}   # per get into a batch buffer
+        self.buffers: Dict[int, Extent] = {}     # batch buffers found, by ticket (checked at use)
         self.partial_since: Optional[float] = None   # a request begun but not complete
-        self.cached = CachedFrames(ctx.cache, ctx.reader)
+        self.read_ahead_queue = ReadAhead(ctx.cache, ctx.reader)
 
     # -- input ----------------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
@@ -138,20 +147,13 @@ class V1Connection(Channel):
             now = time.monotonic()
             self.queue.extend(Item(rid, request, seq, now) for seq in range(len(request.events)))
         elif isinstance(request, Prefetch):
-            self._reply(Queued(rid, self.cached.hint(request.get())))
+            self._reply(Queued(rid, self.read_ahead_queue.hint(request.get())))
         elif isinstance(request, MakeArena):
             self.queue.append(Item(rid, request, 0, time.monotonic()))
         elif isinstance(request, FreeArenas):
-            bad = self.arenas.free(request.names) if self.arenas else list(request.names)
-            if bad:
-                self._fail(rid, BAD_ARENA, f"arenas {bad} were not made by this connection")
-        elif isinstance(request, AdoptArena):
-            self._adopt_arena(rid, request)
+            self._free_arenas(rid, request.arenas)
         elif isinstance(request, Release):
-            bad = self.pool.release(request.slots) if self.pool else list(request.slots)
-            bad = [sid for sid in bad if not self.cached.unpin(sid)]
-            if bad:
-                self._fail(rid, BAD_SLOT, f"slots {bad} are not held by this connection")
+            self._release(rid, request.handles)
         elif isinstance(request, Info):
             self._info(rid, request)
         elif isinstance(request, Ping):
@@ -188,15 +190,17 @@ class V1Connection(Channel):
             self._fail(rid, BAD_ARENA, "this connection group id was not issued by this server")
             return
         group = hello.group or issue_group()
-        self.hello = hello
+        inline = not (hello.transport == "shm" and self.local and hello.host == self.ctx.hostname)
+        if not inline:
+            try:
+                self.memory.connect(self.conn, group_key(group))
+            except ProtocolError as e:
+                self._fail(rid, e.code, e.message)
+                return
+        self.hello, self.group, self.inline = hello, group_key(group), inline
         self.window = min(hello.window or self.ctx.window, self.ctx.max_window)
-        self.inline = not (hello.transport == "shm" and self.local
-                           and hello.host == self.ctx.hostname)
-        if not self.inline:
-            self.pool = SlotPool(self.ctx.budget, self.window)
-            self.arenas = Arenas(self.pool.holding, group)
-        self._reply(Welcome(rid, PROTOCOL_VERSION, "inline" if self.inline else "shm",
-                            self.window, self.ctx.source, os.getpid(), group))
+        self._reply(Welcome(rid, PROTOCOL_VERSION, "inline" if inline else "shm", self.window,
+                            self.ctx.source, os.getpid(), group, "" if inline else self.ctx.door))
 
     def _info(self, rid: int, request: Info) -> None:
         try:
@@ -209,7 +213,25 @@ class V1Connection(Channel):
             self._fail(rid, UNAUTHORIZED, "shutdown needs the server's token")
             return
         self._reply(Stopping(rid))
-        self.ctx.shutdown()
+        self.ctx.shutdown(False)
+
+    def _release(self, rid: int, handles: Tuple[int, ...]) -> None:
+        bad = []
+        for handle in handles:
+            held = self.handed.pop(handle, None)
+            if held is None:
+                bad.append(handle)
+            elif isinstance(held, Entry):
+                self.ctx.cache.unpin(held)
+            else:
+                self.memory.give(held)
+        if bad:
+            self._fail(rid, BAD_SLOT, f"frames {bad} are not held by this connection")
+
+    def _free_arenas(self, rid: int, tickets: Tuple[int, ...]) -> None:
+        bad = self.memory.free_batches(tickets, self.group) if not self.inline else list(tickets)
+        if bad:
+            self._fail(rid, BAD_ARENA, f"{bad} are not batch buffers of this connection's group")
 
     # -- work -----------------------------------------------------------------------
     def next_arrival(self) -> float:
@@ -218,9 +240,7 @@ class V1Connection(Channel):
     def has_work(self) -> bool:
         if not self.queue or self.closed:
             return False
-        if self.inline:
-            return self.inline_pending < self.window
-        return self.pool.busy_count + self.cached.pinned < self.window
+        return len(self.handed) + len(self.sending) < self.window
 
     def _frame_size(self, item: Item) -> int:
         if item.nbytes is None:
@@ -235,185 +255,182 @@ class V1Connection(Channel):
         item = self.queue[0]
         try:
             if isinstance(item.get, MakeArena):
-                return self._reserve_arena(item)
-            if item.get.into is not None and item.place is None:
-                self._reserve_arena(item)
-            grant = self.cached.reserve(item, lambda: self._frame_size(item))
-            if grant is not None:
-                return grant
-            if item.place is not None:
-                return Grant.GRANTED
-            nbytes = self._frame_size(item)
-            if self.inline:
-                if nbytes > self.ctx.budget.limit:
-                    return Grant.TOO_LARGE
-                grant = self.holding.take(nbytes)
-                if grant is Grant.GRANTED:
-                    item.reserved = nbytes
-                return grant
-            grant, item.slot = self.pool.reserve(nbytes)
-            return grant
+                return self._reserve_buffer(item)
+            if item.placement is None:
+                return self._place(item)
+            return Grant.GRANTED
         except ProtocolError as e:
             item.error = e          # `work` answers it
             return Grant.GRANTED
 
-    def _reserve_arena(self, item: Item) -> Grant:
-        """An arena to make: its bytes from the budget. A frame into an arena:
-        nothing to reserve, only its place to check (before any read, its size
-        against the source's)."""
-        arenas = self._arenas()
-        if isinstance(item.get, MakeArena):
-            item.nbytes = item.get.size
-            return arenas.reserve(item.nbytes, item.get.wait)
-        item.place, item.reserved = arenas.allocator(item.get.into, item.seq)
-        known = self.ctx.reader.frame_size(item.get, item.event)
-        if known is not None and known != item.reserved:
-            raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
-                                           f"{item.get.mode}; the arena's frames are "
-                                           f"{item.reserved}")
-        return Grant.GRANTED
+    def _place(self, item: Item) -> Grant:
+        """Decide where the item's frame goes, reserving its memory."""
+        place = None
+        if item.get.into is not None:
+            place = self._place_in_batch(item)
+        if self.ctx.cache is not None and not item.bypass:
+            found = cached_frames.find(self.ctx.cache, item.get, item.event,
+                                       lambda: self._frame_size(item))
+            if found is PENDING:
+                return Grant.PENDING
+            if found is not None:
+                item.placement = Cached(self.ctx.cache, found, place)
+                return Grant.GRANTED
+            item.bypass = True
+        if place is not None:
+            item.placement = place
+            return Grant.GRANTED
+        nbytes = self._frame_size(item)
+        if self.inline:
+            grant, row = self.memory.reserve(self.conn, self.group, nbytes)
+            if row is not None:
+                item.placement = Inline(self.memory, row, nbytes)
+            return grant
+        grant, extent = self.memory.take(self.conn, self.group, nbytes)
+        if extent is not None:
+            item.placement = Own(self.memory, extent)
+        return grant
 
-    def _arenas(self) -> Arenas:
-        if self.arenas is None:
-            raise ProtocolError(BAD_ARENA, "batch arenas need shared memory with the server "
+    def _place_in_batch(self, item: Item) -> Place:
+        """The item's place in a batch buffer, checked before any read (its
+        size against the source's)."""
+        if self.inline:
+            raise ProtocolError(BAD_ARENA, "batch buffers need shared memory with the server "
                                            "(transport shm, same host)")
-        return self.arenas
+        into = item.get.into
+        buffer = self.buffers.get(into.arena)
+        if buffer is None:
+            buffer = self.buffers[into.arena] = self.memory.find_batch(into.arena, self.group)
+        place = Place(self.memory, into, item.seq, buffer)
+        known = self.ctx.reader.frame_size(item.get, item.event)
+        if known is not None and known != place.nbytes:
+            raise ProtocolError(BAD_ARENA, f"event {item.event} is {known} bytes in mode "
+                                           f"{item.get.mode}; the batch buffer's frames are "
+                                           f"{place.nbytes}")
+        return place
+
+    def _reserve_buffer(self, item: Item) -> Grant:
+        if self.inline:
+            raise ProtocolError(BAD_ARENA, "batch buffers need shared memory with the server "
+                                           "(transport shm, same host)")
+        item.nbytes = item.get.size
+        grant, item.made = self.memory.batch(self.conn, self.group, item.get.size)
+        if grant is Grant.TOO_LARGE or (grant is Grant.WAIT and not item.get.wait):
+                raise ProtocolError(NO_MEMORY, refusal(grant, item.nbytes, self.memory.index.budget,
+                                                   "a batch buffer"))
+        return grant
 
     def refuse(self, grant: Grant) -> None:
         """The request's other events would wait as long: it ends here."""
         item = self.queue.popleft()
         self._drop(item.rid)
-        what = "an arena" if isinstance(item.get, MakeArena) else "a frame"
-        self._fail(item.rid, NO_MEMORY, refusal(grant, item.nbytes, self.ctx.budget.limit, what),
+        what = "a batch buffer" if isinstance(item.get, MakeArena) else "a frame"
+        self._fail(item.rid, NO_MEMORY, refusal(grant, item.nbytes, self.memory.index.budget, what),
                    True, *item.where())
-
-    def _make_arena(self, item: Item) -> None:
-        try:
-            segment = self.arenas.make(item.nbytes)
-        except ProtocolError as e:
-            self._fail(item.rid, e.code, e.message)
-            return
-        self._reply(ArenaMade(item.rid, segment.name, segment.size))
-
-    def _adopt_arena(self, rid: int, request: AdoptArena) -> None:
-        try:
-            segment = self._arenas().adopt(request.name)
-        except ProtocolError as e:
-            self._fail(rid, e.code, e.message)
-            return
-        self._reply(ArenaMade(rid, segment.name, segment.size))
 
     def work(self) -> None:
         item = self.queue.popleft()
         if item.error is None and isinstance(item.get, MakeArena):
-            self._make_arena(item)
+            made = item.made
+            self._reply(ArenaMade(item.rid, made.ticket, made.pool, made.offset, made.size))
             return
         try:
             if item.error is not None:
                 raise item.error
-            if self.cached.serves(item):
-                served = self.cached.serve(item)
-                if served is None:              # not kept: served as without a cache
-                    self.queue.appendleft(item)
-                elif item.place is not None:
-                    self._copy_cached(item, *served)
-                else:
-                    self._send_cached(item, *served)
+            if isinstance(item.placement, Cached):
+                self._serve_cached(item, item.placement)
                 return
-            if item.place is not None:
-                into, reserved = item.place, item.reserved
-            elif item.slot is not None:
-                into, reserved = item.slot.segment.array, item.slot.segment.size
-            else:
-                into, reserved = np.empty, item.reserved
-            data, meta = self.ctx.reader.read(item.get, item.event, into, reserved,
-                                              item.prefetched)
-        except ProtocolError as e:
-            if item.slot is not None:
-                self.pool.release([item.slot.id])
-            if item.reserved and item.place is None:
-                self.holding.give(item.reserved)
-            self.cached.forget(item)
-            done = item.done
-            if e.code == NO_DATA and item.get.skip_incomplete:
-                self._reply(Skipped(item.rid, item.seq, item.event, e.message, done))
-                return
-            if e.code in REQUEST_ERRORS:
-                self._drop(item.rid)
-                done = True
-            if done:
-                self.written.pop(item.rid, None)
-            self._fail(item.rid, e.code, e.message, done, *item.where())
+            with item.placement.target() as (allocate, room):
+                data, meta = self.ctx.reader.read(item.get, item.event, allocate, room,
+                                                  item.prefetched)
+        except Held:                # a client of an earlier use of that memory still reads it
+            item.placement = None
+            self.queue.appendleft(item)
             return
-        desc = frame_desc(data, meta)
-        if item.place is not None:
+        except ProtocolError as e:
+            self._failed(item, e)
+            return
+        self._deliver(item, item.placement, data, frame_desc(data, meta))
+
+    def _serve_cached(self, item: Item, cached: Cached) -> None:
+        entry, desc, kept = cached_frames.serve(self.ctx.cache, self.ctx.reader, item.get,
+                                                item.event, cached.use, item.prefetched)
+        if entry is None:           # not kept: served as without a cache
+            item.prefetched, item.placement, item.bypass = kept, cached.place, True
+            self.queue.appendleft(item)
+            return
+        cached.use = entry
+        if cached.place is not None:
+            try:
+                with cached.place.target() as (allocate, _):
+                    copy_entry(self.ctx.cache, entry, desc, allocate)
+            finally:
+                self.ctx.cache.unpin(entry)
             self._written(item, desc)
-        elif item.slot is not None:
-            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
-                                   slot=item.slot.id, name=item.slot.segment.name,
-                                   size=item.slot.segment.size))
+        elif self.inline:
+            self._send(item, cached, desc, self.ctx.cache.frame(entry), entry.frame_bytes)
         else:
-            self.inline_pending += 1
-            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
-                                   nbytes=data.nbytes),
-                        memoryview(data.reshape(-1)).cast("B"),
-                        lambda: self._inline_sent(item.reserved))
+            self._hand(item, entry, desc)
 
-    def _send_cached(self, item: Item, entry: Entry, desc: FrameDesc) -> None:
-        """A frame in the frame cache: shm clients map the entry itself, pinned
-        until released; inline ones get its bytes, pinned until sent."""
-        if self.inline:
-            self.inline_pending += 1
-            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
-                                   nbytes=entry.frame_bytes),
-                        self.cached.payload(entry), lambda: self._cached_sent(entry))
+    def _deliver(self, item: Item, placement: Placement, data: Any, desc: FrameDesc) -> None:
+        if isinstance(placement, Place):
+            self._written(item, desc)
+        elif isinstance(placement, Own):
+            self._hand(item, placement.extent, desc)
         else:
-            handle = self.pool.new_id()
-            self.cached.hand_over(handle, entry)
-            self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc, slot=handle,
-                                   name=entry.name, size=entry.frame_bytes, cached=True,
-                                   offset=entry.offset, path=entry.path))
+            self._send(item, placement, desc, memoryview(data.reshape(-1)).cast("B"), data.nbytes)
 
-    def _copy_cached(self, item: Item, entry: Entry, desc: FrameDesc) -> None:
-        """A frame into an arena through the frame cache (read into a new entry
-        on a miss): copied from the entry, which is unpinned at once."""
-        try:
-            self.cached.copy_into(entry, desc, item.place)
-        finally:
-            self.cached.release(entry)
-        self._written(item, desc)
+    def _hand(self, item: Item, held: Union[Extent, Entry], desc: FrameDesc) -> None:
+        """A frame in the pool, held by the client until it releases the handle."""
+        self.handles += 1
+        self.handed[self.handles] = held
+        where = InPool(self.handles, held.pool, held.offset, held.size, held.ticket)
+        self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc, where))
 
-    def _cached_sent(self, entry: Entry) -> None:
-        self.inline_pending -= 1
-        self.cached.release(entry)
+    def _send(self, item: Item, placement: Placement, desc: FrameDesc, payload: Any,
+              nbytes: int) -> None:
+        """A frame sent inline; what it holds is given back once it is sent (or
+        the connection closes)."""
+        self.sending.append(placement)
+        self._reply(FrameReply(item.rid, item.seq, item.event, item.done, desc,
+                               InlineBytes(nbytes)), payload, lambda: self._sent(placement))
+
+    def _sent(self, placement: Placement) -> None:
+        self.sending.remove(placement)
+        placement.undo()
+
+    def _failed(self, item: Item, e: ProtocolError) -> None:
+        if item.placement is not None:
+            item.placement.undo()
+        done = item.done
+        if e.code == NO_DATA and item.get.skip_incomplete:
+            self._reply(Skipped(item.rid, item.seq, item.event, e.message, done))
+            return
+        if e.code in REQUEST_ERRORS:
+            self._drop(item.rid)
+            done = True
+        if done:
+            self.written.pop(item.rid, None)
+        self._fail(item.rid, e.code, e.message, done, *item.where())
 
     def _written(self, item: Item, desc: FrameDesc) -> None:
-        """Frames written into an arena are told in one reply per request, once
-        its last frame is there: the client waits for the batch, not for each
-        frame."""
+        """Frames written into a batch buffer are told in one reply per request,
+        once its last frame is there: the client waits for the batch, not for
+        each frame."""
         written = self.written.setdefault(item.rid, [])
         written.append(WrittenFrame(item.seq, item.event, desc))
         if item.done:
             del self.written[item.rid]
             self._reply(ArenaWritten(item.rid, item.get.into.arena, tuple(written)))
 
-    def _inline_sent(self, reserved: int) -> None:
-        self.inline_pending -= 1
-        self.holding.give(reserved)
-
     def wants_read_ahead(self) -> bool:
-        return self.cached.has_ahead() and not self.closed
+        return self.read_ahead_queue.waiting() and not self.closed
 
     def read_ahead(self) -> None:
-        self.cached.read_ahead_one()
-
-    def trim(self, everything: bool) -> int:
-        return self.pool.trim(everything) if self.pool is not None else 0
+        self.read_ahead_queue.read_one()
 
     def _holds_nothing(self) -> bool:
-        return not (self.queue or self.out or self.inline_pending or self.cached.pinned
-                    or (self.pool is not None and self.pool.busy_count)
-                    or (self.arenas is not None and self.arenas.made))
+        return not (self.queue or self.out or self.handed or self.sending)
 
     def expendable_since(self) -> Optional[float]:
         if self.hello is None:
@@ -437,16 +454,14 @@ class V1Connection(Channel):
         return deadline
 
     def _drop(self, rid: int) -> None:
+        for item in self.queue:
+            if item.rid == rid and item.placement is not None:
+                item.placement.undo()
         self.queue = deque(i for i in self.queue if i.rid != rid)
 
     # -- output ---------------------------------------------------------------------
     def _reply(self, reply: Reply, *after: Any) -> None:
-        """Send a reply; it tells the client which slots were retired since the
-        last one, so the client drops their mappings."""
-        retired: List[int] = []
-        if self.pool is not None and self.pool.retired:
-            retired, self.pool.retired = self.pool.retired, []
-        self.send(encode_frame(encode_reply(reply, retired)), *after)
+        self.send(encode_frame(reply.to_header()), *after)
 
     def _fail(self, rid: int, code: str, message: str, done: Optional[bool] = None,
               seq: Optional[int] = None, event: Optional[int] = None) -> None:
@@ -454,13 +469,16 @@ class V1Connection(Channel):
         self._reply(ErrorReply(rid, code, message, done, seq, event))
 
     def release(self) -> None:
-        for item in self.queue:
-            self.cached.forget(item)
+        """Give back everything (see the module docstring)."""
+        for placement in [i.placement for i in self.queue if i.placement is not None] \
+                + self.sending:
+            placement.undo()
         self.queue.clear()
-        self.cached.close()
-        if self.arenas is not None:
-            self.arenas.close()
-        if self.pool is not None:
-            self.pool.close()
-        if self.holding.bytes:              # inline frames that were never sent
-            self.holding.give(self.holding.bytes)
+        self.sending.clear()
+        self.read_ahead_queue.clear()
+        for held in self.handed.values():
+            if isinstance(held, Entry):
+                self.ctx.cache.unpin(held)
+        self.handed.clear()
+        if self.hello is not None:
+            self.memory.disconnect(self.conn, self.group)

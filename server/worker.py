@@ -9,17 +9,20 @@ worker has fewer connections (or once a connection has waited
 workers.
 
 A frame's memory is reserved before it is read (`Channel.reserve`). When
-the budget has no room, this loop is the one place that waits: it retires
-idle slots of its own connections, asks the other workers to do the same,
-and looks again every RETRY_EVERY without touching the source, until
-MEMORY_WAIT has passed and the frame is refused.
+the budget has no room, this loop is the one place that waits: it frees
+the orphaned memory nobody holds any more and looks again every
+RETRY_EVERY without touching the source, until MEMORY_WAIT has passed and
+the frame is refused.
 
 With a frame cache, a loop with no request waiting reads ahead: one frame a
 client said comes next (a `prefetch`) goes into the cache per pass, so a
 request that arrives meanwhile waits at most for that one frame. With
-nothing to read ahead either, it takes a few more MB of the cache's memory
-(frame_cache.WARM_BYTES), until the cache has all it may hold: the first
-epoch then writes into pages that are ready instead of fresh ones.
+nothing to read ahead either, it gets a few more MB of the pool ready
+(frame_memory.WARM_BYTES: pages the cache may fill, then its own page
+tables for pages other workers took), so frames are written into pages
+that are ready instead of fresh ones. It also hands the pools to local
+clients at the door (door.py) and, once a second, frees orphaned memory
+nobody holds any more.
 
 Set-up that is per process (signal handlers, the wakeup pipe) happens here,
 after the fork, never inherited from the master.
@@ -38,11 +41,13 @@ from typing import Callable, Dict, List, Optional
 
 from psana_ipc.protocol.legacy import is_v1
 
-from . import arenas, liveness
+from . import liveness
+from .door import answer as answer_at_door
 from .channel import Channel
 from .context import WorkerContext
 from .legacy_connection import LegacyConnection
-from .shared_state import Grant, SharedState
+from .pool_index import Grant
+from .shared_state import SharedState
 from .v1_connection import V1Connection
 from .wakeup import drain, wakeup_pipe
 
@@ -54,12 +59,14 @@ MEMORY_WAIT = 3.0       # how long a frame waits for budget before `no_memory` i
 RETRY_EVERY = 0.1       # how often a waiting frame looks again (no source call meanwhile)
 FILL_POLL = 0.002       # how often a frame another worker is caching looks again
 MAKE_ROOM = 8           # connections closed at a time when accept runs out of descriptors
+SWEEP_EVERY = 1.0       # how often an idle worker frees orphaned memory nobody holds
 
 
 class Worker:
-    def __init__(self, listener: socket.socket, state: SharedState, slot: int,
-                 ctx: WorkerContext, master_pid: int) -> None:
+    def __init__(self, listener: socket.socket, door: socket.socket, state: SharedState,
+                 slot: int, ctx: WorkerContext, master_pid: int) -> None:
         self.listener = listener
+        self.door = door
         self.state = state
         self.slot = slot
         self.ctx = ctx
@@ -73,19 +80,21 @@ class Worker:
         self.sel = selectors.DefaultSelector()
         self.pending_since: Optional[float] = None
         self.accept_paused_until: Optional[float] = None
-        self.trims_seen = 0
+        self.swept = 0.0
         self.memory_wait: Dict[Channel, float] = {}     # waiting since
         self.wake_at: Dict[Channel, float] = {}         # looks again then
         self.deadlines: Dict[Channel, float] = {}       # from each connection's tick
         self.heartbeat = min(PARENT_CHECK, ctx.request_timeout / 5)
-        self.warming = ctx.cache is not None     # the cache's memory is not all taken yet
+        self.warming = True         # the pool's pages are not all ready yet
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
         faulthandler.enable(sys.stderr, all_threads=True)   # SIGABRT from the master: a traceback
+        self.ctx.memory.start(self.counters.progress)
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.sel.register(self.door, selectors.EVENT_READ, "door")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
         self.counters.started(os.getpid())
         try:
@@ -96,7 +105,8 @@ class Worker:
                 conn.close()
             for sock in self.unsorted.values():
                 sock.close()
-            self.ctx.reader.cache.close()
+            self.ctx.reader.sources.close()
+            self.ctx.memory.close()
             if self.orphaned:
                 liveness.abandon(self.master_pid)
         return 0
@@ -115,6 +125,8 @@ class Worker:
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
                     self._maybe_accept()
+                elif key.data == "door":
+                    answer_at_door(self.door, list(self.ctx.memory.pools.values()))
                 elif key.data == "wake":
                     drain(wake_r)
                 elif key.data == "new":
@@ -242,9 +254,6 @@ class Worker:
         """One unit of work: the oldest request first, whichever connection it
         came on. A batch asked for earlier is finished earlier, so a client
         (a DataLoader worker) can use it while the next one is produced."""
-        if self.state.trim_requests() != self.trims_seen:   # a worker is short of budget
-            self.trims_seen = self.state.trim_requests()
-            self._trim(everything=True)
         now = time.monotonic()
         ready = self._ready(now)
         if ready:
@@ -254,8 +263,12 @@ class Worker:
         conn = self._read_ahead_waiting()
         if conn is not None:
             self._step(conn, conn.read_ahead)
-        elif self.warming and not any(c.has_work() for c in self.conns.values()):
-            self.warming = self.ctx.cache.warm()
+        elif not any(c.has_work() for c in self.conns.values()):
+            if now - self.swept >= SWEEP_EVERY:
+                self.swept = now
+                self.ctx.memory.sweep()
+            elif self.warming:
+                self.warming = self.ctx.memory.warm()
 
     def _read_ahead_waiting(self) -> Optional[Channel]:
         """A connection with frames to read ahead, when no request waits at all
@@ -271,12 +284,10 @@ class Worker:
         if grant is Grant.PENDING:
             self.wake_at[conn] = now + FILL_POLL
             return
-        if grant is Grant.WAIT and self._trim(everything=True):
-            grant = conn.reserve()
         if grant is Grant.WAIT:
             since = self.memory_wait.setdefault(conn, now)
             if now - since < MEMORY_WAIT:
-                self.state.request_trim()
+                self.ctx.memory.sweep()
                 self.wake_at[conn] = now + RETRY_EVERY
                 return
         self.memory_wait.pop(conn, None)
@@ -287,7 +298,6 @@ class Worker:
             conn.refuse(grant)
 
     def _tick(self, now: float) -> None:
-        arenas.sweep_mappings(now)
         for conn in list(self.conns.values()):
             self._step(conn, functools.partial(self._tick_one, conn, now))
         for fd, at in list(self.accepted_at.items()):
@@ -322,7 +332,3 @@ class Worker:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
         if self.sel.get_key(conn.fd).events != events:
             self.sel.modify(conn.fd, events, conn)
-
-    def _trim(self, everything: bool) -> int:
-        """Idle memory of every connection given back; returns the bytes."""
-        return sum(c.trim(everything) for c in self.conns.values())

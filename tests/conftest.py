@@ -1,11 +1,14 @@
 """Fixtures shared by every test: real servers on loopback and a guard that
 fails any test leaving shared memory behind."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Set
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
@@ -141,6 +144,31 @@ class ServerProcess(server_process.ServerProcess):
             raise AssertionError(str(e)) from None
 
 
+def _mapped_at(array) -> Tuple[str, int]:
+    """The /proc/self/maps line of an array's (or tensor's) memory, and the
+    array's offset in what is mapped there."""
+    import numpy as np
+    address = np.asarray(array).__array_interface__["data"][0]
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return line, address - start + int(line.split()[2], 16)
+    return "", 0
+
+
+def in_pool(array) -> bool:
+    """Whether an array's memory is a server's pool (a memfd mapped in this
+    process), not this process's own: a batch written in place."""
+    return "/memfd:psana-ipc-pool" in _mapped_at(array)[0]
+
+
+def pool_place(array) -> Tuple[int, int]:
+    """(inode, offset) of an array's memory in the file it is mapped from:
+    which extent of which pool it is."""
+    line, offset = _mapped_at(array)
+    return int(line.split()[4]), offset
+
+
 def worker_pids(parent: int) -> List[int]:
     """Live children of a process."""
     return [pid for pid in child_pids(parent) if pid_alive(pid)]
@@ -154,14 +182,13 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture
-def start_server(tmp_path):
-    """Start servers with `start_server(args, python=..., env=...)`; each must
-    exit 0 on SIGTERM at teardown unless the test already stopped it."""
+def _servers(tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """`start(args, python=..., env=...)` for servers with their files in `tmp`;
+    each must exit 0 on SIGTERM at the end unless its test already stopped it."""
     started = []
 
     def start(args: List[str] = (), **kw) -> ServerProcess:
-        server = ServerProcess(list(args), tmp_path, **kw)
+        server = ServerProcess(list(args), tmp, **kw)
         started.append(server)
         return server
 
@@ -173,6 +200,45 @@ def start_server(tmp_path):
 
 
 @pytest.fixture
+def start_server(tmp_path):
+    """Start a test's servers with `start_server(args, python=..., env=...)`."""
+    yield from _servers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory):
+    """`start_server` for the servers a module's tests share (read-only use:
+    tests that change a server's state start their own)."""
+    yield from _servers(tmp_path_factory.mktemp("servers"))
+
+
+@pytest.fixture
 def server(start_server):
     """A synthetic-source server with two workers."""
     return start_server(["--workers", "2"])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM for the session's SLURM tests (tests/slurm/start_slurm.sh;
+    needs root: it installs and runs the daemons), stopped after them; a failure
+    to start fails the tests with the set-up's output."""
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests start slurmctld and slurmd and must run as root")
+    setup = ROOT / "tests" / "slurm"
+    started = subprocess.run(["bash", str(setup / "start_slurm.sh")], capture_output=True,
+                             text=True, timeout=900)
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"SLURM did not start:\n{started.stdout}\n{started.stderr}")
+        yield
+    finally:
+        subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
+
+
+def run_bench(tmp_path: Path, *args: str) -> Tuple[subprocess.CompletedProcess, Any]:
+    """scripts/bench.py with `args` and --json: its run, and what it wrote (None if it failed)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args,
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    return done, json.loads(out.read_text()) if done.returncode == 0 else None

@@ -17,7 +17,7 @@ import torch
 
 from psana_ipc.client import Client, IPCRemotePsanaDataset, ServerError
 from psana_ipc.client.stop import stop_server
-from psana_ipc.protocol import errors
+from psana_ipc.protocol import PROTOCOL_VERSION, errors
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
@@ -26,6 +26,7 @@ from btx.fixtures import btx_server, start_btx_server  # noqa: F401 (fixtures)
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
 from btx.loops import load_without_nan_frames, send_done_per_worker
 from btx.maxie import MaxieIPCDataset, collate_skipping_none
+from psana1_standin.runs import EXP as PSANA1_EXP, RUN as PSANA1_RUN, STANDIN, raw_of, write_run
 from conftest import ROOT, pid_alive, worker_pids
 from faulty_source import RAISE_EVENT, server_env
 
@@ -79,6 +80,20 @@ def test_btx_loop_filters_the_nan_frame_of_an_unreadable_event(faulty, dataset_c
         assert np.array_equal(ds[1], _calib([EVENTS[1]])[0])
 
 
+def test_btx_loop_filters_the_events_psana1_returns_nothing_for(start_server, tmp_path):
+    """psana1's detector returns None for events 0 and 4 of epix100a (no
+    constants: calib is its 16-bit raw, narrower than a float32 NaN frame, and
+    the first event cannot give the shape): btx's client gets NaN frames for
+    those and its loop keeps every other frame, as against btx's own server."""
+    write_run(tmp_path)
+    server = start_server(["--source", "psana1", "--workers", "2"],
+                          env={"PYTHONPATH": str(STANDIN), "SIT_PSDM_DATA": str(tmp_path)})
+    requests = [(PSANA1_EXP, PSANA1_RUN, "idx", "epix100a", e) for e in range(6)]
+    got = load_without_nan_frames(BtxDataset, parse_address(server.address), requests, 6, 2)
+    assert np.array_equal(got, np.stack([raw_of("epix100a", e, gain_bits=False)
+                                         for e in (1, 2, 3, 5)]))
+
+
 def test_legacy_error_reply_carries_every_key_and_v1_keeps_its_code(server):
     with socket.create_connection(parse_address(server.address)) as sock:
         sock.sendall(json.dumps({"exp": "x", "run": 1, "detector_name": "nope",
@@ -103,7 +118,7 @@ def test_superscript_run_number_gets_an_error_reply(server):
 
 def test_hello_with_a_lone_surrogate_token_gets_unauthorized(start_server, tmp_path):
     server = start_server(["--workers", "1", "--token-file", str(tmp_path / "token")])
-    body = b'{"op": "hello", "id": 1, "version": 1, "token": "\\ud800"}'
+    body = b'{"op": "hello", "id": 1, "version": %d, "token": "\\ud800"}' % PROTOCOL_VERSION
     with socket.create_connection(parse_address(server.address)) as sock:
         sock.sendall(struct.pack(">I", len(body)) + body)
         size = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))[0]
@@ -150,6 +165,16 @@ def test_stop_our_server_reports_the_shutdown_request(server):
     report = stop_server(parse_address(server.address), timeout=5, wait=20)
     assert report.stopped and report.dialect == "v1"
     assert server.proc.wait(30) == 0
+
+
+def test_stop_legacy_sends_our_server_one_done(server):
+    """Ours stops entirely on one DONE and says so: no DONE per worker, and the
+    report waits for the listener to close (after the grace that absorbs old
+    clients' remaining DONEs)."""
+    report = stop_server(parse_address(server.address), legacy=True, timeout=5, wait=20)
+    assert (report.stopped, report.dialect, report.done_sent) == (True, "legacy", 1)
+    assert server.proc.wait(30) == 0
+    assert "DONE received from a client: stopping" in server.log()
 
 
 # -- 3. one DONE per worker -------------------------------------------------------------

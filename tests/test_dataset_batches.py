@@ -6,8 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from psana_ipc.client import IPCRemotePsanaDataset, RunDataset
-from psana_ipc.client import batch_handoff
 from psana_ipc.server.sources.synthetic import expected
+
+from conftest import in_pool, pool_place
 
 
 def _dataset(server, events, **kw):
@@ -45,13 +46,17 @@ def test_without_workers_batches_reuse_a_few_buffers_but_never_the_last_ones(ser
 
 
 def test_worker_batches_arrive_as_handles_to_buffers_mapped_once(server):
+    """Batches cross from DataLoader workers as handles to the server's batch
+    buffers, which the main process maps once each and the second epoch's
+    workers fill again."""
     loader = DataLoader(_dataset(server, range(60)), batch_size=5, num_workers=2)
-    held = []
+    held, addresses = [], {}
     for epoch in range(2):
         for batch in loader:
-            held.append(next(k for k, kept in batch_handoff._kept.items()
-                             if np.shares_memory(np.frombuffer(kept.memory, np.uint8),
-                                                 batch.numpy())))
+            assert in_pool(batch)
+            place = pool_place(batch)
+            held.append(place)
+            assert addresses.setdefault(place, batch.data_ptr()) == batch.data_ptr()
             del batch
     assert len(held) == 24 and len(set(held)) <= 12
     assert set(held[12:]) & set(held[:12])      # the second epoch's workers reuse them

@@ -18,9 +18,9 @@ import pytest
 from psana_ipc.client import Client, ServerError, legacy
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.shm_names import lock_name, parse_segment_name, segment_path
+from psana_ipc.protocol.shm_names import lock_name, segment_path
 from psana_ipc.server.shm import our_segments
-from psana_ipc.server.shm import round_up
+from psana_ipc.server.frame_memory import extent_size
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import pid_alive
@@ -34,11 +34,6 @@ MiB = 1 << 20
 
 def _served(client, det="epix100", event=3, mode="raw"):
     return np.array_equal(client.get("x", 1, det, event, mode), expected(det, mode, event))
-
-
-def _worker_of(frame):
-    """The worker that wrote a frame, from its segment's name."""
-    return parse_segment_name(frame.desc["name"]).worker_pid
 
 
 def _stats(server):
@@ -59,25 +54,23 @@ c = Client(sys.argv[1])
 held = [c.view("x", 1, "jungfrau4M", e, "raw") for e in range(3)]
 stream = c.frames(c.submit("x", 1, "jungfrau4M", range(200), "raw"))
 held += [next(stream), next(stream)]
-print(json.dumps([f.desc["name"] for f in held]), flush=True)
+print(json.dumps([f.reply.where.handle for f in held]), flush=True)
 sys.stdin.read()
 """
 
 
-def test_a_client_killed_mid_transfer_loses_its_slots(start_server):
+def test_a_client_killed_mid_transfer_loses_its_frames(start_server):
     server = start_server(["--workers", "2", "--cost-ms", "5"])
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, server.address],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        names = json.loads(holder.stdout.readline())
-        assert set(names) <= set(our_segments(server.pid))
-        assert _stats(server)["inflight_slots"] >= len(names)
+        handles = json.loads(holder.stdout.readline())
+        assert _stats(server)["frames_held"] >= len(handles)
     finally:
         holder.kill()
         holder.wait()
-    wait_for(lambda: not set(names) & set(our_segments(server.pid)), "the slots are unlinked")
     wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the budget is given back")
-    assert _stats(server)["inflight_slots"] == 0
+    assert _stats(server)["frames_held"] == 0
     with Client(server.address) as c:
         assert _served(c, "jungfrau4M", 7)
 
@@ -100,11 +93,11 @@ def test_a_client_that_stops_reading_holds_at_most_its_window(start_server, tran
                                       "events": list(range(100))}) for i in range(1, 31))
         stuck.sendall(gets)
         if transport == "shm":
-            wait_for(lambda: _stats(server)["inflight_slots"] == window, "the window is full")
+            wait_for(lambda: _stats(server)["frames_held"] == window, "the window is full")
         else:
             _wait_until_steady(server)
         stats = _stats(server)
-        assert stats["shm_bytes"] <= window * round_up(JUNGFRAU_RAW)
+        assert stats["shm_bytes"] <= window * extent_size(JUNGFRAU_RAW)
         assert stats["events"] < 3000
         with Client(server.address) as other:
             assert _served(other, "jungfrau4M", 5) and _served(other)
@@ -112,7 +105,7 @@ def test_a_client_that_stops_reading_holds_at_most_its_window(start_server, tran
         assert growth_kb * 1024 < window * JUNGFRAU_RAW + 64 * MiB
     finally:
         stuck.close()
-    wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the stuck client's slots are freed")
+    wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the stuck client's frames are freed")
 
 
 def _wait_until_steady(server):
@@ -168,13 +161,10 @@ def test_peers_that_reset_right_after_sending_cost_nothing(start_server):
 def _two_clients_on_two_workers(server, **kw):
     """(client, its worker, other client, its worker) on different workers."""
     first = Client(server.address, **kw)
-    with first.view("x", 1, "epix100", 0, "raw") as frame:
-        first_worker = _worker_of(frame)
     for _ in range(8):
         other = Client(server.address, **kw)
-        with other.view("x", 1, "epix100", 0, "raw") as frame:
-            if _worker_of(frame) != first_worker:
-                return first, first_worker, other, _worker_of(frame)
+        if other.worker != first.worker:
+            return first, first.worker, other, other.worker
         other.close()
     raise AssertionError("connections did not spread over the workers")
 
@@ -191,8 +181,7 @@ def test_a_worker_killed_mid_request_fails_that_request_cleanly(start_server):
     assert _served(survivor, "opal", 9)
     wait_for(lambda: dead not in server.workers and len(server.workers) == 2,
              "a new worker replaces the dead one")
-    wait_for(lambda: not any(f"_{dead}_" in n for n in our_segments(server.pid)),
-             "the dead worker's segments are unlinked")
+    wait_for(lambda: _stats(server)["frames_held"] == 0, "the dead worker's frames given back")
     assert _served(victim, "opal", 11)          # the client connects afresh by itself
     assert pid_alive(alive) and _served(survivor)
     victim.close()
@@ -306,7 +295,7 @@ def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(star
         os.kill(pid, signal.SIGKILL)
     first.proc.wait(10)
     wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers are gone")
-    assert held.desc["name"] in set(our_segments(first.pid))
+    assert not list(our_segments(first.pid))    # the pool had no name: nothing was left
     lock = segment_path(lock_name(first.pid))
     assert os.path.exists(lock)                 # the dead master's, no longer locked
     result = _psana_ipc("cleanup")
@@ -320,15 +309,15 @@ def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(star
         assert _served(c, "epix10k2M", 4)
         stats = c.stats()
     assert stats["events"] == 1 and stats["errors"] == {}
-    # a mapping outlives its name
+    # what the client held outlives the server
     assert np.array_equal(held.array, expected("epix10k2M", "raw", 1))
     del held
     client.close()
 
 
 # -- shared memory running out ------------------------------------------------------------------
-def test_a_budget_in_use_is_no_memory_until_a_slot_is_released(start_server):
-    frame = round_up(704 * 768 * 2)                      # one epix100 raw frame
+def test_a_budget_in_use_is_no_memory_until_a_frame_is_released(start_server):
+    frame = extent_size(704 * 768 * 2)                   # one epix100 raw frame
     server = start_server(["--workers", "1", "--shm-budget", str(2 * frame + frame // 2)])
     first, second, third = (Client(server.address) for _ in range(3))
     with first.view("x", 1, "epix100", 1, "raw") as held:
@@ -337,7 +326,7 @@ def test_a_budget_in_use_is_no_memory_until_a_slot_is_released(start_server):
                 third.get("x", 1, "epix100", 3, "raw")
             assert e.value.code == errors.NO_MEMORY
         assert second.ping()          # a release reaches the server with the next request
-        assert _served(third)         # the slot it left idle was reclaimed
+        assert _served(third)         # the frame it released made room
         assert np.array_equal(held.array, expected("epix100", "raw", 1))
     with pytest.raises(ServerError) as e:
         first.get("x", 1, "opal", 1, "calib")             # larger than the whole budget
@@ -349,27 +338,30 @@ def test_a_budget_in_use_is_no_memory_until_a_slot_is_released(start_server):
         c.close()
 
 
-def test_idle_slots_of_another_worker_are_freed_for_a_waiting_frame(start_server):
-    frame = round_up(704 * 768 * 2)                      # one epix100 raw frame
+def test_a_frame_released_on_one_worker_makes_room_on_another(start_server):
+    """One budget for all workers: the memory a frame released on one worker
+    held serves a frame on another, in the same place of the pool."""
+    frame = extent_size(704 * 768 * 2)                   # one epix100 raw frame
     server = start_server(["--workers", "2", "--shm-budget", str(frame + frame // 2)])
-    idle, waiting = Client(server.address), Client(server.address)
-    assert np.array_equal(idle.get("x", 1, "epix100", 1, "raw"), expected("epix100", "raw", 1))
-    [idle_slot] = our_segments(server.pid)               # its released slot, kept for reuse
-    with waiting.view("x", 1, "epix100", 2, "raw") as frame_view:
+    first, first_worker, other, _ = _two_clients_on_two_workers(server)
+    with first.view("x", 1, "epix100", 1, "raw") as held:
+        place = held.reply.where.offset
+    first.flush_releases()
+    with other.view("x", 1, "epix100", 2, "raw") as frame_view:
         assert np.array_equal(frame_view.array, expected("epix100", "raw", 2))
-        other = parse_segment_name(frame_view.desc["name"]).worker_pid
-    assert other != parse_segment_name(idle_slot).worker_pid, "both landed on one worker"
-    assert idle_slot not in set(our_segments(server.pid))
-    assert waiting.stats()["errors"] == {}
-    for c in (idle, waiting):
+        assert frame_view.reply.where.offset == place
+    assert other.stats()["errors"] == {}
+    for c in (first, other):
         c.close()
 
 
-def test_a_full_dev_shm_is_no_memory_and_leaves_no_partial_segment():
-    """/dev/shm itself fills up, not the budget: server and client run in a mount
-    namespace over a 2 MiB tmpfs, so the machine's /dev/shm is never touched."""
+def test_a_full_dev_shm_refuses_only_legacy_segments_and_leaves_no_partial_one():
+    """/dev/shm itself is too small, not the budget: server and client run in a
+    mount namespace over a 2 MiB tmpfs, so the machine's /dev/shm is never
+    touched. A v1 frame is in the pool and served; a legacy segment of 4 MiB
+    is refused no_memory, and nothing half-made is left."""
     report = run_in_private_shm("faulty_source.small_shm", "2m")
-    assert report["v1_code"] == report["legacy_code"] == errors.NO_MEMORY
+    assert report["v1_served"] and report["legacy_code"] == errors.NO_MEMORY
     assert report["small_before"] and report["small_after"]
-    assert len(report["after_v1"]) == 1 and report["after_legacy"] == report["after_v1"]
+    assert report["after_v1"] == report["after_legacy"] == []
     assert report["exit_code"] == 0 and report["at_end"] == []

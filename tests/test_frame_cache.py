@@ -1,14 +1,12 @@
 """`iserver --frame-cache`: hits are the bytes a fresh read gives and call
 no source, entries handed to a client are never evicted under it, the cache
 stays within its bound, two clients cost one read per event, read-ahead
-fills the cache, every stop removes it, the eviction policy keeps a share
-of a run larger than the cache where LRU keeps none, legacy requests use it,
-a cache on disk lives in a private directory that every stop and cleanup
-remove, evicted extents are reused, and a cache short of /dev/shm keeps room
-for slots and evicts instead of growing."""
-import logging
+fills the cache, no stop leaves anything behind, the eviction policy keeps
+a share of a run larger than the cache where LRU keeps none, legacy
+requests use it, a cache on disk is a file without a name, evicted
+extents are reused, a node with no pages to give leaves a frame uncached,
+and a cache larger than what /dev/shm has left takes none of it."""
 import os
-import stat
 import signal
 import subprocess
 import sys
@@ -22,12 +20,13 @@ from psana_ipc.client import BatchLoader, Client, RunDataset
 from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.messages import Get, RunKey
-from psana_ipc.protocol.shm_names import parse_segment_name, segment_path
+from psana_ipc.server import pool_pages
 from psana_ipc.server.cache_policy import choose_victim, simulate
-from psana_ipc.server import frame_cache
-from psana_ipc.server.frame_cache import (META_ROOM, READY, SIZE, SPACE, STATE, FrameCache,
-                                          check_room)
-from psana_ipc.server.shm import ShmFullError, our_segments, round_up
+from psana_ipc.server.frame_cache import META_ROOM, FrameCache
+from psana_ipc.server.frame_memory import FrameMemory
+from psana_ipc.server.pool_index import Index
+from psana_ipc.server.pool_pages import NoRoom, PoolFile, round_up
+from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
@@ -39,16 +38,12 @@ from psana2_helpers import EVENTS, EXP, RUN, calib_of, psana_python
 DET = "epix100"
 RAW = 704 * 768 * 2                      # one epix100 raw frame
 ENTRY = round_up(RAW + META_ROOM)        # what one cached raw frame takes
-ALLOCATE = frame_cache._allocate
+GET = Get(RunKey("x", 1, DET), "raw", (0,))
 
 
 def _stats(server):
     with Client(server.address) as c:
         return c.stats()
-
-
-def _cache_files(server):
-    return [n for n in our_segments(server.pid) if parse_segment_name(n).serial.startswith("c")]
 
 
 def test_hits_are_byte_identical_to_fresh_reads_and_call_no_source(start_server):
@@ -96,8 +91,7 @@ def test_the_cache_stays_within_its_bound(start_server):
     with Client(server.address) as c:
         for e in list(range(20)) + list(range(20)):
             c.get("x", 1, DET, e, "raw")
-            on_disk = sum(os.stat(segment_path(n)).st_size for n in _cache_files(server))
-            assert on_disk <= limit
+            assert c.stats()["frame_cache"]["bytes_held"] <= limit
         cache = c.stats()["frame_cache"]
     assert cache["bytes_held"] <= limit and cache["entries"] <= 4
     assert cache["evictions"] >= 40 - 4 - cache["hits"]
@@ -153,31 +147,34 @@ def test_batch_loader_reads_ahead_and_epoch_two_reads_nothing(start_server):
     assert stats["frame_cache"]["hits"] >= len(events)
 
 
-def test_every_stop_removes_the_cache(start_server):
+def test_no_stop_leaves_anything_behind(start_server):
+    """The cache is in the server's pool, which has no name: whatever way the
+    server ends, /dev/shm holds nothing of it, and a frame the client held
+    stays intact (the pool's memory goes with the last process mapping it)."""
     for how in ("sigterm", "worker killed", "master killed"):
         server = start_server(["--workers", "2", "--frame-cache", "64M"])
         workers = server.workers
-        with Client(server.address) as c:
-            held = c.view("x", 1, DET, 0, "raw")
-            for e in range(1, 4):
-                c.get("x", 1, DET, e, "raw")
-            assert _cache_files(server)
-            if how == "worker killed":       # its pin goes with it; the entries stay
-                os.kill(c.worker, signal.SIGKILL)
-                assert _eventually(lambda: _stats(server)["frame_cache"]["pinned"] == 0)
-                assert _stats(server)["frame_cache"]["entries"] == 4
-            held.release()
+        c = Client(server.address)
+        held = c.view("x", 1, DET, 0, "raw")
+        for e in range(1, 4):
+            c.get("x", 1, DET, e, "raw")
+        if how == "worker killed":       # its pin goes with it; the entries stay
+            os.kill(c.worker, signal.SIGKILL)
+            assert _eventually(lambda: _stats(server)["frame_cache"]["pinned"] == 0)
+            assert _stats(server)["frame_cache"]["entries"] == 4
         if how == "master killed":
             server.proc.kill()
             server.proc.wait()
             assert _eventually(lambda: not any(pid_alive(p) for p in workers))
-            assert _cache_files(server)
             out = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "cleanup"],
                                  capture_output=True, text=True, cwd=ROOT)
             assert out.returncode == 0, out.stderr
-        else:
+        elif how == "sigterm":
             assert server.stop() == 0
-        assert not _cache_files(server)
+        assert not our_segments(server.pid)
+        assert np.array_equal(held.array, expected(DET, "raw", 0))
+        held.release()
+        c.close()
 
 
 def test_the_policy_keeps_half_of_a_run_twice_the_cache_where_lru_keeps_nothing():
@@ -249,143 +246,115 @@ def test_the_btx_client_is_served_from_the_cache(start_server):
     assert _stats(server)["events"] == 2
 
 
-def _cache_dir(parent, server):
-    return parent / f"psana-ipc-{server.pid}"
+def _unnamed_files_in(directory, pid: int) -> set:
+    """The files a process has open in `directory` that have no name there."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/") and target.endswith("(deleted)"):
+            found.add(target)
+    return found
 
 
-def test_a_cache_on_disk_serves_the_same_bytes_from_a_private_directory(start_server, tmp_path):
+def test_a_cache_on_disk_serves_the_same_bytes_from_a_file_without_a_name(start_server,
+                                                                         tmp_path):
     parent = tmp_path / "scratch"
     parent.mkdir()
     server = start_server(["--workers", "2", "--frame-cache", "64M",
                            "--frame-cache-dir", str(parent)])
-    directory = _cache_dir(parent, server)
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for transport in ("shm", "inline"):
         with Client(server.address, transport=transport) as c:
             for e in list(range(6)) * 2:
                 assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
     stats = _stats(server)
     assert stats["events"] == 6 and stats["frame_cache"]["hits"] == 18
-    files = list(directory.iterdir())
-    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
-    assert not _cache_files(server)                 # nothing of the cache in /dev/shm
-    (directory / "not-ours").write_text("x")        # never removed by us
-    assert server.stop() == 0
-    assert [f.name for f in directory.iterdir()] == ["not-ours"]
-
-
-def test_cleanup_removes_the_disk_cache_of_a_killed_server(start_server, tmp_path):
-    server = start_server(["--workers", "1", "--frame-cache", "64M",
-                           "--frame-cache-dir", str(tmp_path)])
-    with Client(server.address) as c:
-        c.get("x", 1, DET, 0, "raw")
-    directory, workers = _cache_dir(tmp_path, server), server.workers
-    assert any(directory.iterdir())
-    server.proc.kill()
+    assert list(parent.iterdir()) == []                 # nothing anyone could open or plant
+    assert all(len(_unnamed_files_in(parent, pid)) == 1 for pid in server.workers)
+    assert not our_segments(server.pid)                 # nothing of the cache in /dev/shm
+    server.proc.kill()                                  # however it ends
     server.proc.wait()
-    assert _eventually(lambda: not any(pid_alive(p) for p in workers))
-    out = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "cleanup"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert not directory.exists() and not our_segments(server.pid), out.stdout
+    assert list(parent.iterdir()) == []
 
 
-def _filled(worker, event, nbytes, pin=False):
-    fill = worker.claim(worker.key(Get(RunKey("x", 1, DET), "raw", (event,)), event), nbytes)
-    fill.view[:nbytes] = bytes([event % 256]) * nbytes
-    return worker.commit(fill, {"event": event}, nbytes, pin=pin)
+def _in_process(limit: int, pool_size: int = 0):
+    """A frame cache of `limit` in one process: one worker's handle."""
+    index = Index(256, 1, 1 << 20, limit)
+    memory = FrameMemory(index, [PoolFile(0, pool_size or limit + (1 << 20))], 0)
+    memory.start(lambda: None)
+    return FrameCache(memory, "test", 0)
 
 
-def test_evicted_extents_are_reused_and_free_space_merges(tmp_path):
-    """The pool never grows past its bound: eviction frees extents that the
-    next frames reuse, and neighbouring free extents become one."""
-    size = round_up(RAW + META_ROOM)
-    cache = FrameCache(4 * size, 1, os.getpid(), "test", str(tmp_path))
-    worker = cache.worker(0)
-    entries = [_filled(worker, e, RAW) for e in range(12)]
+def _filled(cache, event, nbytes=RAW):
+    fill = cache.claim(cache.key(GET, event), nbytes)
+    with cache.writing(fill) as allocate:
+        allocate((nbytes,), np.dtype("u1"))[:] = event % 256
+    entry = cache.commit(fill, {"event": event}, nbytes, pin=True)
+    cache.unpin(entry)
+    return entry
+
+
+def test_evicted_extents_are_reused_within_the_bound():
+    """Eviction frees extents that the next frames reuse, in place: the pages
+    the cache has are what later frames get."""
+    cache = _in_process(4 * ENTRY)
+    entries = [_filled(cache, e) for e in range(12)]
     stats = cache.stats()
-    assert stats["pool_bytes"] <= 4 * size and stats["entries"] == 4
+    assert stats["bytes_held"] <= 4 * ENTRY and stats["entries"] == 4
     assert stats["evictions"] == 8
-    for e, entry in enumerate(entries[-4:], start=8):      # the newest are intact
-        assert worker.frame(entry).tobytes() == bytes([e]) * RAW
-        key = worker.key(Get(RunKey("x", 1, DET), "raw", (e,)), e)
-        assert worker.lookup(key, pin=False).row == entry.row
-    # rows are reused: lookups scan the few in use, not the whole index
-    assert len(cache.rows()) <= 6 < len(cache.table)
-    with cache.locked():
-        for row in np.flatnonzero(cache.table[:, STATE] == READY):
-            cache.give_back(int(row))
-    space = cache.table[cache.table[:, STATE] == SPACE]
-    assert len(space) == 1 and space[0, SIZE] == 4 * size      # one extent again
-    assert len(os.listdir(tmp_path)) == 1                       # one block
+    assert {e.offset for e in entries[4:]} <= {e.offset for e in entries[:4]}
+    for entry in entries[-1:]:                          # the newest is intact
+        assert cache.frame(entry).tobytes() == bytes([11]) * RAW
+        assert cache.lookup(cache.key(GET, 11), pin=False).row == entry.row
 
 
 def test_idle_workers_take_the_cache_memory_ahead(start_server):
     server = start_server(["--workers", "2", "--frame-cache", "64M"])
-    assert _eventually(lambda: _stats(server)["frame_cache"]["pool_bytes"] == 64 << 20)
+    assert _eventually(lambda: _stats(server)["frame_cache"]["pool_bytes"] >= 64 << 20)
     with Client(server.address) as c:
         for e in range(4):
             assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
         cache = c.stats()["frame_cache"]
-    assert cache["pool_bytes"] == 64 << 20 and cache["entries"] == 4
+    assert cache["pool_bytes"] >= 64 << 20 and cache["entries"] == 4
 
 
-def _full(fd, offset, size, keep_free):
-    raise ShmFullError(28, "full")
+def _no_room(fd, offset, size):
+    raise NoRoom(28, "no room")
 
 
-def test_a_full_file_system_leaves_the_frame_uncached_and_the_pool_as_it_was(tmp_path,
-                                                                              monkeypatch):
-    cache = FrameCache(4 * ENTRY, 1, os.getpid(), "test", str(tmp_path))
-    worker = cache.worker(0)
-    monkeypatch.setattr(frame_cache, "FULL_RETRY", 0.0)     # try to grow again at once
-    monkeypatch.setattr(frame_cache, "_allocate", _full)
-    key = worker.key(Get(RunKey("x", 1, DET), "raw", (0,)), 0)
-    assert worker.claim(key, RAW) is None
-    assert cache.stats()["pool_bytes"] == 0 and cache.stats()["bytes_held"] == 0
-    monkeypatch.setattr(frame_cache, "_allocate", ALLOCATE)
-    assert _filled(worker, 0, RAW) is not None and cache.stats()["pool_bytes"] == ENTRY
+def test_a_node_without_pages_leaves_the_frame_uncached_and_the_cache_as_it_was(monkeypatch):
+    cache = _in_process(4 * ENTRY)
+    kept = _filled(cache, 0)
+    monkeypatch.setattr(pool_pages, "take", _no_room)
+    assert cache.claim(cache.key(GET, 1), RAW) is None
+    assert cache.stats()["entries"] == 1 and cache.stats()["bytes_held"] == ENTRY
+    monkeypatch.undo()
+    again = _filled(cache, 1)
+    assert again is not None and cache.frame(kept).tobytes() == bytes([0]) * RAW
 
 
-def test_once_pages_are_refused_the_cache_evicts_instead_of_growing(tmp_path, monkeypatch):
-    """Within FULL_RETRY of a refusal, a frame takes the room of an evicted
-    one (whose pages exist) rather than asking the file system again."""
-    cache = FrameCache(8 * ENTRY, 1, os.getpid(), "test", str(tmp_path))
-    worker = cache.worker(0)
-    kept = [_filled(worker, e, RAW) for e in range(2)]
-    monkeypatch.setattr(frame_cache, "_allocate", _full)
-    assert worker.claim(worker.key(Get(RunKey("x", 1, DET), "raw", (2,)), 2), RAW) is None
-    entries = [_filled(worker, e, RAW) for e in range(3, 6)]
-    assert all(entries) and cache.stats()["pool_bytes"] == 2 * ENTRY
-    assert cache.stats()["evictions"] == 3 and {e.offset for e in entries} <= \
-        {e.offset for e in kept}
-    assert worker.frame(entries[-1]).tobytes() == bytes([5]) * RAW
-
-
-def test_a_cache_short_of_dev_shm_keeps_room_for_slots_and_evicts(pytestconfig):
+def test_a_cache_larger_than_what_dev_shm_has_left_takes_none_of_it(pytestconfig):
     """Out of process, in a private 64 MiB /dev/shm of which another user's
-    file takes 40: the cache (48M asked) takes pages only while the slots'
-    8M budget stays free, every frame of three passes over 32 MB is served
-    with the right bytes (none refused for memory), the cache keeps working
-    by eviction, no worker dies, the other file is untouched and nothing of
-    the server's is left."""
+    file takes 40: the cache (48M) is in the pool, not in /dev/shm; every
+    frame of three passes over 32 MB is served with the right bytes, the
+    cache keeps working by eviction, no worker dies, the other file is
+    untouched and nothing of the server's is left."""
     report = run_in_private_shm("faulty_source.full_cache_shm", "64m")
     assert report["served"] == 90 and report["wrong"] == 0 and not report["refused"], report
     cache = report["cache"]
-    assert cache["bytes_held"] <= (64 - 40 - 8) << 20, report
-    assert cache["entries"] and cache["hits"] and cache["evictions"], report
+    assert cache["bytes_held"] <= 48 << 20 and report["shm_peak"] == 0, report
+    assert cache["entries"] and cache["hits"], report
     assert report["source_reads"] == cache["misses"] < 90, report
     assert report["same_workers"] and report["exit_code"] == 0, report
     assert report["others_intact"] and report["left"] == [] and report["at_end"] == 0, report
 
 
-def test_a_cache_larger_than_its_file_system_is_refused_and_one_short_of_room_warned(
-        tmp_path, caplog):
+def test_a_cache_larger_than_its_disk_is_refused(tmp_path):
     st = os.statvfs(tmp_path)
-    size = st.f_frsize * st.f_blocks
-    assert "is more than" in check_room(size + 4096, str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="psana_ipc.server.frame_cache"):
-        assert check_room(size // 2, str(tmp_path), keep_free=4096) is None
-        assert not caplog.records
-        assert check_room(size - 4096, str(tmp_path), keep_free=8192) is None
-    assert "the cache will hold at most" in caplog.text
+    result = subprocess.run([sys.executable, "-m", "psana_ipc.server", "--port", "0",
+                             "--frame-cache", str(st.f_frsize * st.f_blocks + (1 << 30)),
+                             "--frame-cache-dir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3 and "is more than" in result.stderr, result.stderr

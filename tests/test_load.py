@@ -13,7 +13,7 @@ import pytest
 from psana_ipc.client import Client, ServerError, legacy
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.address import parse_address
-from psana_ipc.server.shm import round_up
+from psana_ipc.server.frame_memory import extent_size
 from psana_ipc.server.sources.synthetic import expected
 
 from faulty_source.probes import open_fds, record_figure, wait_for
@@ -105,7 +105,7 @@ def test_64_connections_of_both_dialects(start_server, pytestconfig):
     assert 0 < stats["shm_peak_bytes"] <= BUDGET
     wait_for(lambda: watcher.stats()["connections"] == 1, "every client connection is closed")
     after = watcher.stats()
-    assert after["shm_bytes"] == 0 and after["inflight_slots"] == 0
+    assert after["shm_bytes"] == 0 and after["frames_held"] == 0
     assert {pid: open_fds(pid) for pid in server.workers} == fds_before
     record_figure(pytestconfig, f"load: {V1_CLIENTS} v1 + {LEGACY_CLIENTS} legacy clients, up to "
                                 f"{peak} connections at once (the stats watcher included), "
@@ -127,12 +127,12 @@ def test_stats_fields_move_with_what_the_server_does(start_server):
     server = start_server(["--workers", "1"])
     frame = 704 * 768 * 2                                  # epix100 raw
     start = _cli_stats(server)
-    assert (start["events"], start["bytes"], start["errors"], start["inflight_slots"],
+    assert (start["events"], start["bytes"], start["errors"], start["frames_held"],
             start["shm_bytes"]) == (0, 0, {}, 0, 0)
     c = Client(server.address)
     with c.view("x", 1, "epix100", 1, "raw"):
         holding = _cli_stats(server)
-        assert holding["inflight_slots"] == 1 and holding["shm_bytes"] == round_up(frame)
+        assert holding["frames_held"] == 1 and holding["shm_bytes"] == extent_size(frame)
         assert holding["events"] == 1 and holding["bytes"] == frame
     c.get_many("x", 1, "epix100", [2, 3], "raw")
     with pytest.raises(ServerError):
@@ -141,10 +141,10 @@ def test_stats_fields_move_with_what_the_server_does(start_server):
         c.get("x", 1, "epix100", 10**6, "raw")
     later = _cli_stats(server)
     assert later["events"] == 3 and later["bytes"] == 3 * frame
-    assert later["inflight_slots"] == 0 and later["shm_bytes"] >= round_up(frame)
+    assert later["frames_held"] == 0 and later["shm_bytes"] == 0
     assert later["errors"] == {errors.UNKNOWN_DETECTOR: 1, errors.OUT_OF_RANGE: 1}
     assert later["shm_peak_bytes"] >= later["shm_bytes"] and later["connections"] == 2
     c.close()
-    wait_for(lambda: _cli_stats(server)["shm_bytes"] == 0, "the closed client's slots go")
+    wait_for(lambda: _cli_stats(server)["shm_bytes"] == 0, "the closed client's frames go")
     end = _cli_stats(server)
-    assert end["inflight_slots"] == 0 and end["events"] == 3 and end["connections"] == 1
+    assert end["frames_held"] == 0 and end["events"] == 3 and end["connections"] == 1

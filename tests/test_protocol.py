@@ -119,7 +119,7 @@ def test_requests_are_validated():
     rid, get = parse_request({"op": "get", "id": 7, "exp": "xpptut15", "run": 14,
                               "detector": "epix10k2M", "events": [1, 2], "mode": "raw"})
     assert rid == 7 and isinstance(get, Get) and get.events == (1, 2) and get.key.run == 14
-    assert parse_request({"op": "release", "id": 1, "slots": [0, 3]})[1] == Release((0, 3))
+    assert parse_request({"op": "release", "id": 1, "handles": [0, 3]})[1] == Release((0, 3))
     assert isinstance(parse_request({"op": "hello", "id": 0, "version": 1})[1], Hello)
 
 
@@ -170,7 +170,7 @@ def test_a_prefetch_is_validated_like_a_get():
     ({"op": "get", "id": 1, "exp": 3, "run": 1, "detector": "d", "events": [1]},
      errors.BAD_REQUEST),
     ({"op": "hello", "id": 1, "version": 1, "transport": "pigeon"}, errors.BAD_REQUEST),
-    ({"op": "release", "id": 1, "slots": ["a"]}, errors.BAD_REQUEST),
+    ({"op": "release", "id": 1, "handles": ["a"]}, errors.BAD_REQUEST),
     ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],
       "fields": "ebeam.ebeamPhotonEnergy"}, errors.BAD_REQUEST),
     ({"op": "get", "id": 1, "exp": "x", "run": 1, "detector": "d", "events": [1],

@@ -11,14 +11,14 @@ from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import (Done, LegacyError, LegacyFrame, LegacyGet, LegacyMark,
                                        Probe, is_ours, parse_legacy, parse_legacy_reply)
-from psana_ipc.protocol.messages import (MODES, REDUCERS, TRANSPORTS, AdoptArena, CodeFilter,
-                                         FieldRef, Follow, FreeArenas, Get, Hello, Info, Into,
-                                         MakeArena, Ping, Prefetch, Release, RunKey, Shutdown,
-                                         Stats, frame_nbytes, parse_request)
+from psana_ipc.protocol.messages import (MODES, REDUCERS, TRANSPORTS, CodeFilter, FieldRef,
+                                         Follow, FreeArenas, Get, Hello, Info, Into, MakeArena,
+                                         Ping, Prefetch, Release, RunKey, Shutdown, Stats,
+                                         frame_nbytes, parse_request)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
-                                        FrameReply, InfoReply, Pong, Queued, Received, RunProgress,
-                                        Skipped, StatsReply, Stopping, Welcome, WrittenFrame,
-                                        encode_reply, parse_reply)
+                                        FrameReply, InfoReply, Inline, InPool, Pong, Queued,
+                                        RunProgress, Skipped, StatsReply, Stopping, Welcome,
+                                        WrittenFrame, parse_reply)
 
 text = st.text(max_size=20)
 names = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:-",
@@ -50,10 +50,11 @@ shapes = st.lists(st.integers(0, 4096), max_size=4).map(tuple)
 @st.composite
 def gets_into(draw):
     evts = draw(events)
-    into = Into(draw(text), tuple(draw(st.lists(counts, min_size=len(evts),
-                                                max_size=len(evts)))),
+    into = Into(draw(counts), tuple(draw(st.lists(counts, min_size=len(evts),
+                                                  max_size=len(evts)))),
                 draw(shapes), draw(text))
-    return Get(draw(run_keys), draw(st.sampled_from(MODES)), evts, into=into)
+    return Get(draw(run_keys), draw(st.sampled_from(MODES)), evts,
+               draw(st.lists(field_refs, max_size=3).map(tuple)), into=into)
 
 
 plain_gets = st.builds(Get, run_keys, st.sampled_from(MODES), events,
@@ -66,8 +67,7 @@ requests = st.one_of(
     gets_into(),
     st.builds(Prefetch, run_keys, st.sampled_from(MODES), events),
     st.builds(MakeArena, st.integers(1, 2**40), st.booleans()),
-    st.builds(AdoptArena, text),
-    st.builds(FreeArenas, st.lists(text, max_size=5).map(tuple)),
+    st.builds(FreeArenas, st.lists(counts, max_size=5).map(tuple)),
     st.builds(Release, st.lists(ids, max_size=20).map(tuple)),
     st.builds(Ping), st.builds(Stats),
     st.builds(Shutdown, st.none() | text),
@@ -132,43 +132,34 @@ def test_event_code_filters_and_batch_values_are_checked_where_they_are_made():
 
 # -- v1 replies ----------------------------------------------------------------------------
 descs = st.builds(FrameDesc, shapes, text, st.none() | json_objects(), st.booleans(),
-                  json_objects(frozenset({"ok", "id", "retired", "seq", "event", "done", "slot",
-                                          "name", "size", "cached", "nbytes", "shape",
-                                          "dtype", "timestamp", "calibrated", "offset",
-                                          "path", "skipped", "message"})))
+                  json_objects(frozenset({"ok", "id", "seq", "event", "done", "handle", "pool",
+                                          "offset", "size", "ticket", "nbytes", "shape",
+                                          "dtype", "timestamp", "calibrated", "skipped",
+                                          "message"})))
 dones = st.booleans()
 
 
-@st.composite
-def frame_replies(draw):
-    rid, seq, event, done, desc = draw(ids), draw(ids), draw(counts), draw(dones), draw(descs)
-    if draw(st.booleans()):
-        return FrameReply(rid, seq, event, done, desc, nbytes=draw(st.integers(0, 64)))
-    if draw(st.booleans()):      # a frame-cache entry: a piece of a block, maybe on disk
-        return FrameReply(rid, seq, event, done, desc, slot=draw(ids), name=draw(text),
-                          size=draw(counts), cached=True, offset=draw(counts),
-                          path=draw(st.none() | text))
-    return FrameReply(rid, seq, event, done, desc, slot=draw(ids), name=draw(text),
-                      size=draw(counts))
+wheres = st.builds(Inline, st.integers(0, 64)) | st.builds(InPool, ids, st.integers(0, 1),
+                                                            counts, counts, counts)
+frame_replies = st.builds(FrameReply, ids, ids, counts, dones, descs, wheres)
 
 
 written = st.builds(WrittenFrame, ids, counts, descs)
 any_get = Get(RunKey("x", 1, "d"), "raw", (1,))
-into_get = Get(RunKey("x", 1, "d"), "raw", (1,), into=Into("a", (0,), (2,), "<f4"))
+into_get = Get(RunKey("x", 1, "d"), "raw", (1,), into=Into(5, (0,), (2,), "<f4"))
 REPLIES = [
-    (st.builds(Welcome, ids, ids, st.sampled_from(TRANSPORTS), ids, text, ids, text),
+    (st.builds(Welcome, ids, ids, st.sampled_from(TRANSPORTS), ids, text, ids, text, text),
      Hello(PROTOCOL_VERSION)),
-    (st.builds(InfoReply, ids, json_objects(frozenset({"ok", "id", "retired", "nbytes"}))),
+    (st.builds(InfoReply, ids, json_objects(frozenset({"ok", "id", "nbytes"}))),
      Info("x", 1)),
     (st.builds(Queued, ids, ids), Prefetch(RunKey("x", 1, "d"), "raw", (1,))),
     (st.builds(Pong, ids), Ping()),
     (st.builds(StatsReply, ids, json_objects()), Stats()),
     (st.builds(Stopping, ids), Shutdown()),
-    (st.builds(ArenaMade, ids, text, counts), MakeArena(1)),
-    (st.builds(ArenaMade, ids, text, counts), AdoptArena("psipc_1_2_a0x1")),
+    (st.builds(ArenaMade, ids, counts, st.integers(0, 1), counts, counts), MakeArena(1)),
     (st.builds(Skipped, ids, ids, counts, text, dones), any_get),
-    (frame_replies(), any_get),
-    (st.builds(ArenaWritten, ids, text, st.lists(written, max_size=4).map(tuple)), into_get),
+    (frame_replies, any_get),
+    (st.builds(ArenaWritten, ids, counts, st.lists(written, max_size=4).map(tuple)), into_get),
     (st.builds(RunProgress, ids, st.lists(counts, max_size=8).map(tuple), counts, counts, counts,
                st.booleans(), text, st.floats(0, 1e9), st.integers(-1, 2**31)),
      Follow("x", 1, "d")),
@@ -181,19 +172,19 @@ REPLIES = [
                          ids=[type(r).__name__ if r else "any" for _, r in REPLIES])
 @given(data=st.data())
 def test_every_reply_round_trips(replies, request_, data):
-    """As the server sends it (with the slots it retired), framed, decoded as
-    the client decodes, and parsed with the request it answers."""
+    """As the server sends it, framed, decoded as the client decodes, and
+    parsed with the request it answers."""
     reply = data.draw(replies)
-    retired = tuple(data.draw(st.lists(ids, max_size=4)))
-    payload = b"\0" * (reply.nbytes or 0) if isinstance(reply, FrameReply) else b""
-    frame = through_the_wire(encode_reply(reply, retired), payload, max_payload=64)
+    inline = isinstance(reply, FrameReply) and isinstance(reply.where, Inline)
+    payload = b"\0" * reply.where.nbytes if inline else b""
+    frame = through_the_wire(reply.to_header(), payload, max_payload=64)
     waiting = {} if request_ is None else {reply.rid: request_}
-    assert parse_reply(frame.header, waiting) == Received(reply, retired)
+    assert parse_reply(frame.header, waiting) == reply
 
 
 def test_an_error_answers_any_id_and_only_an_error_answers_what_waits_for_none():
     error = ErrorReply(-1, errors.BAD_FRAME, "no")
-    assert parse_reply(error.to_header(), {}).reply == error
+    assert parse_reply(error.to_header(), {}) == error
     with pytest.raises(ProtocolError):
         parse_reply(Pong(7).to_header(), {})
     with pytest.raises(ProtocolError):
@@ -207,7 +198,9 @@ def test_an_error_answers_any_id_and_only_an_error_answers_what_waits_for_none()
     {"ok": True, "id": 1, "seq": 0, "event": 1, "done": True, "shape": [True], "dtype": "<f4",
      "nbytes": 8},
     {"ok": True, "id": 1, "seq": 0, "event": 1, "done": True, "shape": [2], "dtype": "<f4",
-     "slot": 3, "name": "s", "size": 8, "retired": ["x"]},
+     "handle": 3, "pool": 0, "offset": 0, "size": 8192},
+    {"ok": True, "id": 1, "seq": 0, "event": 1, "done": True, "shape": [2], "dtype": "<f4",
+     "handle": 3, "pool": 0, "offset": "0", "size": 8192, "ticket": 5},
 ])
 def test_a_reply_missing_or_mistyping_a_field_is_refused(header):
     with pytest.raises(ProtocolError) as e:
@@ -215,13 +208,13 @@ def test_a_reply_missing_or_mistyping_a_field_is_refused(header):
     assert e.value.code == errors.BAD_FRAME
 
 
-def test_a_frame_reply_is_the_header_a_client_has_always_read():
+def test_a_frame_reply_says_where_the_frame_is_in_one_union():
     desc = FrameDesc((2, 3), "<f4", {"time": 5}, False, {"values": {}})
-    assert encode_reply(FrameReply(9, 0, 4, True, desc, slot=1, name="psipc_1_2_3", size=4096),
-                        [7]) == {
+    assert FrameReply(9, 0, 4, True, desc, InPool(1, 0, 8192, 4096, 77)).to_header() == {
         "ok": True, "id": 9, "seq": 0, "event": 4, "done": True, "shape": [2, 3],
-        "dtype": "<f4", "timestamp": {"time": 5}, "calibrated": False, "values": {}, "slot": 1,
-        "name": "psipc_1_2_3", "size": 4096, "retired": [7]}
+        "dtype": "<f4", "timestamp": {"time": 5}, "calibrated": False, "values": {},
+        "handle": 1, "pool": 0, "offset": 8192, "size": 4096, "ticket": 77}
+    assert FrameReply(9, 0, 4, True, desc, Inline(24)).to_header()["nbytes"] == 24
     assert list(ErrorReply(3, errors.NO_DATA, "m", True, 1, 5).to_header()) == [
         "ok", "id", "code", "message", "done", "seq", "event"]
 
@@ -261,14 +254,15 @@ def test_legacy_messages_are_the_bytes_btx_clients_read():
         b'{"exp": "xpptut15", "run": "14", "access_mode": "idx", '
         b'"detector_name": "epix10k2M", "event": 3, "mode": "calib"}')
     assert LegacyGet("x", "14", "d", 3).get.key.run == 14
+    mark = PROTOCOL_VERSION       # the mark's value: the v1 version the server also speaks
     assert LegacyFrame("psipc_1_2_3", (2, 3), "float32", {"time": 1}, True).to_bytes() == (
-        b'{"name": "psipc_1_2_3", "shape": [2, 3], "dtype": "float32", "psana_ipc": 1, '
-        b'"timestamp": {"time": 1}, "calibrated": true}')
+        b'{"name": "psipc_1_2_3", "shape": [2, 3], "dtype": "float32", "psana_ipc": %d, '
+        b'"timestamp": {"time": 1}, "calibrated": true}' % mark)
     assert json.loads(LegacyError("read_failed", "gone", "psipc_1_2_3", (2,)).to_bytes()) == {
         "name": "psipc_1_2_3", "shape": [2], "dtype": "float32", "error": "gone",
         "code": "read_failed", "message": "gone", "traceback": "read_failed: gone",
-        "psana_ipc": 1}
-    assert LegacyMark().to_bytes() == b'{"psana_ipc": 1}'
+        "psana_ipc": mark}
+    assert LegacyMark().to_bytes() == b'{"psana_ipc": %d}' % mark
 
 
 def test_old_servers_replies_are_read_unmarked():

@@ -40,7 +40,7 @@ def test_raw_calib_and_image_are_psana1s_with_event_timestamps(psana1_server):
         assert info["events"] == EVENTS
         assert info["modes"]["image"]["shape"] == list(image.shape)
         run_info = c.info(EXP, RUN)["detectors"]
-        assert set(run_info) == {"epix10k2M", "epix10kaQuad", "opal"}
+        assert set(run_info) == {"epix10k2M", "epix10kaQuad", "opal", "epix100a"}
         assert all(d["events"] == EVENTS for d in run_info.values())
 
 

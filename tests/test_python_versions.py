@@ -1,11 +1,14 @@
 """Run the code on the Python versions it promises, not only on the one
-pytest uses: the server on 3.9 (psana environments), and the client's
-segment attach on 3.9 and 3.13 without Python's resource tracker — the
+pytest uses: the server on 3.9 (psana environments); the client on 3.9 and
+3.13 reading frames from the server's pool (descriptors through its door),
+and attaching a legacy segment without Python's resource tracker — the
 tracker would warn about "leaked" segments and unlink them when the client
 exits, taking the server's memory with it."""
 import glob
+import json
 import os
 import shutil
+import socket
 import subprocess
 from typing import Optional
 
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 from psana_ipc.client import Client
+from psana_ipc.protocol.address import parse_address
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import ROOT, SHM
@@ -61,23 +65,31 @@ def test_server_runs_on_python39(start_server, pythons):
 
 ATTACH = """
 import sys, numpy as np
+from psana_ipc.client import Client
 from psana_ipc.client.shm import attach
 m = attach(sys.argv[1])
 view = np.frombuffer(m, dtype=np.uint16, count=4)
 print(int(view[1]))
 del view
 m.close()
+with Client(sys.argv[2]) as c, c.view("x", 1, "epix100", 4, "raw") as frame:
+    print(int(frame.array.flat[1]), c.server.transport)
 """
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_attaching_leaves_the_segment_and_says_nothing(server, pythons, version):
-    with Client(server.address) as c, c.view("x", 1, "epix100", 3, "raw") as frame:
-        name = frame.desc["name"]
-        result = subprocess.run([pythons[version], "-W", "error", "-c", ATTACH, name],
-                                capture_output=True, text=True, timeout=120)
+def test_a_client_reads_the_pool_and_attaches_a_segment_and_says_nothing(server, pythons,
+                                                                         version):
+    with socket.create_connection(parse_address(server.address)) as sock:   # a legacy frame
+        sock.sendall(json.dumps({"exp": "x", "run": 1, "detector_name": "epix100",
+                                 "event": 3, "mode": "raw"}).encode())
+        name = json.loads(sock.recv(4096))["name"]
+        result = subprocess.run([pythons[version], "-W", "error", "-c", ATTACH, name,
+                                 server.address], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        assert int(result.stdout) == expected("epix100", "raw", 3).flat[1]
+        segment, pool = result.stdout.splitlines()
+        assert int(segment) == expected("epix100", "raw", 3).flat[1]
+        assert pool == f"{expected('epix100', 'raw', 4).flat[1]} shm"
         assert result.stderr == ""                      # no resource_tracker warnings
         assert (SHM / name).exists()                    # not unlinked behind the server
-        assert np.array_equal(frame.array, expected("epix100", "raw", 3))
+        sock.sendall(b"ACK")

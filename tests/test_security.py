@@ -20,7 +20,6 @@ from psana_ipc.client import legacy
 from psana_ipc.client.wire import recv_message
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.shm_names import segment_path
 from psana_ipc.server.context import is_local_peer
 from psana_ipc.server.sources.synthetic import expected
 
@@ -243,28 +242,35 @@ def shared_dir():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
-def test_another_user_reaches_neither_socket_nor_segments_nor_tokened_tcp(shared_dir,
-                                                                          start_server, tmp_path):
+def test_another_user_reaches_neither_socket_nor_memory_nor_tokened_tcp(shared_dir,
+                                                                        start_server, tmp_path):
+    """Another user cannot connect to the UNIX socket, gets no descriptor of the
+    pool at the door (closed on at once), and no hello on a tokened port."""
     shared = shared_dir
     unix = start_server(["--workers", "1", "--unix", str(shared / "iserver.sock")])
     tcp = start_server(["--workers", "1", "--token-file", str(tmp_path / "token")])
-    with Client(unix.address) as c, c.view("x", 1, "epix100", 3, "raw") as frame:
-        segment = segment_path(frame.desc["name"])
+    with Client(unix.address) as c, c.view("x", 1, "epix100", 3, "raw"):
+        door = c.server.door
 
         def probe():
             def unix_connect():
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect(str(shared / "iserver.sock"))
 
+            def door_fds():
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(f"\0{door}")
+                    message, fds, _, _ = socket.recv_fds(s, 4096, 4)
+                    return len(fds), len(message)
+
             def tcp_hello():
                 with connect(tcp.address) as s:
                     return hello(s)["code"]
-            return {"unix": _errno_of(unix_connect),
-                    "segment": _errno_of(lambda: os.close(os.open(segment, os.O_RDONLY))),
-                    "tcp": tcp_hello()}
+            return {"unix": _errno_of(unix_connect), "door": door_fds(), "tcp": tcp_hello()}
         result = _as_another_user(probe)
-    assert result == {"unix": 13, "segment": 13, "tcp": errors.UNAUTHORIZED}   # 13: EACCES
+    assert result == {"unix": 13, "door": [0, 0], "tcp": errors.UNAUTHORIZED}   # 13: EACCES
     assert pid_alive(unix.pid) and pid_alive(tcp.pid)
+    assert "door: refused process" in unix.log()
 
 
 def test_is_local_peer_on_real_sockets():

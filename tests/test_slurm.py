@@ -1,38 +1,19 @@
-"""The launcher on a real one-node SLURM (tests/slurm/start_slurm.sh, started
+"""The launcher on a real one-node SLURM (the slurm_cluster fixture, started
 for this module and stopped after it): `sbatch -W` returns the client's exit
 code, a two-task job gives each rank its own shard through srun, and scancel
 leaves no server or segment behind."""
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from psana2_helpers import psana_python
 from psana_ipc.client.slurm import submit
-from slurm.jobs import EXAMPLES, processes_mentioning, write_job
+from slurm.jobs import EXAMPLES, processes_mentioning, squeue_state, wait_until, write_job
 
-pytestmark = pytest.mark.slurm
-SETUP = Path(__file__).parent / "slurm"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster():
-    """Start SLURM (needs root: it installs and runs the daemons); a failure to
-    start fails the tests with the set-up's output."""
-    if os.geteuid() != 0:
-        pytest.fail("the SLURM tests start slurmctld and slurmd and must run as root")
-    started = subprocess.run(["bash", str(SETUP / "start_slurm.sh")], capture_output=True,
-                             text=True, timeout=900)
-    try:
-        if started.returncode != 0:
-            pytest.fail(f"SLURM did not start:\n{started.stdout}\n{started.stderr}")
-        yield
-    finally:
-        subprocess.run(["bash", str(SETUP / "stop_slurm.sh")], timeout=120)
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 
 def slurm_cli(*args: str) -> subprocess.CompletedProcess:
@@ -42,19 +23,6 @@ def slurm_cli(*args: str) -> subprocess.CompletedProcess:
 
 def job_log(tmp_path: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((tmp_path / "logs").rglob("*.*")))
-
-
-def wait_until(condition, what: str, timeout: float = 300.0) -> None:
-    """Poll; a deadline only so that a broken job fails the test instead of hanging it."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
-        time.sleep(0.1)
-
-
-def squeue_state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 @pytest.mark.parametrize("code", [0, 3])

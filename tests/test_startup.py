@@ -138,9 +138,9 @@ def test_a_fifo_at_the_token_file_is_refused_without_blocking(tmp_path):
     assert_one_line(result, EXIT_STARTUP, "token file", "not a regular file")
 
 
-def test_a_budget_larger_than_dev_shm_is_a_warning(start_server):
-    server = start_server(["--workers", "1", "--shm-budget", "100T"])
-    assert "larger than /dev/shm" in server.log() and "100.0 TiB" in server.log()
+def test_a_pool_larger_than_the_nodes_memory_is_refused():
+    assert_one_line(iserver("--shm-budget", "100T"), EXIT_STARTUP, "100.0 TiB",
+                    "more than this node's memory")
 
 
 def test_the_start_up_line_names_source_address_workers_and_budget(start_server):

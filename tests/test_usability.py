@@ -9,11 +9,9 @@ import sys
 import warnings
 
 import pytest
-from torch.utils.data import DistributedSampler
 
 import psana_ipc
 from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset, RunDataset
-from psana_ipc.client.batch_loader import epoch_order
 from psana_ipc.client.server_process import ServerProcess, ServerStartError
 
 from psana2_helpers import psana_python
@@ -144,17 +142,6 @@ def test_server_process_reports_a_server_that_cannot_start(tmp_path):
 def test_batch_loader_needs_the_run_and_detector():
     with pytest.raises(TypeError):
         BatchLoader("127.0.0.1:5000")
-
-
-@pytest.mark.parametrize("n, world, seed, epoch", [(10, 1, 0, 0), (9, 2, 3, 1), (17, 4, 7, 5)])
-def test_shuffle_is_distributed_samplers_order(n, world, seed, epoch):
-    events = list(range(100, 100 + n))
-    for rank in range(world):
-        sampler = DistributedSampler(events, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=seed)
-        sampler.set_epoch(epoch)
-        assert epoch_order(events, epoch, seed, True, rank, world) == \
-            [events[i] for i in sampler]
 
 
 def test_a_mode_typo_fails_at_construction(server):

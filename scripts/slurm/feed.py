@@ -1,13 +1,12 @@
 """What both example jobs share: their data options and a DataLoader over this
-rank's share of a run's events, served by the node's iserver."""
+rank's share of a run's events, served by the node's iserver, whose position
+checkpoints (ResumableDataLoader)."""
 import argparse
 import json
 from typing import Any, Dict, Tuple
 
-from torch.utils.data import DataLoader
-
-from psana_ipc.client import IPCRemotePsanaDataset
-from psana_ipc.client.distributed import rank_and_world, shard
+from psana_ipc.client import IPCRemotePsanaDataset, ResumableDataLoader
+from psana_ipc.client.distributed import rank_and_world
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +25,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write what this rank did as JSON; {rank} is replaced")
 
 
-def rank_loader(args: argparse.Namespace) -> Tuple[DataLoader, Dict[str, Any]]:
-    """A DataLoader over this rank's events, and the start of its summary."""
+def rank_loader(args: argparse.Namespace) -> Tuple[ResumableDataLoader, Dict[str, Any]]:
+    """A DataLoader over this rank's events (every world-th of the run's), and the
+    start of its summary."""
     rank, world = rank_and_world()
-    events = list(shard(range(args.events), rank, world))
-    requests = [(args.exp, args.run, args.access_mode, args.detector, e) for e in events]
+    requests = [(args.exp, args.run, args.access_mode, args.detector, e)
+                for e in range(args.events)]
     dataset = IPCRemotePsanaDataset(args.address, requests, mode=args.mode)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.loader_workers)
+    loader = ResumableDataLoader(dataset, batch_size=args.batch_size, rank=rank,
+                                 world_size=world, num_workers=args.loader_workers)
+    events = [requests[i][4] for i in loader.sampler.indices()]
     return loader, {"rank": rank, "world": world, "events": events}
 
 

@@ -22,6 +22,7 @@ from .base import FrameMeta, FrameSpec, Source, SourceError
 
 log = logging.getLogger(__name__)
 GAIN_BITS_MASK = 0x3FFF
+SAMPLES = 16        # events tried for a mode's shape before it counts as unavailable
 MODES = ("raw", "calib", "image", "mask")
 
 
@@ -93,8 +94,9 @@ class PsanaDetectorSource(Source):
         return MODES
 
     def sample_events(self) -> Iterable[int]:
-        """Events to read shapes from, in turn, while they lack the mode's data."""
-        return (0,)
+        """Events to read shapes from, in turn, while they lack the mode's
+        data: the first SAMPLES of the run (psana1 cannot tell which hold it)."""
+        return range(min(len(self), SAMPLES))
 
     def specs(self) -> Dict[str, FrameSpec]:
         """Shapes come from reading a sample event once in every mode that works."""
@@ -103,17 +105,17 @@ class PsanaDetectorSource(Source):
 
     def spec(self, mode: str) -> Optional[FrameSpec]:
         """The shape of one mode's frames, read once from the first sample
-        event that has them (None if none does, or the mode fails): sizing a
-        frame costs the read of its own mode only (an image's geometry, say,
-        is set up only when an image is asked for)."""
+        event psana returns the mode for (None if none does, or the mode
+        fails): sizing a frame costs the read of its own mode only (an
+        image's geometry, say, is set up only when an image is asked for)."""
         if mode not in self._specs:
             self._specs[mode] = None
             for event in self.sample_events():
                 try:
                     data, meta = self.read(event, mode)
                 except SourceError as e:
-                    if e.code == NO_DATA:
-                        continue
+                    if e.code in (READ_FAILED, NO_DATA):
+                        continue    # psana had nothing for that event: try the next
                     break
                 self._specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype),
                                               meta.calibrated)

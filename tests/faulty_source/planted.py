@@ -1,8 +1,10 @@
 """Run inside a private /dev/shm owned by another user with the sticky bit
 (see probes.run_in_private_shm), as root without CAP_FOWNER: files of a
-third uid there cannot be removed (EPERM), as on a shared node. Names the
-server would pick are planted by "someone else"; prints, as JSON, what the
-server and `psana-ipc cleanup` did about them."""
+third uid there cannot be removed (EPERM), as on a shared node. 48 names
+shaped like the server's are planted by "someone else" (segments, and
+batch arenas and cache blocks as they once were named); prints, as JSON,
+what the server served past them and what `psana-ipc cleanup` did about
+them."""
 import json
 import os
 import signal
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from psana_ipc.client import Client
+from psana_ipc.client import Client, legacy
+from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.shm_names import lock_name, segment_name, segment_path
 from psana_ipc.server.sources.synthetic import expected
 
@@ -35,6 +38,11 @@ def served(client: Client, event: int) -> bool:
                                expected("epix100", "raw", event)))
 
 
+def served_legacy(server: ServerProcess, event: int) -> bool:
+    got = legacy.fetch(parse_address(server.address), "x", 1, "idx", "epix100", event, "raw")
+    return bool(np.array_equal(got, expected("epix100", "raw", event)))
+
+
 def main() -> int:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,9 +52,16 @@ def main() -> int:
         python.chmod(0o755)
         server = ServerProcess(["--workers", "1"], Path(tmp), python=str(python))
         [worker] = worker_pids(server.pid)
-        planted = [plant(segment_name(server.pid, worker, format(n, "x"))) for n in range(4)]
+        shapes = ([format(n, "x") for n in range(16)]                  # serials of segments
+                  + [f"a{n:012x}x{n:x}" for n in range(16)]            # batch arenas', as once
+                  + [f"c{n:x}" for n in range(16)])                    # cache blocks', as once
+        planted = [plant(segment_name(server.pid, worker, serial)) for serial in shapes]
         with Client(server.address) as c:
-            report["served_past_planted_names"] = served(c, 1)
+            made = [c.make_arena(256 << 10) for _ in range(3)]
+            report["served_past_planted_names"] = (len(made) == 3
+                                                   and all(served(c, e) for e in range(6))
+                                                   and all(served_legacy(server, e)
+                                                           for e in range(6)))
         planted.append(plant(segment_name(server.pid, worker, "zz")))
         os.kill(worker, signal.SIGKILL)          # the master sweeps the dead worker's names
         deadline = time.monotonic() + 30

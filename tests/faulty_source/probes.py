@@ -76,7 +76,8 @@ def shm_used() -> int:
 def run_in_private_shm(module: str, size: str, *args: str) -> Dict[str, Any]:
     """Run `python -m <module> args` (tests/ importable) in a mount namespace
     whose /dev/shm is a fresh tmpfs of `size`, so the machine's /dev/shm is
-    never touched; returns the JSON the module prints last."""
+    never touched; returns the JSON the module prints last. The namespace has
+    its own pids too: whatever the module leaves running dies with it."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare(1)")
     tests = str(Path(__file__).resolve().parents[1])
@@ -84,7 +85,8 @@ def run_in_private_shm(module: str, size: str, *args: str) -> Dict[str, Any]:
         p for p in (tests, os.environ.get("PYTHONPATH")) if p))
     script = (f"mount -t tmpfs -o size={size} psana-ipc-test /dev/shm && "
               f"exec {sys.executable} -m {module} \"$@\"")
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *args], env=env,
+    proc = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc",
+                           "--kill-child", "sh", "-c", script, "sh", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "mount" in proc.stderr and "ermission" in proc.stderr:
         pytest.skip(f"no mount namespace here: {proc.stderr.strip()}")

@@ -1,14 +1,16 @@
 """Run inside a private /dev/shm (see probes.run_in_private_shm): clients
-against a server with a small budget, while a thread samples what /dev/shm
-really holds (`df`). Prints, as JSON, the peak against the budget.
+against a server with a small budget, while a thread samples the memory
+the server's pool really holds (the pages of its memfd, as the kernel
+counts them) and what /dev/shm holds (`df`). Prints, as JSON, the peaks
+against the budget.
 
     idle N     N clients each take one frame, then stay connected and idle,
-               keeping their mappings: the server gives their slots back to
-               make room for the next one
+               keeping their mappings of the pool
     greedy N   one client holds every frame of a window of 8, never
                releasing; then N gets by a second client
 """
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -27,8 +29,12 @@ BUDGET = 8 << 20
 
 
 class Peak:
-    def __init__(self) -> None:
-        self.peak = 0
+    """The most pages the pool had, and the most /dev/shm held, while it runs."""
+
+    def __init__(self, address: str) -> None:
+        self._client = Client(address).connect()
+        self._pool = self._client.pools.fds[0]
+        self.peak = self.shm_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -38,12 +44,14 @@ class Peak:
             self.sample()
 
     def sample(self) -> None:
-        self.peak = max(self.peak, shm_used())
+        self.peak = max(self.peak, os.fstat(self._pool).st_blocks * 512)
+        self.shm_peak = max(self.shm_peak, shm_used())
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         self.sample()
+        self._client.close()
         return self.peak
 
 
@@ -70,7 +78,7 @@ def greedy(address: str, n: int) -> dict:
             held.append(frame)
     except ServerError:
         refused += 1
-    held_bytes = sum(f.desc["size"] for f in held)
+    held_bytes = sum(f.reply.where.size for f in held)
     for f in held:
         f.release()
     hog.close()
@@ -83,9 +91,10 @@ def main() -> int:
     scenario, n = sys.argv[1], int(sys.argv[2])
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(["--workers", "2", "--shm-budget", str(BUDGET)], Path(tmp))
-        peak = Peak()
+        peak = Peak(server.address)
         report = {"idle": idle, "greedy": greedy}[scenario](server.address, n)
         report["peak"] = peak.stop()
+        report["shm_peak"] = peak.shm_peak
         report["budget"] = BUDGET
         report["exit_code"] = server.stop()
         report["at_end"] = shm_used()

@@ -17,6 +17,7 @@ DETECTORS = {
     "epix10kaQuad": {"full_name": "MfxEndstation.0:Epix10kaQuad.0", "shape": [2, 6, 10],
                      "geometry": True, "gain_bits": GAIN_BITS},
     "opal": {"full_name": "MfxEndstation.0:Opal1000.0", "shape": [6, 10]},
+    "epix100a": {"full_name": "MfxEndstation.0:Epix100a.0", "shape": [6, 8], "missing": [0, 4]},
 }
 CONSTANTS = {"epix10k2M": {"pedestal": 10.0, "gain": 0.5}}
 

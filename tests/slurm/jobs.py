@@ -1,7 +1,9 @@
 """What the launcher tests share: job scripts whose server runs in the psana
-environment and whose client runs in pytest's, and a look for what a job
-left running."""
+environment and whose client runs in pytest's, a job's state, and a look for
+what a job left running."""
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Sequence
 
@@ -41,3 +43,17 @@ def processes_mentioning(text: str) -> List[str]:
         if text in cmdline:
             found.append(f"{entry.name}: {cmdline}")
     return found
+
+
+def squeue_state(job_id: str) -> str:
+    """The job's state as squeue tells it ("" once it has left the queue)."""
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def wait_until(condition, what: str, timeout: float = 300.0) -> None:
+    """Poll; a deadline only so that a broken job fails the test instead of hanging it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.1)

@@ -29,7 +29,9 @@ fi
 
 # One partition with this host, its CPUs and memory as slurmd sees them. Addresses are pinned to
 # 127.0.0.1 so nothing depends on DNS. proctrack/pgid: a job's background children end with it.
-# MinJobAge=5 keeps `sbatch -W` polling every 2 s instead of backing off.
+# MinJobAge=5 keeps `sbatch -W` polling every 2 s instead of backing off. A job credential lives
+# cred_expire seconds, and a requeued job waits that long before it starts again (default 120);
+# then a scheduler starts it, every sched_interval (default 60) or bf_interval (30) seconds.
 host=$(hostname -s)
 install -d /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 cat > /etc/slurm/slurm.conf <<CONF
@@ -37,6 +39,7 @@ ClusterName=psana-ipc-test
 SlurmctldHost=${host}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
@@ -50,7 +53,7 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
 MinJobAge=5
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
@@ -59,7 +62,10 @@ $(slurmd -C | head -n 1) NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
-alive_from /run/slurmctld.pid || slurmctld -c </dev/null >/dev/null 2>&1   # -c: no saved state
+# A controller already up (started by an older copy of this script) takes this configuration.
+if alive_from /run/slurmctld.pid; then scontrol reconfigure; else
+  slurmctld -c </dev/null >/dev/null 2>&1   # -c: no saved state
+fi
 # PID 1 here reaps orphans late, which holds every job end for seconds: slurmd runs under a
 # subreaper (tini -s) that reaps at once.
 alive_from /run/slurmd.pid || { setsid tini -s -- slurmd -D </dev/null >/dev/null 2>&1 & }

@@ -1,0 +1,306 @@
+"""One worker's use of the pool: extents for frames, batch buffers of
+connection groups, budget for frames that live elsewhere, the connections
+of groups, and the idle work that gets pages ready ahead of need.
+
+Every operation takes the index's lock for a few table writes
+(pool_index.py) and does anything slow (taking pages, filling page
+tables, testing locks of many rows) outside it. The memory of an extent
+given out has pages (`Mapping.ready`) before anything is written into it:
+a node out of memory is the error `no_memory`, never a fault.
+"""
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+
+from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, ProtocolError
+from psana_ipc.protocol.pool import TICKET_BYTES
+
+from .pool_allocator import place
+from .pool_index import BATCH, CONN, FREE, ORPHAN, RESERVED, TRANSFER, Grant, Index
+from .pool_pages import PAGE, Held, Mapping, NoRoom, PoolFile, round_up
+
+WARM_BYTES = 8 << 20        # pages taken (or mapped) at a time by an idle worker
+SHM_POOL = 0
+
+
+@dataclass(frozen=True)
+class Extent:
+    """An extent of a pool as this worker handed it out (its row and ticket
+    identify that use; a later use of the row has another ticket)."""
+    row: int
+    pool: int
+    offset: int
+    size: int
+    ticket: int
+
+
+def new_ticket() -> int:
+    return secrets.randbits(62) | 1
+
+
+def extent_size(nbytes: int) -> int:
+    """Bytes of an extent holding `nbytes` and its ticket."""
+    return round_up(nbytes + TICKET_BYTES)
+
+
+class FrameMemory:
+    """See the module docstring; made in the master, `start`ed in the worker."""
+
+    def __init__(self, index: Index, pools: List[PoolFile], slot: int,
+                 warm_target: int = 0) -> None:
+        self.index = index
+        self.pools = {p.id: p for p in pools}
+        self.slot = slot
+        self.warm_target = warm_target
+        self.maps: Dict[int, Mapping] = {}
+        self.heartbeat: Callable[[], None] = lambda: None
+        self._mapped_to = 0         # this worker's page tables are filled below this
+
+    def start(self, heartbeat: Callable[[], None]) -> None:
+        """In the worker: map the pools, then reclaim what this slot's dead
+        predecessor left before anything is served."""
+        self.heartbeat = heartbeat
+        self.maps = {pid: Mapping(p) for pid, p in self.pools.items()}
+        with self.locked():
+            pass
+
+    def close(self) -> None:
+        for mapping in self.maps.values():
+            mapping.close()
+        self.maps = {}
+
+    @property
+    def generation(self) -> int:
+        return int(self.index.generation[self.slot])
+
+    def locked(self) -> ContextManager[None]:
+        return self.index.locked(self.slot, self.heartbeat, self.held)
+
+    def held(self, pool: int, offset: int, size: int) -> bool:
+        return self.maps[pool].held(offset, size)
+
+    def _owned(self, conn: int, group: int) -> Dict[str, int]:
+        return {"owner": self.slot, "gen": self.generation, "conn": conn, "group": group}
+
+    # -- connections of groups ------------------------------------------------------------
+    def connect(self, conn: int, group: int) -> None:
+        """A shared-memory connection of `group` opened: its batch buffers live."""
+        with self.locked():
+            if self.index.put(CONN, **self._owned(conn, group)) is None:
+                raise ProtocolError(NO_MEMORY, "the pool's index is full: too many open "
+                                               "connections and frames")
+
+    def disconnect(self, conn: int, group: int) -> None:
+        """The connection closed: what it was handed becomes orphaned (its
+        client may still read it), its claims on batch buffers go, its
+        reservations are given back; the group's batch buffers go too if it
+        was the group's last connection."""
+        ix = self.index
+        with self.locked():
+            mine = ix.rows_where((CONN, TRANSFER, RESERVED, BATCH), owner=self.slot, conn=conn)
+            for row in mine[ix.alive(mine)]:
+                state = ix.state[row]
+                if state == BATCH:
+                    ix.owner[row] = -1
+                elif state == TRANSFER:
+                    ix.owner[row] = -1
+                    ix.group[row] = 0
+                    ix.state[row] = ORPHAN
+                else:
+                    ix.state[row] = FREE
+            ix.close_groups((group,), self.held)
+
+    # -- frames of their own ----------------------------------------------------------------
+    def take(self, conn: int, group: int, nbytes: int) -> Tuple[Grant, Optional[Extent]]:
+        """An extent for a frame of `nbytes` handed to a connection, within
+        the budget and the group's fair share."""
+        return self._extent(TRANSFER, extent_size(nbytes), self._owned(conn, group))
+
+    def give(self, extent: Extent, state: int = TRANSFER) -> None:
+        """An extent the client released (its hold went before)."""
+        with self.locked():
+            if self._is(extent, state):
+                self.index.state[extent.row] = FREE
+
+    def orphan(self, extent: Extent) -> None:
+        """An extent a client may still hold (or held when it was to be
+        written): free once nobody does."""
+        with self.locked():
+            if self._is(extent, self.index.state[extent.row]):
+                self.index.owner[extent.row] = -1
+                self.index.group[extent.row] = 0
+                self.index.state[extent.row] = ORPHAN
+
+    def _is(self, extent: Extent, state: int) -> bool:
+        ix = self.index
+        return bool(ix.state[extent.row] == state and ix.ticket[extent.row] == extent.ticket)
+
+    def _extent(self, state: int, size: int, fields: Dict[str, int],
+                from_top: bool = False) -> Tuple[Grant, Optional[Extent]]:
+        """A new extent of `size` in the pool in memory, held by no client."""
+        pool, ix = self.pools[SHM_POOL], self.index
+        with self.locked():
+            grant = ix.grant(fields["group"], size, self.slot, fields["conn"], state == BATCH)
+            if grant is not Grant.GRANTED:
+                return grant, None
+            while True:
+                offset = place(ix, SHM_POOL, pool.size, size, self.held, from_top)
+                if offset is None:
+                    return Grant.WAIT, None
+                held = self.held(SHM_POOL, offset, size)
+                ticket = new_ticket()
+                row = ix.put(ORPHAN if held else state, pool=SHM_POOL, offset=offset,
+                             size=size, ticket=ticket, **(fields if not held else {}))
+                if row is None:
+                    return Grant.WAIT, None
+                if not held:        # else a client of an earlier use still reads there
+                    break
+        extent = Extent(row, SHM_POOL, offset, size, ticket)
+        self.ready(extent)
+        return Grant.GRANTED, extent
+
+    def ready(self, extent: Extent) -> None:
+        """Pages for an extent this worker holds, and its ticket at its end;
+        `no_memory` (the extent given back) when the node has none."""
+        try:
+            self.maps[extent.pool].ready(extent.offset, extent.size)
+        except NoRoom as e:
+            self.give(extent, int(self.index.state[extent.row]))
+            raise ProtocolError(NO_MEMORY, str(e)) from None
+        self.maps[extent.pool].stamp(extent.offset, extent.size, extent.ticket)
+
+    # -- budget alone ---------------------------------------------------------------------
+    def reserve(self, conn: int, group: int, nbytes: int) -> Tuple[Grant, Optional[int]]:
+        """Budget for a frame that lives elsewhere (inline, a legacy segment):
+        the row to give back with `unreserve`."""
+        size = round_up(nbytes)
+        with self.locked():
+            grant = self.index.grant(group, size, self.slot, conn)
+            if grant is not Grant.GRANTED:
+                return grant, None
+            row = self.index.put(RESERVED, pool=-1, size=size, ticket=new_ticket(),
+                                 **self._owned(conn, group))
+            return (Grant.GRANTED, row) if row is not None else (Grant.WAIT, None)
+
+    def unreserve(self, row: int) -> None:
+        with self.locked():
+            if self.index.state[row] == RESERVED and self.index.owner[row] == self.slot:
+                self.index.state[row] = FREE
+
+    # -- batch buffers ----------------------------------------------------------------------
+    def batch(self, conn: int, group: int, nbytes: int) -> Tuple[Grant, Optional[Extent]]:
+        """A batch buffer of at least `nbytes` for a connection of `group`: the
+        smallest idle one of the group's (claimed by no connection, held by no
+        client), else a new one from the top of the pool."""
+        size = extent_size(nbytes)
+        ix = self.index
+        with self.locked():
+            idle = ix.rows_where((BATCH,), group=group, owner=-1)
+            idle = idle[ix.size[idle] >= size]
+            for row in idle[ix.size[idle].argsort()]:
+                if not self.held(SHM_POOL, int(ix.offset[row]), int(ix.size[row])):
+                    ix.gen[row], ix.conn[row] = self.generation, conn
+                    ix.ticket[row] = new_ticket()
+                    ix.owner[row] = self.slot          # claimed: written last
+                    extent = self._extent_of(int(row))
+                    break
+            else:
+                extent = None
+        if extent is None:
+            return self._extent(BATCH, size, self._owned(conn, group), from_top=True)
+        self.ready(extent)
+        return Grant.GRANTED, extent
+
+    def _extent_of(self, row: int) -> Extent:
+        ix = self.index
+        return Extent(row, int(ix.pool[row]), int(ix.offset[row]), int(ix.size[row]),
+                      int(ix.ticket[row]))
+
+    def find_batch(self, ticket: int, group: int) -> Extent:
+        """The group's batch buffer of this ticket (`bad_arena` for any other)."""
+        with self.locked():
+            rows = self.index.rows_where((BATCH,), group=group, ticket=ticket)
+            if not rows.size:
+                raise ProtocolError(BAD_ARENA, f"{ticket} is not a batch buffer of this "
+                                               f"connection's group (freed, or its group's "
+                                               f"connections all closed?)")
+            return self._extent_of(int(rows[0]))
+
+    def free_batches(self, tickets: Tuple[int, ...], group: int) -> List[int]:
+        """Give back batch buffers of the group; the tickets that were not one."""
+        bad = []
+        with self.locked():
+            for ticket in tickets:
+                rows = self.index.rows_where((BATCH,), group=group, ticket=ticket)
+                if not rows.size:
+                    bad.append(ticket)
+                    continue
+                self.index.owner[rows[0]] = -1
+                self.index.group[rows[0]] = 0
+                self.index.state[rows[0]] = ORPHAN
+            self.index.sweep(self.held)
+        return bad
+
+    # -- idle work --------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Free orphans nobody holds any more."""
+        with self.locked():
+            self.index.sweep(self.held)
+
+    def warm(self) -> bool:
+        """Idle work, one step at a time: take WARM_BYTES more of the pages a
+        frame cache may fill (`warm_target`), then fill this worker's page
+        tables for the pages others took. False once there is nothing left."""
+        with self.locked():
+            start = self.index.count("warmed", WARM_BYTES) - WARM_BYTES
+        if start < self.warm_target:
+            size = min(WARM_BYTES, self.warm_target - start)
+            try:
+                self.maps[SHM_POOL].ready(start, size // PAGE * PAGE)
+            except NoRoom:
+                self.warm_target = 0
+            return True
+        pool = self.pools[SHM_POOL]
+        if self._mapped_to >= pool.size:
+            return False
+        end = min(pool.size, self._mapped_to + WARM_BYTES)
+        self.maps[SHM_POOL].map_taken(self._mapped_to, end)
+        self._mapped_to = end
+        return True
+
+    @contextmanager
+    def writing(self, extent: Extent) -> Iterator[None]:
+        """Write into an extent of this worker's own (a frame, a cache entry
+        being filled), under its exclusive lock: Held if a client of an
+        earlier use still holds some of it."""
+        with self.maps[extent.pool].locked(extent.offset, extent.size, exclusive=True):
+            yield
+
+    @contextmanager
+    def writing_into(self, buffer: Extent, start: int, nbytes: int) -> Iterator[Tuple[Mapping, int]]:
+        """Write `nbytes` at `start` of a batch buffer (as `find_batch` gave it):
+        under a lock shared with its client and the group's other writers,
+        which keeps the memory from going to another use meanwhile. Before
+        writing, the buffer is checked to be what it was (the group's, or
+        given back and not yet reused), without the index's lock: while the
+        range is locked, nobody can give it to another use. Gives the mapping
+        and the offset in the pool."""
+        if start < 0 or start + nbytes > buffer.size - TICKET_BYTES:
+            raise ProtocolError(BAD_ARENA, f"a frame of {nbytes} bytes at offset {start} runs "
+                                           f"past the end of batch buffer {buffer.ticket} "
+                                           f"({buffer.size - TICKET_BYTES} bytes)")
+        mapping, ix = self.maps[buffer.pool], self.index
+        try:
+            with mapping.locked(buffer.offset + start, max(1, nbytes), exclusive=False):
+                if ix.ticket[buffer.row] != buffer.ticket \
+                        or ix.state[buffer.row] not in (BATCH, ORPHAN):
+                    raise Held("the batch buffer went to another use")
+                try:
+                    mapping.ready(buffer.offset + start, nbytes)    # no page faults per page
+                except NoRoom as e:
+                    raise ProtocolError(NO_MEMORY, str(e)) from None
+                yield mapping, buffer.offset + start
+        except Held:
+            raise ProtocolError(BAD_ARENA, f"batch buffer {buffer.ticket} was given back") \
+                from None
