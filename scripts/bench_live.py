@@ -116,7 +116,7 @@ class Follow(threading.Thread):
 def figures(follow: Follow, written: Dict[float, float]) -> Dict[str, Any]:
     """Latency (median, p99, max; p99 also past the run's first STARTUP
     seconds, where a worker's first read of a detector sets psana up) and
-    lag at each quarter of the run; every event's latency and lag."""
+    lag at each quarter of the run."""
     if follow.error is not None:
         raise follow.error
     events = [got["event"] for got in follow.got]
@@ -129,8 +129,7 @@ def figures(follow: Follow, written: Dict[float, float]) -> Dict[str, Any]:
             "latency_p99_s": float(np.percentile(latency, 99)),
             "latency_p99_after_startup_s": float(np.percentile(latency[later], 99)),
             "latency_max_s": float(latency.max()), "lag_max": int(lags.max()),
-            "lag_mean_by_quarter": quarters, "skipped": follow.skipped, "ended": follow.reason,
-            "latencies_ms": [round(1e3 * t, 1) for t in latency], "lags": lags.tolist()}
+            "lag_mean_by_quarter": quarters, "skipped": follow.skipped, "ended": follow.reason}
 
 
 def followed(address: Any, python: str, data: Path, calib: Path, run: int, events: int,

@@ -73,9 +73,10 @@ def test_dataloader_workers_and_ranks_split_a_growing_run_without_repeats(tmp_pa
     assert first["event"].tolist() == [0, 2] and frames.shape == (2, 1, 185, 388)
     events = [e for meta in found for e in meta["event"].tolist()]
     assert sorted(events) == list(range(EVENTS))
-    for rank in range(2):
+    for rank in range(2):     # rank 0's batches written in place in the pool, rank 1's copied
         loader = BatchLoader(server.address, EXP, RUN, "cspad", "raw", batch_size=3,
-                             rank=rank, world_size=2, follow={"timeout": 60}, output="numpy")
+                             rank=rank, world_size=2, follow={"timeout": 60}, output="numpy",
+                             arenas=rank == 0)
         with pytest.raises(TypeError):
             len(loader)
         batches = [np.array(batch) for batch in loader]
