@@ -12,11 +12,11 @@ from .connection import Client, Frame
 from .optional import require
 
 __all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "RunDataset",
-           "BatchLoader", "ElasticSampler", "ResumableDataLoader"]
+           "BatchLoader", "ElasticSampler", "ResumableDataLoader", "LiveRunDataset"]
 _LAZY = {"IPCRemotePsanaDataset": ".dataset", "RunDataset": ".dataset",
          "BatchLoader": ".batch_loader", "ElasticSampler": ".sampler",
-         "ResumableDataLoader": ".resumable_loader"}
-_NEED_TORCH = (".dataset", ".sampler", ".resumable_loader")
+         "ResumableDataLoader": ".resumable_loader", "LiveRunDataset": ".live_dataset"}
+_NEED_TORCH = (".dataset", ".sampler", ".resumable_loader", ".live_dataset")
 
 
 def __getattr__(name: str) -> Any:

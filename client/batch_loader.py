@@ -35,11 +35,19 @@ records as numpy arrays, values whose shape varies padded with zeros to the
 batch's largest; `skip_incomplete` also leaves out the events lacking a
 field's detector, as LCLStreamer's skip_incomplete_events. `event_codes` and
 `step` choose events by the timing system's codes and by scan step.
+
+Live runs: with `follow`, the loader follows the run while the DAQ writes it
+(client/follow.py): each batch is the next `batch_size` events of the
+detector as they are written (policy "every"), or the newest ones (policy
+"latest", the others skipped and counted); iteration ends with the run.
+Ranks split the stream (rank r takes every world-th event from the r-th),
+nothing is asked ahead, and `follower` tells the lag, the skips and why the
+follow ended.
 """
 import math
 import warnings
 import functools
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -49,6 +57,7 @@ from psana_ipc.protocol.messages import frame_nbytes
 from .batch_ring import BatchRing, Buffer, GroupBuffers, MemfdBuffer, PoolBuffer
 from .connection import Client, Codes, Frame, chosen_events, decode_values, stack_values
 from .distributed import rank_and_world
+from .follow import TIMEOUT, Follower, written_info
 from .group import ConnectionGroup
 from .optional import require
 from .position import EpochCursor
@@ -123,6 +132,9 @@ class BatchLoader:
             pool, False to always copy, None (default) for in place wherever
             it can be had (see the module docstring); never with
             `skip_incomplete`.
+        follow: True to follow the run as it is written (see the module
+            docstring), or a dict of `Client.follow`'s options (start, policy,
+            timeout, next_runs, poll); not with `events`, `shuffle` or `step`.
 
     Raises:
         ValueError: a bad option, or a mode the detector does not have.
@@ -140,7 +152,11 @@ class BatchLoader:
                  progress: bool = False, read_ahead: int = 8,
                  fields: Optional[Sequence[str]] = None, skip_incomplete: bool = False,
                  arenas: Optional[bool] = None, event_codes: Codes = None,
-                 step: Optional[int] = None, padding: str = "none") -> None:
+                 step: Optional[int] = None, padding: str = "none",
+                 follow: Union[bool, Dict[str, Any]] = False) -> None:
+        if follow and (events is not None or shuffle or step is not None):
+            raise ValueError("a followed run is read in order as it is written: neither "
+                             "events, shuffle nor step")
         if output not in ("torch", "numpy"):
             raise ValueError("output must be 'torch' or 'numpy'")
         if batch_size < 1 or depth < 1 or buffers < 0 or read_ahead < 0:
@@ -166,15 +182,23 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         window = min(64, max(8, 2 * batch_size))
         self.group = ConnectionGroup(address, connections, transport=transport, window=window)
-        info = self.group.clients[0].info(exp, run, detector)
+        self.follow = dict(follow) if isinstance(follow, dict) else ({} if follow else None)
+        self.event_codes = event_codes
+        self.follower: Optional[Follower] = None     # the follow of the last iteration
+        if self.follow is None:
+            info = self.group.clients[0].info(exp, run, detector)
+        else:
+            info = written_info(self.group.clients[0], exp, run, detector, mode,
+                                self.follow.get("timeout", TIMEOUT))
         spec = info["modes"].get(mode)
         if spec is None:
             raise ValueError(f"{detector} has no {mode!r} mode; it has {sorted(info['modes'])}")
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
         self.padding = padding
-        self.events = chosen_events(self.group.clients[0], exp, run, detector, events, fields,
-                                    skip_incomplete, event_codes, step)
+        self.events = [] if self.follow is not None else chosen_events(
+            self.group.clients[0], exp, run, detector, events, fields, skip_incomplete,
+            event_codes, step)
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not skip_incomplete else False
@@ -223,6 +247,8 @@ class BatchLoader:
         return [self.events[p] for p in self._cursor.share()]
 
     def __len__(self) -> int:
+        if self.follow is not None:
+            raise TypeError("a followed run's length is known only once it has ended")
         return math.ceil(len(self._cursor.share()) / self.batch_size)
 
     # -- buffers --------------------------------------------------------------------------
@@ -279,11 +305,25 @@ class BatchLoader:
         return torch.from_numpy(batch)
 
     # -- iteration ------------------------------------------------------------------------
-    def _batches(self, lease: bool = True) -> Iterator[Tuple[List[int], Optional[Batch]]]:
-        """(events, the batch) with `depth` batches asked ahead, each written in
-        place into its buffer where the ring's buffers are in the server's pool
-        (with `lease`; without, only the requests). Abandoning it mid-epoch
-        drops the connections, which frees what they held."""
+    def _submit(self, run: int, events: List[int], lease: bool) -> Batch:
+        """Ask for one batch, written in place into its buffer where the ring's
+        buffers are in the server's pool (with `lease`; without, only the
+        requests)."""
+        buffer, array = self._lease(len(events)) if lease else (None, None)
+        into = (functools.partial(buffer.into, frame_shape=self.frame_shape, dtype=self.dtype)
+                if isinstance(buffer, PoolBuffer) else None)
+        return Batch(array, self.group.submit(self.exp, run, self.detector, events, self.mode,
+                                              self.access_mode, self.fields,
+                                              self.skip_incomplete, into=into),
+                     into is not None)
+
+    def _batches(self, lease: bool = True) -> Iterator[Tuple[List[int], Batch]]:
+        """(events, the batch) with `depth` batches asked ahead (see `_submit`).
+        Abandoning it mid-epoch drops the connections, which frees what they
+        held."""
+        if self.follow is not None:
+            yield from self._followed(lease)
+            return
         order = [self.events[p] for p in self._cursor.begin()]
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         in_flight: List[Batch] = []
@@ -292,23 +332,37 @@ class BatchLoader:
         try:
             for k, events in enumerate(batches):
                 while len(in_flight) < self.depth and k + len(in_flight) < len(batches):
-                    ahead = batches[k + len(in_flight)]
-                    buffer, array = self._lease(len(ahead)) if lease else (None, None)
-                    into = (functools.partial(buffer.into, frame_shape=self.frame_shape,
-                                              dtype=self.dtype)
-                            if isinstance(buffer, PoolBuffer) else None)
-                    in_flight.append(Batch(array, self.group.submit(
-                        self.exp, self.run, self.detector, ahead, self.mode, self.access_mode,
-                        self.fields, self.skip_incomplete, into=into), into is not None))
+                    in_flight.append(self._submit(self.run, batches[k + len(in_flight)], lease))
                 hinted = self._hint(batches, hinted, k + len(in_flight))
                 yield events, in_flight.pop(0)
             completed = True
             self._cursor.finished()
         finally:
-            if completed:
-                self.group.flush_releases()
-            else:
-                self.close()
+            self._end_iteration(completed)
+
+    def _end_iteration(self, completed: bool) -> None:
+        """A completed iteration sends its releases; one abandoned drops the
+        connections, which frees what they held."""
+        if completed:
+            self.group.flush_releases()
+        else:
+            self.close()
+
+    def _followed(self, lease: bool) -> Iterator[Tuple[List[int], Batch]]:
+        """As `_batches`, for a run followed as it is written: each batch asked
+        for once its events are (see client/follow.py), none ahead."""
+        self.follower = Follower(self.group.clients[0], self.exp, self.run, self.detector,
+                                 self.mode, fields=self.fields,
+                                 skip_incomplete=self.skip_incomplete,
+                                 event_codes=self.event_codes,
+                                 share=(self.rank, self.world_size), **self.follow)
+        completed = False
+        try:
+            for run, events in self.follower.batches(self.batch_size):
+                yield events, self._submit(run, events, lease)
+            completed = True
+        finally:
+            self._end_iteration(completed)
 
     def _hint(self, batches: List[List[int]], hinted: int, submitted: int) -> int:
         """Keep the server told of the `read_ahead` batches after those
@@ -371,7 +425,8 @@ class BatchLoader:
         if not self.progress:
             return None
         tqdm = require("tqdm.auto", "torch", "BatchLoader(progress=True)").tqdm
-        return tqdm(total=len(self._order()), unit=" frames",
+        total = None if self.follow is not None else len(self._order())
+        return tqdm(total=total, unit=" frames",
                     desc=f"{self.detector} epoch {self.epoch}")
 
     def views(self) -> Iterator[List[Frame]]:

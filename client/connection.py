@@ -34,6 +34,7 @@ from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameRe
 
 from . import pool
 from .discovery import find_token, resolve_address
+from .follow import Follower
 from .pool import Hold, Pools
 from .wire import ConnectionClosed, recv_message, send_message, socket_family
 
@@ -479,6 +480,17 @@ class Client:
             return []
         return [{"index": k, "events": range(*bounds), "values": decode_values(values)}
                 for k, (bounds, values) in enumerate(zip(found["steps"], found["values"]))]
+
+    def follow(self, exp: str, run: int, detector: str, mode: str = "calib", start: int = 0,
+               **options: Any) -> Follower:
+        """A run followed while the DAQ writes it: iterate it for its events
+        in order as they land (`LiveEvent`: run, event, frame, timestamp,
+        lag, skipped, values), from event `start`; the iteration ends with
+        the run, and `reason` says why. Options (see client/follow.py):
+        policy "every" or "latest", timeout (seconds a run may stop growing
+        without an EndRun, or take to begin), next_runs, fields,
+        skip_incomplete, event_codes, share (k, n), poll."""
+        return Follower(self, exp, run, detector, mode, start, **options)
 
     def stats(self) -> Dict[str, Any]:
         """The server's counters: workers, connections, requests, events, bytes,

@@ -22,6 +22,7 @@ MAX_FIELDS = 64
 MAX_DIMS = 8
 REDUCERS = ("sum", "list", "count")
 MAX_CODES = 64
+MAX_FOLLOWED = 2048     # events one answer to follow lists
 
 
 def _field(header: Dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -148,6 +149,33 @@ class Info:
         header = {"op": "info", "id": rid, "exp": self.exp, "run": self.run}
         _optional(header, detector=self.detector, present=self.present or None,
                   codes=self.codes.to_json() if self.codes is not None else None)
+        return header
+
+
+@dataclass(frozen=True)
+class Follow:
+    """Where a run stands, and the events holding `detector` past event
+    `after` (at most MAX_FOLLOWED of them; with `codes`, only those the event
+    codes choose), answered at once: a client following a run as it is
+    written asks again, past the last event it got. With `next_run`, the
+    answer also names the experiment's next run that has data."""
+    exp: str
+    run: int
+    detector: str
+    after: int = -1
+    codes: Optional[CodeFilter] = None
+    next_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.after < -1:
+            raise ProtocolError(BAD_REQUEST, "after must be an event index, or -1 for the "
+                                             "run's start")
+
+    def to_header(self, rid: int) -> Dict[str, Any]:
+        header = {"op": "follow", "id": rid, "exp": self.exp, "run": self.run,
+                  "detector": self.detector, "after": self.after}
+        _optional(header, codes=self.codes.to_json() if self.codes is not None else None,
+                  next_run=self.next_run or None)
         return header
 
 
@@ -340,7 +368,7 @@ class FreeArenas:
 
 
 Request = Union[Hello, Info, Get, Prefetch, MakeArena, FreeArenas, Release, Ping, Stats,
-                Shutdown]
+                Shutdown, Follow]
 
 
 def _optional(header: Dict[str, Any], **fields: Any) -> None:
@@ -414,6 +442,9 @@ _PARSERS = {
     "ping": lambda h: Ping(),
     "stats": lambda h: Stats(),
     "shutdown": lambda h: Shutdown(_field(h, "token", str, None)),
+    "follow": lambda h: Follow(_field(h, "exp", str), _field(h, "run", int),
+                               _field(h, "detector", str), _field(h, "after", int, -1), _codes(h),
+                               _field(h, "next_run", bool, False)),
 }
 
 

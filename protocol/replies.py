@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
 from .errors import BAD_FRAME, ProtocolError
-from .messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch, Release,
-                       Request, Shutdown, Stats, request_id)
+from .messages import (Follow, FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
+                       Release, Request, Shutdown, Stats, request_id)
 
 _MISSING = object()
 
@@ -364,8 +364,44 @@ class ArenaWritten:
                    tuple(WrittenFrame.from_fields(f) for f in _want(h, "frames", list)))
 
 
+@dataclass(frozen=True)
+class RunProgress:
+    """The answer to follow: the detector's events past the one asked
+    (`events`, in order), how many of its events come before the first of
+    them (`position`) and how many there are so far (`held`); the run's
+    events so far, whether it may still grow (`live`), why it cannot
+    (`ended`: "end_run", "renamed", "finished"; "" while live), the seconds
+    since it last grew (`idle`), and the experiment's next run with data
+    when asked (`next_run`, -1 for none)."""
+    rid: int
+    events: Tuple[int, ...]
+    position: int
+    held: int
+    run_events: int
+    live: bool
+    ended: str
+    idle: float
+    next_run: int = -1
+
+    last = True
+
+    def to_header(self) -> Dict[str, Any]:
+        header = _reply_header(self.rid)
+        header.update(events=list(self.events), position=self.position, held=self.held,
+                      run_events=self.run_events, live=self.live, ended=self.ended,
+                      idle=self.idle, next_run=self.next_run)
+        return header
+
+    @classmethod
+    def from_header(cls, h: Dict[str, Any]) -> "RunProgress":
+        return cls(request_id(h), _ints(h, "events"), _want(h, "position", int),
+                   _want(h, "held", int), _want(h, "run_events", int), _want(h, "live", bool),
+                   _want(h, "ended", str), float(_want(h, "idle", (int, float))),
+                   _want(h, "next_run", int))
+
+
 Reply = Union[ErrorReply, Welcome, InfoReply, Queued, Pong, StatsReply, Stopping, ArenaMade,
-              Skipped, FrameReply, ArenaWritten]
+              Skipped, FrameReply, ArenaWritten, RunProgress]
 _ENVELOPE = frozenset(("ok", "id"))
 _FRAME_REPLY = _ENVELOPE | _DESC | {"seq", "event", "done", "nbytes"} \
     | set(InPool.__dataclass_fields__)
@@ -387,6 +423,7 @@ _PARSERS = {
     Ping: Pong.from_header,
     Stats: StatsReply.from_header,
     Shutdown: Stopping.from_header,
+    Follow: RunProgress.from_header,
 }
 NO_REPLY = (Release, FreeArenas)     # answered only when they fail
 

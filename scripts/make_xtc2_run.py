@@ -72,6 +72,21 @@ record at all for the other events, as the DAQ writes it.
 before a step's first event and an EndStep after its last, as psana's
 `run.steps()` reads them; the scan detector's BeginSteps hold its variables.
 
+`--panel-streams N` spreads each area detector's panels over N streams of
+consecutive panels (the DAQ reads a large detector out through several
+nodes, each writing a stream); psana joins the segments of every stream.
+
+`--live RATE` writes the run as the DAQ does while it takes data
+(live_writer.py): event by event at RATE Hz (0: as fast as it can), every
+stream's record then its small data (byte for byte what smdwriter makes of
+the finished stream), all files named `<name>.inprogress` and renamed when
+done (a chunk file when the stream moves on, the rest after EndRun). It
+refuses to write over an existing run, and ends with the rate it sustained
+and the one its writing allows. `--times FILE` logs `event time` once each
+event is written in every stream; `--stop-after N ...` stops it (SIGSTOP)
+once N events are written (N = -n: before EndRun), as a paused DAQ, until
+SIGCONT. Constants (`--calib-dir`) are written before the run begins.
+
 `--calib-dir CDIR` writes offline constants in the layout the psana2 source
 reads with `--calib-dir`:
 
@@ -89,10 +104,12 @@ the source prefers for that run: runs with different constants side by side.
 Without --gain-bits every pixel is in gain range 0, so calib = (raw - pedestal) / gain.
 """
 import argparse
+import functools
 import shutil
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -101,7 +118,9 @@ from psana.dgramedit import AlgDef, DetectorDef, DgramEdit
 from psana.psexp import TransitionId
 
 from psana_ipc.server.sources.synthetic import DETECTORS, expected, timestamp_of
-from psana_ipc.server.sources.xtc2_record import RECORD_HEADER
+from psana_ipc.server.sources.xtc2_record import RECORD_HEADER, record_size, service_of
+
+from live_writer import Record, chunk_path, split_records, write_live
 
 # name -> psana detector type, version of its `raw` data (psana picks the class
 # <type>_raw_<major>_<minor>_<micro>) and gain ranges its constants hold
@@ -158,16 +177,16 @@ def smdwriter() -> str:
     return found
 
 
-def declare(config: DgramEdit, detector: str, node: int) -> List:
-    """Declare one segment per panel in the Configure record; epix10ka also
-    needs its per-pixel gain configuration there for calib to work."""
+def declare(config: DgramEdit, detector: str, node: int, panels: Sequence[int]) -> List:
+    """Declare one segment per panel of `panels` in the Configure record;
+    epix10ka also needs its per-pixel gain configuration there for calib to
+    work. Returns (panel, names) pairs."""
     dettype, version, _ = PSANA_TYPES[detector]
-    panels = DETECTORS[detector][0][0]
     segments = []
-    for seg in range(panels):
+    for seg in panels:
         serial = DetectorDef(detector, dettype, f"{detector}-panel-{seg:02d}")
-        segments.append(config.Detector(serial, AlgDef("raw", *version), {"raw": (np.uint16, 2)},
-                                        nodeId=node, segment=seg))
+        segments.append((seg, config.Detector(serial, AlgDef("raw", *version),
+                                              {"raw": (np.uint16, 2)}, nodeId=node, segment=seg)))
         if dettype == "epix10ka":
             cfg = config.Detector(serial, AlgDef("config", *version),
                                   {"asicPixelConfig": (np.uint8, 3), "trbit": (np.uint8, 1)},
@@ -297,10 +316,17 @@ def event_data(detector: str, segments: List, event: int, gain_bits: int) -> Ite
             setattr(names.raw, field, field_value(detector, field, event))
         yield names.raw
         return
-    raw = expected(detector, "raw", event) | np.uint16(gain_bits)
-    for seg, names in enumerate(segments):
+    raw = area_raw(detector, event, gain_bits)
+    for seg, names in segments:
         names.raw.raw = raw[seg]
         yield names.raw
+
+
+@functools.lru_cache(maxsize=1)
+def area_raw(detector: str, event: int, gain_bits: int) -> np.ndarray:
+    """An area detector's raw frame of an event, made once for all the
+    streams its panels are spread over (the live writer makes them in turn)."""
+    return expected(detector, "raw", event) | np.uint16(gain_bits)
 
 
 def record_bytes(detector: str) -> int:
@@ -327,22 +353,38 @@ def parse_rate(text: str) -> Tuple[str, Callable[[int], bool]]:
     return detector, lambda e: e >= first and (e - first) % every == 0
 
 
-def chunk_path(path: Path, chunk: int) -> Path:
-    """The stream's file for chunk `chunk`: ...-c000.xtc2 -> ...-c001.xtc2."""
-    return path.with_name(path.name.replace("-c000.", f"-c{chunk:03d}."))
+@dataclass(frozen=True)
+class Stream:
+    """One stream of the run: its detector, its number, and for an area
+    detector the panels it holds (the DAQ may read one detector out through
+    several nodes, each writing a stream)."""
+    detector: str
+    index: int
+    panels: Tuple[int, ...] = ()
+
+    @property
+    def node(self) -> int:
+        return self.index + 1
+
+    def name(self, exp: str, run: int, chunk: int = 0) -> str:
+        """The DAQ's name of the stream's chunk file."""
+        return f"{exp}-r{run:04d}-s{self.index:03d}-c{chunk:03d}.xtc2"
 
 
-def write_stream(path: Path, detector: str, exp: str, run: int, events: int, node: int,
-                 gain_bits: int, chunk_events: int = 0,
-                 present: Callable[[int], bool] = every_event,
-                 slow_updates: Sequence[int] = (), steps: Sequence[int] = ()) -> List[Path]:
-    """Configure, BeginRun (with exp/run), the L1Accepts of the `events`
-    that `present` selects, each preceded by a SlowUpdate if listed in
-    `slow_updates` (holding the PVs for epics, which has no L1Accepts), EndRun;
-    step k from event `steps[k]` on, between a BeginStep (holding the scan's
-    variables for scan, which has no L1Accepts either) and an EndStep; split
-    into chunk files of `chunk_events` events if it is not 0. Returns the
-    files written, chunk 0 first."""
+def stream_steps(stream: Stream, exp: str, run: int, events: int, gain_bits: int,
+                 chunk_events: int = 0, present: Callable[[int], bool] = every_event,
+                 slow_updates: Sequence[int] = (), steps: Sequence[int] = ()
+                 ) -> Iterator[List[Record]]:
+    """A stream's records, one list per step of writing: first Configure and
+    BeginRun (with exp/run), then for each of the `events` the transitions
+    before it and its L1Accept if `present` selects it, last EndRun, so
+    every stream yields events + 2 lists. A SlowUpdate precedes each event
+    listed in `slow_updates` (holding the PVs for epics, which has no
+    L1Accepts); step k runs from event `steps[k]` on, between a BeginStep
+    (holding the scan's variables for scan, which has no L1Accepts either)
+    and an EndStep; with `chunk_events`, a new chunk file every that many
+    events: a Disable, then in the new file Configure and an Enable naming it."""
+    detector, node = stream.detector, stream.node
     bufsize = record_bytes(detector) + HEADROOM
     buf = bytearray(bufsize)
     t0 = timestamp_of(0) - (1 << 32)
@@ -353,14 +395,18 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
                                 AlgDef("chunkinfo", 0, 0, 1),
                                 {"filename": (str, 1), "chunkid": (np.uint32, 0)},
                                 nodeId=node, segment=0) if chunk_events else None
-    declared = declare_hsd if detector == "hsd" else (
-        declare_fields if detector in FIELD_TYPES else declare)
-    segments = declared(config, detector, node)
-    files = [path]
+    if detector == "hsd":
+        segments = declare_hsd(config, detector, node)
+    elif detector in FIELD_TYPES:
+        segments = declare_fields(config, detector, node)
+    else:
+        segments = declare(config, detector, node, stream.panels)
+    chunk = 0
+    step: List[Record] = []
 
     def emit(dgram: DgramEdit) -> None:
         dgram.save(buf)
-        out.write(buf[:dgram.size])
+        step.append(Record(chunk, bytes(buf[:dgram.size])))
 
     def emit_transition(transition: int, ts: int, holder: str = "", index: int = 0) -> None:
         """A transition (or event); the stream of `holder` puts its data of
@@ -373,57 +419,77 @@ def write_stream(path: Path, detector: str, exp: str, run: int, events: int, nod
         emit(dgram)
 
     def next_chunk(e: int) -> None:
-        """Disable, then a new chunk file: Configure, Enable naming the file."""
-        nonlocal out
+        nonlocal chunk
         emit_transition(TransitionId.Disable, timestamp_of(e) - 3)
-        out.close()
-        files.append(chunk_path(path, len(files)))
-        out = open(files[-1], "wb")
+        chunk += 1
         emit(config)
         enable = DgramEdit(transition_id=TransitionId.Enable, config_dgramedit=config,
                            ts=timestamp_of(e) - 2, bufsize=bufsize)
-        chunkinfo.chunkinfo.filename = files[-1].name
-        chunkinfo.chunkinfo.chunkid = len(files) - 1
+        chunkinfo.chunkinfo.filename = stream.name(exp, run, chunk)
+        chunkinfo.chunkinfo.chunkid = chunk
         enable.adddata(chunkinfo.chunkinfo)
         emit(enable)
 
+    emit(config)
+    begin = DgramEdit(transition_id=TransitionId.BeginRun, config_dgramedit=config,
+                      ts=t0 + 1, bufsize=bufsize)
+    runinfo.runinfo.expt = exp
+    runinfo.runinfo.runnum = run
+    begin.adddata(runinfo.runinfo)
+    emit(begin)
+    for e in range(events):
+        yield step
+        step = []
+        if e in steps:
+            k = list(steps).index(e)
+            if k:
+                emit_transition(TransitionId.EndStep, timestamp_of(e) - 6)
+            emit_transition(TransitionId.BeginStep, timestamp_of(e) - 5, "scan", k)
+        if chunk_events and e and e % chunk_events == 0:
+            next_chunk(e)
+        if e in slow_updates:
+            emit_transition(TransitionId.SlowUpdate, timestamp_of(e) - 1, "epics", e)
+        if detector not in TRANSITION_ONLY and present(e):
+            emit_transition(TransitionId.L1Accept, timestamp_of(e), detector, e)
+    yield step
+    step = []
+    if steps:
+        emit_transition(TransitionId.EndStep, timestamp_of(events) - 1)
+    emit_transition(TransitionId.EndRun, timestamp_of(events))
+    yield step
+
+
+def plan_streams(detectors: Sequence[str], panel_streams: int) -> List[Stream]:
+    """The run's streams: the area detectors', each spread over `panel_streams`
+    streams of consecutive panels, then one per other detector."""
+    area = [d for d in detectors if d in PSANA_TYPES]
+    if area and not 1 <= panel_streams <= min(DETECTORS[d][0][0] for d in area):
+        raise ValueError("--panel-streams: from 1 to the panels of the smallest area detector")
+    planned: List[Tuple[str, Tuple[int, ...]]] = []
+    for detector in area:
+        panels = DETECTORS[detector][0][0]
+        planned += [(detector, tuple(int(p) for p in share))
+                    for share in np.array_split(np.arange(panels), panel_streams)]
+    planned += [(detector, ()) for detector in detectors if detector not in area]
+    return [Stream(detector, index, panels) for index, (detector, panels) in enumerate(planned)]
+
+
+def write_stream(path: Path, records: Iterator[List[Record]]) -> List[Path]:
+    """Write a stream's records into its chunk files (`path` is chunk 0's);
+    returns the files written, chunk 0 first."""
+    files = [path]
     out = open(path, "wb")
     try:
-        emit(config)
-        begin = DgramEdit(transition_id=TransitionId.BeginRun, config_dgramedit=config,
-                          ts=t0 + 1, bufsize=bufsize)
-        runinfo.runinfo.expt = exp
-        runinfo.runinfo.runnum = run
-        begin.adddata(runinfo.runinfo)
-        emit(begin)
-        for e in range(events):
-            if e in steps:
-                step = list(steps).index(e)
-                if step:
-                    emit_transition(TransitionId.EndStep, timestamp_of(e) - 6)
-                emit_transition(TransitionId.BeginStep, timestamp_of(e) - 5, "scan", step)
-            if chunk_events and e and e % chunk_events == 0:
-                next_chunk(e)
-            if e in slow_updates:
-                emit_transition(TransitionId.SlowUpdate, timestamp_of(e) - 1, "epics", e)
-            if detector not in TRANSITION_ONLY and present(e):
-                emit_transition(TransitionId.L1Accept, timestamp_of(e), detector, e)
-        if steps:
-            emit_transition(TransitionId.EndStep, timestamp_of(events) - 1)
-        emit_transition(TransitionId.EndRun, timestamp_of(events))
+        for step in records:
+            for record in step:
+                if record.chunk == len(files):
+                    out.close()
+                    files.append(chunk_path(path, record.chunk))
+                    out = open(files[-1], "wb")
+                out.write(record.data)
     finally:
         out.close()
     return files
-
-
-def record_sizes(data: bytes) -> List[int]:
-    """The size of every record of an XTC2 file, in file order."""
-    sizes, offset = [], 0
-    while offset < len(data):
-        extent, = struct.unpack_from("<I", data, offset + EXTENT_AT)
-        sizes.append(RECORD_HEADER + extent)
-        offset += sizes[-1]
-    return sizes
 
 
 def write_smalldata(files: List[Path], smd: Path, tool: str) -> None:
@@ -437,7 +503,7 @@ def write_smalldata(files: List[Path], smd: Path, tool: str) -> None:
                            stdout=subprocess.DEVNULL)
             data = part.read_bytes()
             part.unlink()
-            out.write(data if chunk == 0 else data[record_sizes(data)[0]:])
+            out.write(data if chunk == 0 else data[record_size(data):])
 
 
 def corrupt_event(files: List[Path], event: int) -> Path:
@@ -447,16 +513,15 @@ def corrupt_event(files: List[Path], event: int) -> Path:
     for path in files:
         data = bytearray(path.read_bytes())
         offset = 0
-        for size in record_sizes(data):
-            env, = struct.unpack_from("<I", data, offset + 8)
-            if (env >> 24) & 0xF == TransitionId.L1Accept:
+        for record in split_records(bytes(data)):
+            if service_of(record) == TransitionId.L1Accept:
                 if seen == event:
-                    claimed = size - RECORD_HEADER + CORRUPTION
+                    claimed = len(record) - RECORD_HEADER + CORRUPTION
                     struct.pack_into("<I", data, offset + EXTENT_AT, claimed)
                     path.write_bytes(data)
                     return path
                 seen += 1
-            offset += size
+            offset += len(record)
     raise SystemExit(f"--corrupt-event {event}: the run has only {seen} events")
 
 
@@ -531,6 +596,16 @@ def main(argv: List[str] = None) -> int:
                         help="also write pixel_status with every Nth pixel bad")
     parser.add_argument("--pixel-offset", type=float, metavar="X",
                         help="also write jungfrau4M's pixel_offset, X for every pixel")
+    parser.add_argument("--panel-streams", type=int, default=1, metavar="N",
+                        help="spread each area detector's panels over N streams (default: 1)")
+    parser.add_argument("--live", type=float, metavar="RATE",
+                        help="write the run as the DAQ does, event by event at RATE Hz (0: as "
+                             "fast as it can), in .inprogress files renamed at its end")
+    parser.add_argument("--times", type=Path, metavar="FILE",
+                        help="with --live: a line 'event time' in FILE once each event is written")
+    parser.add_argument("--stop-after", type=int, nargs="+", default=[], metavar="N",
+                        help="with --live: stop (SIGSTOP) once N events are written (N = -n: "
+                             "before EndRun), as a paused DAQ; SIGCONT goes on")
     args = parser.parse_args(argv)
 
     (args.outdir / "smalldata").mkdir(parents=True, exist_ok=True)
@@ -543,28 +618,45 @@ def main(argv: List[str] = None) -> int:
         parser.error("the scan detector and --steps go together")
     if args.steps > args.events:
         parser.error("--steps: more steps than events")
-    area = [d for d in args.detectors if d in PSANA_TYPES]
-    slow_updates = range(0, args.events, EPICS_EVERY) if "epics" in args.detectors else ()
-    steps = [args.events * k // args.steps for k in range(args.steps)]
-    for stream, detector in enumerate(area + [d for d in args.detectors if d not in area]):
-        base = f"{args.exp}-r{args.run:04d}-s{stream:03d}-c000"
-        present = rates.get(detector, every_event)
-        files = write_stream(args.outdir / f"{base}.xtc2", detector, args.exp, args.run,
-                             args.events, stream + 1, args.gain_bits, args.chunk_events,
-                             present, slow_updates, steps)
-        write_smalldata(files, args.outdir / "smalldata" / f"{base}.smd.xtc2", tool)
-        written = 0 if detector in TRANSITION_ONLY else sum(map(present, range(args.events)))
-        chunks = f" (+{len(files) - 1} chunk files)" if len(files) > 1 else ""
-        print(f"{files[0]}{chunks}: {detector}, {written} of {args.events} events")
-        if (args.corrupt_event is not None and detector not in TRANSITION_ONLY
-                and present(args.corrupt_event)):
-            nth = sum(map(present, range(args.corrupt_event)))   # the stream's nth L1Accept
-            print(f"{corrupt_event(files, nth)}: event {args.corrupt_event} corrupt")
-        if args.calib_dir and detector in PSANA_TYPES:
+    if args.live is not None and (args.live < 0 or args.corrupt_event is not None):
+        parser.error("--live takes a rate >= 0, and no --corrupt-event")
+    if (args.times or args.stop_after) and args.live is None:
+        parser.error("--times and --stop-after go with --live")
+    try:
+        streams = plan_streams(args.detectors, args.panel_streams)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.calib_dir:
+        for detector in dict.fromkeys(d for d in args.detectors if d in PSANA_TYPES):
             folder = args.calib_dir / (f"{args.exp}/r{args.run:04d}" if args.per_run else "") / detector
             for ctype, path in write_constants(folder, detector, args.pedestal, args.gain,
                                                args.bad_pixel_every, args.pixel_offset).items():
                 print(f"{path}: {ctype}")
+    slow_updates = range(0, args.events, EPICS_EVERY) if "epics" in args.detectors else ()
+    steps = [args.events * k // args.steps for k in range(args.steps)]
+    records = [stream_steps(stream, args.exp, args.run, args.events, args.gain_bits,
+                            args.chunk_events, rates.get(stream.detector, every_event),
+                            slow_updates, steps) for stream in streams]
+    names = [stream.name(args.exp, args.run) for stream in streams]
+    if args.live is not None:
+        write_live(args.outdir, list(zip(names, records)), args.events, args.live, tool,
+                   args.times, args.stop_after)
+        return 0
+    for stream, name, stream_records in zip(streams, names, records):
+        detector = stream.detector
+        present = rates.get(detector, every_event)
+        files = write_stream(args.outdir / name, stream_records)
+        write_smalldata(files, args.outdir / "smalldata" / name.replace(".xtc2", ".smd.xtc2"),
+                        tool)
+        written = 0 if detector in TRANSITION_ONLY else sum(map(present, range(args.events)))
+        chunks = f" (+{len(files) - 1} chunk files)" if len(files) > 1 else ""
+        panels = f" panels {stream.panels[0]}-{stream.panels[-1]}" if args.panel_streams > 1 \
+            and stream.panels else ""
+        print(f"{files[0]}{chunks}: {detector}{panels}, {written} of {args.events} events")
+        if (args.corrupt_event is not None and detector not in TRANSITION_ONLY
+                and present(args.corrupt_event)):
+            nth = sum(map(present, range(args.corrupt_event)))   # the stream's nth L1Accept
+            print(f"{corrupt_event(files, nth)}: event {args.corrupt_event} corrupt")
     return 0
 
 

@@ -174,6 +174,7 @@ def serve(options: ServerOptions) -> int:
             ack_timeout=options.ack_timeout, idle_timeout=options.idle_timeout,
             request_timeout=options.request_timeout, cache=cache, door=door_name(door))
         try:
+            factory.prepare_worker()
             return Worker(listener, door, state, slot, ctx, master_pid).run()
         finally:
             factory.close()

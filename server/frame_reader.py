@@ -10,9 +10,10 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 import numpy as np
 
 from psana_ipc.protocol.errors import INTERNAL, READ_FAILED, ProtocolError
-from psana_ipc.protocol.messages import Get, Info, RunKey
+from psana_ipc.protocol.messages import Follow, Get, Info, RunKey
 from psana_ipc.protocol.replies import FrameDesc
 
+from .live import progress
 from .shared_state import Counters
 from .sources.base import (Allocator, FrameMeta, Source, SourceError, SourceFactory,
                            frame_bytes)
@@ -147,7 +148,8 @@ class FrameReader:
                         det["events"] = len(expand(held))
                     if request.present:
                         det["present"] = held
-                return {"detectors": found}
+                state = self.sources.factory.run_state(request.exp, request.run)
+                return dict(state, detectors=found)
             source = self.sources.get(RunKey(request.exp, request.run, request.detector))
             info = source.info()
             held = source.present()
@@ -158,6 +160,12 @@ class FrameReader:
             if request.present:
                 info["present"] = held
             return info
+
+    def follow(self, request: Follow) -> Dict[str, Any]:
+        """Where a run stands and the detector's events past `request.after`
+        (see live.py)."""
+        with self._source_call(f"follow for {request}", INTERNAL):
+            return progress(self.sources, request)
 
     def _chosen(self, request: Info) -> Optional[Set[int]]:
         if request.codes is None:

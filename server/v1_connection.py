@@ -31,8 +31,9 @@ from psana_ipc.protocol.errors import (BAD_ARENA, BAD_SLOT, BUSY, HEADER_TOO_LAR
                                        NO_MEMORY, NOT_FOUND, NOT_READY, UNAUTHORIZED,
                                        UNKNOWN_DETECTOR, UNKNOWN_SOURCE, VERSION, ProtocolError)
 from psana_ipc.protocol.framing import FrameDecoder, encode_frame
-from psana_ipc.protocol.messages import (FreeArenas, Get, Hello, Info, MakeArena, Ping, Prefetch,
-                                         Release, Shutdown, Stats, parse_request, request_id)
+from psana_ipc.protocol.messages import (Follow, FreeArenas, Get, Hello, Info, MakeArena, Ping,
+                                         Prefetch, Release, Shutdown, Stats, parse_request,
+                                         request_id)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
                                         FrameReply, InfoReply, Inline as InlineBytes, InPool,
                                         Pong, Queued, Reply, Skipped, StatsReply, Stopping,
@@ -46,6 +47,7 @@ from .frame_cache import PENDING, Entry
 from .frame_memory import Extent
 from .frame_reader import Frame, frame_desc
 from .groups import group_is_ours, group_key, issue_group
+from .live import follow_reply
 from .placement import Cached, Inline, Own, Place, Placement
 from .pool_index import Grant, refusal
 from .pool_pages import Held
@@ -160,6 +162,8 @@ class V1Connection(Channel):
             self._reply(StatsReply(rid, self.ctx.stats()))
         elif isinstance(request, Shutdown):
             self._shutdown(rid, request)
+        elif isinstance(request, Follow):
+            self._reply(follow_reply(self.ctx.reader, rid, request))
 
     def _authorized(self, token: Optional[str]) -> bool:
         expected = self.ctx.token

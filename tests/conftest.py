@@ -16,7 +16,7 @@ from psana_ipc.protocol.shm_names import parse_lock_name, parse_segment_name
 from psana_ipc.client import server_process
 from psana_ipc.client.server_process import child_pids
 
-pytest_plugins = ["psana2_helpers"]   # the psana2 runs are written once per session
+pytest_plugins = ["psana2_helpers", "live_helpers"]   # psana2 runs, written once per session
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")

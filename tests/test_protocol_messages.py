@@ -12,13 +12,13 @@ from psana_ipc.protocol.framing import FrameDecoder, encode_frame
 from psana_ipc.protocol.legacy import (Done, LegacyError, LegacyFrame, LegacyGet, LegacyMark,
                                        Probe, is_ours, parse_legacy, parse_legacy_reply)
 from psana_ipc.protocol.messages import (MODES, REDUCERS, TRANSPORTS, CodeFilter, FieldRef,
-                                         FreeArenas, Get, Hello, Info, Into, MakeArena, Ping,
-                                         Prefetch, Release, RunKey, Shutdown, Stats, frame_nbytes,
-                                         parse_request)
+                                         Follow, FreeArenas, Get, Hello, Info, Into, MakeArena,
+                                         Ping, Prefetch, Release, RunKey, Shutdown, Stats,
+                                         frame_nbytes, parse_request)
 from psana_ipc.protocol.replies import (ArenaMade, ArenaWritten, ErrorReply, FrameDesc,
                                         FrameReply, InfoReply, Inline, InPool, Pong, Queued,
-                                        Skipped, StatsReply, Stopping, Welcome, WrittenFrame,
-                                        parse_reply)
+                                        RunProgress, Skipped, StatsReply, Stopping, Welcome,
+                                        WrittenFrame, parse_reply)
 
 text = st.text(max_size=20)
 names = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:-",
@@ -71,6 +71,8 @@ requests = st.one_of(
     st.builds(Release, st.lists(ids, max_size=20).map(tuple)),
     st.builds(Ping), st.builds(Stats),
     st.builds(Shutdown, st.none() | text),
+    st.builds(Follow, text, ids, text, st.integers(-1, 2**40), st.none() | code_filters,
+              st.booleans()),
 )
 
 
@@ -103,6 +105,12 @@ def test_a_request_says_only_what_differs_from_its_defaults():
     assert MakeArena(8).to_header(5) == {"op": "arena", "id": 5, "size": 8}
     assert MakeArena(8, wait=False).to_header(5) == {"op": "arena", "id": 5, "size": 8,
                                                      "wait": False}
+    assert Follow("x", 1, "d").to_header(6) == {"op": "follow", "id": 6, "exp": "x", "run": 1,
+                                                "detector": "d", "after": -1}
+    with pytest.raises(ProtocolError) as e:
+        parse_request({"op": "follow", "id": 7, "exp": "x", "run": 1, "detector": "d",
+                       "after": -2})
+    assert e.value.code == errors.BAD_REQUEST
 
 
 def test_event_code_filters_and_batch_values_are_checked_where_they_are_made():
@@ -152,6 +160,9 @@ REPLIES = [
     (st.builds(Skipped, ids, ids, counts, text, dones), any_get),
     (frame_replies, any_get),
     (st.builds(ArenaWritten, ids, counts, st.lists(written, max_size=4).map(tuple)), into_get),
+    (st.builds(RunProgress, ids, st.lists(counts, max_size=8).map(tuple), counts, counts, counts,
+               st.booleans(), text, st.floats(0, 1e9), st.integers(-1, 2**31)),
+     Follow("x", 1, "d")),
     (st.builds(ErrorReply, st.integers(-1, 2**31), st.sampled_from(sorted(errors.ALL_CODES)),
                text, st.none() | dones, st.none() | ids, st.none() | counts), None),
 ]

@@ -9,15 +9,18 @@ an event) or `internal` (while answering `info`).
 """
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from psana_ipc.protocol.errors import BAD_REQUEST, OUT_OF_RANGE, UNKNOWN_MODE, ProtocolError
 from psana_ipc.protocol.messages import CodeFilter, FieldRef, RunKey, frame_nbytes
 
+from .event_ranges import expand
+
 # Gives the memory a frame is written into: (shape, dtype) -> writable array.
 Allocator = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
+FINISHED = "finished"     # why a run does not grow: it was complete when opened
 
 
 def frame_bytes(shape: Tuple[int, ...], dtype: Any) -> int:
@@ -108,6 +111,19 @@ class Source:
         """The events that hold this detector, as [start, stop, step] ranges."""
         return [[0, len(self), 1]]
 
+    def held(self) -> Sequence[int]:
+        """The events that hold this detector, in order."""
+        return expand(self.present())
+
+    def growth(self) -> Dict[str, Any]:
+        """Where this source's run stands: `live` while it may still grow,
+        `ended` why it cannot, its events so far (`run_events`) and the
+        seconds since it last grew (`idle`). Sources of runs that are
+        complete when opened say FINISHED; one reading a run as it is
+        written (psana2, or a source fed by the DAQ's shared memory) says
+        so, and takes in what was written since its last look first."""
+        return {"live": False, "ended": FINISHED, "run_events": len(self), "idle": 0.0}
+
     def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
         """A per-event value of another detector of this source's run, as JSON
         {dtype, shape, data}; read before the frame, so that an event lacking
@@ -143,6 +159,22 @@ class SourceFactory:
         """Detector name -> per-detector info (with its `events`) for `info`
         without a detector."""
         raise NotImplementedError
+
+    def prepare_worker(self) -> None:
+        """Called once in each worker process as it starts, before it serves:
+        a source whose library takes long to import loads it here, so that no
+        request (the first event of a live run, say) waits for it."""
+
+    def run_state(self, exp: str, run: int) -> Dict[str, Any]:
+        """What run-level `info` says of a run besides its detectors: for a
+        run that may grow, the keys of `Source.growth`; nothing for sources
+        whose runs are complete when opened."""
+        return {}
+
+    def next_run(self, exp: str, run: int) -> Optional[int]:
+        """The experiment's next run that has data (a follow may go on to
+        it), or None (also where the source cannot tell)."""
+        return None
 
     def events_with_codes(self, exp: str, run: int, codes: CodeFilter) -> List[int]:
         """The events of a run that the timing system's event codes choose."""

@@ -51,7 +51,7 @@ import numpy as np
 from psana_ipc.protocol.errors import NO_DATA
 from psana_ipc.protocol.messages import CodeFilter, FieldRef, RunKey
 
-from .base import FrameMeta, Source, SourceError, SourceFactory
+from .base import FrameMeta, FrameSpec, Source, SourceError, SourceFactory
 from . import psana2_location
 from .event_ranges import as_ranges
 from .psana2_detectors import (AREA, DIGITIZER, DIGITIZER_MODES, field_names, frame_method,
@@ -60,7 +60,7 @@ from .psana2_detectors import (AREA, DIGITIZER, DIGITIZER_MODES, field_names, fr
 from .psana2_env import STEP, STORES, pseudo_frames, step_info, store_info
 from .psana2_field_source import FieldSource, is_field
 from .psana2_fields import field_json
-from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun
+from .psana2_run import ARRAY_SUFFIX, GEOMETRY_FILE, OpenRun, datasource_class
 from .psana2_values import sorted_channels, to_array
 from .psana_common import PsanaDetectorSource, check_data_dir
 
@@ -90,6 +90,7 @@ class Psana2Source(PsanaDetectorSource):
         self._held = opened.events_of(detector)
         self._mask: Optional[np.ndarray] = None
         self._mask_read = False
+        self._sampled = 0          # events holding the detector when shapes were looked for
         calibrated = self.kind != AREA or "pedestals" in opened.constants(detector)
         super().__init__(detector, calibrated, self.kind == AREA and geometry_fits(iface))
 
@@ -100,6 +101,27 @@ class Psana2Source(PsanaDetectorSource):
         iface = self._det.use()
         offered = offered_modes(iface, has_mask=True)
         return tuple(m for m in offered if m != "mask" or self.mask(None) is not None)
+
+    def spec(self, mode: str) -> Optional[FrameSpec]:
+        """As for any psana source; in a live run, modes without a shape yet
+        are looked for again once more events hold the detector (up to
+        SAMPLE_EVENTS of them): none may have held it, or a digitizer's
+        waveforms, when they were first looked for."""
+        sampled = len(self.sample_events())
+        if sampled > self._sampled:
+            self._specs = {m: found for m, found in self._specs.items() if found is not None}
+            self._sampled = sampled
+        return super().spec(mode)
+
+    def check_range(self, index: int) -> None:
+        self._opened.reach(index)
+        super().check_range(index)
+
+    def growth(self) -> Dict[str, Any]:
+        return self._opened.state()
+
+    def held(self) -> List[int]:
+        return self._held
 
     def check(self, index: int, mode: str) -> None:
         """Also no_data for an event without the detector, or without a
@@ -119,9 +141,11 @@ class Psana2Source(PsanaDetectorSource):
 
     def info(self) -> Dict[str, Any]:
         """Events counts those that hold the detector; run_events all of the
-        run's; a digitizer's channels are listed in the order its frames stack
-        them, as [segment, channel]."""
-        info = dict(super().info(), events=len(self._held), run_events=len(self), kind=self.kind)
+        run's (so far, in a live run: see OpenRun.state); a digitizer's
+        channels are listed in the order its frames stack them, as [segment,
+        channel]."""
+        state = self.growth()      # a live run: brought up to date first
+        info = dict(super().info(), events=len(self._held), kind=self.kind, **state)
         if self.kind == DIGITIZER:
             info["channels"] = self.channels()
         return info
@@ -216,11 +240,13 @@ class Factory(SourceFactory):
         self._listed = psana2_location.runs_of_files(options.files)
 
     def _acquire(self, exp: str, run: int) -> OpenRun:
+        """The open run (a live one brought up to date), one user more."""
         opened = self._runs.get((exp, run))
         if opened is None:
             files = psana2_location.find_run(exp, run, self.options, self._listed)
             opened = OpenRun(exp, run, files, self.options.offline, self.options.calib_dir)
             self._runs[(exp, run)] = opened
+        opened.refresh()
         opened.users += 1
         return opened
 
@@ -275,6 +301,20 @@ class Factory(SourceFactory):
             return found
         finally:
             self.release(opened)
+
+    def prepare_worker(self) -> None:
+        """psana takes about a second to import."""
+        datasource_class()
+
+    def run_state(self, exp: str, run: int) -> Dict[str, Any]:
+        opened = self._acquire(exp, run)
+        try:
+            return opened.state()
+        finally:
+            self.release(opened)
+
+    def next_run(self, exp: str, run: int) -> Optional[int]:
+        return psana2_location.next_run(exp, run, self.options, self._listed)
 
     def events_with_codes(self, exp: str, run: int, codes: CodeFilter) -> List[int]:
         opened = self._acquire(exp, run)

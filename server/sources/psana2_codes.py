@@ -26,18 +26,35 @@ def codes_method(classes: Any) -> Optional[str]:
 
 
 class EventCodes:
-    """Per event, which codes it holds (a row of booleans; no row without
-    the timing detector)."""
+    """Per event holding the timing detector `detector`, which codes it holds
+    (a row of booleans; no row without the timing detector). Rows are added
+    as events are known (a live run's grow)."""
 
-    def __init__(self, held: Sequence[int], read: Callable[[int], Any]) -> None:
-        """`held`: the events holding the timing detector; `read(event)`:
-        psana's eventcodes of one of them."""
-        rows = [np.asarray(read(event), bool) for event in held]
-        width = max((len(r) for r in rows), default=0)
-        self.held = np.asarray(held, np.int64)
-        self.codes = np.zeros((len(rows), width), bool)
-        for row, codes in zip(self.codes, rows):
-            row[:len(codes)] = codes
+    def __init__(self, detector: str, read: Callable[[int], Any]) -> None:
+        """`read(event)`: psana's eventcodes of an event holding the detector."""
+        self.detector = detector
+        self._read = read
+        self.held: List[int] = []
+        self._rows: List[np.ndarray] = []
+        self._codes: Optional[np.ndarray] = None
+
+    def add(self, events: Sequence[int]) -> None:
+        """The codes of more events holding the timing detector, in order."""
+        for event in events:
+            self.held.append(event)
+            self._rows.append(np.asarray(self._read(event), bool))
+        if events:
+            self._codes = None
+
+    @property
+    def codes(self) -> np.ndarray:
+        """(events, codes) booleans, codes past an event's own False."""
+        if self._codes is None:
+            width = max((len(r) for r in self._rows), default=0)
+            self._codes = np.zeros((len(self._rows), width), bool)
+            for row, codes in zip(self._codes, self._rows):
+                row[:len(codes)] = codes
+        return self._codes
 
     def events(self, chosen: CodeFilter) -> List[int]:
         """The events holding every code of `with_codes` and none of
@@ -47,7 +64,7 @@ class EventCodes:
             keep &= self.column(code)
         for code in chosen.without_codes:
             keep &= ~self.column(code)
-        return self.held[keep].tolist()
+        return np.asarray(self.held, np.int64)[keep].tolist()
 
     def column(self, code: int) -> np.ndarray:
         if code < self.codes.shape[1]:

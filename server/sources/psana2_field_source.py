@@ -41,19 +41,34 @@ class FieldSource(Source):
                                            f"the frame of the detector whose events end the "
                                            f"batches")
         self._held = field_events(opened, self.ref.detector)
+        self._known = len(opened.timestamps)     # events when `_held` was found
         self._spec: Optional[Dict[str, FrameSpec]] = None
 
     def __len__(self) -> int:
         return len(self._opened.timestamps)
+
+    def held(self) -> List[int]:
+        """The events with a value of the field (found again as a live run grows)."""
+        if self._known != len(self._opened.timestamps):
+            self._held = field_events(self._opened, self.ref.detector)
+            self._known = len(self._opened.timestamps)
+        return self._held
+
+    def check_range(self, index: int) -> None:
+        self._opened.reach(index)
+        super().check_range(index)
+
+    def growth(self) -> Dict[str, Any]:
+        return self._opened.state()
 
     def modes(self) -> Tuple[str, ...]:
         return ("raw",)
 
     def specs(self) -> Dict[str, FrameSpec]:
         """The shape of the first value of the run (later ones may differ)."""
-        if self._spec is None:
+        if self._spec is None or (not self._spec and self._opened.live):   # looked for again
             self._spec = {}
-            for event in self._held:
+            for event in self.held():
                 try:
                     value = self.value(event)
                 except SourceError as e:
@@ -69,8 +84,9 @@ class FieldSource(Source):
 
     def check(self, index: int, mode: str) -> None:
         super().check(index, mode)
-        at = bisect.bisect_left(self._held, index)
-        if at == len(self._held) or self._held[at] != index:
+        held = self.held()
+        at = bisect.bisect_left(held, index)
+        if at == len(held) or held[at] != index:
             raise SourceError(NO_DATA, f"event {index} has no value of {self.ref.plain}")
 
     def value(self, index: int) -> np.ndarray:
@@ -84,14 +100,15 @@ class FieldSource(Source):
         return self.value(index), FrameMeta(timestamp={"time": self._opened.timestamps[index]})
 
     def info(self) -> Dict[str, Any]:
-        return dict(super().info(), events=len(self._held), run_events=len(self), kind=FIELD)
+        state = self.growth()      # a live run: brought up to date first
+        return dict(super().info(), events=len(self.held()), kind=FIELD, **state)
 
     def present(self) -> List[List[int]]:
-        return as_ranges(self._held)
+        return as_ranges(self.held())
 
     def field(self, index: int, ref: FieldRef) -> Dict[str, Any]:
         self.check_range(index)
-        return field_json(self._opened, index, ref, self._held)
+        return field_json(self._opened, index, ref, self.held())
 
     def close(self) -> None:
         self._factory.release(self._opened)

@@ -25,20 +25,26 @@ A run of experiment `exp` is looked for in the first of these given:
 
 A run is its streams' chunk-0 files, <exp>-r<run:04d>-s*-c000.xtc2 (psana
 finds the later chunks from the small data), each with its small data in
-smalldata/<same name>.smd.xtc2, which random access needs.
+smalldata/<same name>.smd.xtc2, which random access needs. A run the DAQ is
+still writing has its files under those names plus `.inprogress` (see
+growing_files): such a run is found in a directory (not among --files,
+whose names must exist at start) and is `live` while any of its small-data
+files is still being written.
 """
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from psana_ipc.protocol.errors import NOT_FOUND
 
 from ..startup import StartupError
 from .base import SourceError
+from .growing_files import INPROGRESS, final_name, in_progress, present_name
 from .psana_common import experiment_path
 
 DAQ_NAME = re.compile(r"(?P<exp>[A-Za-z0-9_]+)-r(?P<run>\d{4})"
@@ -48,9 +54,17 @@ DEFAULT_ROOT = "/reg/d/psdm"
 
 @dataclass(frozen=True)
 class RunFiles:
-    """One run's chunk-0 files: their directory and their names."""
+    """One run's chunk-0 files: their directory and their (final) names;
+    `live`: the DAQ is still writing the run."""
     directory: str
     names: Tuple[str, ...]
+    live: bool = False
+
+    def smalldata(self) -> List[str]:
+        return [str(smalldata_of(self.directory, name)) for name in self.names]
+
+    def chunk0(self) -> List[str]:
+        return [os.path.join(self.directory, name) for name in self.names]
 
 
 def smalldata_of(directory: str, name: str) -> Path:
@@ -109,31 +123,56 @@ def find_run(exp: str, run: int, options: argparse.Namespace,
     else:
         directory = run_directory(exp, options)
         pattern = f"{exp}-r{run:04d}-s*-c000.xtc2"
-        names = tuple(sorted(p.name for p in Path(directory).glob(pattern)))
+        names = tuple(sorted({final_name(p.name) for p in Path(directory).glob(pattern + "*")
+                              if final_name(p.name).endswith(".xtc2")}))
         if not names:
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {directory} (no "
-                                         f"{pattern} there)")
+                                         f"{pattern} there, nor {pattern}{INPROGRESS})")
         found = RunFiles(directory, names)
-    missing = [n for n in found.names if not smalldata_of(found.directory, n).is_file()]
+    smalldata = found.smalldata()
+    missing = [n for n, path in zip(found.names, smalldata) if present_name(path) is None]
     if missing:
         raise SourceError(NOT_FOUND, f"run {run} of {exp}: no small data for {', '.join(missing)} "
                                      f"in {found.directory}/smalldata (random access needs it)")
-    return found
+    return dataclasses.replace(found, live=any(map(in_progress, smalldata)))
+
+
+def next_run(exp: str, run: int, options: argparse.Namespace,
+             listed: Dict[Tuple[str, int], RunFiles]) -> Optional[int]:
+    """The first run of `exp` after `run` that has files, or None."""
+    if listed:
+        later = [r for e, r in listed if e == exp and r > run]
+    else:
+        names = (p.name for p in Path(run_directory(exp, options)).glob(f"{exp}-r*-c000.xtc2*"))
+        found = (DAQ_NAME.fullmatch(final_name(name)) for name in names)
+        later = [int(m["run"]) for m in found if m and m["exp"] == exp and int(m["run"]) > run]
+    return min(later, default=None)
+
+
+def file_check(self: Any, path: str) -> Tuple[bool, str]:
+    """psana's check that a file exists, answering with whichever name it has
+    (psana 4.3.4 opens a `.inprogress` name only in its live mode, which
+    waits for the run's end; the server follows a growing run itself)."""
+    name = present_name(path)
+    return name is not None, name or path
 
 
 @contextlib.contextmanager
 def files_listed(files: RunFiles) -> Iterator[None]:
     """While a DataSource opens, psana's logbook lookup of the run's files
-    answers with `files` (what the logbook would say); afterwards psana is
-    as it was."""
+    answers with `files` (what the logbook would say) and its file check
+    finds a file under either name; afterwards psana is as it was."""
     from psana.psexp.ds_base import DataSourceBase
     lookup = DataSourceBase._get_file_info_from_db
+    check = DataSourceBase._check_file_exist_with_retry
     DataSourceBase._get_file_info_from_db = lambda self, runnum: {
         "xtc_files": list(files.names), "dirname": files.directory}
+    DataSourceBase._check_file_exist_with_retry = file_check
     try:
         yield
     finally:
         DataSourceBase._get_file_info_from_db = lookup
+        DataSourceBase._check_file_exist_with_retry = check
 
 
 def add_arguments(group: Any) -> None:

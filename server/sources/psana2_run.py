@@ -7,6 +7,12 @@ per run; psana cannot build it twice. Events are read through
 psana2_chunks.EventTable, which is right where psana's `run.event(ts)` is
 wrong (runs split into chunk files) and checks every record first.
 
+A run the DAQ is still writing (`live`) is opened the same way, but its
+table is filled as its small data grows (psana2_live); `refresh()` takes in
+what was written since, and every request that needs more than is known
+(info, an event past the last one known) looks first. Event indices never
+change as the run grows, and are those of the finished run.
+
 psana is imported here, inside functions, never when the module is imported.
 """
 import bisect
@@ -17,12 +23,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from psana_ipc.protocol.errors import NOT_FOUND, UNKNOWN_DETECTOR
+from psana_ipc.protocol.errors import NOT_FOUND, OUT_OF_RANGE, UNKNOWN_DETECTOR
 
-from .base import SourceError
-from .psana2_chunks import EventTable
+from .base import FINISHED, SourceError
+from .psana2_chunks import EventTable, scanned
 from .psana2_codes import EventCodes, codes_method, no_timing
 from .psana2_detectors import events_with, main_interface, streams_of
+from .psana2_live import GrowingRun, begun
 from .psana2_location import RunFiles, files_listed
 from .psana2_shared import RunDetector, release_all
 
@@ -94,6 +101,9 @@ class OpenRun:
         kwargs: Dict[str, Any] = {"exp": exp, "run": run, "dir": files.directory}
         if offline:
             kwargs["skip_calib_load"] = "all"
+        if files.live and not begun(files.smalldata()):
+            raise SourceError(NOT_FOUND, f"run {run} of {exp} in {where} is being written but "
+                                         f"has not begun yet (no BeginRun in every stream)")
         DataSource = datasource_class()
         release_all()  # opening re-initialises psana's shared detector objects
         try:
@@ -107,16 +117,68 @@ class OpenRun:
                      "BeginRun records" if self.run is None else f"a run of {self.run.expt}")
             self._ds.dm.close()
             raise SourceError(NOT_FOUND, f"run {run} of {exp} not found in {where} ({found})")
-        self._table = EventTable(self.run)
+        self._growing: Optional[GrowingRun] = None
+        if files.live:
+            self._table = EventTable(self.run, files.chunk0())
+            self._growing = GrowingRun(self.run, files.smalldata(), self._table)
+            self._growing.look()
+        else:
+            self._table = scanned(self.run, files.chunk0())
         self.timestamps: List[int] = self._table.timestamps
-        self.steps = self._table.steps
         # per event, the streams holding a record of it: which detectors it has
         self.event_streams = self._table.event_streams()
         self._held: Dict[str, List[int]] = {}
         self._last: Tuple[int, Any] = (-1, None)
         self._codes: Optional[EventCodes] = None
-        log.info("opened run %d of %s from %s: %d events, detectors %s", run, exp, where,
-                 len(self.timestamps), ", ".join(sorted(self.run.detnames)))
+        log.info("opened %srun %d of %s from %s: %d events, detectors %s",
+                 "live " if files.live else "", run, exp, where, len(self.timestamps),
+                 ", ".join(sorted(self.run.detnames)))
+
+    @property
+    def steps(self) -> List[Tuple[int, int, int]]:
+        return self._table.steps
+
+    @property
+    def live(self) -> bool:
+        """Whether the run may still grow."""
+        return self._growing is not None and not self._growing.ended
+
+    def refresh(self) -> None:
+        """A live run: take in the events written since the last look."""
+        if not self.live:
+            return
+        known = len(self.timestamps)
+        self._growing.look()
+        if len(self.timestamps) == known:
+            return
+        grown = self._table.event_streams(known)
+        self.event_streams.extend(grown)
+        for name, held in self._held.items():
+            held.extend(known + i for i in events_with(grown, streams_of(self.run.configs, name)))
+        if self._codes is not None:
+            self._codes.add(self.events_of(self._codes.detector)[len(self._codes.held):])
+
+    def reach(self, index: int) -> None:
+        """Refresh a live run if event `index` is past the events known; an
+        event not written yet is out of range, saying so."""
+        if index < len(self.timestamps) or not self.live:
+            return
+        self.refresh()
+        if index >= len(self.timestamps) and self.live:
+            raise SourceError(OUT_OF_RANGE, f"event {index} of run {self.runnum} of {self.exp} "
+                                            f"is not written yet: the run is being written and "
+                                            f"has {len(self.timestamps)} events so far")
+
+    def state(self) -> Dict[str, Any]:
+        """Where the run stands, after a look: `live` while it may grow,
+        `ended` why it cannot (END_RUN, RENAMED, or FINISHED when it was
+        opened finished), its events so far and, live, the seconds since its
+        small data was last written (`idle`)."""
+        self.refresh()
+        growing = self._growing
+        ended = FINISHED if growing is None else growing.ended
+        return {"live": self.live, "ended": ended, "run_events": len(self.timestamps),
+                "idle": round(growing.idle(), 3) if growing is not None else 0.0}
 
     def detector(self, name: str) -> RunDetector:
         """The run's detector `name`; constants from the calib dir are put in
@@ -179,8 +241,8 @@ class OpenRun:
             det = self.detector(name)
             det.use()
             read = getattr(det.container, iface).eventcodes
-            self._codes = EventCodes(self.events_of(name),
-                                     lambda event: read(self.event_of(event, name)))
+            self._codes = EventCodes(name, lambda event: read(self.event_of(event, name)))
+            self._codes.add(self.events_of(name))
         return self._codes
 
     def close(self) -> None:
@@ -189,5 +251,7 @@ class OpenRun:
             det.forget()
         self._detectors.clear()
         self._table.close()
+        if self._growing is not None:
+            self._growing.close()
         self.run.dm.close()
         self.run = self._ds = None

@@ -63,7 +63,7 @@ class PsanaDetectorSource(Source):
         self.detector = detector
         self.calibrated = calibrated
         self.has_geometry = has_geometry
-        self._specs: Optional[Dict[str, FrameSpec]] = None
+        self._specs: Dict[str, Optional[FrameSpec]] = {}     # mode -> its shape, once read
         if not calibrated:
             log.warning("calibration data unavailable for %s: serving uncalibrated raw data "
                         "for calib", detector)
@@ -99,22 +99,32 @@ class PsanaDetectorSource(Source):
         return range(min(len(self), SAMPLES))
 
     def specs(self) -> Dict[str, FrameSpec]:
-        """Shapes come from reading, once in every mode that works, the first
-        sample event psana returns the mode for."""
-        if self._specs is None:
-            specs = {}
-            for mode in self.modes():
-                for event in self.sample_events():
-                    try:
-                        data, meta = self.read(event, mode)
-                    except SourceError as e:
-                        if e.code in (READ_FAILED, NO_DATA):
-                            continue    # psana had nothing for that event: try the next
-                        break
-                    specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype), meta.calibrated)
+        """Shapes come from reading a sample event once in every mode that works."""
+        found = {mode: self.spec(mode) for mode in self.modes()}
+        return {mode: spec for mode, spec in found.items() if spec is not None}
+
+    def spec(self, mode: str) -> Optional[FrameSpec]:
+        """The shape of one mode's frames, read once from the first sample
+        event psana returns the mode for (None if none does, or the mode
+        fails): sizing a frame costs the read of its own mode only (an
+        image's geometry, say, is set up only when an image is asked for)."""
+        if mode not in self._specs:
+            self._specs[mode] = None
+            for event in self.sample_events():
+                try:
+                    data, meta = self.read(event, mode)
+                except SourceError as e:
+                    if e.code in (READ_FAILED, NO_DATA):
+                        continue    # psana had nothing for that event: try the next
                     break
-            self._specs = specs
-        return self._specs
+                self._specs[mode] = FrameSpec(tuple(data.shape), str(data.dtype),
+                                              meta.calibrated)
+                break
+        return self._specs[mode]
+
+    def frame_nbytes(self, mode: str) -> Optional[int]:
+        spec = self.spec(mode) if mode in self.modes() else None
+        return None if spec is None else spec.nbytes
 
     def read(self, index: int, mode: str) -> Tuple[np.ndarray, FrameMeta]:
         evt = self.event(index)

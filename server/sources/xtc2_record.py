@@ -22,13 +22,26 @@ XTC_HEADER = 12
 CONTAINERS = (0, 1)    # Parent, ShapesData
 
 
+def record_size(buf: bytes, at: int = 0) -> int:
+    """The size of the record starting at byte `at` of `buf`, from its
+    header (which needs RECORD_HEADER + XTC_HEADER bytes there)."""
+    extent, = struct.unpack_from("<I", buf, at + RECORD_HEADER + 8)
+    return RECORD_HEADER + extent
+
+
+def service_of(buf: bytes, at: int = 0) -> int:
+    """The transition (psana's TransitionId) of the record at byte `at`."""
+    env, = struct.unpack_from("<I", buf, at + RECORD_HEADER - 4)
+    return (env >> 24) & 0xF
+
+
 def record_problem(buf: bytes) -> Optional[str]:
     """What is wrong with the record `buf`, or None if psana may parse it."""
     if len(buf) < RECORD_HEADER + XTC_HEADER:
         return f"{len(buf)} bytes, shorter than a record's header"
-    extent, = struct.unpack_from("<I", buf, RECORD_HEADER + 8)
-    if RECORD_HEADER + extent != len(buf):
-        return f"its header claims {RECORD_HEADER + extent} bytes, the file holds {len(buf)}"
+    claimed = record_size(buf)
+    if claimed != len(buf):
+        return f"its header claims {claimed} bytes, the file holds {len(buf)}"
     return contents_problem(buf, RECORD_HEADER + XTC_HEADER, len(buf))
 
 
