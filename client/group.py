@@ -14,10 +14,11 @@ keeps their batch buffers while any of them is open.
 Several servers (one per CPU node of a job, all serving the same runs) are
 one group too: a split goes over the connections of every server, so the
 events are spread over all their workers. A server lost on the way (its
-connections closed or reset, or new ones refused) is left out from then on
-(until `close`), and the frames it still owed are asked of the others, so
-every frame arrives once; only the loss of the last server raises
-ConnectionError.
+connections closed or reset, new ones refused, or no reply within the
+connections' timeout, as when its node goes without closing them) is left
+out from then on (until `close`), and the frames it still owed are asked
+of the others, so every frame arrives once; only the loss of the last
+server raises (ConnectionError, or TimeoutError).
 """
 import logging
 import os
@@ -36,6 +37,7 @@ from .discovery import resolve_addresses
 
 log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 32
+LOST = (ConnectionError, TimeoutError)     # what says a server is gone
 T = TypeVar("T")
 # Where the inline frame at a batch position goes (see connection.Land).
 Land = Callable[[int, FrameReply], Optional[np.ndarray]]
@@ -155,7 +157,7 @@ class ConnectionGroup:
                 for server in self._live():
                     found += [(server, client) for client in server.connections()]
                 return found
-            except ConnectionError as e:
+            except LOST as e:
                 self._lose(server, e)
 
     @property
@@ -163,7 +165,7 @@ class ConnectionGroup:
         """The connections of every server not lost."""
         return [client for _, client in self._connections()]
 
-    def _lose(self, server: Server, error: ConnectionError) -> None:
+    def _lose(self, server: Server, error: OSError) -> None:
         """Leave a server out after `error`, if another is left; else raise it."""
         if server.lost:
             return
@@ -186,7 +188,7 @@ class ConnectionGroup:
             server = self._live()[0]
             try:
                 return question(server.first)
-            except ConnectionError as e:
+            except LOST as e:
                 self._lose(server, e)
 
     @property
@@ -231,7 +233,7 @@ class ConnectionGroup:
                                     land=(lambda reply: land(start + reply.seq, reply))
                                     if land else None)
                 return [Share(server, client, rid, start, events, ask)]
-            except ConnectionError as e:
+            except LOST as e:
                 self._lose(server, e)
         return self._spread(ask, events, start)
 
@@ -245,7 +247,7 @@ class ConnectionGroup:
             try:
                 client.prefetch(exp, run, detector, np.concatenate(share).tolist(), mode,
                                 access_mode)
-            except ConnectionError as e:
+            except LOST as e:
                 self._lose(server, e)
 
     @staticmethod
@@ -268,7 +270,7 @@ class ConnectionGroup:
                 self.flush_releases()
                 try:
                     frame = next(cursor.frames, None)
-                except ConnectionError as e:
+                except LOST as e:
                     cursors.remove(cursor)
                     self._lose(cursor.share.server, e)
                     cursors += [_Cursor(s) for s in self._spread(cursor.share.ask,
@@ -285,7 +287,7 @@ class ConnectionGroup:
             try:
                 for client in server.clients:
                     client.flush_releases()
-            except ConnectionError as e:
+            except LOST as e:
                 self._lose(server, e)
 
     def close(self) -> None:

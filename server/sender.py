@@ -68,6 +68,8 @@ class Sender:
                 self._send(channels)
             finally:
                 with self._cond:
+                    if self._channels is channels:    # all sent: wait for the next unit's
+                        self._channels = []
                     self._busy = False
                     self._cond.notify_all()
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from psana_ipc.client import BatchLoader, IPCRemotePsanaDataset, RunDataset
+from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.protocol.address import parse_address, parse_addresses
 from psana_ipc.protocol.shm_names import lock_name, segment_path
 from psana_ipc.server.sources.synthetic import expected
@@ -69,6 +70,25 @@ def test_a_server_lost_mid_epoch_is_left_out_and_its_frames_come_from_the_other(
     assert [s.lost for s in loader.group.servers] == [False, True]
     assert _identical(list(loader), range(40))       # the next epoch, from the one left
     loader.close()
+
+
+def test_a_server_that_stops_answering_is_left_out_after_the_timeout(start_server):
+    a, b = start_server(["--workers", "1"]), start_server(["--workers", "1"])
+    group = ConnectionGroup([a.address, b.address], timeout=2.0)
+    assert len(group.clients) == 2
+    frozen = worker_pids(b.pid) + [b.pid]
+    for pid in frozen:                 # a node gone without closing its connections
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        frames = dict(group.stream(group.submit("x", 1, DET, range(6), "calib")))
+        assert [s.lost for s in group.servers] == [False, True]
+        assert _identical([frames[k].array[None] for k in range(6)], range(6))
+        for frame in frames.values():
+            frame.release()
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        group.close()
 
 
 def test_losing_every_server_says_so(start_server):
