@@ -17,7 +17,7 @@ def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
         host, port = text
         return (str(host), _port(port, text))
     if "," in text:
-        raise ValueError(f"address {text!r} names several servers; give one here")
+        raise ValueError(f"address {text!r} names several servers where one is wanted")
     if text.startswith("unix:"):
         return text[len("unix:"):]
     if "/" in text:
