@@ -314,7 +314,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                        "psana-ipc slurm -t 04:00:00 --requeue --warn-before 300 --submit \\\n"
                        "    -- python train.py --checkpoint ckpt.pt ...",
                        "psana-ipc slurm --facility S3DF -p ampere --gpus 1 --server-nodes 2 \\\n"
-                       "    --server-args='--source psana2 --workers 100' --submit -- python train.py"]))
+                       "    --server-args='--source psana2 --workers 100' --submit \\\n"
+                       "    -- python train.py"]))
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
