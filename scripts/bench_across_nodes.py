@@ -49,16 +49,6 @@ sys.path.insert(0, str(HERE))
 from netns import Hosts  # noqa: E402  (this directory's module, also when run as a role)
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of processes, from /proc."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def own_cpu() -> float:
     return sum(os.times()[:2])
 
@@ -222,6 +212,7 @@ class Run:
                transport: str = "auto") -> Dict[str, Any]:
         """The loader role on `client` over these servers, with the CPU their
         workers spent per frame (warm-up pass included)."""
+        from bench import cpu_seconds
         from psana_ipc.client.server_process import child_pids
         workers = [pid for s in servers for pid in child_pids(s.pid)]
         before = cpu_seconds(workers)
