@@ -7,10 +7,17 @@ host, every batch is a batch buffer of the loader's group in the server's
 pool (batch_ring.PoolBuffer): the server's workers write each frame, and
 the fields asked beside it, straight into its place, and the batch is a
 tensor over the buffer, with no copy in the client. A new loader on a
-server that served before reuses memory that is there already. Elsewhere
-(frames inline), or when the server's budget has no room for the buffers,
-each frame is copied once into a reused buffer of this process. No
-DataLoader worker processes, no pickling, no collate copy.
+server that served before reuses memory that is there already. From
+another host (frames inline) each frame is received straight into its row
+of a reused buffer of this process; with several servers, or when the
+server's budget has no room for the buffers, each frame in shared memory
+is copied once into its row. No DataLoader worker processes, no pickling,
+no collate copy.
+
+Several servers (`address` a list, or addresses separated by commas, e.g.
+one per CPU node of a job, all serving the same runs): every batch is
+spread over the workers of all of them; a server lost mid-epoch is left
+out and the frames it owed are asked of the others (group.py).
 
 Buffer lifetime rule, the same for both: a batch is never overwritten while
 anything refers to it (the tensor, a view of it), and stays unchanged until
@@ -55,10 +62,10 @@ from psana_ipc.protocol.errors import NO_MEMORY, ServerError
 from psana_ipc.protocol.messages import frame_nbytes
 
 from .batch_ring import BatchRing, Buffer, GroupBuffers, MemfdBuffer, PoolBuffer
-from .connection import Client, Codes, Frame, chosen_events, decode_values, stack_values
+from .connection import Codes, Frame, chosen_events, decode_values, stack_values
 from .distributed import rank_and_world
 from .follow import TIMEOUT, Follower, written_info
-from .group import ConnectionGroup
+from .group import ConnectionGroup, Share, rows_of
 from .optional import require
 from .position import EpochCursor
 
@@ -67,7 +74,7 @@ class Batch(NamedTuple):
     """A batch in flight: its array, the group's requests for its frames, and
     whether the server writes them in place."""
     array: Optional[np.ndarray]
-    requests: List[Tuple[Client, int, int]]
+    requests: List[Share]
     in_place: bool
 
 
@@ -87,7 +94,8 @@ class BatchLoader:
     Args:
         address: the server: (host, port), "host:port", a UNIX socket path, or
             None for $PSANA_IPC_ADDRESS (else the ready file in
-            $PSANA_IPC_READY_FILE, else 127.0.0.1:5000).
+            $PSANA_IPC_READY_FILE, else 127.0.0.1:5000); or several servers
+            serving the same runs, as a list or separated by commas.
         exp: experiment name, e.g. "xpptut15".
         run: run number.
         detector: detector name (`psana-ipc info EXP RUN` lists them), or a field
@@ -108,7 +116,7 @@ class BatchLoader:
         padding: "none" (every event once per epoch; at the epoch's end a rank
             may have one batch fewer than others) or "wrap" (DistributedSampler's:
             the first events again, until every rank has as many).
-        connections: connections to the server (default 0: one per server worker).
+        connections: connections to each server (default 0: one per server worker).
         depth: batches asked for ahead of the one being consumed.
         buffers: batch buffers reused in turn (see the buffer lifetime rule in
             the module docstring); 0 makes a fresh tensor for every batch.
@@ -130,8 +138,8 @@ class BatchLoader:
         step: only the events of this step of a scan (see `Client.steps`).
         arenas: True to require batches written in place in the server's
             pool, False to always copy, None (default) for in place wherever
-            it can be had (see the module docstring); never with
-            `skip_incomplete`.
+            it can be had (one server, on this host; see the module
+            docstring); never with `skip_incomplete`.
         follow: True to follow the run as it is written (see the module
             docstring), or a dict of `Client.follow`'s options (start, policy,
             timeout, next_runs, poll); not with `events`, `shuffle` or `step`.
@@ -139,7 +147,7 @@ class BatchLoader:
     Raises:
         ValueError: a bad option, or a mode the detector does not have.
         ServerError: the server refused the run or detector (`.code` says why).
-        ConnectionError: no server at `address`.
+        ConnectionError: no server at `address` (with several, once none is left).
     """
 
     def __init__(self, address: Any, exp: str, run: int, detector: str,
@@ -186,7 +194,7 @@ class BatchLoader:
         self.event_codes = event_codes
         self.follower: Optional[Follower] = None     # the follow of the last iteration
         if self.follow is None:
-            info = self.group.clients[0].info(exp, run, detector)
+            info = self.group.ask(lambda client: client.info(exp, run, detector))
         else:
             info = written_info(self.group.clients[0], exp, run, detector, mode,
                                 self.follow.get("timeout", TIMEOUT))
@@ -196,9 +204,9 @@ class BatchLoader:
         self.frame_shape = tuple(spec["shape"])
         self.dtype = np.dtype(spec["dtype"])
         self.padding = padding
-        self.events = [] if self.follow is not None else chosen_events(
-            self.group.clients[0], exp, run, detector, events, fields, skip_incomplete,
-            event_codes, step)
+        self.events = [] if self.follow is not None else self.group.ask(
+            lambda client: chosen_events(client, exp, run, detector, events, fields,
+                                         skip_incomplete, event_codes, step))
         self.pin_memory = pin_memory
         self.buffers = buffers
         self.arenas = arenas if buffers and not skip_incomplete else False
@@ -260,10 +268,11 @@ class BatchLoader:
 
     def _in_place(self) -> bool:
         """Whether batches are written in place in the server's pool."""
-        if self.arenas is False or self.group.clients[0].server.transport != "shm":
+        if self.arenas is False or len(self.group.servers) > 1 \
+                or self.group.clients[0].server.transport != "shm":
             if self.arenas:
-                raise ValueError("batches written in place need shared memory with the "
-                                 "server (same host)")
+                raise ValueError("batches written in place need shared memory with one "
+                                 "server (on the same host)")
             return False
         return True
 
@@ -312,9 +321,10 @@ class BatchLoader:
         buffer, array = self._lease(len(events)) if lease else (None, None)
         into = (functools.partial(buffer.into, frame_shape=self.frame_shape, dtype=self.dtype)
                 if isinstance(buffer, PoolBuffer) else None)
+        land = rows_of(array) if array is not None and into is None else None
         return Batch(array, self.group.submit(self.exp, run, self.detector, events, self.mode,
                                               self.access_mode, self.fields,
-                                              self.skip_incomplete, into=into),
+                                              self.skip_incomplete, into=into, land=land),
                      into is not None)
 
     def _batches(self, lease: bool = True) -> Iterator[Tuple[List[int], Batch]]:
@@ -403,13 +413,14 @@ class BatchLoader:
             if bar is not None:
                 bar.close()
 
-    def _copy(self, out: np.ndarray, requests: List[Tuple[Client, int, int]]
-              ) -> Dict[int, Dict[str, np.ndarray]]:
-        """Copy every frame of a batch into its row; the values of each."""
+    def _copy(self, out: np.ndarray, requests: List[Share]) -> Dict[int, Dict[str, np.ndarray]]:
+        """Every frame of a batch in its row (copied there unless it was
+        received there); the values of each."""
         values = {}
         for pos, frame in self.group.stream(requests):
             with frame:
-                np.copyto(out[pos], frame.array, casting="no")
+                if not frame.landed:
+                    np.copyto(out[pos], frame.array, casting="no")
                 values[pos] = frame.values
         return values
 

@@ -5,10 +5,13 @@ its own connection), and turns error replies into `ServerError`. It sends
 the protocol's request types (`protocol.messages`) and reads every reply as
 the protocol's reply types (`protocol.replies`), never a header by hand.
 Frames arrive in the server's pool (same host; client/pool.py maps it once
-per process) or inline; `get`/`get_many` copy each frame once and release
-it (releases travel in batches, all sent before the call returns); `view`
-and `frames` hand out the pool's memory itself (zero-copy), held until
-released.
+per process) or inline; `get`/`get_many` copy each frame in the pool once
+and release it (releases travel in batches, all sent before the call
+returns); `view` and `frames` hand out the pool's memory itself
+(zero-copy), held until released. An inline frame is received straight
+into where it is kept: the array `get` returns, the row of `get_many`'s
+result, or whatever memory the request's `land` names (a batch's row), so
+its bytes are copied once, by the kernel, and never again here.
 
 Zero-copy lifetime rule: the array of a `Frame` from `view` or `frames` is
 valid until `Frame.release()` (or the end of its `with` block); after that
@@ -19,16 +22,18 @@ import os
 import select
 import socket
 from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence,
+                    Set, Tuple)
 
 import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import OUT_OF_RANGE, UNKNOWN_DETECTOR, ProtocolError, ServerError
+from psana_ipc.protocol.framing import FrameDecoder
 from psana_ipc.protocol.messages import (CodeFilter, FieldRef, FreeArenas, Get, Hello, Info, Into,
                                          MakeArena, Ping, Prefetch, Release, Request, RunKey,
-                                         Shutdown, Stats)
+                                         Shutdown, Stats, frame_nbytes)
 from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameReply, InPool,
                                         Reply, Welcome, parse_reply)
 
@@ -36,13 +41,24 @@ from . import pool
 from .discovery import find_token, resolve_address
 from .follow import Follower
 from .pool import Hold, Pools
-from .wire import ConnectionClosed, recv_message, send_message, socket_family
+from .wire import ConnectionClosed, recv_head, recv_payload, send_message, socket_family
 
 RELEASE_BATCH = 16
-WithPayload = Tuple[Reply, Optional[bytearray]]  # a reply, and the frame that came inline
 Fields = Optional[Sequence[str]]
 Codes = Optional[Dict[str, Sequence[int]]]     # {"with": [codes], "without": [codes]}
 STEP = "step"          # the run-level info entry of a run's steps
+# Where an inline frame goes, asked once its reply is read and before its bytes are: an
+# array of exactly the frame's size (a batch's row), or None for an array of its own.
+Land = Callable[[FrameReply], Optional[np.ndarray]]
+
+
+class Payload(NamedTuple):
+    """The bytes of a frame that came inline, as received."""
+    array: np.ndarray
+    landed: bool          # in the memory the request's `land` gave
+
+
+WithPayload = Tuple[Reply, Optional[Payload]]  # a reply, and the frame that came inline
 
 
 def step_range(found: Dict[str, Any], step: int, exp: str, run: int) -> List[int]:
@@ -106,20 +122,44 @@ def chosen_events(client: "Client", exp: str, run: int, detector: str,
     return [int(e) for e in events if int(e) in kept]
 
 
+def fitting(row: np.ndarray, reply: FrameReply) -> Optional[np.ndarray]:
+    """`row` if the frame a reply describes has its shape and dtype (then it
+    can be received there), else None."""
+    return row if (row.shape, row.dtype.str) == (reply.desc.shape, reply.desc.dtype) else None
+
+
+def _fresh(reply: Reply, size: int) -> np.ndarray:
+    """New memory for a payload: an array of the frame's shape and dtype (as
+    `get` hands it out), or bytes when the reply describes another size."""
+    if isinstance(reply, FrameReply):
+        dtype = np.dtype(reply.desc.dtype)
+        if frame_nbytes(reply.desc.shape, dtype.itemsize) == size:
+            return np.empty(reply.desc.shape, dtype)
+    return np.empty(size, np.uint8)
+
+
 class Frame:
     """One event's frame with the reply that described it; holds its memory
     in the server's pool until released."""
 
-    __slots__ = ("array", "reply", "_client", "_handle", "_hold", "_generation")
+    __slots__ = ("array", "reply", "landed", "_client", "_handle", "_hold", "_generation")
 
     def __init__(self, array: np.ndarray, reply: FrameReply, client: "Client",
-                 handle: Optional[int] = None, hold: Optional[Hold] = None) -> None:
+                 handle: Optional[int] = None, hold: Optional[Hold] = None,
+                 landed: bool = False) -> None:
         self.array = array
         self.reply = reply
+        self.landed = landed      # inline, received into the memory the request's `land` gave
         self._client = client
         self._handle = handle
         self._hold = hold
         self._generation = client.generation
+
+    @property
+    def private(self) -> bool:
+        """Whether the array is this process's own memory (the frame came
+        inline), not the server's pool."""
+        return self._hold is None
 
     @property
     def desc(self) -> Dict[str, Any]:
@@ -210,6 +250,7 @@ class Client:
         self._hints: Set[int] = set()    # prefetch requests whose replies nobody waits for
         self._next_id = 0
         self._waiting: Dict[int, Request] = {}     # requests whose last reply has not come
+        self._land: Dict[int, Land] = {}     # where the inline frames of a get go, by its id
         self._pending: Dict[int, Deque[WithPayload]] = {}
         self._to_release: List[int] = []
         self._to_free: List[int] = []      # batch buffers to give back with the next message
@@ -265,7 +306,7 @@ class Client:
         connects again)."""
         if self._sock is not None and self._pid == os.getpid():
             try:
-                self.flush_releases()
+                self._send_releases()
             except OSError:
                 pass
             self._sock.close()
@@ -360,19 +401,28 @@ class Client:
             except ConnectionError as e:
                 raise ConnectionClosed(f"{self._lost()} ({e})") from e
         with self._stream():
-            self.flush_releases()
+            self._send_releases()
             return self._send_request(request)
 
     def reply(self, rid: int) -> WithPayload:
         """The next reply to request `rid`, reading (and keeping) others on the way."""
         queue = self._pending.setdefault(rid, deque())
         while not queue:
+            if self._sock is None:       # closed since the request was sent
+                self._pending.pop(rid, None)
+                raise ConnectionClosed(self._lost())
             with self._stream():
-                self.flush_releases()
-                header, payload = recv_message(self._sock)
-            reply = parse_reply(header, self._waiting)
+                self._send_releases()
+                decoder, head = recv_head(self._sock)
+                try:
+                    reply = parse_reply(head.header, self._waiting)
+                except ProtocolError:
+                    self.close()       # its payload, if any, is still in the stream
+                    raise
+                payload = self._receive(decoder, head.size, reply) if head.size else None
             if reply.last:
                 self._waiting.pop(reply.rid, None)
+                self._land.pop(reply.rid, None)
             if reply.rid in self._hints:
                 self._hints.discard(reply.rid)
                 continue
@@ -383,6 +433,23 @@ class Client:
         if not queue and item[0].last:
             del self._pending[rid]
         return item
+
+    def _receive(self, decoder: FrameDecoder, size: int, reply: Reply) -> Payload:
+        """A payload, received where the request's `land` says (a row of its
+        batch), else into new memory."""
+        landing = self._landing(reply, size)
+        array = landing if landing is not None else _fresh(reply, size)
+        recv_payload(self._sock, decoder, memoryview(array.reshape(-1)).cast("B"))
+        return Payload(array, landing is not None)
+
+    def _landing(self, reply: Reply, size: int) -> Optional[np.ndarray]:
+        """The memory the request's `land` gives a frame, if it fits exactly."""
+        land = self._land.get(reply.rid) if isinstance(reply, FrameReply) else None
+        array = land(reply) if land is not None else None
+        if array is None or array.nbytes != size or not array.flags.c_contiguous \
+                or not array.flags.writeable:
+            return None
+        return array
 
     def _result(self, rid: int) -> Any:
         reply, _ = self.reply(rid)
@@ -404,7 +471,12 @@ class Client:
             self.flush_releases()
 
     def flush_releases(self) -> None:
-        """Send the releases not sent yet (they go in batches)."""
+        """Send the releases not sent yet (they go in batches); a connection
+        lost meanwhile raises ConnectionClosed."""
+        with self._stream():
+            self._send_releases()
+
+    def _send_releases(self) -> None:
         if self._to_release and self._sock is not None:
             handles = []
             while self._to_release:
@@ -415,6 +487,21 @@ class Client:
             while self._to_free:
                 tickets.append(self._to_free.pop())
             self._send_request(FreeArenas(tuple(tickets)))
+
+    def has_reply(self, rid: int) -> bool:
+        """Whether reading the next reply to `rid` needs no waiting for the
+        server to start sending: one was read already, none is to come, bytes
+        are waiting on the connection, or the connection is gone (reading
+        then raises)."""
+        if self._pending.get(rid) or rid not in self._waiting or self._sock is None:
+            return True
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def fileno(self) -> int:
+        """The connection's socket (-1 when not connected)."""
+        return self._sock.fileno() if self._sock is not None else -1
 
     def connect(self) -> "Client":
         """Connect now rather than on first use."""
@@ -504,19 +591,25 @@ class Client:
 
     def submit(self, exp: str, run: int, detector: str, events: Sequence[int],
                mode: str = "calib", access_mode: str = "idx", fields: Fields = None,
-               skip_incomplete: bool = False, into: Optional[Into] = None) -> int:
+               skip_incomplete: bool = False, into: Optional[Into] = None,
+               land: Optional[Land] = None) -> int:
         """Ask for several events without waiting; read them with `frames(rid)`,
         or, written `into` a batch buffer, wait for them with `replies(rid)`.
         `fields` and `skip_incomplete`: see `get` (a get into a batch buffer
-        takes no skip_incomplete). A get the server would refuse is answered
-        as it would be, without being sent: its replies raise ServerError."""
+        takes no skip_incomplete). `land(reply)`: where a frame that comes
+        inline is received (see `Land`; the frame is then `landed`). A get
+        the server would refuse is answered as it would be, without being
+        sent: its replies raise ServerError."""
         refs = tuple(FieldRef.parse(f) for f in fields or ())   # ProtocolError at once
         try:
             request = Get(RunKey(exp, int(run), detector, access_mode), mode,
                           tuple(int(e) for e in events), refs, skip_incomplete, into)
         except ProtocolError as e:
             return self._refused(e)
-        return self.send(request)
+        rid = self.send(request)
+        if land is not None:
+            self._land[rid] = land
+        return rid
 
     def frames(self, rid: int) -> Iterator[Frame]:
         """The frames of a submitted get, in request order (zero-copy: see the
@@ -559,10 +652,13 @@ class Client:
         budget has no room now."""
         return self.call(MakeArena(int(nbytes), wait))
 
-    def _frame(self, reply: FrameReply, payload: Optional[bytearray]) -> Frame:
+    def _frame(self, reply: FrameReply, payload: Optional[Payload]) -> Frame:
         dtype, shape, where = np.dtype(reply.desc.dtype), reply.desc.shape, reply.where
         if not isinstance(where, InPool):
-            return Frame(np.frombuffer(payload or b"", dtype=dtype).reshape(shape), reply, self)
+            array = payload.array if payload is not None else np.empty(0, np.uint8)
+            if array.shape != shape or array.dtype != dtype:
+                array = array.reshape(-1).view(np.uint8).view(dtype).reshape(shape)
+            return Frame(array, reply, self, landed=payload is not None and payload.landed)
         try:
             hold = self.pools.hold(where.pool, where.offset, where.size, where.ticket)
         except ConnectionError:
@@ -597,7 +693,7 @@ class Client:
     def _copy(self, exp: str, run: int, detector: str, event: int, mode: str,
               access_mode: str, fields: Fields) -> Tuple[np.ndarray, FrameReply]:
         with self.view(exp, run, detector, event, mode, access_mode, fields) as frame:
-            copy = np.array(frame.array), frame.reply
+            copy = frame.array if frame.private else np.array(frame.array), frame.reply
         self.flush_releases()    # an idle client should not sit on a frame
         return copy
 
@@ -618,20 +714,29 @@ class Client:
                  access_mode: str = "idx", fields: Fields = None,
                  skip_incomplete: bool = False) -> Any:
         """Frames of several events stacked into one array (or into `out`), each
-        copied once straight from the server's memory; requests are pipelined. With
+        copied once straight from the server's memory, or received straight
+        into its row when it comes inline; requests are pipelined. With
         `fields`, `(frames, {name: values stacked})`. With `skip_incomplete`,
         events lacking the detector or a field's detector are left out (as
         LCLStreamer's skip_incomplete_events) instead of raising `no_data`: the
         result then has fewer rows, `out` is filled from the start."""
+        rows = iter(range(len(events)))     # frames come in order, skipped events leave none
+
+        def land(reply: FrameReply) -> Optional[np.ndarray]:
+            nonlocal out
+            if out is None:
+                out = np.empty((len(events),) + reply.desc.shape, reply.desc.dtype)
+            return fitting(out[next(rows)], reply)
         rid = self.submit(exp, run, detector, events, mode, access_mode, fields,
-                          skip_incomplete)
+                          skip_incomplete, land=land)
         values = []
         k = 0
         for k, frame in enumerate(self.frames(rid), 1):
             with frame:
                 if out is None:
                     out = np.empty((len(events),) + frame.array.shape, frame.array.dtype)
-                np.copyto(out[k - 1], frame.array)
+                if not frame.landed:
+                    np.copyto(out[k - 1], frame.array)
                 values.append(frame.values)
         self.flush_releases()
         if out is not None and k < len(events):

@@ -11,12 +11,18 @@ of the group in the server's pool (batch_ring.PoolBuffer): the server's
 workers write each frame in place, with the fields asked beside it in the
 reply, and the client copies nothing; the next epoch's workers fill the
 same buffers again (the server keeps them for the group). Otherwise each
-frame is copied once, straight from the server's memory, into a reused
-batch buffer of this process. Either way the items are rows of that
-buffer, which the default collate hands on as the batch itself
-(batch_collate), through workers as a handle (batch_handoff). Read in
-order, the next batches are hinted to the server's frame cache
-(read_ahead). `dataset[i]` always returns a private copy.
+frame is received straight into its row of a reused batch buffer of this
+process (inline, from another host) or copied there once from the
+server's memory. Either way the items are rows of that buffer, which the
+default collate hands on as the batch itself (batch_collate), through
+workers as a handle (batch_handoff). Read in order, the next batches are
+hinted to the server's frame cache (read_ahead). `dataset[i]` always
+returns a private copy.
+
+Several servers serving the same runs (`server_address` a list, or
+addresses separated by commas; v1 only) share every batch among their
+workers, and a server lost on the way is left out, its frames asked of the
+others (group.py).
 
 Lifetime rule: a batch is never overwritten while anything refers to it (the
 tensor, a view or slice, an array made from it); without workers it also
@@ -46,8 +52,8 @@ from psana_ipc.protocol.messages import MODES, Into
 from . import legacy
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing, GroupBuffers, MemfdBuffer
-from .connection import Client, Codes, chosen_events, decode_values, padded_stack
-from .group import ConnectionGroup
+from .connection import Codes, chosen_events, decode_values, padded_stack
+from .group import ConnectionGroup, rows_of
 from .read_ahead import SequentialReadAhead
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,9 @@ class IPCRemotePsanaDataset(Dataset):
 
     Args:
         server_address: (host, port), "host:port", a UNIX socket path, or None
-            for $PSANA_IPC_ADDRESS (else the ready file in $PSANA_IPC_READY_FILE).
+            for $PSANA_IPC_ADDRESS (else the ready file in $PSANA_IPC_READY_FILE);
+            or several servers serving the same runs, as a list or separated
+            by commas (they speak v1).
         requests_list: tuples (exp, run, access_mode, detector_name, event).
         mode: "raw", "calib", "image" or "mask".
         protocol: "auto" (v1 when the server speaks it, else btx's legacy
@@ -97,6 +105,10 @@ class IPCRemotePsanaDataset(Dataset):
         self._auto = protocol == "auto"
         self._group = ConnectionGroup(server_address, transport=transport, window=WINDOW,
                                       timeout=timeout)
+        if len(self._group.servers) > 1:
+            if protocol == "legacy":
+                raise ValueError("the legacy dialect reaches one server; several speak v1")
+            self.protocol = "v1"
         self._ring = BatchRing(MemfdBuffer, buffers)
         self._read_ahead = SequentialReadAhead(requests_list, self._group, mode)
         self._pool_ring = BatchRing(GroupBuffers(self._group), buffers) if buffers else None
@@ -140,8 +152,14 @@ class IPCRemotePsanaDataset(Dataset):
                 if self._auto and is_ours(reply):
                     self.protocol = "v1"
                 return frame
-        return self._group.clients[0].get(exp, run, detector_name, event, self.mode,
-                                          access_mode, self.fields)
+        split = self._group.submit(exp, run, detector_name, [event], self.mode, access_mode,
+                                   self.fields)
+        for _, frame in self._group.stream(split):
+            with frame:
+                array = frame.array if frame.private else np.array(frame.array)
+                values = frame.values
+        self._group.flush_releases()
+        return (array, values) if self.fields else array
 
     def __getitems__(self, indices: Sequence[int]) -> List[np.ndarray]:
         """A DataLoader batch: rows of one ring batch (see the module docstring)."""
@@ -158,18 +176,15 @@ class IPCRemotePsanaDataset(Dataset):
         memory, no room in the budget (warned once), or frames unlike the
         detector's spec."""
         keys = {tuple(r[:4]) for r in requests}
-        if self._pool_ring is None or len(keys) != 1:
+        if self._pool_ring is None or len(keys) != 1 or len(self._group.servers) > 1:
             return None
         exp, run, access, det = keys.pop()
         if self._group.clients[0].server.transport != "shm":
             return None
-        if (exp, run, det) not in self._specs:
-            modes = self._group.clients[0].info(exp, run, det)["modes"]
-            self._specs[exp, run, det] = modes.get(self.mode)
-        spec = self._specs[exp, run, det]
+        spec = self._spec(exp, run, det)
         if spec is None:
             return None
-        shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+        shape, dtype = spec
         try:
             batch = RingBatch(self._pool_ring, (len(requests),) + shape, dtype)
         except ServerError as e:
@@ -200,26 +215,45 @@ class IPCRemotePsanaDataset(Dataset):
         values = {pos: decode_values(frame.desc.values) for pos, frame in frames}
         return list(zip(rows, collatable([values[k] for k in range(len(rows))])))
 
+    def _spec(self, exp: str, run: Any, det: str) -> Optional[Tuple[Tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of the detector's frames in this mode, asked once;
+        None if it has no such mode."""
+        if (exp, run, det) not in self._specs:
+            modes = self._group.ask(lambda client: client.info(exp, run, det))["modes"]
+            spec = modes.get(self.mode)
+            self._specs[exp, run, det] = None if spec is None else \
+                (tuple(spec["shape"]), np.dtype(spec["dtype"]))
+        return self._specs[exp, run, det]
+
     def _assemble(self, requests: List[Request]) -> List[np.ndarray]:
-        """Copy every frame once from its slot into a ring batch, releasing the
-        slot at once. Frames unlike the first in shape or dtype cannot share a
-        tensor: such a batch gets private arrays, which collate rejects as
-        torch does for any dataset."""
+        """Every frame once in its row of a ring batch: received there when it
+        comes inline, else copied from the server's memory, which is released
+        at once. A batch of one detector is laid out from its spec before
+        anything arrives. Frames unlike the first in shape or dtype cannot
+        share a tensor: such a batch gets private arrays, which collate
+        rejects as torch does for any dataset."""
         batch: Optional[RingBatch] = None
+        keys = {tuple(r[:4]) for r in requests}
+        if len(keys) == 1:
+            exp, run, _, det = next(iter(keys))
+            spec = self._spec(exp, run, det)
+            if spec is not None:
+                batch = RingBatch(self._ring, (len(requests),) + spec[0], spec[1])
         odd = {}
         values: Dict[int, Dict[str, np.ndarray]] = {}
         base = 0
         for (exp, run, access, det), group in groupby(requests, key=lambda r: tuple(r[:4])):
             events = [r[4] for r in group]
-            split = self._group.submit(exp, run, det, events, self.mode, access, self.fields)
+            split = self._group.submit(exp, run, det, events, self.mode, access, self.fields,
+                                       land=rows_of(batch.array[base:]) if batch else None)
             for pos, frame in self._group.stream(split):
                 with frame:
                     if batch is None:
                         batch = RingBatch(self._ring, (len(requests),) + frame.array.shape,
                                           frame.array.dtype)
-                    if batch.fits(frame.array):
+                    if not frame.landed and batch.fits(frame.array):
                         np.copyto(batch.array[base + pos], frame.array, casting="no")
-                    else:
+                    elif not frame.landed:
                         odd[base + pos] = np.array(frame.array)
                     if self.fields:
                         values[base + pos] = frame.values
@@ -298,13 +332,16 @@ class RunDataset(IPCRemotePsanaDataset):
                  buffers: int = 2, fields: Optional[Sequence[str]] = None,
                  skip_incomplete: bool = False, event_codes: Codes = None,
                  step: Optional[int] = None) -> None:
-        with Client(server_address, transport=transport, timeout=timeout) as client:
-            info = client.info(exp, run, detector)
+        servers = ConnectionGroup(server_address, transport=transport, timeout=timeout)
+        try:
+            info = servers.ask(lambda client: client.info(exp, run, detector))
             if mode not in info["modes"]:
                 raise ValueError(f"{detector} has no {mode!r} mode; it has "
                                  f"{', '.join(sorted(info['modes']))}")
-            events = chosen_events(client, exp, run, detector, events, fields, skip_incomplete,
-                                   event_codes, step)
+            events = servers.ask(lambda client: chosen_events(
+                client, exp, run, detector, events, fields, skip_incomplete, event_codes, step))
+        finally:
+            servers.close()
         super().__init__(server_address, [(exp, run, "idx", detector, int(e)) for e in events],
                          mode=mode, protocol="v1", transport=transport, timeout=timeout,
                          buffers=buffers)

@@ -2,15 +2,18 @@
 and the ready file a server wrote (`iserver --ready-file`).
 
 The address: an explicit one, else $PSANA_IPC_ADDRESS, else the ready file
-$PSANA_IPC_READY_FILE names. The token: an explicit one, else
+$PSANA_IPC_READY_FILE names. Loaders and datasets may take several servers:
+a list, or addresses separated by commas (also in $PSANA_IPC_ADDRESS, as a
+job whose servers run on other nodes sets it). The token: an explicit one, else
 $PSANA_IPC_TOKEN, else the file $PSANA_IPC_TOKEN_FILE names, else the token
 file of that ready file's server, and only for that server's address.
 """
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from psana_ipc.protocol.address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_address
+from psana_ipc.protocol.address import (DEFAULT_HOST, DEFAULT_PORT, Address, parse_address,
+                                        parse_addresses)
 
 ENV_ADDRESS = "PSANA_IPC_ADDRESS"
 ENV_READY_FILE = "PSANA_IPC_READY_FILE"
@@ -28,13 +31,23 @@ def ready_info() -> Dict[str, Any]:
         return json.load(f)
 
 
-def resolve_address(address: Any = None) -> Address:
+def _given(address: Any) -> Any:
     """An explicit address, else $PSANA_IPC_ADDRESS, else the address in the
     ready file $PSANA_IPC_READY_FILE, else 127.0.0.1:5000."""
     if address is None:
         address = (os.environ.get(ENV_ADDRESS) or ready_info().get("address")
                    or f"{DEFAULT_HOST}:{DEFAULT_PORT}")
-    return parse_address(address)
+    return address
+
+
+def resolve_address(address: Any = None) -> Address:
+    """One server's address: explicit, else from the environment (`_given`)."""
+    return parse_address(_given(address))
+
+
+def resolve_addresses(address: Any = None) -> List[Address]:
+    """One server's address or several, explicit, else from the environment."""
+    return parse_addresses(_given(address))
 
 
 def find_token(token: Optional[str] = None, address: Optional[Address] = None) -> Optional[str]:

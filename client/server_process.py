@@ -54,6 +54,9 @@ class ServerProcess:
         log_file: stdout and stderr of the server go here (default: inherited).
         env: variables added to this process's environment.
         timeout: seconds to wait for the ready file.
+        launcher: a command the server is run through, which ends by running
+            it in its own place (e.g. one that puts it in another network
+            namespace); signals go to the process started.
 
     Attributes: `proc` (the Popen), `ready` (the ready file's JSON), `address`,
     `pid`, `ready_file`.
@@ -61,11 +64,12 @@ class ServerProcess:
 
     def __init__(self, args: Sequence[str] = (), *, python: Optional[str] = None,
                  ready_file: Optional[PathLike] = None, log_file: Optional[PathLike] = None,
-                 env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> None:
+                 env: Optional[Dict[str, str]] = None, timeout: float = 60.0,
+                 launcher: Sequence[str] = ()) -> None:
         self._tmp = None if ready_file else tempfile.TemporaryDirectory(prefix="iserver-")
         self.ready_file = Path(ready_file or os.path.join(self._tmp.name, "ready.json"))
         self.log_file = Path(log_file) if log_file else None
-        cmd = [python or sys.executable, "-m", "psana_ipc.server", "--port", "0",
+        cmd = [*launcher, python or sys.executable, "-m", "psana_ipc.server", "--port", "0",
                "--ready-file", str(self.ready_file), *args]
         self._log = open(self.log_file, "wb") if self.log_file else None
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT

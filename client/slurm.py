@@ -15,6 +15,12 @@ the client (every task), which can checkpoint; with `--requeue` SLURM may
 requeue the job when it is preempted, and the script requeues it itself
 when the client exits 75 (preemption.RESUME_EXIT).
 
+With `--server-nodes N` the job is heterogeneous: the client runs on the
+nodes asked for (a GPU node), the servers on N nodes of their own (CPU
+nodes, `--server-partition`), each listening on its node's address with a
+token the job makes; PSANA_IPC_ADDRESS then lists every server, separated
+by commas, and PSANA_IPC_TOKEN_FILE names the token.
+
 The script is the bash template slurm_job.sh beside this module (package
 data, checked by shellcheck in the tests); this module only fills in the
 job's #SBATCH header and settings.
@@ -81,6 +87,8 @@ class JobSpec:
     stop_timeout: int = 5  # seconds for each stop step; three steps fit SLURM's 30 s KillWait
     requeue: bool = False  # requeue on preemption, and when the client exits RESUME_EXIT
     warn_before: Optional[int] = None  # seconds before the time limit the client is signalled
+    server_nodes: int = 0  # > 0: servers on this many nodes of their own (a heterogeneous job)
+    server_partition: Optional[str] = None  # theirs (default: the client's)
 
 
 def activation(env: Optional[str]) -> str:
@@ -104,7 +112,8 @@ def activation(env: Optional[str]) -> str:
 
 
 def sbatch_options(spec: JobSpec) -> List[str]:
-    """The #SBATCH options of the job, in the btx JobScheduler's order."""
+    """The #SBATCH options of the job, in the btx JobScheduler's order; with
+    servers on nodes of their own, a second component (`hetjob`) for them."""
     logs = os.path.join(os.path.abspath(spec.log_dir), spec.job_name)
     options = [f"--partition={spec.partition}" if spec.partition else None,
                f"--job-name={spec.job_name}",
@@ -113,16 +122,25 @@ def sbatch_options(spec: JobSpec) -> List[str]:
                f"--nodes={spec.nodes}",
                f"--ntasks={spec.ntasks}",
                f"--cpus-per-task={spec.cpus_per_task}",
-               f"--gpus={spec.gpus}" if spec.gpus else None,
-               f"--time={spec.time}",
-               f"--mem={spec.mem}" if spec.mem else None,
-               "--exclusive" if spec.exclusive else None,
-               f"--account={spec.account}" if spec.account else None,
-               f"--reservation={spec.reservation}" if spec.reservation else None,
+               f"--gpus={spec.gpus}" if spec.gpus else None] + _shared(spec) + [
                "--requeue" if spec.requeue else None,
                f"--signal=B:{WARNING_SIGNAL.name[3:]}@{spec.warn_before}"
                if spec.warn_before is not None else None]
+    if spec.server_nodes:
+        partition = spec.server_partition or spec.partition
+        options += ["hetjob", f"--partition={partition}" if partition else None,
+                    f"--nodes={spec.server_nodes}", f"--ntasks={spec.server_nodes}",
+                    "--ntasks-per-node=1"] + _shared(spec)
     return [option for option in options if option is not None]
+
+
+def _shared(spec: JobSpec) -> List[Optional[str]]:
+    """The options each component of the job takes."""
+    return [f"--time={spec.time}",
+            f"--mem={spec.mem}" if spec.mem else None,
+            "--exclusive" if spec.exclusive else None,
+            f"--account={spec.account}" if spec.account else None,
+            f"--reservation={spec.reservation}" if spec.reservation else None]
 
 
 def check(spec: JobSpec) -> None:
@@ -135,6 +153,8 @@ def check(spec: JobSpec) -> None:
         raise ValueError("cpus-per-task, ready-timeout and stop-timeout must be positive")
     if spec.warn_before is not None and not 1 <= spec.warn_before <= 65535:
         raise ValueError("--warn-before takes seconds from 1 to 65535 (SLURM's limit)")
+    if spec.server_nodes < 0:
+        raise ValueError("server-nodes must be 0 (a server on each client node) or more")
     for option in sbatch_options(spec):
         if any(c.isspace() for c in option):
             raise ValueError(f"#SBATCH {option!r}: values cannot contain spaces")
@@ -173,6 +193,7 @@ def render_script(spec: JobSpec) -> str:
         "REQUEUE": "1" if spec.requeue else "0",
         "RESUME_EXIT": str(RESUME_EXIT),
         "WARNING_SIGNAL": WARNING_SIGNAL.name[3:],
+        "SERVER_NODES": str(int(spec.server_nodes)),
     }
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], job_template())
 
@@ -261,6 +282,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--server-args", default="", metavar="'OPTIONS'",
                         help="iserver options, e.g. --server-args='--source psana2 --workers 4'")
+    server.add_argument("--server-nodes", type=int, default=0, metavar="N",
+                        help="run the servers on N nodes of their own (a heterogeneous job: "
+                             "CPU nodes serving, the client's nodes training), over TCP with a "
+                             "token; default 0: a server on each of the client's nodes")
+    server.add_argument("--server-partition", metavar="P",
+                        help="the servers' partition with --server-nodes (default: the "
+                             "facility's, else the client's)")
     server.add_argument("--ready-timeout", type=int, default=300, metavar="S",
                         help="seconds every server has to accept")
     server.add_argument("--stop-timeout", type=int, default=5, metavar="S",
@@ -284,7 +312,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                        "    -- python train.py --exp xpptut15 --run 14",
                        "psana-ipc slurm -N 2 -n 8 --script job.sh -- python feed.py",
                        "psana-ipc slurm -t 04:00:00 --requeue --warn-before 300 --submit \\\n"
-                       "    -- python train.py --checkpoint ckpt.pt ..."]))
+                       "    -- python train.py --checkpoint ckpt.pt ...",
+                       "psana-ipc slurm --facility S3DF -p ampere --gpus 1 --server-nodes 2 \\\n"
+                       "    --server-args='--source psana2 --workers 100' --submit \\\n"
+                       "    -- python train.py"]))
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -308,7 +339,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
                    client_env=activation(args.client_env),
                    server_args=shlex.split(args.server_args),
                    ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout,
-                   requeue=args.requeue, warn_before=args.warn_before)
+                   requeue=args.requeue, warn_before=args.warn_before,
+                   server_nodes=args.server_nodes,
+                   server_partition=args.server_partition
+                   or (preset.partition if preset and args.server_nodes else None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,14 +2,17 @@
 socket for an address (the protocol package itself never touches sockets).
 
 Frames are read with the protocol's own `FrameDecoder`, fed exactly the
-bytes it is missing, so nothing of the next frame is read early; a payload
-is received with `recv_into` straight into the memory it is kept in.
+bytes it is missing, so nothing of the next frame is read early. The header
+comes first (`recv_head`), so the caller can choose where the payload goes
+before it arrives (`recv_payload`): it is received with `recv_into`
+straight into the memory it is kept in, a batch's row or the array handed
+out, never through a buffer of its own.
 """
 import socket
 from typing import Any, Dict, Optional, Tuple
 
 from psana_ipc.protocol.address import Address, address_family
-from psana_ipc.protocol.framing import FrameDecoder, encode_frame
+from psana_ipc.protocol.framing import FrameDecoder, Head, encode_frame
 
 MAX_PAYLOAD = 1 << 40
 
@@ -42,16 +45,27 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def recv_message(sock: socket.socket) -> Tuple[Dict[str, Any], Optional[bytearray]]:
-    """One frame: its header and, if it says `nbytes`, its payload."""
+def recv_head(sock: socket.socket) -> Tuple[FrameDecoder, Head]:
+    """The next frame's header and payload size; its payload, if any, is
+    still to be read with `recv_payload` (with the decoder returned)."""
     decoder = FrameDecoder(max_payload=MAX_PAYLOAD)
     head = decoder.next_header()
     while head is None:
         decoder.receive_data(recv_exact(sock, decoder.missing))
         head = decoder.next_header()
+    return decoder, head
+
+
+def recv_payload(sock: socket.socket, decoder: FrameDecoder, into: memoryview) -> None:
+    """The payload of the header `recv_head` gave, into `into` (its size)."""
+    recv_into_exact(sock, into[decoder.take_payload(into):])
+
+
+def recv_message(sock: socket.socket) -> Tuple[Dict[str, Any], Optional[bytearray]]:
+    """One frame: its header and, if it says `nbytes`, its payload."""
+    decoder, head = recv_head(sock)
     if not head.size:
         return head.header, None
     payload = bytearray(head.size)
-    view = memoryview(payload)
-    recv_into_exact(sock, view[decoder.take_payload(view):])
+    recv_payload(sock, decoder, memoryview(payload))
     return head.header, payload

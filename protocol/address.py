@@ -1,9 +1,10 @@
 """Server addresses as users write them: `host:port`, `:port`, or a UNIX
-socket path (anything with a `/`, or `unix:PATH`), parsed and printed.
+socket path (anything with a `/`, or `unix:PATH`), parsed and printed;
+several servers as a list of those, or as one text separated by commas.
 
 Finding an address when none is given (environment, ready file) is the
 client's job (`psana_ipc.client.discovery`): this module only reads text."""
-from typing import Tuple, Union
+from typing import Any, List, Tuple, Union
 
 Address = Union[Tuple[str, int], str]
 DEFAULT_HOST = "127.0.0.1"
@@ -15,6 +16,8 @@ def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
     if isinstance(text, (tuple, list)):
         host, port = text
         return (str(host), _port(port, text))
+    if "," in text:
+        raise ValueError(f"address {text!r} names several servers where one is wanted")
     if text.startswith("unix:"):
         return text[len("unix:"):]
     if "/" in text:
@@ -23,6 +26,26 @@ def parse_address(text: Union[str, Tuple[str, int]]) -> Address:
     if not sep:
         raise ValueError(f"address {text!r} is neither host:port nor a socket path")
     return (host.strip("[]") or DEFAULT_HOST, _port(port, text))
+
+
+def parse_addresses(value: Any) -> List[Address]:
+    """The addresses of one server or several: text with addresses separated
+    by commas, a list of addresses, or one address ((host, port) is one)."""
+    if isinstance(value, str):
+        found = [parse_address(part.strip()) for part in value.split(",") if part.strip()]
+    elif isinstance(value, (tuple, list)) and not _pair(value):
+        found = [parse_address(one) for one in value]
+    else:
+        found = [parse_address(value)]
+    if not found:
+        raise ValueError(f"no server address in {value!r}")
+    return found
+
+
+def _pair(value: Union[tuple, list]) -> bool:
+    """Whether a tuple or list is one (host, port) address."""
+    return len(value) == 2 and isinstance(value[0], str) and (
+        isinstance(value[1], int) or isinstance(value[1], str) and value[1].isdigit())
 
 
 def _port(port: Union[str, int], address: object) -> int:

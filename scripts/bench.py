@@ -23,6 +23,9 @@ event, as psana does) and times, per detector, calib frames through:
 position saved half-way through the epoch (`load_state_dict`), and, for
 comparison, reaching that position by reading the first half again.
 
+`--across-nodes` measures instead what crosses a network, each figure beside
+a plain TCP stream of the same run (scripts/bench_across_nodes.py; root).
+
 Each figure is the median of `--repeats` timed passes after one warm-up pass;
 every pass of a path iterates the same DataLoader, as epochs of training do.
 Prints a table (frames/s, GB/s, ratio to legacy, fraction of the memcpy
@@ -50,6 +53,8 @@ from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, Resuma
                               RunDataset)
 from psana_ipc.client.server_process import ServerProcess, child_pids
 from psana_ipc.server.sources.synthetic import expected
+
+import bench_across_nodes  # this directory's module
 
 
 def cpu_seconds(pids: List[int]) -> float:
@@ -224,7 +229,8 @@ def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerPr
     """A synthetic server with `--cost-ms` and these options, stopped on leaving;
     its runs have the measured events and WARM_BATCHES batches more."""
     server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
-                            "--cost-ms", str(args.cost_ms), "--synthetic-events",
+                            "--cost-ms", str(args.cost_ms),
+                            "--cost-kind", args.cost_kind or "burn", "--synthetic-events",
                             str(args.frames + WARM_BATCHES * args.batch_size), *options])
     try:
         yield server
@@ -521,10 +527,10 @@ def bench_new_consumers(args: argparse.Namespace) -> Dict:
 
 
 def print_head(*columns: str) -> None:
-    """A markdown table's header: the first column and `other` read as text, the rest as
-    numbers (right-aligned)."""
+    """A markdown table's header: the first column, `path` and `other` read as text, the
+    rest as numbers (right-aligned)."""
     print("| " + " | ".join(columns) + " |")
-    print("| " + " | ".join("---" if k == 0 or name == "other" else "---:"
+    print("| " + " | ".join("---" if k == 0 or name in ("path", "other") else "---:"
                             for k, name in enumerate(columns)) + " |")
 
 
@@ -673,7 +679,10 @@ def main() -> int:
     ap.add_argument("--server-workers", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--cost-ms", type=float, default=0.0,
-                    help="CPU time the synthetic source burns per event (emulates psana)")
+                    help="time the synthetic source takes per event (emulates psana)")
+    ap.add_argument("--cost-kind", choices=["burn", "wait"],
+                    help="burn: CPU time (the default); wait: a sleep, as a network file "
+                         "system's (the default of --across-nodes)")
     ap.add_argument("--shm-budget", default="2G",
                     help="room for three in-flight batch arenas of jungfrau4M on top of the slots")
     ap.add_argument("--json", metavar="PATH")
@@ -693,10 +702,18 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="measure the time to the first batch, fresh and resumed mid-epoch, "
                          "instead (first detector only)")
+    ap.add_argument("--across-nodes", action="store_true",
+                    help="measure across network namespaces instead (root; first detector "
+                         "only): BatchLoader inline against a plain TCP stream on loopback and "
+                         "across a veth pair, TLS on that stream, two servers on two hosts "
+                         "against one with --cost-ms (40 by default) of waiting per event, "
+                         "byte-identical frames, and a server killed mid-epoch")
     args = ap.parse_args()
     for wanted, bench, show in ((args.new_consumers, bench_new_consumers, print_consumers_table),
                                 (args.resume, bench_resume, print_resume_table),
-                                (args.frame_cache, bench_frame_cache, print_cache_table)):
+                                (args.frame_cache, bench_frame_cache, print_cache_table),
+                                (args.across_nodes, bench_across_nodes.run,
+                                 bench_across_nodes.print_table)):
         if wanted:
             result = bench(args)
             show(result)

@@ -31,6 +31,7 @@ client_env() {  # $1: the extras to install
 client_test_env() {
   client_env torch,test
   debian_package shellcheck "the tests check the SLURM job script with shellcheck" || true
+  debian_package iproute2 "the tests put servers on other hosts with network namespaces" || true
 }
 
 demo_env() {  # nothing to do when the demo's imports already work

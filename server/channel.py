@@ -8,8 +8,15 @@ unit of work runs in two steps: `reserve` takes the frame's memory from the
 budget without reading anything, then `work` reads the frame into it once.
 When `reserve` finds no room, the worker (and only the worker) decides to
 wait or to `refuse`.
+
+What is queued to send goes out from the loop, and meanwhile, while the
+loop does a unit of work, from the worker's sender thread (sender.py),
+which only sends bytes: the callbacks of what it sent wait in
+`sent_meanwhile` for the loop. `lock` keeps the two from using the queue
+and the socket at once.
 """
 import socket
+import threading
 import time
 from collections import deque
 from typing import Callable, Deque, Optional, Union
@@ -28,6 +35,8 @@ class Channel:
         self.sock = sock
         self.fd = sock.fileno()
         self.out: Deque[Chunk] = deque()
+        self.sent_meanwhile: Deque[Callable[[], None]] = deque()
+        self.lock = threading.RLock()
         self.closed = False
         self.close_after_flush = False
         self.opened_at = self.last_activity = time.monotonic()
@@ -100,31 +109,55 @@ class Channel:
     def send(self, *chunks: Chunk) -> None:
         if self.closed:
             return
-        self.out.extend(chunks)
+        with self.lock:
+            self.out.extend(chunks)
         self.flush()
         if len(self.out) > MAX_UNSENT:
             self.close()
 
     def flush(self) -> None:
+        """Send what the socket takes now, running the callbacks of what was
+        sent (also of what the sender sent meanwhile)."""
+        with self.lock:
+            while self.sent_meanwhile:
+                self.sent_meanwhile.popleft()()
+            if not self._push(self._run_now) and not self.closed:
+                self.close()
+            elif self.close_after_flush and not self.out:
+                self.close()
+
+    def push(self) -> bool:
+        """The sender's flush: send what the socket takes now, keeping the
+        callbacks for the loop; whether anything is left to send (a socket
+        that failed is left to the loop, which closes it)."""
+        with self.lock:
+            return not self.closed and self._push(self.sent_meanwhile.append) \
+                and bool(self.out)
+
+    @staticmethod
+    def _run_now(callback: Callable[[], None]) -> None:
+        callback()
+
+    def _push(self, done: Callable[[Callable[[], None]], None]) -> bool:
+        """Send queued bytes until the socket takes no more, handing each
+        callback reached to `done`; False if the socket failed."""
         while self.out and not self.closed:
             chunk = self.out[0]
             if callable(chunk):
-                self.out.popleft()()
+                done(self.out.popleft())
                 continue
             try:
                 n = self.sock.send(chunk)
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError:
-                self.close()
-                return
+                return False
             if n == len(chunk):
                 self.out.popleft()
             else:
                 self.out[0] = memoryview(chunk)[n:]
-                return
-        if self.close_after_flush and not self.out:
-            self.close()
+                return True
+        return True
 
     def finish(self) -> None:
         """Close once what is queued has been sent."""
@@ -132,15 +165,17 @@ class Channel:
         self.flush()
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.out.clear()
-        self.release()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.out.clear()
+            self.sent_meanwhile.clear()
+            self.release()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def release(self) -> None:
         """Give back what the connection holds; runs once, on close."""

@@ -6,8 +6,11 @@ how it is given back when the frame will not be served (`undo`):
 
   Own     an extent of the pool of its own, handed to a local client, who
           holds it until it releases the reply's `handle`
-  Inline  private memory, sent after the reply; its bytes stay reserved
-          from the budget until sent
+  Inline  an extent of the pool of its own, sent from the pool's mapping
+          after the reply (no copy but the kernel's into the socket) and
+          given back once sent; no client maps it. Pool memory is pages
+          taken ahead and reused, where private memory would be fresh pages
+          faulted in for every frame
   Place   the frame's place in a batch buffer of the client's group (`into`)
   Cached  a frame-cache entry: found (a hit) or filled by the source first
           (a miss), then handed to a local client as it is, sent inline,
@@ -56,18 +59,8 @@ class Own:
         self.memory.give(self.extent)
 
 
-@dataclass
-class Inline:
-    memory: FrameMemory
-    row: int
-    nbytes: int
-
-    @contextmanager
-    def target(self) -> Iterator[Tuple[Allocator, int]]:
-        yield np.empty, self.nbytes
-
-    def undo(self) -> None:
-        self.memory.unreserve(self.row)
+class Inline(Own):
+    """An extent written as a local client's is, then sent (see the module docstring)."""
 
 
 @dataclass

@@ -280,15 +280,9 @@ class V1Connection(Channel):
         if place is not None:
             item.placement = place
             return Grant.GRANTED
-        nbytes = self._frame_size(item)
-        if self.inline:
-            grant, row = self.memory.reserve(self.conn, self.group, nbytes)
-            if row is not None:
-                item.placement = Inline(self.memory, row, nbytes)
-            return grant
-        grant, extent = self.memory.take(self.conn, self.group, nbytes)
+        grant, extent = self.memory.take(self.conn, self.group, self._frame_size(item))
         if extent is not None:
-            item.placement = Own(self.memory, extent)
+            item.placement = (Inline if self.inline else Own)(self.memory, extent)
         return grant
 
     def _place_in_batch(self, item: Item) -> Place:
@@ -375,10 +369,10 @@ class V1Connection(Channel):
     def _deliver(self, item: Item, placement: Placement, data: Any, desc: FrameDesc) -> None:
         if isinstance(placement, Place):
             self._written(item, desc)
-        elif isinstance(placement, Own):
-            self._hand(item, placement.extent, desc)
-        else:
+        elif isinstance(placement, Inline):
             self._send(item, placement, desc, memoryview(data.reshape(-1)).cast("B"), data.nbytes)
+        else:
+            self._hand(item, placement.extent, desc)
 
     def _hand(self, item: Item, held: Union[Extent, Entry], desc: FrameDesc) -> None:
         """A frame in the pool, held by the client until it releases the handle."""

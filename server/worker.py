@@ -24,8 +24,12 @@ busy, where taking pages would only compete with their frames. It also hands the
 clients at the door (door.py) and, once a second, frees orphaned memory
 nobody holds any more.
 
-Set-up that is per process (signal handlers, the wakeup pipe) happens here,
-after the fork, never inherited from the master.
+While it does a unit of work (or reads ahead), its sender thread keeps
+sending what the connections have queued (sender.py): frames sent inline go
+out at the network's pace, not a socket buffer per unit of work.
+
+Set-up that is per process (signal handlers, the wakeup pipe, the sender
+thread) happens here, after the fork, never inherited from the master.
 """
 import errno
 import faulthandler
@@ -47,6 +51,7 @@ from .channel import Channel
 from .context import WorkerContext
 from .legacy_connection import LegacyConnection
 from .pool_index import Grant
+from .sender import Sender
 from .shared_state import SharedState
 from .v1_connection import V1Connection
 from .wakeup import drain, wakeup_pipe
@@ -88,12 +93,14 @@ class Worker:
         self.heartbeat = min(PARENT_CHECK, ctx.request_timeout / 5)
         self.warming = True         # the frame cache's pages are not all taken yet
         self.worked_at = 0.0        # when the last unit of work was done
+        self.sender: Optional[Sender] = None
 
     def run(self) -> int:
         wake_r, _ = wakeup_pipe()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
         faulthandler.enable(sys.stderr, all_threads=True)   # SIGABRT from the master: a traceback
+        self.sender = Sender()
         self.ctx.memory.start(self.counters.progress)
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(self.door, selectors.EVENT_READ, "door")
@@ -263,12 +270,12 @@ class Worker:
         if ready:
             conn = min(ready, key=lambda c: c.next_arrival())
             self.worked_at = now
-            self._step(conn, functools.partial(self._serve, conn, now))
+            self._sending_meanwhile(conn, functools.partial(self._serve, conn, now))
             return
         conn = self._read_ahead_waiting()
         if conn is not None:
             self.worked_at = now
-            self._step(conn, conn.read_ahead)
+            self._sending_meanwhile(conn, conn.read_ahead)
         elif any(c.has_work() for c in self.conns.values()):
             self.worked_at = now
         elif now - self.swept >= SWEEP_EVERY:
@@ -279,6 +286,16 @@ class Worker:
 
     def _warm_due(self, now: float) -> bool:
         return self.warming and now - self.worked_at >= WARM_AFTER
+
+    def _sending_meanwhile(self, conn: Channel, step: Callable[[], object]) -> None:
+        """A step of one connection while the sender sends what all have
+        queued; then the loop runs the callbacks of what it sent."""
+        queued = [c for c in self.conns.values() if c.out]
+        with self.sender.meanwhile(queued):
+            self._step(conn, step)
+        for channel in queued:
+            if channel.sent_meanwhile and not channel.closed:
+                self._step(channel, channel.flush)
 
     def _read_ahead_waiting(self) -> Optional[Channel]:
         """A connection with frames to read ahead, when no request waits at all

@@ -105,7 +105,7 @@ def test_group_spreads_a_request_over_every_worker(server):
     split = group.submit("x", 1, "epix100", [4, 5, 6], "raw")
     frames = dict(group.stream(split))
     assert sorted(frames) == [0, 1, 2]
-    workers = {client.worker for client, _, _ in split}
+    workers = {share.client.worker for share in split}
     assert len(workers) == 2, "both server workers produced frames"
     for pos, f in frames.items():
         assert np.array_equal(f.array, expected("epix100", "raw", 4 + pos))

@@ -15,10 +15,13 @@ Every exp and run exists and has `--synthetic-events` events, with timestamp
 Since raw and calib are a window of one periodic sequence, an event is a
 single copy of `n` elements starting at offset s of a precomputed array.
 
-`--cost-ms` emulates psana's per-event work: the worker burns that much CPU
-time (its own thread's clock, so the cost is the same however busy the node
-is, as a fixed amount of work would be) before writing the frame. Sleeping
-instead would let workers overlap on cores they do not have.
+`--cost-ms` emulates psana's per-event work: by default (`--cost-kind
+burn`) the worker burns that much CPU time (its own thread's clock, so the
+cost is the same however busy the node is, as a fixed amount of work would
+be) before writing the frame; sleeping instead would let workers overlap on
+cores they do not have. `--cost-kind wait` sleeps instead: psana waiting
+for a network file system, where more workers, or more servers on other
+nodes, do overlap.
 """
 import argparse
 import time
@@ -95,13 +98,18 @@ def panel_mask(shape: Tuple[int, ...]) -> np.ndarray:
     return mask
 
 
+COST_KINDS = {"burn": burn_cpu, "wait": time.sleep}
+
+
 class SyntheticSource(Source):
-    def __init__(self, detector: str, events: int, cost_s: float) -> None:
+    def __init__(self, detector: str, events: int, cost_s: float,
+                 cost_kind: str = "burn") -> None:
         shape, self._grid = DETECTORS[detector]
         self._shape = shape
         self._n = int(np.prod(shape))
         self._events = events
         self._cost_s = cost_s
+        self._pay = COST_KINDS[cost_kind]
         ring = np.arange(self._n + PERIOD, dtype=np.int64) % PERIOD
         self._raw = ring.astype(np.uint16)
         self._calib = ((ring - PEDESTAL) / GAIN).astype(np.float32)
@@ -132,7 +140,7 @@ class SyntheticSource(Source):
         self.check(index, mode)
         spec = self._specs[mode]
         if self._cost_s:
-            burn_cpu(self._cost_s)
+            self._pay(self._cost_s)
         out = allocate(spec.shape, np.dtype(spec.dtype))
         s = (STEP * index) % PERIOD
         if mode == "raw":
@@ -155,15 +163,18 @@ class Factory(SourceFactory):
         group.add_argument("--synthetic-events", type=int, default=1000, metavar="N",
                            help="events in every synthetic run (default: %(default)s)")
         group.add_argument("--cost-ms", type=float, default=0.0, metavar="MS",
-                           help="CPU time to burn per event, emulating psana's per-event "
-                                "work (default: %(default)s)")
+                           help="time each event costs, emulating psana's per-event work "
+                                "(default: %(default)s)")
+        group.add_argument("--cost-kind", choices=sorted(COST_KINDS), default="burn",
+                           help="burn: CPU time, as psana computing; wait: a sleep, as psana "
+                                "reading a network file system (default: %(default)s)")
 
     def open(self, key: RunKey) -> Source:
         if key.detector not in DETECTORS:
             raise SourceError(UNKNOWN_DETECTOR, f"unknown detector {key.detector!r}; the "
                                                 f"synthetic source has {', '.join(DETECTORS)}")
         return SyntheticSource(key.detector, self.options.synthetic_events,
-                               self.options.cost_ms / 1000.0)
+                               self.options.cost_ms / 1000.0, self.options.cost_kind)
 
     def detectors(self, exp: str, run: int) -> Dict[str, Dict]:
         return {name: {"shape": list(shape), "events": self.options.synthetic_events}
