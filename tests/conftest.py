@@ -105,6 +105,17 @@ class ShmGuard:
         return leaked
 
 
+FOLDERS = ("unit", "server", "client", "sources", "compat", "ops")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark each test with its folder (`pytest -m unit`, `-m "not sources"`)."""
+    tests = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(tests) and item.path.relative_to(tests).parts[0] in FOLDERS:
+            item.add_marker(item.path.relative_to(tests).parts[0])
+
+
 def pytest_sessionstart(session) -> None:
     OURS.start()
 
@@ -234,6 +245,19 @@ def slurm_cluster():
         yield
     finally:
         subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
+
+
+def psana_ipc(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """The `psana-ipc` command line with `args`, run as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def server_stats(server: ServerProcess) -> dict:
+    """A server's `stats`, asked on a connection of its own (inline: it maps nothing)."""
+    from psana_ipc.client import Client
+    with Client(server.address, transport="inline") as c:
+        return c.stats()
 
 
 def run_bench(tmp_path: Path, *args: str) -> Tuple[subprocess.CompletedProcess, Any]:

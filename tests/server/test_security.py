@@ -23,7 +23,7 @@ from psana_ipc.protocol.framing import encode_frame
 from psana_ipc.server.context import is_local_peer
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import pid_alive
+from conftest import pid_alive, psana_ipc
 from faulty_source.probes import closed_by_server, connect, hello
 
 NOBODY = 65534
@@ -101,14 +101,10 @@ def test_the_cli_finds_server_and_token_in_the_ready_file(token_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PSANA_IPC_")}
     env["PSANA_IPC_READY_FILE"] = str(server.ready_file)
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
-
-    stats = cli("stats", "--json")
+    stats = psana_ipc("stats", "--json", env=env)
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["workers"] == 1
-    stop = cli("stop")
+    stop = psana_ipc("stop", env=env)
     assert stop.returncode == 0, stop.stderr
     assert server.proc.wait(30) == 0
 

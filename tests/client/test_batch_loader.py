@@ -1,7 +1,6 @@
 """Every path the benchmark times, checked for bytes, order, sharding and
 slot hygiene (never for speed)."""
 import gc
-import time
 
 import numpy as np
 import torch
@@ -12,15 +11,7 @@ from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import run_bench
-
-
-def _eventually(condition, tries=100):
-    """Poll a condition the server reaches asynchronously (bounded, not timed)."""
-    for _ in range(tries):
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+from faulty_source.probes import wait_for
 
 
 def _check(batch, events, det="epix100", mode="calib"):
@@ -95,7 +86,7 @@ def test_zero_copy_views_are_the_slots_and_are_released(server):
             assert not f.array.flags.writeable
             assert np.array_equal(f.array, expected("epix100", "calib", f.event))
     with Client(server.address) as c:    # releases reach the other workers asynchronously
-        assert _eventually(lambda: c.stats()["frames_held"] == 0)
+        wait_for(lambda: c.stats()["frames_held"] == 0, "every frame released")
     loader.close()
 
 
@@ -135,8 +126,8 @@ def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
         assert c.stats()["frames_held"] > 0
         del it
         gc.collect()
-        assert _eventually(lambda: c.stats()["frames_held"] == 0), \
-            "slots of an abandoned loader were not released"
+        wait_for(lambda: c.stats()["frames_held"] == 0,
+                 "the slots of an abandoned loader released")
     assert len(list(loader)) == 10          # it reconnects for the next epoch
     loader.close()
 

@@ -27,7 +27,7 @@ from btx.iclient import IPCRemotePsanaDataset as BtxDataset
 from btx.loops import load_without_nan_frames, send_done_per_worker
 from btx.maxie import MaxieIPCDataset, collate_skipping_none
 from psana1_standin.runs import EXP as PSANA1_EXP, RUN as PSANA1_RUN, STANDIN, raw_of, write_run
-from conftest import ROOT, pid_alive, worker_pids
+from conftest import ROOT, pid_alive, psana_ipc, worker_pids
 from faulty_source import RAISE_EVENT, server_env
 
 EVENTS = [RAISE_EVENT - 2, RAISE_EVENT - 1, RAISE_EVENT, RAISE_EVENT + 1]
@@ -129,9 +129,7 @@ def test_hello_with_a_lone_surrogate_token_gets_unauthorized(start_server, tmp_p
 
 # -- 2. psana-ipc stop against an old server ------------------------------------------------
 def _stop_cli(address, *args):
-    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "stop", "--address",
-                           f"{address[0]}:{address[1]}", *args], capture_output=True, text=True,
-                          timeout=60)
+    return psana_ipc("stop", "--address", f"{address[0]}:{address[1]}", *args)
 
 
 @pytest.mark.parametrize("flags", [["--legacy"], []])
