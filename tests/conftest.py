@@ -229,6 +229,13 @@ def server(start_server):
     return start_server(["--workers", "2"])
 
 
+@pytest.fixture(scope="module")
+def shared_server(start_module_server):
+    """`server`, shared by a module's tests that only read from it: a test that
+    counts what a server did, holds or releases frames, or stops it has its own."""
+    return start_module_server(["--workers", "2"])
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A one-node SLURM for the session's SLURM tests (tests/slurm/start_slurm.sh;
