@@ -2,6 +2,7 @@
 fails any test leaving shared memory behind."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,22 @@ def slurm_cluster():
         yield
     finally:
         subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory) -> Tuple[Path, str]:
+    """This project built once as pip builds it, for the tests that look into the
+    wheel or install it: (the wheel, pip's verbose output). It builds a copy, as
+    setuptools writes build/ beside the sources."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "build", "*.egg-info", "__pycache__", ".hypothesis"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-v",
+                            "-w", str(tmp)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp.glob("psana_ipc-*.whl")
+    return wheel, built.stdout + built.stderr
 
 
 def psana_ipc(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
