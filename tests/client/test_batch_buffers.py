@@ -50,8 +50,8 @@ def test_batches_hold_the_bytes_in_order_and_are_the_pool_itself(server):
     wait_for(lambda: server_stats(server)["batch_buffers"] == 0, "closing frees the buffers")
 
 
-def test_shuffled_epochs_read_what_their_order_says(server):
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(10), batch_size=4,
+def test_shuffled_epochs_read_what_their_order_says(shared_server):
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(10), batch_size=4,
                          shuffle=True, seed=3, output="numpy")
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -79,10 +79,10 @@ def test_the_last_buffers_batches_stay_intact_and_memory_is_reused(server, buffe
     loader.close()
 
 
-def test_a_batch_kept_is_never_overwritten(server):
+def test_a_batch_kept_is_never_overwritten(shared_server):
     """Code that keeps every batch (btx appends them all) stays correct: the
     loader's buffers grow instead."""
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(12), batch_size=2,
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(12), batch_size=2,
                          output="numpy")
     kept = [b for _ in range(2) for b in loader]
     for k, batch in enumerate(kept):
@@ -91,8 +91,8 @@ def test_a_batch_kept_is_never_overwritten(server):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_batches_are_pinned_and_go_to_the_gpu_as_written(server):
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(4), batch_size=2)
+def test_batches_are_pinned_and_go_to_the_gpu_as_written(shared_server):
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(4), batch_size=2)
     for k, batch in enumerate(loader):
         assert batch.is_pinned()
         on_gpu = batch.to("cuda", non_blocking=True)
@@ -233,13 +233,13 @@ def test_a_group_id_the_server_did_not_issue_is_refused(server, buffer):
     assert err.value.code == "bad_arena"
 
 
-def test_a_batch_buffer_needs_shared_memory(server):
-    with Client(server.address, transport="inline") as client:
+def test_a_batch_buffer_needs_shared_memory(shared_server):
+    with Client(shared_server.address, transport="inline") as client:
         with pytest.raises(ServerError) as err:
             client.make_arena(4096)
         assert err.value.code == "bad_arena"
-        loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(4), batch_size=2,
-                             transport="inline", output="numpy")
+        loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(4),
+                             batch_size=2, transport="inline", output="numpy")
         _check(np.concatenate([b.copy() for b in loader]), range(4))   # copies instead
         loader.close()
 

@@ -67,8 +67,8 @@ def test_shuffle_is_seeded_per_epoch_and_shards_cover_every_event_once():
 def test_sharded_shuffled_loaders_read_what_their_order_says(shared_server):
     got = {}
     for rank in (0, 1):
-        loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(9), batch_size=2,
-                             shuffle=True, seed=1, rank=rank, world_size=2)
+        loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(9),
+                             batch_size=2, shuffle=True, seed=1, rank=rank, world_size=2)
         loader.set_epoch(3)
         order = epoch_order(range(9), 3, 1, True, rank, 2)
         batch = torch.cat([b.clone() for b in loader])

@@ -84,7 +84,8 @@ def test_info_is_a_table_by_default_and_json_on_request(shared_server):
     assert "16×352×384" in human.stdout and "MiB" in human.stdout
     raw = [line.split() for line in human.stdout.splitlines() if line.startswith("raw ")]
     assert raw == [["raw", "16×352×384", "uint16", "4.1", "MiB", "n/a"]], human.stdout
-    machine = psana_ipc_cli("info", "x", "1", "epix10k2M", "--json", "--address", shared_server.address)
+    machine = psana_ipc_cli("info", "x", "1", "epix10k2M", "--json",
+                            "--address", shared_server.address)
     assert json.loads(machine.stdout)["modes"]["raw"]["shape"] == [16, 352, 384]
 
 

@@ -171,7 +171,8 @@ def test_a_worker_killed_mid_request_fails_that_request_cleanly(start_server):
     assert _served(survivor, "opal", 9)
     wait_for(lambda: dead not in server.workers and len(server.workers) == 2,
              "a new worker replaces the dead one")
-    wait_for(lambda: server_stats(server)["frames_held"] == 0, "the dead worker's frames given back")
+    wait_for(lambda: server_stats(server)["frames_held"] == 0,
+             "the dead worker's frames given back")
     assert _served(victim, "opal", 11)          # the client connects afresh by itself
     assert pid_alive(alive) and _served(survivor)
     victim.close()

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.psana2
 @pytest.fixture(scope="module")
 def calibrated_server(start_module_server, psana2_runs):
     """One server for the tests that only read (its worker keeps the runs open)."""
-    return start_module_server(psana2_runs.server_args(psana2_runs.calib_dir), python=psana_python())
+    return start_module_server(psana2_runs.server_args(psana2_runs.calib_dir),
+                               python=psana_python())
 
 
 def error_code(client: Client, *args, **kwargs) -> str:

@@ -32,7 +32,8 @@ FRAMES = (("epix10k2M", "calib", "calib"), ("epix10k2M", "raw", "raw"),
 @pytest.fixture(scope="module")
 def mixed_server(start_module_server, psana2_runs):
     """One server for the tests that only read (its worker keeps the run open)."""
-    return start_module_server(psana2_runs.server_args(psana2_runs.calib_dir), python=psana_python())
+    return start_module_server(psana2_runs.server_args(psana2_runs.calib_dir),
+                               python=psana_python())
 
 
 def psana_answer(oracle, detector: str, method: str, event: int):
