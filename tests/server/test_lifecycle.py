@@ -114,8 +114,8 @@ def test_a_worker_that_cannot_boot_stops_the_server(tmp_path):
     assert not ready.exists()
 
 
-def test_busy_port_is_a_clear_error(server):
-    port = server.address.rsplit(":", 1)[1]
+def test_busy_port_is_a_clear_error(shared_server):
+    port = shared_server.address.rsplit(":", 1)[1]
     proc = subprocess.run([sys.executable, "-m", "psana_ipc.server", "--port", port],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "cannot listen" in proc.stderr
@@ -128,25 +128,25 @@ def test_iserver_help_explains():
         assert option in out
 
 
-def test_stats_json_from_the_cli(server):
-    with Client(server.address) as c:
+def test_stats_json_from_the_cli(shared_server):
+    with Client(shared_server.address) as c:
         c.get("x", 1, "epix100", 1, "raw")
-    result = psana_ipc("stats", "--json", "--address", server.address)
+    result = psana_ipc("stats", "--json", "--address", shared_server.address)
     stats = json.loads(result.stdout)
     assert stats["events"] >= 1 and "shm_bytes" in stats and "frames_held" in stats
 
 
-def test_cli_get_saves_npy_and_png(server, tmp_path):
+def test_cli_get_saves_npy_and_png(shared_server, tmp_path):
     out, png = tmp_path / "f.npy", tmp_path / "f.png"
     result = psana_ipc("get", "x", "1", "epix10k2M", "5", "--mode", "raw", "--out", str(out),
-                        "--png", str(png), "--address", server.address)
+                        "--png", str(png), "--address", shared_server.address)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(np.load(out), expected("epix10k2M", "raw", 5))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_reports_server_errors_with_their_code(server):
-    result = psana_ipc("get", "x", "1", "nope", "5", "--address", server.address)
+def test_cli_reports_server_errors_with_their_code(shared_server):
+    result = psana_ipc("get", "x", "1", "nope", "5", "--address", shared_server.address)
     assert result.returncode == 1 and "unknown_detector" in result.stderr
 
 

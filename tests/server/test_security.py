@@ -29,12 +29,22 @@ from faulty_source.probes import closed_by_server, connect, hello
 NOBODY = 65534
 
 
+def _token_server(start, folder):
+    path = folder / "token"
+    server = start(["--workers", "1", "--token-file", str(path)])
+    return server, path.read_text().strip()
+
+
 @pytest.fixture
 def token_server(start_server, tmp_path):
     """A server with a token file it created itself; returns (server, token)."""
-    path = tmp_path / "token"
-    server = start_server(["--workers", "1", "--token-file", str(path)])
-    return server, path.read_text().strip()
+    return _token_server(start_server, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_token_server(start_module_server, tmp_path_factory):
+    """`token_server` for the tests that only connect to it."""
+    return _token_server(start_module_server, tmp_path_factory.mktemp("token"))
 
 
 def _served(client):
@@ -49,8 +59,8 @@ def test_the_token_file_is_made_owner_only_with_a_random_token(token_server, tmp
 
 
 @pytest.mark.parametrize("token", [None, "0" * 32, "é" * 8, ""])
-def test_hello_without_the_right_token_is_refused_and_closed(token_server, token):
-    server, _ = token_server
+def test_hello_without_the_right_token_is_refused_and_closed(shared_token_server, token):
+    server, _ = shared_token_server
     with connect(server.address) as sock:
         reply = hello(sock, token=token)
         assert reply["ok"] is False and reply["code"] == errors.UNAUTHORIZED
@@ -62,9 +72,9 @@ def test_hello_without_the_right_token_is_refused_and_closed(token_server, token
 
 @pytest.mark.parametrize("where", ["argument", "PSANA_IPC_TOKEN", "PSANA_IPC_TOKEN_FILE",
                                    "PSANA_IPC_READY_FILE"])
-def test_the_right_token_from_each_place_the_client_looks(token_server, tmp_path, monkeypatch,
+def test_the_right_token_from_each_place_the_client_looks(shared_token_server, monkeypatch,
                                                            where):
-    server, token = token_server
+    server, token = shared_token_server
     for name in ("PSANA_IPC_ADDRESS", "PSANA_IPC_TOKEN", "PSANA_IPC_TOKEN_FILE",
                  "PSANA_IPC_READY_FILE"):
         monkeypatch.delenv(name, raising=False)
@@ -74,7 +84,7 @@ def test_the_right_token_from_each_place_the_client_looks(token_server, tmp_path
     elif where == "PSANA_IPC_TOKEN":
         monkeypatch.setenv(where, token)
     elif where == "PSANA_IPC_TOKEN_FILE":
-        monkeypatch.setenv(where, str(tmp_path / "token"))
+        monkeypatch.setenv(where, server.ready["token_file"])
     else:       # the ready file names both the address and the token file
         monkeypatch.setenv(where, str(server.ready_file))
         kwargs = {}
