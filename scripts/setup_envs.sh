@@ -10,6 +10,23 @@ PY=${PSANA_IPC_PYTHON:-python3.11}
 what=${1:-all}
 
 pip_quiet() { "$@" --disable-pip-version-check -q; }
+has_module() {  # has_module VENV MODULE: installed there (found, not imported: torch takes seconds)
+  "$1/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$2') is None)"
+}
+
+# A stamp beside a venv: the pyproject.toml it installed this project from, with these
+# extras. Installs are editable, so only a changed pyproject.toml needs pip again.
+stamp_of() { echo "$1/.psana-ipc-installed-$2"; }
+up_to_date() {  # up_to_date VENV EXTRAS
+  cmp -s pyproject.toml "$(stamp_of "$1" "$2")" && "$1/bin/python" -c "import psana_ipc" 2>/dev/null
+}
+install_project() {  # install_project VENV EXTRAS PIP-ARGS...: pip install -e unless up to date
+  local venv=$1 extras=$2
+  shift 2
+  up_to_date "$venv" "$extras" && return 0
+  pip_quiet "$venv/bin/pip" install "$@"
+  cp pyproject.toml "$(stamp_of "$venv" "$extras")"
+}
 
 debian_package() {  # debian_package PACKAGE WHY: install it as root, else say how
   dpkg -s "$1" >/dev/null 2>&1 && return 0
@@ -24,8 +41,8 @@ debian_package() {  # debian_package PACKAGE WHY: install it as root, else say h
 client_env() {  # $1: the extras to install
   if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
   # torch first and pinned: an unpinned torch pulls the CUDA build
-  .venv/bin/python -c "import torch" 2>/dev/null || pip_quiet .venv/bin/pip install torch==2.13.0
-  pip_quiet .venv/bin/pip install -e ".[$1]"
+  has_module .venv torch || pip_quiet .venv/bin/pip install torch==2.13.0
+  install_project .venv "$1" -e ".[$1]"
 }
 
 client_test_env() {
@@ -43,9 +60,8 @@ psana_env() {
   # pykerberos (a psana dependency) builds against Kerberos headers
   debian_package libkrb5-dev "psana needs Debian's libkrb5-dev" || exit 1
   if [ ! -x .venv-psana/bin/python ]; then "$PY" -m venv .venv-psana; fi
-  .venv-psana/bin/python -c "import psana" 2>/dev/null \
-    || pip_quiet .venv-psana/bin/pip install psana==4.3.4 mpich
-  pip_quiet .venv-psana/bin/pip install --no-deps -e .
+  has_module .venv-psana psana || pip_quiet .venv-psana/bin/pip install psana==4.3.4 mpich
+  install_project .venv-psana server --no-deps -e .
 }
 
 case "$what" in

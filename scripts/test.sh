@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Build both environments if needed (scripts/setup_envs.sh), then run every test.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k legacy
-# --quick: only .venv (no psana environment), and only the in-process unit tests and the
-# protocol's and v1 server's tests, for the inner loop of development.
+# --quick: only .venv (no psana environment), and only the in-process unit tests
+# (tests/unit) and the v1 server's, for the inner loop of development.
+# Each folder of tests/ is a marker: scripts/test.sh -m server runs that folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --quick ]; then
   shift
   bash scripts/setup_envs.sh client
-  exec .venv/bin/python -m pytest tests/unit tests/test_protocol.py tests/test_protocol_messages.py \
-    tests/test_protocol_purity.py tests/test_v1.py "$@"
+  exec .venv/bin/python -m pytest tests/unit tests/server/test_v1.py "$@"
 fi
 bash scripts/setup_envs.sh all
 exec .venv/bin/python -m pytest "$@"

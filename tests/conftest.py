@@ -2,6 +2,7 @@
 fails any test leaving shared memory behind."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,17 @@ class ShmGuard:
         for name in leaked:
             (SHM / name).unlink(missing_ok=True)
         return leaked
+
+
+FOLDERS = ("unit", "server", "client", "sources", "compat", "ops")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark each test with its folder (`pytest -m unit`, `-m "not sources"`)."""
+    tests = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(tests) and item.path.relative_to(tests).parts[0] in FOLDERS:
+            item.add_marker(item.path.relative_to(tests).parts[0])
 
 
 def pytest_sessionstart(session) -> None:
@@ -218,6 +230,13 @@ def server(start_server):
     return start_server(["--workers", "2"])
 
 
+@pytest.fixture(scope="module")
+def shared_server(start_module_server):
+    """`server`, shared by a module's tests that only read from it: a test that
+    counts what a server did, holds or releases frames, or stops it has its own."""
+    return start_module_server(["--workers", "2"])
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A one-node SLURM for the session's SLURM tests (tests/slurm/start_slurm.sh;
@@ -234,6 +253,35 @@ def slurm_cluster():
         yield
     finally:
         subprocess.run(["bash", str(setup / "stop_slurm.sh")], timeout=120)
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory) -> Tuple[Path, str]:
+    """This project built once as pip builds it, for the tests that look into the
+    wheel or install it: (the wheel, pip's verbose output). It builds a copy, as
+    setuptools writes build/ beside the sources."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "build", "*.egg-info", "__pycache__", ".hypothesis"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-v",
+                            "-w", str(tmp)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp.glob("psana_ipc-*.whl")
+    return wheel, built.stdout + built.stderr
+
+
+def psana_ipc(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """The `psana-ipc` command line with `args`, run as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def server_stats(server: ServerProcess) -> dict:
+    """A server's `stats`, asked on a connection of its own (inline: it maps nothing)."""
+    from psana_ipc.client import Client
+    with Client(server.address, transport="inline") as c:
+        return c.stats()
 
 
 def run_bench(tmp_path: Path, *args: str) -> Tuple[subprocess.CompletedProcess, Any]:

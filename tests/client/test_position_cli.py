@@ -1,12 +1,12 @@
 """`psana-ipc position` and `position.where` tell where a saved loader position stands, from the state, a JSON checkpoint or a torch one, and refuse what holds none in one coded line."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from psana_ipc.client.position import EpochCursor, StateError, where
+
+from conftest import psana_ipc
 
 
 def saved_state():
@@ -18,8 +18,7 @@ def saved_state():
 
 
 def position(*args):
-    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "position", *args],
-                          capture_output=True, text=True, timeout=60)
+    return psana_ipc("position", *args)
 
 
 @pytest.mark.parametrize("write", [

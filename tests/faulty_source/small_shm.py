@@ -1,7 +1,7 @@
 """Run inside a mount namespace whose /dev/shm is a tmpfs of a few MiB (see
-test_faults.py): a server with a budget far above what /dev/shm holds is
-asked for frames that do not fit there. v1 frames are in the server's pool,
-which is not in /dev/shm; a legacy segment is. Prints, as JSON, what was
+tests/server/test_faults.py): a server with a budget far above what /dev/shm
+holds is asked for frames that do not fit there. v1 frames are in the
+server's pool, which is not in /dev/shm; a legacy segment is. Prints, as JSON, what was
 served or refused and what /dev/shm held after each request and at the end."""
 import json
 import os

@@ -54,7 +54,10 @@ def _runnable(lang: str) -> List[Tuple[Path, int, str]]:
 
 @pytest.fixture(scope="module")
 def docs_server(start_module_server):
-    return start_module_server(["--workers", "2", "--frame-cache", "256M"])
+    """The server every block reads from: runs of 256 events, past every event a
+    block names (163), so a block reading a whole run reads 256, not 1000."""
+    return start_module_server(["--workers", "2", "--frame-cache", "256M",
+                                "--synthetic-events", "256"])
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)

@@ -77,6 +77,12 @@ def lcls2_answers(lcls2_runs, tmp_path_factory) -> Dict[str, Answers]:
     return found
 
 
+@pytest.fixture(scope="module")
+def lcls2_server(start_module_server, lcls2_runs):
+    """One server over every run, for the module's tests (they only read)."""
+    return start_module_server(lcls2_runs.server_args(), python=psana_python())
+
+
 def main_interface(info: dict) -> str:
     return "raw" if "raw" in info["interfaces"] else info["interfaces"][0]
 
@@ -132,10 +138,8 @@ def check_field(c: Client, name: str, field: str, event: int, answers: Answers,
         assert_same(value, answers.get(key))
 
 
-def test_every_detector_of_lcls2s_runs_equals_psana_or_is_refused(start_server, lcls2_runs,
-                                                                   lcls2_answers):
-    server = start_server(lcls2_runs.server_args(), python=psana_python())
-    with Client(server.address) as c:
+def test_every_detector_of_lcls2s_runs_equals_psana_or_is_refused(lcls2_server, lcls2_answers):
+    with Client(lcls2_server.address) as c:
         for name, served in SERVED.items():
             exp, run = LCLS2_RUNS[name]
             answers = lcls2_answers[name]
@@ -167,10 +171,8 @@ def test_every_detector_of_lcls2s_runs_equals_psana_or_is_refused(start_server, 
                         check_field(c, name, field, event, answers, channels)
 
 
-def test_pvs_scan_variables_and_steps_are_psanas_in_order(start_server, lcls2_runs,
-                                                          lcls2_answers):
-    server = start_server(lcls2_runs.server_args(), python=psana_python())
-    with Client(server.address) as c:
+def test_pvs_scan_variables_and_steps_are_psanas_in_order(lcls2_server, lcls2_answers):
+    with Client(lcls2_server.address) as c:
         for name in SERVED:
             exp, run = LCLS2_RUNS[name]
             answers = lcls2_answers[name]
@@ -213,14 +215,13 @@ def intg_expected(answers: Answers, batch, field: str, how: str) -> np.ndarray:
 
 
 def test_an_integrating_detector_gets_its_batch_summed_listed_and_counted_as_psana_groups_it(
-        start_server, lcls2_runs, lcls2_answers):
+        lcls2_server, lcls2_answers):
     answers = lcls2_answers["intg_det"]
     exp, run = LCLS2_RUNS["intg_det"]
     batches = answers.found["batches"]
     assert [b[-1] for b in batches] == [3, 6, 9, 12, 15] and answers.found["open"] == [16]
     names = [f"{how}({det}.calib)" for how in ("sum", "list", "count") for det in ("hsd", "epix")]
-    server = start_server(lcls2_runs.server_args(), python=psana_python())
-    with Client(server.address) as c:
+    with Client(lcls2_server.address) as c:
         for batch in batches:
             frame, values = c.get(exp, run, "andor", batch[-1], fields=names)
             assert_same(frame, answers.get(f"andor.raw.calib/{batch[-1]}"))
@@ -229,7 +230,7 @@ def test_an_integrating_detector_gets_its_batch_summed_listed_and_counted_as_psa
                 assert_same(values[name], intg_expected(answers, batch, name[len(how) + 1:-1], how))
         assert error_of(c.get, exp, run, "andor", 16, fields=names).code == NO_DATA
 
-    dataset = RunDataset(server.address, exp, run, "andor", fields=names)
+    dataset = RunDataset(lcls2_server.address, exp, run, "andor", fields=names)
     assert dataset.requests_list == [(exp, run, "idx", "andor", b[-1]) for b in batches]
     rows = 0
     for frames, values in DataLoader(dataset, batch_size=2):
@@ -244,7 +245,7 @@ def test_an_integrating_detector_gets_its_batch_summed_listed_and_counted_as_psa
         rows += len(frames)
     dataset.close()
     assert rows == len(batches)
-    with BatchLoader(server.address, exp, run, "andor", batch_size=5, output="numpy",
+    with BatchLoader(lcls2_server.address, exp, run, "andor", batch_size=5, output="numpy",
                      fields=names, connections=1) as loader:
         (frames, values), = list(loader)
     for k, batch in enumerate(batches):
@@ -253,10 +254,9 @@ def test_an_integrating_detector_gets_its_batch_summed_listed_and_counted_as_psa
                     intg_expected(answers, batch, "epix.calib", "count"))
 
 
-def test_a_file_psana_finds_no_run_in_is_refused_with_the_reason(start_server, lcls2_runs):
+def test_a_file_psana_finds_no_run_in_is_refused_with_the_reason(lcls2_server):
     exp, run = LCLS2_RUNS["test_timetool"]
-    server = start_server(lcls2_runs.server_args(), python=psana_python())
-    with Client(server.address) as c:
+    with Client(lcls2_server.address) as c:
         for call in (lambda: c.info(exp, run), lambda: c.get(exp, run, "tmott", 0)):
             error = error_of(call)
             assert error.code == NOT_FOUND

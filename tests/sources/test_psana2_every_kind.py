@@ -18,9 +18,10 @@ TIMING = ("timing.eventcodes", "timing.pulseId", "timing.timestamp", "timing.des
 EVENTS = range(KINDS_EVENTS)
 
 
-@pytest.fixture
-def kinds_server(start_server, kinds_run):
-    return start_server(kinds_run.server_args(), python=psana_python())
+@pytest.fixture(scope="module")
+def kinds_server(start_module_server, kinds_run):
+    """One server for the tests that only read (its worker keeps the run open)."""
+    return start_module_server(kinds_run.server_args(), python=psana_python())
 
 
 def psana(answers: Answers, detector: str, method: str, event: int):

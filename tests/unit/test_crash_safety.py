@@ -7,7 +7,7 @@ orphaned while a client may still read it, its pins dropped."""
 import os
 import subprocess
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
 
 import numpy as np
 import pytest
@@ -161,14 +161,27 @@ def killed_at_every_line(name: str) -> int:
         line += 1
 
 
+@pytest.fixture(scope="module")
+def killings() -> Iterator[Dict[str, subprocess.Popen]]:
+    """Each operation's killings run in a process of their own, all started at
+    once (they share nothing, and so the machine's cores share them): a fork per
+    line costs a few milliseconds in a bare interpreter, and several times more
+    from one that loaded torch."""
+    started = {name: subprocess.Popen([sys.executable, __file__, name], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+               for name in sorted(OPERATIONS)}
+    yield started
+    for child in started.values():
+        if child.poll() is None:        # a test that failed before reading its child's end
+            child.kill()
+            child.communicate()
+
+
 @pytest.mark.parametrize("name", sorted(OPERATIONS))
-def test_a_worker_killed_at_every_line_leaves_the_index_consistent(name):
-    """Run in a process of its own: a fork per line costs a few milliseconds in a
-    bare interpreter, and several times more from one that loaded torch."""
-    done = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
-    lines = int(done.stdout)
+def test_a_worker_killed_at_every_line_leaves_the_index_consistent(killings, name):
+    out, err = killings[name].communicate(timeout=600)
+    assert killings[name].returncode == 0, err
+    lines = int(out)
     assert lines > 5, f"{name} ran only {lines} lines: the tracer did not reach it"
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from typing import Optional
 
 import numpy as np
@@ -19,7 +20,7 @@ from psana_ipc.client import Client
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import ROOT, SHM
+from conftest import SHM
 
 VERSIONS = ["3.9", "3.13"]
 
@@ -36,21 +37,21 @@ def find_python(version: str) -> Optional[str]:
 
 
 @pytest.fixture(scope="session")
-def pythons(tmp_path_factory):
-    """A virtual environment per version with numpy and this project (no torch)."""
+def pythons(tmp_path_factory, project_wheel):
+    """A virtual environment per version with this project's wheel and what it
+    depends on (numpy; no torch), installed by this environment's pip (`--python`)
+    instead of a pip of its own."""
     made = {}
     for version in VERSIONS:
         exe = find_python(version)
         if exe is None:
             pytest.skip(f"no python{version} on this machine")
         env = tmp_path_factory.mktemp(f"py{version}")
-        subprocess.run([exe, "-m", "venv", str(env)], check=True, timeout=300)
-        pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q",
-               "--disable-pip-version-check"]
-        subprocess.run(pip + ["numpy"], check=True, timeout=600)
-        subprocess.run(pip + ["--no-deps", str(ROOT)], check=True, timeout=600,
-                       cwd=tmp_path_factory.getbasetemp())
+        subprocess.run([exe, "-m", "venv", "--without-pip", str(env)], check=True, timeout=300)
         made[version] = str(env / "bin" / "python")
+        subprocess.run([sys.executable, "-m", "pip", "--python", made[version], "install", "-q",
+                        "--disable-pip-version-check", str(project_wheel[0])],
+                       check=True, timeout=600)
     return made
 
 

@@ -14,9 +14,11 @@ from psana_ipc.server.sources.synthetic import expected, timestamp_of
 pytestmark = pytest.mark.psana2
 
 
-@pytest.fixture
-def calibrated_server(start_server, psana2_runs):
-    return start_server(psana2_runs.server_args(psana2_runs.calib_dir), python=psana_python())
+@pytest.fixture(scope="module")
+def calibrated_server(start_module_server, psana2_runs):
+    """One server for the tests that only read (its worker keeps the runs open)."""
+    return start_module_server(psana2_runs.server_args(psana2_runs.calib_dir),
+                               python=psana_python())
 
 
 def error_code(client: Client, *args, **kwargs) -> str:
@@ -99,12 +101,11 @@ def test_bad_requests_get_error_replies_and_serving_goes_on(start_server, psana2
                                    calib_of("epix10k2M", RUN, 0), atol=1e-4)
 
 
-def test_two_runs_in_one_worker_keep_their_own_constants(start_server, psana2_runs):
+def test_two_runs_in_one_worker_keep_their_own_constants(calibrated_server):
     """psana shares one detector object per name within a process; a worker
     serving two runs of the same detectors alternately must still calibrate
     each with its own constants."""
-    server = start_server(psana2_runs.server_args(psana2_runs.calib_dir), python=psana_python())
-    with Client(server.address) as c:
+    with Client(calibrated_server.address) as c:
         for step in range(2 * OTHER_EVENTS):
             run, event = (RUN, step) if step % 2 == 0 else (OTHER_RUN, step // 2)
             for detector in DETECTORS:

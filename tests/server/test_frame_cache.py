@@ -30,20 +30,14 @@ from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
-from conftest import ROOT, pid_alive
-from faulty_source.probes import run_in_private_shm
-from test_batch_loader import _eventually
+from conftest import pid_alive, psana_ipc, server_stats
+from faulty_source.probes import run_in_private_shm, wait_for
 from psana2_helpers import EVENTS, EXP, RUN, calib_of, psana_python
 
 DET = "epix100"
 RAW = 704 * 768 * 2                      # one epix100 raw frame
 ENTRY = round_up(RAW + META_ROOM)        # what one cached raw frame takes
 GET = Get(RunKey("x", 1, DET), "raw", (0,))
-
-
-def _stats(server):
-    with Client(server.address) as c:
-        return c.stats()
 
 
 def test_hits_are_byte_identical_to_fresh_reads_and_call_no_source(start_server):
@@ -61,7 +55,7 @@ def test_hits_are_byte_identical_to_fresh_reads_and_call_no_source(start_server)
                         assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
                         assert desc["timestamp"] == want_desc["timestamp"]
                         assert desc["calibrated"] == want_desc["calibrated"]
-    stats = _stats(cached)
+    stats = server_stats(cached)
     assert stats["events"] == 4 * len(events)          # one source read per frame
     assert stats["frame_cache"]["hits"] == 4 * len(events) * 3
     assert stats["frame_cache"]["misses"] == 4 * len(events)
@@ -73,16 +67,16 @@ def test_an_entry_held_by_one_client_is_not_evicted_by_another(start_server):
         held = [holder.view("x", 1, DET, e, "raw") for e in (0, 1)]
         for e in range(2, 12):
             assert np.array_equal(other.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
-        cache = _stats(server)["frame_cache"]
+        cache = server_stats(server)["frame_cache"]
         assert cache["evictions"] >= 8 and cache["pinned"] == 2
         for e, frame in zip((0, 1), held):      # still there, still the same bytes
             assert np.array_equal(frame.array, expected(DET, "raw", e))
             frame.release()
         holder.flush_releases()
-        reads = _stats(server)["events"]
+        reads = server_stats(server)["events"]
         for e in (0, 1):
             assert np.array_equal(holder.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
-        assert _stats(server)["events"] == reads        # both were still cached
+        assert server_stats(server)["events"] == reads        # both were still cached
 
 
 def test_the_cache_stays_within_its_bound(start_server):
@@ -123,7 +117,7 @@ def test_read_ahead_fills_the_cache_and_the_reads_then_hit(start_server):
     server = start_server(["--workers", "2", "--frame-cache", "256M"])
     with Client(server.address) as c:
         c.prefetch("x", 1, DET, list(range(10)), "raw")
-        assert _eventually(lambda: c.stats()["frame_cache"]["read_ahead"] == 10)
+        wait_for(lambda: c.stats()["frame_cache"]["read_ahead"] == 10, "10 frames read ahead")
         for e in range(10):
             assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
         stats = c.stats()
@@ -139,10 +133,10 @@ def test_batch_loader_reads_ahead_and_epoch_two_reads_nothing(start_server):
         got = np.concatenate([b.copy() for b in loader])
         assert all(np.array_equal(row, expected(DET, "calib", e)) for row, e in zip(got, events))
         if epoch == 0:
-            cache = _stats(server)["frame_cache"]
+            cache = server_stats(server)["frame_cache"]
             assert cache["read_ahead"] > 0
     loader.close()
-    stats = _stats(server)
+    stats = server_stats(server)
     assert stats["events"] == len(events)
     assert stats["frame_cache"]["hits"] >= len(events)
 
@@ -160,14 +154,13 @@ def test_no_stop_leaves_anything_behind(start_server):
             c.get("x", 1, DET, e, "raw")
         if how == "worker killed":       # its pin goes with it; the entries stay
             os.kill(c.worker, signal.SIGKILL)
-            assert _eventually(lambda: _stats(server)["frame_cache"]["pinned"] == 0)
-            assert _stats(server)["frame_cache"]["entries"] == 4
+            wait_for(lambda: server_stats(server)["frame_cache"]["pinned"] == 0, "no pin left")
+            assert server_stats(server)["frame_cache"]["entries"] == 4
         if how == "master killed":
             server.proc.kill()
             server.proc.wait()
-            assert _eventually(lambda: not any(pid_alive(p) for p in workers))
-            out = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "cleanup"],
-                                 capture_output=True, text=True, cwd=ROOT)
+            wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers gone")
+            out = psana_ipc("cleanup")
             assert out.returncode == 0, out.stderr
         elif how == "sigterm":
             assert server.stop() == 0
@@ -205,9 +198,9 @@ def test_on_psana2_epoch_two_calls_no_source_and_gives_the_same_frames(start_ser
         frames = np.concatenate([b.copy() for b in loader])
         epochs.append(dict(zip(order, frames)))
         if epoch == 0:
-            reads = _stats(server)["events"]
+            reads = server_stats(server)["events"]
     loader.close()
-    stats = _stats(server)
+    stats = server_stats(server)
     assert reads == EVENTS and stats["events"] == reads      # epoch 2: no psana read
     assert stats["frame_cache"]["hits"] >= EVENTS
     for e in range(EVENTS):
@@ -225,7 +218,7 @@ def test_a_dataloader_reading_in_order_gets_read_ahead(start_server):
         assert all(np.array_equal(row.numpy(), expected(DET, "raw", e))
                    for row, e in zip(got, events))
     dataset.close()
-    stats = _stats(server)
+    stats = server_stats(server)
     assert stats["frame_cache"]["read_ahead"] > 0
     assert stats["events"] == len(events)
 
@@ -238,12 +231,12 @@ def test_the_btx_client_is_served_from_the_cache(start_server):
     ds = BtxDataset(parse_address(server.address), requests)
     for k, (_, _, _, _, e) in enumerate(requests):
         assert np.array_equal(ds[k], expected(DET, "calib", e))
-    stats = _stats(server)
+    stats = server_stats(server)
     assert stats["events"] == 2
     assert stats["frame_cache"]["hits"] == 2 and stats["frame_cache"]["misses"] == 2
     with Client(server.address) as c:       # and v1 finds what legacy cached
         assert np.array_equal(c.get("x", 1, DET, 3, "calib"), expected(DET, "calib", 3))
-    assert _stats(server)["events"] == 2
+    assert server_stats(server)["events"] == 2
 
 
 def _unnamed_files_in(directory, pid: int) -> set:
@@ -269,7 +262,7 @@ def test_a_cache_on_disk_serves_the_same_bytes_from_a_file_without_a_name(start_
         with Client(server.address, transport=transport) as c:
             for e in list(range(6)) * 2:
                 assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))
-    stats = _stats(server)
+    stats = server_stats(server)
     assert stats["events"] == 6 and stats["frame_cache"]["hits"] == 18
     assert list(parent.iterdir()) == []                 # nothing anyone could open or plant
     assert all(len(_unnamed_files_in(parent, pid)) == 1 for pid in server.workers)
@@ -313,8 +306,9 @@ def test_evicted_extents_are_reused_within_the_bound():
 def test_idle_workers_take_the_cache_memory_ahead(start_server):
     """Idle workers take the cache's pages, then each maps them all in."""
     server = start_server(["--workers", "2", "--frame-cache", "64M"])
-    assert _eventually(lambda: _stats(server)["frame_cache"]["ready_workers"] == 2)
-    assert _stats(server)["frame_cache"]["pool_bytes"] >= 64 << 20
+    wait_for(lambda: server_stats(server)["frame_cache"]["ready_workers"] == 2,
+             "the cache's memory taken ahead and mapped in by both workers")
+    assert server_stats(server)["frame_cache"]["pool_bytes"] >= 64 << 20
     with Client(server.address) as c:
         for e in range(4):
             assert np.array_equal(c.get("x", 1, DET, e, "raw"), expected(DET, "raw", e))

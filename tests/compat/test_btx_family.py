@@ -27,7 +27,7 @@ from btx.iclient import IPCRemotePsanaDataset as BtxDataset
 from btx.loops import load_without_nan_frames, send_done_per_worker
 from btx.maxie import MaxieIPCDataset, collate_skipping_none
 from psana1_standin.runs import EXP as PSANA1_EXP, RUN as PSANA1_RUN, STANDIN, raw_of, write_run
-from conftest import ROOT, pid_alive, worker_pids
+from conftest import ROOT, pid_alive, psana_ipc, worker_pids
 from faulty_source import RAISE_EVENT, server_env
 
 EVENTS = [RAISE_EVENT - 2, RAISE_EVENT - 1, RAISE_EVENT, RAISE_EVENT + 1]
@@ -57,8 +57,8 @@ def test_maxie_client_drops_the_event_that_cannot_be_read(faulty):
     assert np.array_equal(got, _calib(GOOD))
 
 
-def test_maxie_client_reads_an_error_without_a_frame(server):
-    ds = MaxieIPCDataset(parse_address(server.address), _requests([1], det="no_such_detector"))
+def test_maxie_client_reads_an_error_without_a_frame(shared_server):
+    ds = MaxieIPCDataset(parse_address(shared_server.address), _requests([1], det="no_such_detector"))
     assert ds[0] is None
 
 
@@ -94,26 +94,26 @@ def test_btx_loop_filters_the_events_psana1_returns_nothing_for(start_server, tm
                                          for e in (1, 2, 3, 5)]))
 
 
-def test_legacy_error_reply_carries_every_key_and_v1_keeps_its_code(server):
-    with socket.create_connection(parse_address(server.address)) as sock:
+def test_legacy_error_reply_carries_every_key_and_v1_keeps_its_code(shared_server):
+    with socket.create_connection(parse_address(shared_server.address)) as sock:
         sock.sendall(json.dumps({"exp": "x", "run": 1, "detector_name": "nope",
                                  "event": 1}).encode())
         reply = json.loads(sock.recv(4096).decode())
     assert reply["code"] == errors.UNKNOWN_DETECTOR and "name" not in reply
     assert reply["error"] and errors.UNKNOWN_DETECTOR in reply["traceback"]
-    with Client(server.address) as c, pytest.raises(ServerError) as e:
+    with Client(shared_server.address) as c, pytest.raises(ServerError) as e:
         c.get("x", 1, "nope", 1)
     assert e.value.code == errors.UNKNOWN_DETECTOR
 
 
-# -- issue 10: inputs that used to close the connection with a traceback -----------------
-def test_superscript_run_number_gets_an_error_reply(server):
-    with socket.create_connection(parse_address(server.address)) as sock:
+# -- inputs that once closed the connection with a traceback -------------------------------
+def test_superscript_run_number_gets_an_error_reply(shared_server):
+    with socket.create_connection(parse_address(shared_server.address)) as sock:
         sock.sendall(json.dumps({"exp": "x", "run": "\u00b2", "detector_name": "epix100",
                                  "event": 1}).encode())
         reply = json.loads(sock.recv(4096).decode())
     assert reply["code"] == errors.BAD_REQUEST
-    assert "Traceback" not in server.log()
+    assert "Traceback" not in shared_server.log()
 
 
 def test_hello_with_a_lone_surrogate_token_gets_unauthorized(start_server, tmp_path):
@@ -129,9 +129,7 @@ def test_hello_with_a_lone_surrogate_token_gets_unauthorized(start_server, tmp_p
 
 # -- 2. psana-ipc stop against an old server ------------------------------------------------
 def _stop_cli(address, *args):
-    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "stop", "--address",
-                           f"{address[0]}:{address[1]}", *args], capture_output=True, text=True,
-                          timeout=60)
+    return psana_ipc("stop", "--address", f"{address[0]}:{address[1]}", *args)
 
 
 @pytest.mark.parametrize("flags", [["--legacy"], []])

@@ -2,7 +2,6 @@
 import json
 import logging
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -16,18 +15,19 @@ from psana_ipc.server.sources.synthetic import expected
 from btx.fixtures import btx_server, start_btx_server  # noqa: F401 (fixtures)
 from btx.iclient import IPCRemotePsanaDataset as BtxDataset
 from conftest import pid_alive
+from faulty_source.probes import wait_for
 
 
-def test_btx_client_round_trip(server):
-    ds = BtxDataset(parse_address(server.address),
+def test_btx_client_round_trip(shared_server):
+    ds = BtxDataset(parse_address(shared_server.address),
                     [("xpptut15", 14, "idx", "epix10k2M", e) for e in (0, 5, 999)])
     for k, e in enumerate((0, 5, 999)):
         assert np.array_equal(ds[k], expected("epix10k2M", "calib", e))
 
 
-def test_btx_client_through_dataloader(server):
+def test_btx_client_through_dataloader(shared_server):
     requests = [("xpptut15", 14, "idx", "epix100", e) for e in range(12)]
-    loader = torch.utils.data.DataLoader(BtxDataset(parse_address(server.address), requests),
+    loader = torch.utils.data.DataLoader(BtxDataset(parse_address(shared_server.address), requests),
                                          batch_size=4, num_workers=2)
     batches = list(loader)
     got = torch.cat(batches).numpy()
@@ -43,9 +43,9 @@ def _legacy_request(address, **fields):
     return sock, json.loads(sock.recv(4096).decode())
 
 
-def test_segment_is_unlinked_after_ack_even_if_the_client_does_not(server):
-    sock, reply = _legacy_request(server.address)
-    assert reply["name"] in set(our_segments(server.pid))
+def test_segment_is_unlinked_after_ack_even_if_the_client_does_not(shared_server):
+    sock, reply = _legacy_request(shared_server.address)
+    assert reply["name"] in set(our_segments(shared_server.pid))
     sock.sendall(b"ACK")
     sock.close()
     _wait_gone(reply["name"])
@@ -61,14 +61,14 @@ def test_client_that_never_acks_loses_its_segment(start_server):
     assert np.array_equal(_fetch_ok(server.address, 4), expected("epix100", "raw", 4))
 
 
-def test_client_that_vanishes_before_ack_loses_its_segment(server):
-    sock, reply = _legacy_request(server.address)
+def test_client_that_vanishes_before_ack_loses_its_segment(shared_server):
+    sock, reply = _legacy_request(shared_server.address)
     sock.close()
     _wait_gone(reply["name"])
 
 
-def test_legacy_errors_are_json_replies(server):
-    sock, reply = _legacy_request(server.address, detector_name="nope")
+def test_legacy_errors_are_json_replies(shared_server):
+    sock, reply = _legacy_request(shared_server.address, detector_name="nope")
     sock.close()
     assert reply["code"] == "unknown_detector" and "name" not in reply
 
@@ -78,11 +78,8 @@ def _fetch_ok(address, event):
     return legacy.fetch(parse_address(address), "x", 1, "idx", "epix100", event, "raw")
 
 
-def _wait_gone(name, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while name in set(our_segments()):
-        assert time.monotonic() < deadline, f"{name} was not unlinked"
-        time.sleep(0.05)
+def _wait_gone(name):
+    wait_for(lambda: name not in set(our_segments()), f"{name} unlinked")
 
 
 def test_done_stops_every_worker(server):

@@ -2,8 +2,6 @@
 nothing (segments, budget, descriptors) left behind; and `psana-ipc stats`
 moving as the load it reports on."""
 import json
-import subprocess
-import sys
 import threading
 from functools import lru_cache
 
@@ -16,6 +14,7 @@ from psana_ipc.protocol.address import parse_address
 from psana_ipc.server.frame_memory import extent_size
 from psana_ipc.server.sources.synthetic import expected
 
+from conftest import psana_ipc
 from faulty_source.probes import open_fds, record_figure, wait_for
 
 V1_CLIENTS = 48
@@ -116,9 +115,7 @@ def test_64_connections_of_both_dialects(start_server, pytestconfig):
 
 
 def _cli_stats(server):
-    result = subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", "stats", "--json",
-                             "--address", server.address], capture_output=True, text=True,
-                            timeout=60)
+    result = psana_ipc("stats", "--json", "--address", server.address)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

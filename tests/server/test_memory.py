@@ -24,11 +24,6 @@ EPIX100_RAW = extent_size(704 * 768 * 2)
 MB = 1e6
 
 
-def _stats(server):
-    with Client(server.address, transport="inline") as c:
-        return c.stats()
-
-
 def test_many_idle_clients_keep_the_pool_within_the_budget(pytestconfig):
     """24 clients each take a 1 MB frame and stay connected, mapping the pool,
     under an 8 MiB budget: the pool's pages (as the kernel counts them) never

@@ -3,14 +3,11 @@ shellcheck passes it and the scripts rendered from it, rendering fills every
 placeholder, and the template ships in the wheel."""
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 from psana_ipc.client import slurm
-
-from conftest import ROOT
 
 SHELLCHECK = shutil.which("shellcheck")
 needs_shellcheck = pytest.mark.skipif(
@@ -53,18 +50,8 @@ def test_rendering_fills_every_placeholder():
     assert "SERVER_ARGS=(--source psana2 --workers 4 --budget 8G)\n" in script
 
 
-def test_the_template_ships_in_the_wheel(tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    for package in ("protocol", "server", "client"):
-        shutil.copytree(ROOT / package, source / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-q", "-w", str(tmp_path / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=300)
-    [wheel] = (tmp_path / "dist").glob("psana_ipc-*.whl")
+def test_the_template_ships_in_the_wheel(project_wheel):
+    wheel, _ = project_wheel
     with zipfile.ZipFile(wheel) as archive:
         shipped = archive.read(f"psana_ipc/client/{slurm.TEMPLATE}").decode()
     assert shipped == slurm.job_template()

@@ -23,7 +23,7 @@ from psana_ipc.server.shm import our_segments
 from psana_ipc.server.frame_memory import extent_size
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import pid_alive
+from conftest import pid_alive, psana_ipc, server_stats
 from faulty_source import HANG_EVENT, RAISE_EVENT, server_env
 from faulty_source.probes import (closed_by_server, connect, hello, run_in_private_shm,
                                   record_figure, status_kb, wait_for)
@@ -34,16 +34,6 @@ MiB = 1 << 20
 
 def _served(client, det="epix100", event=3, mode="raw"):
     return np.array_equal(client.get("x", 1, det, event, mode), expected(det, mode, event))
-
-
-def _stats(server):
-    with Client(server.address, transport="inline") as c:
-        return c.stats()
-
-
-def _psana_ipc(*args):
-    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 # -- clients ------------------------------------------------------------------------------
@@ -65,12 +55,12 @@ def test_a_client_killed_mid_transfer_loses_its_frames(start_server):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         handles = json.loads(holder.stdout.readline())
-        assert _stats(server)["frames_held"] >= len(handles)
+        assert server_stats(server)["frames_held"] >= len(handles)
     finally:
         holder.kill()
         holder.wait()
-    wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the budget is given back")
-    assert _stats(server)["frames_held"] == 0
+    wait_for(lambda: server_stats(server)["shm_bytes"] == 0, "the budget is given back")
+    assert server_stats(server)["frames_held"] == 0
     with Client(server.address) as c:
         assert _served(c, "jungfrau4M", 7)
 
@@ -93,10 +83,10 @@ def test_a_client_that_stops_reading_holds_at_most_its_window(start_server, tran
                                       "events": list(range(100))}) for i in range(1, 31))
         stuck.sendall(gets)
         if transport == "shm":
-            wait_for(lambda: _stats(server)["frames_held"] == window, "the window is full")
+            wait_for(lambda: server_stats(server)["frames_held"] == window, "the window is full")
         else:
             _wait_until_steady(server)
-        stats = _stats(server)
+        stats = server_stats(server)
         assert stats["shm_bytes"] <= window * extent_size(JUNGFRAU_RAW)
         assert stats["events"] < 3000
         with Client(server.address) as other:
@@ -105,7 +95,7 @@ def test_a_client_that_stops_reading_holds_at_most_its_window(start_server, tran
         assert growth_kb * 1024 < window * JUNGFRAU_RAW + 64 * MiB
     finally:
         stuck.close()
-    wait_for(lambda: _stats(server)["shm_bytes"] == 0, "the stuck client's frames are freed")
+    wait_for(lambda: server_stats(server)["shm_bytes"] == 0, "the stuck client's frames are freed")
 
 
 def _wait_until_steady(server):
@@ -113,7 +103,7 @@ def _wait_until_steady(server):
     seen = []
 
     def steady():
-        seen.append(_stats(server)["events"])
+        seen.append(server_stats(server)["events"])
         return len(seen) >= 5 and len(set(seen[-5:])) == 1
     wait_for(steady, "the server stops sending to a client that does not read")
 
@@ -181,7 +171,8 @@ def test_a_worker_killed_mid_request_fails_that_request_cleanly(start_server):
     assert _served(survivor, "opal", 9)
     wait_for(lambda: dead not in server.workers and len(server.workers) == 2,
              "a new worker replaces the dead one")
-    wait_for(lambda: _stats(server)["frames_held"] == 0, "the dead worker's frames given back")
+    wait_for(lambda: server_stats(server)["frames_held"] == 0,
+             "the dead worker's frames given back")
     assert _served(victim, "opal", 11)          # the client connects afresh by itself
     assert pid_alive(alive) and _served(survivor)
     victim.close()
@@ -298,7 +289,7 @@ def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(star
     assert not list(our_segments(first.pid))    # the pool had no name: nothing was left
     lock = segment_path(lock_name(first.pid))
     assert os.path.exists(lock)                 # the dead master's, no longer locked
-    result = _psana_ipc("cleanup")
+    result = psana_ipc("cleanup")
     assert result.returncode == 0 and "removed" in result.stdout, result.stderr
     assert not list(our_segments(first.pid)) and not os.path.exists(lock)
     if listen == "tcp":

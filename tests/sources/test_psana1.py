@@ -12,17 +12,13 @@ from psana_ipc.protocol.errors import (NO_CALIBRATION, NOT_FOUND, OUT_OF_RANGE, 
                                        UNKNOWN_DETECTOR, ServerError)
 
 
-@pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "psdm"
+@pytest.fixture(scope="module")
+def psana1_server(start_module_server, tmp_path_factory):
+    """One server over a written run, for the tests that only read."""
+    root = tmp_path_factory.mktemp("psdm")
     write_run(root)
-    return root
-
-
-@pytest.fixture
-def psana1_server(start_server, data_root):
-    return start_server(["--source", "psana1", "--workers", "1"],
-                        env={"PYTHONPATH": str(STANDIN), "SIT_PSDM_DATA": str(data_root)})
+    return start_module_server(["--source", "psana1", "--workers", "1"],
+                        env={"PYTHONPATH": str(STANDIN), "SIT_PSDM_DATA": str(root)})
 
 
 def test_raw_calib_and_image_are_psana1s_with_event_timestamps(psana1_server):

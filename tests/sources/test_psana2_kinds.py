@@ -29,9 +29,11 @@ FRAMES = (("epix10k2M", "calib", "calib"), ("epix10k2M", "raw", "raw"),
           ("cspad", "raw", "raw"), ("cspad", "calib", "calib"))
 
 
-@pytest.fixture
-def mixed_server(start_server, psana2_runs):
-    return start_server(psana2_runs.server_args(psana2_runs.calib_dir), python=psana_python())
+@pytest.fixture(scope="module")
+def mixed_server(start_module_server, psana2_runs):
+    """One server for the tests that only read (its worker keeps the run open)."""
+    return start_module_server(psana2_runs.server_args(psana2_runs.calib_dir),
+                               python=psana_python())
 
 
 def psana_answer(oracle, detector: str, method: str, event: int):

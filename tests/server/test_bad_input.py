@@ -46,13 +46,13 @@ def _closed(sock):
     (struct.pack(">I", 6) + b"[1, 2]", errors.BAD_JSON),
     (struct.pack(">I", 0), errors.BAD_FRAME),
 ])
-def test_broken_framing_gets_an_error_then_a_close(server, payload, code):
-    with _raw(server) as sock:
+def test_broken_framing_gets_an_error_then_a_close(shared_server, payload, code):
+    with _raw(shared_server) as sock:
         sock.sendall(payload)
         header, _ = recv_message(sock)
         assert header["ok"] is False and header["code"] == code
         assert _closed(sock)
-    _still_serving(server)
+    _still_serving(shared_server)
 
 
 @pytest.mark.parametrize("request_, code", [
@@ -69,19 +69,19 @@ def test_broken_framing_gets_an_error_then_a_close(server, payload, code):
      errors.OUT_OF_RANGE),
     ({"op": "hello", "id": 7, "version": 99}, errors.VERSION),
 ])
-def test_wrong_requests_get_error_replies_on_a_live_connection(server, request_, code):
-    with _raw(server) as sock:
+def test_wrong_requests_get_error_replies_on_a_live_connection(shared_server, request_, code):
+    with _raw(shared_server) as sock:
         _hello(sock)
         sock.sendall(encode_frame(request_))
         header, _ = recv_message(sock)
         assert header["ok"] is False and header["code"] == code and header["id"] == request_["id"]
         sock.sendall(encode_frame({"op": "ping", "id": 99}))
         assert recv_message(sock)[0] == {"ok": True, "id": 99, "pong": True}
-    _still_serving(server)
+    _still_serving(shared_server)
 
 
-def test_requests_before_hello_are_refused(server):
-    with _raw(server) as sock:
+def test_requests_before_hello_are_refused(shared_server):
+    with _raw(shared_server) as sock:
         sock.sendall(encode_frame({"op": "ping", "id": 1}))
         header, _ = recv_message(sock)
         assert header["code"] == errors.NOT_READY
@@ -89,20 +89,20 @@ def test_requests_before_hello_are_refused(server):
 
 @pytest.mark.parametrize("body", [b"{not json at all", b"\x01\x02garbage", b'{"exp": 1}',
                                   b"[" * 3000, struct.pack(">I", 10**9) + b"{}"])
-def test_broken_legacy_requests_get_a_json_error(server, body):
-    with _raw(server) as sock:
+def test_broken_legacy_requests_get_a_json_error(shared_server, body):
+    with _raw(shared_server) as sock:
         sock.sendall(body)
         reply = json.loads(sock.recv(4096).decode())
         assert reply["code"] in (errors.BAD_JSON, errors.BAD_REQUEST, errors.HEADER_TOO_LARGE)
-    _still_serving(server)
+    _still_serving(shared_server)
 
 
-def test_oversized_legacy_request_is_refused(server):
-    with _raw(server) as sock:
+def test_oversized_legacy_request_is_refused(shared_server):
+    with _raw(shared_server) as sock:
         sock.sendall(b'{"exp": "' + b"x" * 10000)
         reply = json.loads(sock.recv(4096).decode())
         assert reply["code"] == errors.HEADER_TOO_LARGE
-    _still_serving(server)
+    _still_serving(shared_server)
 
 
 def test_silent_connections_are_dropped_and_others_served(start_server):

@@ -23,18 +23,28 @@ from psana_ipc.protocol.framing import encode_frame
 from psana_ipc.server.context import is_local_peer
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import pid_alive
+from conftest import pid_alive, psana_ipc
 from faulty_source.probes import closed_by_server, connect, hello
 
 NOBODY = 65534
 
 
+def _token_server(start, folder):
+    path = folder / "token"
+    server = start(["--workers", "1", "--token-file", str(path)])
+    return server, path.read_text().strip()
+
+
 @pytest.fixture
 def token_server(start_server, tmp_path):
     """A server with a token file it created itself; returns (server, token)."""
-    path = tmp_path / "token"
-    server = start_server(["--workers", "1", "--token-file", str(path)])
-    return server, path.read_text().strip()
+    return _token_server(start_server, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_token_server(start_module_server, tmp_path_factory):
+    """`token_server` for the tests that only connect to it."""
+    return _token_server(start_module_server, tmp_path_factory.mktemp("token"))
 
 
 def _served(client):
@@ -49,8 +59,8 @@ def test_the_token_file_is_made_owner_only_with_a_random_token(token_server, tmp
 
 
 @pytest.mark.parametrize("token", [None, "0" * 32, "é" * 8, ""])
-def test_hello_without_the_right_token_is_refused_and_closed(token_server, token):
-    server, _ = token_server
+def test_hello_without_the_right_token_is_refused_and_closed(shared_token_server, token):
+    server, _ = shared_token_server
     with connect(server.address) as sock:
         reply = hello(sock, token=token)
         assert reply["ok"] is False and reply["code"] == errors.UNAUTHORIZED
@@ -62,9 +72,9 @@ def test_hello_without_the_right_token_is_refused_and_closed(token_server, token
 
 @pytest.mark.parametrize("where", ["argument", "PSANA_IPC_TOKEN", "PSANA_IPC_TOKEN_FILE",
                                    "PSANA_IPC_READY_FILE"])
-def test_the_right_token_from_each_place_the_client_looks(token_server, tmp_path, monkeypatch,
+def test_the_right_token_from_each_place_the_client_looks(shared_token_server, monkeypatch,
                                                            where):
-    server, token = token_server
+    server, token = shared_token_server
     for name in ("PSANA_IPC_ADDRESS", "PSANA_IPC_TOKEN", "PSANA_IPC_TOKEN_FILE",
                  "PSANA_IPC_READY_FILE"):
         monkeypatch.delenv(name, raising=False)
@@ -74,7 +84,7 @@ def test_the_right_token_from_each_place_the_client_looks(token_server, tmp_path
     elif where == "PSANA_IPC_TOKEN":
         monkeypatch.setenv(where, token)
     elif where == "PSANA_IPC_TOKEN_FILE":
-        monkeypatch.setenv(where, str(tmp_path / "token"))
+        monkeypatch.setenv(where, server.ready["token_file"])
     else:       # the ready file names both the address and the token file
         monkeypatch.setenv(where, str(server.ready_file))
         kwargs = {}
@@ -101,14 +111,10 @@ def test_the_cli_finds_server_and_token_in_the_ready_file(token_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PSANA_IPC_")}
     env["PSANA_IPC_READY_FILE"] = str(server.ready_file)
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
-
-    stats = cli("stats", "--json")
+    stats = psana_ipc("stats", "--json", env=env)
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["workers"] == 1
-    stop = cli("stop")
+    stop = psana_ipc("stop", env=env)
     assert stop.returncode == 0, stop.stderr
     assert server.proc.wait(30) == 0
 

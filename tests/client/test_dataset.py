@@ -13,26 +13,26 @@ def _requests(det, events):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_dataloader_over_v1(server, num_workers):
+def test_dataloader_over_v1(shared_server, num_workers):
     events = [5, 3, 8, 1, 0, 9, 2]
-    ds = IPCRemotePsanaDataset(server_address=server.address,
+    ds = IPCRemotePsanaDataset(server_address=shared_server.address,
                                requests_list=_requests("epix10k2M", events))
     loader = DataLoader(ds, batch_size=3, num_workers=num_workers)
     got = torch.cat(list(loader)).numpy()
     assert np.array_equal(got, np.stack([expected("epix10k2M", "calib", e) for e in events]))
 
 
-def test_tuple_address_and_mode_as_btx_scripts_pass_them(server):
-    host, port = server.address.rsplit(":", 1)
+def test_tuple_address_and_mode_as_btx_scripts_pass_them(shared_server):
+    host, port = shared_server.address.rsplit(":", 1)
     ds = IPCRemotePsanaDataset((host, int(port)), _requests("jungfrau4M", [4]), mode="raw")
     assert len(ds) == 1
     assert np.array_equal(ds[0], expected("jungfrau4M", "raw", 4))
     assert ds.protocol == "v1"
 
 
-def test_dataloader_with_shuffle_and_mixed_detectors(server):
+def test_dataloader_with_shuffle_and_mixed_detectors(shared_server):
     requests = _requests("epix100", range(6)) + _requests("opal", range(3))
-    ds = IPCRemotePsanaDataset(server.address, requests, mode="raw")
+    ds = IPCRemotePsanaDataset(shared_server.address, requests, mode="raw")
     seen = {}
     for batch_idx, batch in enumerate(DataLoader(ds, batch_size=1, shuffle=True, num_workers=2)):
         frame = batch[0].numpy()
@@ -43,8 +43,8 @@ def test_dataloader_with_shuffle_and_mixed_detectors(server):
     assert len(seen) == len(requests)
 
 
-def test_errors_surface_as_server_errors(server):
-    ds = IPCRemotePsanaDataset(server.address, _requests("epix100", [10**6]))
+def test_errors_surface_as_server_errors(shared_server):
+    ds = IPCRemotePsanaDataset(shared_server.address, _requests("epix100", [10**6]))
     with pytest.raises(ServerError) as e:
         next(iter(DataLoader(ds, batch_size=1)))
     assert e.value.code == "out_of_range"
@@ -71,11 +71,11 @@ def test_default_collate_gives_every_slot_back(server):
     ds.close()
 
 
-def test_items_kept_by_a_collate_fn_are_never_overwritten(server):
+def test_items_kept_by_a_collate_fn_are_never_overwritten(shared_server):
     """A collate_fn that keeps the items keeps their buffers: more batches than
     the connections' windows hold still all read back their own event."""
     events = list(range(150))
-    ds = IPCRemotePsanaDataset(server.address, _requests("epix100", events), mode="raw")
+    ds = IPCRemotePsanaDataset(shared_server.address, _requests("epix100", events), mode="raw")
     kept = [item for batch in DataLoader(ds, batch_size=10, collate_fn=lambda b: b)
             for item in batch]
     capacity = sum(c.server_window() for c in ds._group.clients)

@@ -28,9 +28,9 @@ def _storage(batch):
     dict(num_workers=0), dict(num_workers=0, pin_memory=True), dict(num_workers=2),
     dict(num_workers=2, pin_memory=True), dict(num_workers=2, persistent_workers=True),
     dict(num_workers=1, multiprocessing_context="spawn")])
-def test_every_batch_holds_its_events_in_order(server, loader_args):
+def test_every_batch_holds_its_events_in_order(shared_server, loader_args):
     events = [11, 3, 7, 0, 42, 5, 9, 1, 30, 8, 2, 6, 4, 20]
-    loader = DataLoader(_dataset(server, events), batch_size=4, **loader_args)
+    loader = DataLoader(_dataset(shared_server, events), batch_size=4, **loader_args)
     for epoch in range(2):
         got = [batch.numpy().copy() for batch in loader]
         assert [len(b) for b in got] == [4, 4, 4, 2]
@@ -63,10 +63,10 @@ def test_worker_batches_arrive_as_handles_to_buffers_mapped_once(server):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_kept_batches_and_views_are_never_overwritten(server, num_workers):
+def test_kept_batches_and_views_are_never_overwritten(shared_server, num_workers):
     """Code that keeps every batch (btx appends them all) or a view of one."""
     events = list(range(60))
-    ds = _dataset(server, events)
+    ds = _dataset(shared_server, events)
     kept, slices = [], []
     for k, batch in enumerate(DataLoader(ds, batch_size=5, num_workers=num_workers)):
         if k % 2:
@@ -79,8 +79,8 @@ def test_kept_batches_and_views_are_never_overwritten(server, num_workers):
     assert all(np.array_equal(s, ref[2 * k, 1:3]) for k, s in enumerate(slices))
 
 
-def test_fresh_memory_for_every_batch_when_asked(server):
-    ds = _dataset(server, range(20), buffers=0)
+def test_fresh_memory_for_every_batch_when_asked(shared_server):
+    ds = _dataset(shared_server, range(20), buffers=0)
     batches = list(DataLoader(ds, batch_size=5))
     assert len({_storage(b) for b in batches}) == 4 and len(ds._ring) == 0
     assert np.array_equal(torch.cat(batches).numpy(), _reference(range(20)))
@@ -93,13 +93,13 @@ def test_run_dataset_batches_through_workers(start_server):
     assert np.array_equal(got, _reference(range(30)))
 
 
-def test_the_btx_client_loop_unchanged(server):
+def test_the_btx_client_loop_unchanged(shared_server):
     """The seed's client loop: a dataset and a DataLoader per chunk, every batch kept."""
     exp, run, det_type = "x", 1, "epix100"
     all_data = []
     for event in range(0, 80, 40):
         requests_list = [(exp, run, 'idx', det_type, img) for img in range(event, event + 40)]
-        dataset = IPCRemotePsanaDataset(server_address=server.address,
+        dataset = IPCRemotePsanaDataset(server_address=shared_server.address,
                                         requests_list=requests_list)
         dataloader = DataLoader(dataset, batch_size=20, num_workers=10, prefetch_factor=None)
         for batch in iter(dataloader):

@@ -55,14 +55,14 @@ def test_no_server_is_one_line():
                         EXIT_NO_SERVER, "cannot connect")
 
 
-def test_a_server_error_keeps_its_code_and_not_argparses_status(server):
-    result = psana_ipc_cli("get", "x", "1", "nope", "5", "--address", server.address)
+def test_a_server_error_keeps_its_code_and_not_argparses_status(shared_server):
+    result = psana_ipc_cli("get", "x", "1", "nope", "5", "--address", shared_server.address)
     assert_one_line(result, EXIT_SERVER_ERROR, "unknown_detector")
 
 
-def test_png_without_matplotlib_names_the_extra_before_any_work(server, tmp_path):
+def test_png_without_matplotlib_names_the_extra_before_any_work(shared_server, tmp_path):
     result = psana_ipc_cli("get", "x", "1", "epix100", "5", "--png", str(tmp_path / "f.png"),
-                           "--address", server.address, missing="matplotlib")
+                           "--address", shared_server.address, missing="matplotlib")
     assert_one_line(result, EXIT_LOCAL, "matplotlib", "psana-ipc[plot]")
     assert result.stdout == ""
 
@@ -78,20 +78,21 @@ def test_the_dataset_without_torch_names_the_extra():
 
 
 # -- output for people and for scripts ------------------------------------------------------
-def test_info_is_a_table_by_default_and_json_on_request(server):
-    human = psana_ipc_cli("info", "x", "1", "epix10k2M", "--address", server.address)
+def test_info_is_a_table_by_default_and_json_on_request(shared_server):
+    human = psana_ipc_cli("info", "x", "1", "epix10k2M", "--address", shared_server.address)
     assert human.returncode == 0, human.stderr
     assert "16×352×384" in human.stdout and "MiB" in human.stdout
     raw = [line.split() for line in human.stdout.splitlines() if line.startswith("raw ")]
     assert raw == [["raw", "16×352×384", "uint16", "4.1", "MiB", "n/a"]], human.stdout
-    machine = psana_ipc_cli("info", "x", "1", "epix10k2M", "--json", "--address", server.address)
+    machine = psana_ipc_cli("info", "x", "1", "epix10k2M", "--json",
+                            "--address", shared_server.address)
     assert json.loads(machine.stdout)["modes"]["raw"]["shape"] == [16, 352, 384]
 
 
-def test_stats_and_get_speak_units_and_iso_times(server):
-    stats = psana_ipc_cli("stats", "--address", server.address)
+def test_stats_and_get_speak_units_and_iso_times(shared_server):
+    stats = psana_ipc_cli("stats", "--address", shared_server.address)
     assert "shm budget" in stats.stdout and "iB" in stats.stdout, stats.stdout
-    got = psana_ipc_cli("get", "x", "1", "epix100", "3", "--address", server.address)
+    got = psana_ipc_cli("get", "x", "1", "epix100", "3", "--address", shared_server.address)
     assert got.returncode == 0, got.stderr
     assert "704×768 float32" in got.stdout and "2023-11-14T22:13:20.003000000Z" in got.stdout
 
@@ -144,15 +145,15 @@ def test_batch_loader_needs_the_run_and_detector():
         BatchLoader("127.0.0.1:5000")
 
 
-def test_a_mode_typo_fails_at_construction(server):
+def test_a_mode_typo_fails_at_construction(shared_server):
     with pytest.raises(ValueError, match="calbi"):
-        IPCRemotePsanaDataset(server.address, [("x", 1, "idx", "epix100", 0)], mode="calbi")
+        IPCRemotePsanaDataset(shared_server.address, [("x", 1, "idx", "epix100", 0)], mode="calbi")
     with pytest.raises(ValueError, match="calbi"):
-        RunDataset(server.address, "x", 1, "epix100", mode="calbi")
+        RunDataset(shared_server.address, "x", 1, "epix100", mode="calbi")
 
 
-def test_a_dropped_dataset_closes_without_a_resource_warning(server):
-    ds = RunDataset(server.address, "x", 1, "epix100", events=range(2))
+def test_a_dropped_dataset_closes_without_a_resource_warning(shared_server):
+    ds = RunDataset(shared_server.address, "x", 1, "epix100", events=range(2))
     assert ds[0].shape == (704, 768)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -161,8 +162,8 @@ def test_a_dropped_dataset_closes_without_a_resource_warning(server):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
-def test_batch_loader_shows_progress(server, capsys):
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(6), batch_size=2,
+def test_batch_loader_shows_progress(shared_server, capsys):
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(6), batch_size=2,
                          output="numpy", progress=True)
     assert sum(len(b) for b in loader) == 6
     loader.close()

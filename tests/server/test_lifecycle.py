@@ -15,12 +15,7 @@ from psana_ipc.protocol.address import parse_address
 from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import pid_alive, worker_pids
-
-
-def _psana_ipc(*args):
-    return subprocess.run([sys.executable, "-m", "psana_ipc.client.cli", *args],
-                          capture_output=True, text=True, timeout=60)
+from conftest import pid_alive, psana_ipc, worker_pids
 
 
 def test_ready_file_names_a_serving_address_and_goes_away(server):
@@ -33,7 +28,7 @@ def test_ready_file_names_a_serving_address_and_goes_away(server):
 
 def test_psana_ipc_stop_stops_every_worker(server):
     workers = server.workers
-    result = _psana_ipc("stop", "--address", server.address)
+    result = psana_ipc("stop", "--address", server.address)
     assert result.returncode == 0, result.stderr
     assert server.proc.wait(30) == 0
     assert workers and not any(pid_alive(p) for p in workers)
@@ -92,7 +87,7 @@ def test_cleanup_removes_what_a_killed_master_left(start_server):
         assert time.monotonic() < deadline, "workers outlived their master"
         time.sleep(0.1)
     c.close()
-    result = _psana_ipc("cleanup")
+    result = psana_ipc("cleanup")
     assert result.returncode == 0, result.stderr
     assert not list(our_segments(server.pid))
     assert "removed" in result.stdout
@@ -104,7 +99,7 @@ def test_cleanup_keeps_segments_of_a_running_server(server):
         sock.sendall(json.dumps({"exp": "x", "run": 1, "detector_name": "epix100",
                                  "event": 0, "mode": "raw"}).encode())
         name = json.loads(sock.recv(4096))["name"]
-        result = _psana_ipc("cleanup")
+        result = psana_ipc("cleanup")
         assert result.returncode == 0
         assert name in set(our_segments(server.pid))
         sock.sendall(b"ACK")
@@ -119,8 +114,8 @@ def test_a_worker_that_cannot_boot_stops_the_server(tmp_path):
     assert not ready.exists()
 
 
-def test_busy_port_is_a_clear_error(server):
-    port = server.address.rsplit(":", 1)[1]
+def test_busy_port_is_a_clear_error(shared_server):
+    port = shared_server.address.rsplit(":", 1)[1]
     proc = subprocess.run([sys.executable, "-m", "psana_ipc.server", "--port", port],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "cannot listen" in proc.stderr
@@ -133,25 +128,25 @@ def test_iserver_help_explains():
         assert option in out
 
 
-def test_stats_json_from_the_cli(server):
-    with Client(server.address) as c:
+def test_stats_json_from_the_cli(shared_server):
+    with Client(shared_server.address) as c:
         c.get("x", 1, "epix100", 1, "raw")
-    result = _psana_ipc("stats", "--json", "--address", server.address)
+    result = psana_ipc("stats", "--json", "--address", shared_server.address)
     stats = json.loads(result.stdout)
     assert stats["events"] >= 1 and "shm_bytes" in stats and "frames_held" in stats
 
 
-def test_cli_get_saves_npy_and_png(server, tmp_path):
+def test_cli_get_saves_npy_and_png(shared_server, tmp_path):
     out, png = tmp_path / "f.npy", tmp_path / "f.png"
-    result = _psana_ipc("get", "x", "1", "epix10k2M", "5", "--mode", "raw", "--out", str(out),
-                        "--png", str(png), "--address", server.address)
+    result = psana_ipc("get", "x", "1", "epix10k2M", "5", "--mode", "raw", "--out", str(out),
+                        "--png", str(png), "--address", shared_server.address)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(np.load(out), expected("epix10k2M", "raw", 5))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_reports_server_errors_with_their_code(server):
-    result = _psana_ipc("get", "x", "1", "nope", "5", "--address", server.address)
+def test_cli_reports_server_errors_with_their_code(shared_server):
+    result = psana_ipc("get", "x", "1", "nope", "5", "--address", shared_server.address)
     assert result.returncode == 1 and "unknown_detector" in result.stderr
 
 

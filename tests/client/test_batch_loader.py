@@ -1,7 +1,6 @@
 """Every path the benchmark times, checked for bytes, order, sharding and
 slot hygiene (never for speed)."""
 import gc
-import time
 
 import numpy as np
 import torch
@@ -12,15 +11,7 @@ from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import run_bench
-
-
-def _eventually(condition, tries=100):
-    """Poll a condition the server reaches asynchronously (bounded, not timed)."""
-    for _ in range(tries):
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+from faulty_source.probes import wait_for
 
 
 def _check(batch, events, det="epix100", mode="calib"):
@@ -28,9 +19,9 @@ def _check(batch, events, det="epix100", mode="calib"):
         assert np.array_equal(row, expected(det, mode, e))
 
 
-def test_batches_hold_the_documented_bytes_in_order(server):
+def test_batches_hold_the_documented_bytes_in_order(shared_server):
     events = [7, 3, 3, 11, 0, 5, 9]
-    loader = BatchLoader(server.address, "x", 1, "epix100", "calib", events, batch_size=3)
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "calib", events, batch_size=3)
     batches = [b.clone() for b in loader]
     assert [len(b) for b in batches] == [3, 3, 1]
     assert len(loader) == 3 and batches[0].dtype == torch.float32
@@ -38,8 +29,8 @@ def test_batches_hold_the_documented_bytes_in_order(server):
     loader.close()
 
 
-def test_numpy_flavour_and_fresh_buffers(server):
-    loader = BatchLoader(server.address, "x", 1, "jungfrau4M", "raw", range(4), batch_size=2,
+def test_numpy_flavour_and_fresh_buffers(shared_server):
+    loader = BatchLoader(shared_server.address, "x", 1, "jungfrau4M", "raw", range(4), batch_size=2,
                          output="numpy", buffers=0)
     first, second = list(loader)
     assert isinstance(first, np.ndarray) and not np.shares_memory(first, second)
@@ -47,10 +38,10 @@ def test_numpy_flavour_and_fresh_buffers(server):
     loader.close()
 
 
-def test_copied_batches_follow_the_lifetime_rule(server):
+def test_copied_batches_follow_the_lifetime_rule(shared_server):
     """On the copy path too: a batch kept is never overwritten, and a dropped
     one's buffer is reused once `buffers` newer batches were drawn."""
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(8), batch_size=2,
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(8), batch_size=2,
                          output="numpy", buffers=2, arenas=False)
     kept = list(loader)
     for k, batch in enumerate(kept):
@@ -73,11 +64,11 @@ def test_shuffle_is_seeded_per_epoch_and_shards_cover_every_event_once():
     assert set(flat) == set(events) and len(flat) == 12
 
 
-def test_sharded_shuffled_loaders_read_what_their_order_says(server):
+def test_sharded_shuffled_loaders_read_what_their_order_says(shared_server):
     got = {}
     for rank in (0, 1):
-        loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(9), batch_size=2,
-                             shuffle=True, seed=1, rank=rank, world_size=2)
+        loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(9),
+                             batch_size=2, shuffle=True, seed=1, rank=rank, world_size=2)
         loader.set_epoch(3)
         order = epoch_order(range(9), 3, 1, True, rank, 2)
         batch = torch.cat([b.clone() for b in loader])
@@ -95,7 +86,7 @@ def test_zero_copy_views_are_the_slots_and_are_released(server):
             assert not f.array.flags.writeable
             assert np.array_equal(f.array, expected("epix100", "calib", f.event))
     with Client(server.address) as c:    # releases reach the other workers asynchronously
-        assert _eventually(lambda: c.stats()["frames_held"] == 0)
+        wait_for(lambda: c.stats()["frames_held"] == 0, "every frame released")
     loader.close()
 
 
@@ -135,13 +126,13 @@ def test_abandoning_a_loader_mid_epoch_frees_its_slots(server):
         assert c.stats()["frames_held"] > 0
         del it
         gc.collect()
-        assert _eventually(lambda: c.stats()["frames_held"] == 0), \
-            "slots of an abandoned loader were not released"
+        wait_for(lambda: c.stats()["frames_held"] == 0,
+                 "the slots of an abandoned loader released")
     assert len(list(loader)) == 10          # it reconnects for the next epoch
     loader.close()
 
 
-def test_bench_runs_and_writes_its_json(server, tmp_path):
+def test_bench_runs_and_writes_its_json(tmp_path):
     result, report = run_bench(tmp_path, "--detectors", "epix100", "--frames", "8",
                                "--repeats", "1", "--batch-size", "4",
                                "--plot", str(tmp_path / "bench.png"))

@@ -10,32 +10,32 @@ from psana_ipc.server.sources.synthetic import expected, timestamp_of
 
 
 @pytest.mark.parametrize("mode", ["raw", "calib", "image", "mask"])
-def test_get_returns_the_documented_bytes(server, mode):
-    with Client(server.address) as c:
+def test_get_returns_the_documented_bytes(shared_server, mode):
+    with Client(shared_server.address) as c:
         for det in ("epix10k2M", "jungfrau4M", "rayonix"):
             frame = c.get("xpptut15", 14, det, 17, mode)
             ref = expected(det, mode, 17)
             assert frame.dtype == ref.dtype and np.array_equal(frame, ref)
 
 
-def test_descriptor_carries_timestamp_and_calibration(server):
-    with Client(server.address) as c:
+def test_descriptor_carries_timestamp_and_calibration(shared_server):
+    with Client(shared_server.address) as c:
         _, desc = c.get_frame("x", 1, "epix10k2M", 42, "raw")
         assert desc["timestamp"] == {"time": timestamp_of(42)}
         assert desc["calibrated"] is True and desc["event"] == 42
 
 
-def test_get_many_keeps_request_order_with_repeats(server):
+def test_get_many_keeps_request_order_with_repeats(shared_server):
     events = [9, 0, 9, 3, 999]
-    with Client(server.address) as c:
+    with Client(shared_server.address) as c:
         batch = c.get_many("x", 1, "jungfrau4M", events, "raw")
     assert batch.shape == (5, 8, 512, 1024)
     for k, e in enumerate(events):
         assert np.array_equal(batch[k], expected("jungfrau4M", "raw", e))
 
 
-def test_inline_transport_gives_the_same_bytes(server):
-    with Client(server.address, transport="inline") as c:
+def test_inline_transport_gives_the_same_bytes(shared_server):
+    with Client(shared_server.address, transport="inline") as c:
         batch = c.get_many("x", 1, "epix10k2M", [1, 2], "calib")
         assert c.server.transport == "inline"
     assert np.array_equal(batch[1], expected("epix10k2M", "calib", 2))
@@ -56,8 +56,8 @@ def test_views_hold_frames_until_released(start_server):
             assert again.reply.where.offset in {f.reply.where.offset for f in frames}
 
 
-def test_pipelined_requests_are_answered_by_id(server):
-    with Client(server.address) as c:
+def test_pipelined_requests_are_answered_by_id(shared_server):
+    with Client(shared_server.address) as c:
         first = c.submit("x", 1, "epix100", [1, 2, 3], "raw")
         second = c.submit("x", 1, "epix100", [4], "calib")
         info = c.info("x", 1, "epix100")
@@ -74,8 +74,8 @@ def _released(frames):
             yield f
 
 
-def test_info_lists_detectors_and_modes(server):
-    with Client(server.address) as c:
+def test_info_lists_detectors_and_modes(shared_server):
+    with Client(shared_server.address) as c:
         run = c.info("xpptut15", 14)
         assert {"epix10k2M", "jungfrau4M", "rayonix"} <= set(run["detectors"])
         assert run["detectors"]["epix10k2M"]["events"] == 1000
@@ -85,8 +85,8 @@ def test_info_lists_detectors_and_modes(server):
     assert det["modes"]["image"]["shape"] == list(expected("jungfrau4M", "image", 0).shape)
 
 
-def test_every_event_is_present_where_sources_have_no_rates(server):
-    with Client(server.address) as c:
+def test_every_event_is_present_where_sources_have_no_rates(shared_server):
+    with Client(shared_server.address) as c:
         assert c.info("x", 1, "epix100", present=True)["present"] == [[0, 1000, 1]]
         found = c.info("x", 1, present=True)["detectors"]
         assert found["rayonix"]["present"] == [[0, 1000, 1]]
@@ -122,9 +122,9 @@ def test_stats_count_events_bytes_and_errors(server):
     assert stats["shm_bytes"] <= stats["shm_budget"] and stats["workers"] == 2
 
 
-def test_a_forked_child_gets_its_own_connection(server):
+def test_a_forked_child_gets_its_own_connection(shared_server):
     import os
-    c = Client(server.address)
+    c = Client(shared_server.address)
     assert c.ping()
     pid = os.fork()
     if pid == 0:
@@ -147,9 +147,9 @@ def test_unix_socket_server(start_server, tmp_path):
     assert not path.exists()
 
 
-def test_frame_memory_has_no_name_anyone_could_open(server):
+def test_frame_memory_has_no_name_anyone_could_open(shared_server):
     """Frames are in the server's pool, which has no name: nothing of the
-    server in /dev/shm but its lock file."""
-    with Client(server.address) as c, c.view("x", 1, "epix100", 0, "raw") as frame:
+    shared_server in /dev/shm but its lock file."""
+    with Client(shared_server.address) as c, c.view("x", 1, "epix100", 0, "raw") as frame:
         assert np.array_equal(frame.array, expected("epix100", "raw", 0))
-        assert not our_segments(server.pid)
+        assert not our_segments(shared_server.pid)

@@ -12,9 +12,8 @@ from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.shm_names import lock_name, segment_path
 from psana_ipc.server.shm import our_segments
 
-from conftest import pid_alive
+from conftest import pid_alive, psana_ipc
 from faulty_source.probes import run_in_private_shm
-from test_faults import _psana_ipc
 
 
 def test_names_planted_by_another_user_are_passed_over_and_left_alone():
@@ -42,7 +41,7 @@ def test_cleanup_keeps_a_live_server_whatever_its_command_line(start_server, tmp
         sock.sendall(json.dumps({"exp": "x", "run": 1, "detector_name": "epix100",
                                  "event": 0, "mode": "raw"}).encode())
         name = json.loads(sock.recv(4096))["name"]
-        result = _psana_ipc("cleanup")
+        result = psana_ipc("cleanup")
         assert result.returncode == 0, result.stderr
         assert f"server {server.pid} is running" in result.stdout
         assert name in set(our_segments(server.pid))

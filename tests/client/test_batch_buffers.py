@@ -23,16 +23,10 @@ from psana_ipc.protocol.shm_names import lock_name, segment_path
 from psana_ipc.server.shm import our_segments
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import ROOT, in_pool, pid_alive, pool_place
-from test_batch_loader import _eventually
-from test_lifecycle import _psana_ipc
+from conftest import ROOT, in_pool, pid_alive, pool_place, psana_ipc, server_stats
+from faulty_source.probes import wait_for
 
 FRAME = expected("epix100", "raw", 0)
-
-
-def _stats(server) -> dict:
-    with Client(server.address) as c:
-        return c.stats()
 
 
 def _check(batch, events, det="epix100", mode="raw"):
@@ -50,14 +44,14 @@ def test_batches_hold_the_bytes_in_order_and_are_the_pool_itself(server):
     assert all(isinstance(b, torch.Tensor) and b.is_contiguous() for b in batches)
     assert all(in_pool(b) for b in batches)
     _check(torch.cat([b.clone() for b in batches]), events, "jungfrau4M", "calib")
-    assert _stats(server)["batch_buffers"] >= 3
+    assert server_stats(server)["batch_buffers"] >= 3
     loader.close()
     del batches
-    assert _eventually(lambda: _stats(server)["batch_buffers"] == 0), "closing kept buffers"
+    wait_for(lambda: server_stats(server)["batch_buffers"] == 0, "closing frees the buffers")
 
 
-def test_shuffled_epochs_read_what_their_order_says(server):
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(10), batch_size=4,
+def test_shuffled_epochs_read_what_their_order_says(shared_server):
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(10), batch_size=4,
                          shuffle=True, seed=3, output="numpy")
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -85,10 +79,10 @@ def test_the_last_buffers_batches_stay_intact_and_memory_is_reused(server, buffe
     loader.close()
 
 
-def test_a_batch_kept_is_never_overwritten(server):
+def test_a_batch_kept_is_never_overwritten(shared_server):
     """Code that keeps every batch (btx appends them all) stays correct: the
     loader's buffers grow instead."""
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(12), batch_size=2,
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(12), batch_size=2,
                          output="numpy")
     kept = [b for _ in range(2) for b in loader]
     for k, batch in enumerate(kept):
@@ -97,8 +91,8 @@ def test_a_batch_kept_is_never_overwritten(server):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_batches_are_pinned_and_go_to_the_gpu_as_written(server):
-    loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(4), batch_size=2)
+def test_batches_are_pinned_and_go_to_the_gpu_as_written(shared_server):
+    loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(4), batch_size=2)
     for k, batch in enumerate(loader):
         assert batch.is_pinned()
         on_gpu = batch.to("cuda", non_blocking=True)
@@ -156,7 +150,7 @@ def test_batches_are_copied_from_the_frame_cache_and_hints_still_go_out(start_se
     events = list(range(8))
     with Client(server.address) as c:
         c.prefetch("x", 1, "epix100", events, "raw")
-        assert _eventually(lambda: c.stats()["frame_cache"]["read_ahead"] == len(events))
+        wait_for(lambda: c.stats()["frame_cache"]["read_ahead"] == len(events), "events read ahead")
         reads = c.stats()["events"]
         loader = BatchLoader(server.address, "x", 1, "epix100", "raw", events, batch_size=4,
                              output="numpy", read_ahead=0)
@@ -239,13 +233,13 @@ def test_a_group_id_the_server_did_not_issue_is_refused(server, buffer):
     assert err.value.code == "bad_arena"
 
 
-def test_a_batch_buffer_needs_shared_memory(server):
-    with Client(server.address, transport="inline") as client:
+def test_a_batch_buffer_needs_shared_memory(shared_server):
+    with Client(shared_server.address, transport="inline") as client:
         with pytest.raises(ServerError) as err:
             client.make_arena(4096)
         assert err.value.code == "bad_arena"
-        loader = BatchLoader(server.address, "x", 1, "epix100", "raw", range(4), batch_size=2,
-                             transport="inline", output="numpy")
+        loader = BatchLoader(shared_server.address, "x", 1, "epix100", "raw", range(4),
+                             batch_size=2, transport="inline", output="numpy")
         _check(np.concatenate([b.copy() for b in loader]), range(4))   # copies instead
         loader.close()
 
@@ -308,10 +302,10 @@ def test_a_client_that_vanishes_frees_its_buffers(server):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "drawn"
-        assert _stats(server)["batch_buffers"] >= 2
+        assert server_stats(server)["batch_buffers"] >= 2
         child.send_signal(signal.SIGKILL)
         child.wait(30)
-        assert _eventually(lambda: _stats(server)["shm_bytes"] == 0), "a dead client's buffers"
+        wait_for(lambda: server_stats(server)["shm_bytes"] == 0, "a dead client's buffers freed")
     finally:
         if child.poll() is None:
             child.kill()
@@ -343,10 +337,10 @@ def test_a_killed_server_leaves_only_its_lock_and_held_batches_intact(start_serv
     for pid in [server.pid] + workers:          # nothing of the server gets to clean up
         os.kill(pid, signal.SIGKILL)
     server.proc.wait(10)
-    assert _eventually(lambda: not any(pid_alive(p) for p in workers))
+    wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers gone")
     assert not list(our_segments(server.pid))
     assert os.path.exists(segment_path(lock_name(server.pid)))
-    result = _psana_ipc("cleanup")
+    result = psana_ipc("cleanup")
     assert result.returncode == 0, result.stderr
     assert not os.path.exists(segment_path(lock_name(server.pid)))
     _check(batch, [0, 1])
@@ -370,18 +364,18 @@ def test_dataloader_batches_without_workers_are_in_the_pool_in_order(server):
             _check(torch.cat([b.clone() for b in batches]), events)
             del batches
         ds.close()
-    assert _eventually(lambda: _stats(server)["batch_buffers"] == 0)
+    wait_for(lambda: server_stats(server)["batch_buffers"] == 0, "every buffer freed")
 
 
 def test_buffers_a_dataset_no_longer_keeps_are_given_back(server):
     ds = _dataset(server, range(24), buffers=2)
     kept = list(DataLoader(ds, batch_size=3))         # every batch held: the ring grows
-    assert _stats(server)["batch_buffers"] >= 8
+    assert server_stats(server)["batch_buffers"] >= 8
     _check(torch.cat(kept), range(24))
     del kept
     for _ in DataLoader(ds, batch_size=3):
         pass
-    assert _eventually(lambda: _stats(server)["batch_buffers"] <= 3)
+    wait_for(lambda: server_stats(server)["batch_buffers"] <= 3, "at most 3 buffers kept")
     ds.close()
 
 
@@ -401,11 +395,11 @@ def test_dataloader_workers_of_later_epochs_fill_the_same_buffers(server):
             if epoch == 0 and k == 0:
                 kept = batch                   # held across the later epochs
             del batch
-        peaks.append(_stats(server)["shm_peak_bytes"])
+        peaks.append(server_stats(server)["shm_peak_bytes"])
     assert set(places[6:12]) & set(places[:6]) and set(places[12:]) & set(places[6:12])
     assert places[0] not in places[1:], "a batch the main process holds was filled again"
     _check(kept, events[:4])
     assert peaks[2] == peaks[1], "later epochs took fresh memory"
     del loader, kept
     ds.close()
-    assert _eventually(lambda: _stats(server)["batch_buffers"] == 0)
+    wait_for(lambda: server_stats(server)["batch_buffers"] == 0, "every buffer freed")
