@@ -271,9 +271,10 @@ class Index:
               batch: bool = False) -> Grant:
         """Whether `group` may take `nbytes` more of the budget now for the
         connection `conn` of worker `slot` (see the module docstring); the
-        caller then puts the row. A connection holding nothing may take any
+        caller then puts the row. A connection holding no frame may take any
         room left, so each connection of a group gets a frame at a time, and
-        a client reading its connections in turn never waits on itself.
+        a client reading its connections in turn never waits on itself, even
+        when the group's batch buffers fill its share.
         Batch buffers (`batch`) may fill BATCH_SHARE of the budget: frames
         always find room beside them."""
         limit = self.budget * BATCH_SHARE // 4 if batch else self.budget
@@ -287,7 +288,8 @@ class Index:
         groups = self.group[rows]
         held = int(sizes[groups == group].sum())
         holders = len(set(groups[groups != 0].tolist()) - {group})
-        mine = (self.owner[rows] == slot) & (self.conn[rows] == conn)
+        mine = (self.owner[rows] == slot) & (self.conn[rows] == conn) \
+            & (self.state[rows] != BATCH)     # a batch buffer it claimed is the group's
         if held and mine.any() and held + nbytes > self.budget // (holders + 2):
             return Grant.WAIT
         peak = HEADER.index("peak")

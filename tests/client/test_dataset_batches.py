@@ -107,3 +107,15 @@ def test_the_btx_client_loop_unchanged(shared_server):
     all_data = np.concatenate(all_data, axis=0)
     assert np.array_equal(all_data, np.stack([expected(det_type, "calib", e)
                                               for e in range(80)]))
+
+
+def test_workers_whose_batch_buffers_fill_the_share_still_get_frames(start_server):
+    """Two DataLoader workers' batch buffers fill more than the group's fair
+    share of a small budget, and the last buffer finds no room: that worker
+    copies frames instead, one at a time per connection, never refused."""
+    server = start_server(["--workers", "2", "--synthetic-events", "40", "--shm-budget", "24M"])
+    ds = RunDataset(server.address, "x", 1, "epix100", mode="raw")
+    loader = DataLoader(ds, batch_size=5, num_workers=2)
+    for _ in range(2):
+        got = torch.cat([b.clone() for b in loader]).numpy()
+        assert np.array_equal(got, _reference(range(40)))

@@ -48,7 +48,8 @@ def test_a_full_table_gives_no_row():
 
 def test_the_fair_share_rule():
     """budget // (groups holding + 1) for a group that holds memory, except
-    for a connection of it holding nothing; a group holding nothing may take
+    for a connection of it holding no frame (a batch buffer it claimed is the
+    group's); a group holding nothing may take
     any room left; larger than the budget is never."""
     ix = _index(budget=120)
     first = dict(owner=0, conn=1)
@@ -62,13 +63,15 @@ def test_the_fair_share_rule():
         assert ix.grant(1, 20, 0, 2) is Grant.GRANTED    # the group's other connection
         assert ix.grant(2, 40, 1, 1) is Grant.GRANTED    # a newcomer finds room
         newcomer = ix.put(BATCH, size=40, group=2, owner=1, conn=1)
-        assert ix.grant(2, 1, 1, 1) is Grant.WAIT        # 41 > 120 // (2 + 1)
+        assert ix.grant(2, 1, 1, 1) is Grant.GRANTED     # a batch buffer it claimed is no frame
+        ix.put(TRANSFER, size=1, group=2, owner=1, conn=1)
+        assert ix.grant(2, 1, 1, 1) is Grant.WAIT        # 42 > 120 // (1 + 2): now it holds one
         assert ix.grant(1, 1, 0, 1) is Grant.WAIT
-        assert ix.budget_stats()["holders"] == 2 and ix.budget_stats()["shm_bytes"] == 100
+        assert ix.budget_stats()["holders"] == 2 and ix.budget_stats()["shm_bytes"] == 101
         ix.state[newcomer] = ORPHAN                   # counted, but nobody's share
         ix.group[newcomer] = 0
-        assert ix.budget_stats()["holders"] == 1 and ix.budget_stats()["shm_bytes"] == 100
-        assert ix.grant(3, 21) is Grant.WAIT          # 121 > 120: the orphan still counts
+        assert ix.budget_stats()["holders"] == 2 and ix.budget_stats()["shm_bytes"] == 101
+        assert ix.grant(3, 20) is Grant.WAIT          # 121 > 120: the orphan still counts
 
 
 def test_a_dead_generations_rows_are_reclaimed_at_the_next_lock():
