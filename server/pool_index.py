@@ -274,7 +274,8 @@ class Index:
         caller then puts the row. A connection holding no frame may take any
         room left, so each connection of a group gets a frame at a time, and
         a client reading its connections in turn never waits on itself, even
-        when the group's batch buffers fill its share.
+        when the group's batch buffers fill its share (a connection's claimed
+        batch buffers count as its holding only for another batch buffer).
         Batch buffers (`batch`) may fill BATCH_SHARE of the budget: frames
         always find room beside them."""
         limit = self.budget * BATCH_SHARE // 4 if batch else self.budget
@@ -288,8 +289,9 @@ class Index:
         groups = self.group[rows]
         held = int(sizes[groups == group].sum())
         holders = len(set(groups[groups != 0].tolist()) - {group})
-        mine = (self.owner[rows] == slot) & (self.conn[rows] == conn) \
-            & (self.state[rows] != BATCH)     # a batch buffer it claimed is the group's
+        mine = (self.owner[rows] == slot) & (self.conn[rows] == conn)
+        if not batch:       # for a frame, a batch buffer it claimed is the group's, not its own
+            mine &= self.state[rows] != BATCH
         if held and mine.any() and held + nbytes > self.budget // (holders + 2):
             return Grant.WAIT
         peak = HEADER.index("peak")
