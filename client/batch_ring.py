@@ -28,11 +28,13 @@ instead, and shrinks back to `keep` idle buffers once they go.
 import fcntl
 import mmap
 import os
+import time
 import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
+from psana_ipc.protocol.errors import NO_MEMORY, ServerError
 from psana_ipc.protocol.messages import Into, frame_nbytes
 from psana_ipc.protocol.pool import (F_OFD_GETLK, F_WRLCK, TICKET_BYTES, lock_found,
                                      lock_request)
@@ -43,6 +45,7 @@ from .pool import Hold, hold_range
 
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 HOST_REGISTER_PORTABLE = 1      # pinned for every CUDA context, not only the current one
+OWN_WAIT = 30.0                 # seconds a ring the server has no room for waits for its own
 
 
 class Buffer:
@@ -219,12 +222,7 @@ class BatchRing:
         if self._pid != os.getpid():      # forked: the parent's buffers are not ours to fill
             self._buffers, self._count, self._pid = [], 0, os.getpid()
         spacing = 0 if handed_over else self.keep
-        idle = [b for b in self._buffers
-                if b.alive() and self._count - b.serial >= spacing and b.idle()]
-        chosen = next((b for b in sorted(idle, key=lambda b: b.serial)
-                       if b.capacity >= nbytes and b.pinned == pinned), None)
-        if chosen is None:
-            chosen = self._make(nbytes, pinned)
+        chosen = self._idle(nbytes, pinned, spacing) or self._new(nbytes, pinned, spacing)
         if self.keep and not chosen.kept:
             chosen.kept = True
             self._buffers.append(chosen)
@@ -232,6 +230,32 @@ class BatchRing:
         chosen.serial = self._count
         self._count += 1
         return chosen
+
+    def _idle(self, nbytes: int, pinned: bool, spacing: int) -> Optional[Buffer]:
+        """The oldest idle buffer that fits, at least `spacing` batches old."""
+        idle = [b for b in self._buffers
+                if b.alive() and self._count - b.serial >= spacing and b.idle()]
+        return next((b for b in sorted(idle, key=lambda b: b.serial)
+                     if b.capacity >= nbytes and b.pinned == pinned), None)
+
+    def _new(self, nbytes: int, pinned: bool, spacing: int) -> Buffer:
+        """A new buffer; when the server has no room for one (the budget full of
+        this ring's batches, which a DataLoader's main process holds until its
+        loop has used them), one of the ring's own once it comes back, waited
+        for at most OWN_WAIT."""
+        try:
+            return self._make(nbytes, pinned)
+        except ServerError as e:
+            if e.code != NO_MEMORY or not any(b.alive() and b.capacity >= nbytes
+                                              for b in self._buffers):
+                raise
+            deadline = time.monotonic() + OWN_WAIT
+            while time.monotonic() < deadline:
+                time.sleep(0.002)
+                chosen = self._idle(nbytes, pinned, spacing)
+                if chosen is not None:
+                    return chosen
+            raise
 
     def fill(self, count: int, nbytes: int, pinned: bool = False) -> None:
         """Make buffers until the ring has `count` (a loader's buffers taken
