@@ -21,6 +21,7 @@ import contextlib
 import os
 import select
 import socket
+import warnings
 from collections import deque
 from typing import (Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence,
                     Set, Tuple)
@@ -29,7 +30,8 @@ import numpy as np
 
 from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
-from psana_ipc.protocol.errors import OUT_OF_RANGE, UNKNOWN_DETECTOR, ProtocolError, ServerError
+from psana_ipc.protocol.errors import (BAD_ARENA, OUT_OF_RANGE, UNKNOWN_DETECTOR, ProtocolError,
+                                       ServerError)
 from psana_ipc.protocol.framing import FrameDecoder
 from psana_ipc.protocol.messages import (CodeFilter, FieldRef, FreeArenas, Get, Hello, Info, Into,
                                          MakeArena, Ping, Prefetch, Release, Request, RunKey,
@@ -287,6 +289,15 @@ class Client:
                           socket.gethostname(), transport, self.window, self.group)
             self.server = self._result(self._send_request(hello))
             self.group = self.server.group
+        except ServerError as e:
+            self.close()
+            if e.code != BAD_ARENA or self.group is None:
+                raise
+            warnings.warn(f"the server no longer knows connection group {self.group} (it "
+                          f"restarted?): this connection starts a new group")
+            self.group = None
+            self._connect()
+            return
         except BaseException:
             self.close()
             raise

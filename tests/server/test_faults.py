@@ -306,6 +306,24 @@ def test_after_the_whole_server_is_killed_cleanup_and_a_restart_start_clean(star
     client.close()
 
 
+def test_a_client_goes_on_with_a_server_restarted_at_its_address(start_server, tmp_path):
+    """The restarted server never issued the client's connection group id: the
+    client's next request starts a new group, with a warning, and is served."""
+    args = ["--workers", "2", "--unix", str(tmp_path / "s.sock")]
+    first = start_server(args)
+    client = Client(first.address)
+    assert _served(client, "epix10k2M", 1)
+    old_group = client.group
+    first.stop()
+    second = start_server(args)
+    with pytest.warns(UserWarning, match="no longer knows connection group"):
+        frame = client.get("x", 1, "epix10k2M", 2, "raw")
+    assert np.array_equal(frame, expected("epix10k2M", "raw", 2))
+    assert client.group not in (None, old_group)
+    client.close()
+    assert second.address == first.address
+
+
 # -- shared memory running out ------------------------------------------------------------------
 def test_a_budget_in_use_is_no_memory_until_a_frame_is_released(start_server):
     frame = extent_size(704 * 768 * 2)                   # one epix100 raw frame
