@@ -239,6 +239,7 @@ class Client:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.group = group
+        self._issued: Optional[str] = None     # the group id a server gave this client
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self.generation = 0
@@ -288,11 +289,11 @@ class Client:
             hello = Hello(PROTOCOL_VERSION, find_token(self.token, self.address),
                           socket.gethostname(), transport, self.window, self.group)
             self.server = self._result(self._send_request(hello))
-            self.group = self.server.group
+            self.group = self._issued = self.server.group
         except ServerError as e:
             self.close()
-            if e.code != BAD_ARENA or self.group is None:
-                raise
+            if e.code != BAD_ARENA or self.group is None or self.group != self._issued:
+                raise           # only a group a server issued before may be forgotten
             warnings.warn(f"the server no longer knows connection group {self.group} (it "
                           f"restarted?): this connection starts a new group")
             self.group = None
@@ -346,7 +347,7 @@ class Client:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.group = None
+        self.group = self._issued = None
         self._pid = os.getpid()
         self.generation = 0
         self._reset()
