@@ -470,6 +470,39 @@ def _user_epoch(args: argparse.Namespace, *options: str) -> float:
     return fps
 
 
+def _frames_are_the_sources(loader: BatchLoader, det: str) -> bool:
+    """One more pass of an unshuffled loader: every frame as the source made it."""
+    event = 0
+    for batch in loader:
+        for frame in batch:
+            if not np.array_equal(frame, expected(det, "calib", loader.events[event])):
+                return False
+            event += 1
+    return event == len(loader.events)
+
+
+def _second_client(args: argparse.Namespace, wait: float, cache: str) -> Dict:
+    """Two loaders on a server with a frame cache of `cache` bytes, made
+    `wait` s after it is ready: frames/s of the first one's epoch (which
+    fills the cache) and of the second one's (every frame a hit), medians of
+    `--repeats`, and whether the second one's frames are the source's."""
+    firsts, seconds, same = [], [], True
+    for _ in range(args.repeats):
+        with running_server(args, "--frame-cache", cache) as server:
+            time.sleep(wait)
+            loaders = [BatchLoader(server.address, "bench", 1, args.detectors[0], "calib",
+                                   list(range(args.frames)), args.batch_size, output="numpy")
+                       for _ in range(2)]
+            firsts.append(_epoch(loaders[0]))
+            seconds.append(_epoch(loaders[1]))
+            same = same and _frames_are_the_sources(loaders[1], args.detectors[0])
+            for loader in loaders:
+                loader.close()
+    first, second = statistics.median(firsts), statistics.median(seconds)
+    return {"first epoch": first, "second client": second, "x first": second / first,
+            "bytes identical": same}
+
+
 def bench_new_consumers(args: argparse.Namespace) -> Dict:
     """What a new consumer pays, all in one run: the legacy dialect (btx's
     design through this server: a connection and a fresh segment per event),
@@ -506,21 +539,11 @@ def bench_new_consumers(args: argparse.Namespace) -> Dict:
         cached = argparse.Namespace(**dict(vars(args), frames=args.cache_frames))
         room = str(int(1.2 * (args.cache_frames + WARM_BATCHES * batch)
                        * (expected(det, "calib", 0).nbytes + 8192)))
-        seconds, firsts = [], []
-        for _ in range(args.repeats):
-            with running_server(cached, "--frame-cache", room) as server:
-                loaders = [BatchLoader(server.address, "bench", 1, det, "calib",
-                                       list(range(args.cache_frames)), batch, output="numpy")
-                           for _ in range(2)]
-                firsts.append(_epoch(loaders[0]))
-                seconds.append(_epoch(loaders[1]))
-                for loader in loaders:
-                    loader.close()
-        result["cache_first_epoch_fps"] = statistics.median(firsts)
-        result["cache_second_client_fps"] = statistics.median(seconds)
-        user = argparse.Namespace(**dict(vars(args), frames=args.cache_frames))
-        without = statistics.median(_user_epoch(user) for _ in range(args.repeats))
-        with_cache = statistics.median(_user_epoch(user, "--frame-cache", args.user_cache)
+        result["second_client"] = {
+            "server ready before": _second_client(cached, args.user_wait, args.user_cache),
+            "server started just now": _second_client(cached, 0.0, room)}
+        without = statistics.median(_user_epoch(cached) for _ in range(args.repeats))
+        with_cache = statistics.median(_user_epoch(cached, "--frame-cache", args.user_cache)
                                        for _ in range(args.repeats))
         result["user_epoch_fps"] = {"without cache": without, "with cache": with_cache}
     return result
@@ -541,14 +564,17 @@ def print_consumers_table(result: Dict) -> None:
     for name, r in result["rows"].items():
         print(f"| {name} | {r['fps']:.0f} | {r['x_legacy']:.1f} | {100 * r['of_reused']:.0f}% |")
     print(f"first batch of a new loader (warm server): {result['first_batch_ms']:.1f} ms")
-    if "cache_first_epoch_fps" in result:
-        first, second = result["cache_first_epoch_fps"], result["cache_second_client_fps"]
-        print(f"frame cache: first epoch {first:.0f} frames/s, a second client "
-              f"{second:.0f} frames/s ({second / first:.1f}x)")
+    for server, r in result.get("second_client", {}).items():
+        print(f"frame cache, {server}: first epoch {r['first epoch']:.0f} frames/s, a second "
+              f"client {r['second client']:.0f} frames/s ({r['x first']:.1f}x), bytes "
+              f"{'identical' if r['bytes identical'] else 'DIFFERENT'}")
+    if "user_epoch_fps" in result:
         user = result["user_epoch_fps"]
         print(f"cold epoch as a user starts it: without cache {user['without cache']:.0f} "
               f"frames/s, with cache {user['with cache']:.0f} frames/s "
               f"({100 * user['with cache'] / user['without cache']:.0f}%)")
+
+
 # -- resuming mid-epoch (state_dict / load_state_dict) -------------------------------------------
 def _close(loader) -> None:
     (loader.dataset if isinstance(loader, ResumableDataLoader) else loader).close()

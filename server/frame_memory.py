@@ -147,7 +147,8 @@ class FrameMemory:
             if grant is not Grant.GRANTED:
                 return grant, None
             while True:
-                offset = place(ix, SHM_POOL, pool.size, size, self.held, from_top)
+                offset = place(ix, SHM_POOL, pool.size, size, self.held, from_top,
+                               below=ix.get("warm_taken"))
                 if offset is None:
                     return Grant.WAIT, None
                 held = self.held(SHM_POOL, offset, size)
@@ -194,7 +195,7 @@ class FrameMemory:
     def batch(self, conn: int, group: int, nbytes: int) -> Tuple[Grant, Optional[Extent]]:
         """A batch buffer of at least `nbytes` for a connection of `group`: the
         smallest idle one of the group's (claimed by no connection, held by no
-        client), else a new one from the top of the pool."""
+        client), else a new one from the top of the pool (pool_allocator.py)."""
         size = extent_size(nbytes)
         ix = self.index
         with self.locked():

@@ -5,8 +5,11 @@ frame-cache entry gives way when no gap does.
 Small extents (frames, cache entries) are placed from the bottom of the
 pool and batch buffers from the top, so the two do not cut each other's
 room into pieces; placing lowest first reuses pages taken before (a pool
-takes pages bottom up, as its first extents need them). Everything here
-runs under the index's lock.
+takes pages bottom up, as its first extents need them). A server with a
+frame cache takes the cache's pages ahead, bottom up, while idle: a batch
+buffer goes to the top of those first (`below`), where its pages exist,
+and only then to the top of the pool, where they would be fresh.
+Everything here runs under the index's lock.
 """
 from typing import Optional
 
@@ -18,13 +21,14 @@ from .pool_index import CACHED, FREE, MEMORY, Held, Index
 
 def first_fit(index: Index, pool: int, pool_size: int, size: int,
               from_top: bool = False) -> Optional[int]:
-    """The offset of the lowest (or highest) gap of `size` bytes in a pool, or None."""
+    """The offset of the lowest (or highest) gap of `size` bytes in a pool's
+    first `pool_size` bytes, or None."""
     rows = index.rows_where(MEMORY, pool=pool)
     starts = index.offset[rows]
     order = np.argsort(starts)
     starts, ends = starts[order], starts[order] + index.size[rows][order]
     gap_starts = np.concatenate(([0], ends))
-    gap_ends = np.concatenate((starts, [pool_size]))
+    gap_ends = np.minimum(np.concatenate((starts, [pool_size])), pool_size)
     fits = np.flatnonzero(gap_ends - gap_starts >= size)
     if not fits.size:
         return None
@@ -55,9 +59,14 @@ def evict_one(index: Index, pool: int, held: Held, read_ahead: bool = False) -> 
 
 
 def place(index: Index, pool: int, pool_size: int, size: int, held: Held,
-          from_top: bool = False, read_ahead: bool = False) -> Optional[int]:
+          from_top: bool = False, read_ahead: bool = False, below: int = 0) -> Optional[int]:
     """An offset for an extent of `size` bytes, evicting cache entries of the
-    pool until a gap holds it; None if none can be had."""
+    pool until a gap holds it; None if none can be had. From the top, a gap
+    in the first `below` bytes (pages taken ahead) comes first."""
+    if from_top and below:
+        offset = first_fit(index, pool, below, size, from_top)
+        if offset is not None:
+            return offset
     while True:
         offset = first_fit(index, pool, pool_size, size, from_top)
         if offset is not None or not evict_one(index, pool, held, read_ahead):

@@ -1,5 +1,6 @@
 """Where new extents go in one process: the lowest (or, for batch buffers, the
-highest) gap that holds them, never over another extent, and which cache
+highest) gap that holds them, never over another extent, batch buffers in
+pages taken ahead before fresh ones, and which cache
 entry gives way when no gap does (never a pinned one, never one a client
 still holds)."""
 from hypothesis import given, settings
@@ -10,6 +11,11 @@ from psana_ipc.server.pool_index import CACHED, FREE, MEMORY, TRANSFER, Index
 
 PAGE = 4096
 POOL = 64 * PAGE
+
+
+def NOBODY(pool: int, offset: int, size: int) -> bool:
+    """No client holds anything."""
+    return False
 
 
 def _index(cache: int = POOL) -> Index:
@@ -32,15 +38,35 @@ def test_the_lowest_gap_that_holds_it():
     assert first_fit(ix, 1, POOL, POOL) == 0          # another pool's extents do not count
 
 
+def test_a_batch_buffer_goes_to_the_top_of_the_pages_taken_ahead_first():
+    """A frame cache's pages are taken bottom up while idle: a batch buffer
+    goes where they exist (the top of them), and above them only once they
+    have no gap that holds it; nothing is evicted to make room below."""
+    ix = _index()
+    taken = 16 * PAGE
+    _entry(ix, 0, last=1, uses=1)
+    first = place(ix, 0, POOL, 4 * PAGE, NOBODY, from_top=True, below=taken)
+    assert first == taken - 4 * PAGE
+    ix.put(TRANSFER, pool=0, offset=first, size=4 * PAGE)
+    ix.put(TRANSFER, pool=0, offset=taken, size=PAGE)     # straddles nothing: above the pages
+    assert place(ix, 0, POOL, 4 * PAGE, NOBODY, from_top=True, below=taken) == first - 4 * PAGE
+    assert place(ix, 0, POOL, 12 * PAGE, NOBODY, from_top=True, below=taken) == POOL - 12 * PAGE
+    assert ix.get("evictions") == 0
+    assert place(ix, 0, POOL, 4 * PAGE, NOBODY) == PAGE    # small extents: bottom up as before
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 12), st.booleans()), max_size=60))
-def test_extents_never_overlap_and_stay_in_the_pool(steps):
-    """Any sequence of placing (bottom up or top down) and giving back."""
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 12), st.booleans()), max_size=60),
+       st.integers(0, POOL))
+def test_extents_never_overlap_and_stay_in_the_pool(steps, below):
+    """Any sequence of placing (bottom up or top down, with any pages taken
+    ahead) and giving back."""
     ix = _index()
     live = []
     for take, pages, from_top in steps:
         if take or not live:
-            offset = first_fit(ix, 0, POOL, pages * PAGE, from_top)
+            offset = place(ix, 0, POOL, pages * PAGE, NOBODY, from_top,
+                           below=below)
             if offset is None:
                 continue
             live.append(ix.put(TRANSFER, pool=0, offset=offset, size=pages * PAGE))
