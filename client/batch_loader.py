@@ -67,7 +67,7 @@ from .distributed import rank_and_world
 from .follow import TIMEOUT, Follower, written_info
 from .group import ConnectionGroup, Share, rows_of
 from .optional import require
-from .position import EpochCursor
+from .position import EpochCursor, StateError
 
 
 class Batch(NamedTuple):
@@ -241,14 +241,23 @@ class BatchLoader:
         """The position the training loop has consumed (never how far the
         loader has asked ahead): small and JSON-serializable, to save beside
         the model's checkpoint. Any one rank's, taken after a step every rank
-        took, resumes every rank of a new world."""
+        took, resumes every rank of a new world. A followed run has none
+        (StateError `followed`)."""
+        self._not_followed()
         return self._cursor.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Make the next iteration go on from a saved position, on this loader's
         rank and world size (which may differ from the saver's). Raises
         StateError (`.code`) for a position of other events or another order."""
+        self._not_followed()
         self._cursor.load_state_dict(state)
+
+    def _not_followed(self) -> None:
+        if self.follow is not None:
+            raise StateError("followed", "a followed run has no saved position: to go on "
+                                         "after a restart, follow again from the event after "
+                                         "the last one used (follow={'start': event})")
 
     def _order(self) -> List[int]:
         """This rank's events for the next iteration."""

@@ -35,7 +35,8 @@ ORDER_SETTINGS = ("seed", "shuffle", "generator", "padding", "drop_last")
 
 class StateError(ValueError):
     """A saved position that cannot resume this loader; `code` says why:
-    not_a_state, other_version, other_events, other_order."""
+    not_a_state, other_version, other_events, other_order, followed (a
+    loader following a live run)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

@@ -228,7 +228,7 @@ class FrameCache:
 
     def abandon(self, fill: Fill) -> None:
         """The frame could not be written (or kept): free its extent."""
-        self.memory.give(fill.extent, FILLING)
+        self.memory.give(fill.extent, state=FILLING)
 
     def unpin(self, entry: Entry) -> None:
         with self.memory.locked():

@@ -119,11 +119,12 @@ class FrameMemory:
         the budget and the group's fair share."""
         return self._extent(TRANSFER, extent_size(nbytes), self._owned(conn, group))
 
-    def give(self, extent: Extent, state: int = TRANSFER) -> None:
-        """An extent the client released (its hold went before)."""
+    def give(self, *extents: Extent, state: int = TRANSFER) -> None:
+        """Extents the client released (its holds went before), under one lock."""
         with self.locked():
-            if self._is(extent, state):
-                self.index.state[extent.row] = FREE
+            for extent in extents:
+                if self._is(extent, state):
+                    self.index.state[extent.row] = FREE
 
     def orphan(self, extent: Extent) -> None:
         """An extent a client may still hold (or held when it was to be
@@ -169,7 +170,7 @@ class FrameMemory:
         try:
             self.maps[extent.pool].ready(extent.offset, extent.size)
         except NoRoom as e:
-            self.give(extent, int(self.index.state[extent.row]))
+            self.give(extent, state=int(self.index.state[extent.row]))
             raise ProtocolError(NO_MEMORY, str(e)) from None
         self.maps[extent.pool].stamp(extent.offset, extent.size, extent.ticket)
 

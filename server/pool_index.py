@@ -145,6 +145,7 @@ class Index:
             offset += 8 * n
         for name, array in zip(COLUMNS, arrays):
             setattr(self, name, array)
+        self._columns = arrays[1:len(COLUMNS)]
         self.pins = arrays[len(COLUMNS)].reshape(rows, workers)
         for name, array in zip(PER_WORKER, arrays[len(COLUMNS) + 1:]):
             setattr(self, name, array)
@@ -177,9 +178,8 @@ class Index:
     def locked(self, slot: int, heartbeat: Callable[[], None], held: Held) -> Iterator[None]:
         """The lock, with what dead workers left reclaimed first."""
         with self.lock.held(slot, heartbeat):
-            stale = np.flatnonzero(self.generation != self.reclaimed)
-            if stale.size:
-                self.reclaim(stale, held)
+            if (self.generation != self.reclaimed).any():
+                self.reclaim(np.flatnonzero(self.generation != self.reclaimed), held)
             yield
 
     def new_row(self) -> Optional[int]:
@@ -200,8 +200,8 @@ class Index:
         row = self.new_row()
         if row is None:
             return None
-        for name in COLUMNS[1:]:
-            getattr(self, name)[row] = fields.get(name, -1 if name == "owner" else 0)
+        for name, column in zip(COLUMNS[1:], self._columns):
+            column[row] = fields.get(name, -1 if name == "owner" else 0)
         self.pins[row] = 0
         self.state[row] = state
         return row
@@ -288,15 +288,20 @@ class Index:
             return Grant.WAIT
         groups = self.group[rows]
         held = int(sizes[groups == group].sum())
-        holders = len(set(groups[groups != 0].tolist()) - {group})
-        mine = (self.owner[rows] == slot) & (self.conn[rows] == conn)
-        if not batch:       # for a frame, a batch buffer it claimed is the group's, not its own
-            mine &= self.state[rows] != BATCH
-        if held and mine.any() and held + nbytes > self.budget // (holders + 2):
+        if held and self._holds_own(rows, slot, conn, batch) \
+                and held + nbytes > self.budget // (len(set(groups.tolist()) - {0, group}) + 2):
             return Grant.WAIT
         peak = HEADER.index("peak")
         self.header[peak] = max(int(self.header[peak]), in_use + nbytes)
         return Grant.GRANTED
+
+    def _holds_own(self, rows: np.ndarray, slot: int, conn: int, batch: bool) -> bool:
+        """Whether connection `conn` of worker `slot` holds any of `rows`: for
+        a frame, a batch buffer it claimed is the group's, not its own."""
+        mine = (self.owner[rows] == slot) & (self.conn[rows] == conn)
+        if not batch:
+            mine &= self.state[rows] != BATCH
+        return bool(mine.any())
 
     def cache_bytes(self) -> int:
         return int(self.size[self.rows_where(CACHE)].sum())

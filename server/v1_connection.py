@@ -216,7 +216,7 @@ class V1Connection(Channel):
         self.ctx.shutdown(False)
 
     def _release(self, rid: int, handles: Tuple[int, ...]) -> None:
-        bad = []
+        bad, given = [], []
         for handle in handles:
             held = self.handed.pop(handle, None)
             if held is None:
@@ -224,7 +224,8 @@ class V1Connection(Channel):
             elif isinstance(held, Entry):
                 self.ctx.cache.unpin(held)
             else:
-                self.memory.give(held)
+                given.append(held)
+        self.memory.give(*given)
         if bad:
             self._fail(rid, BAD_SLOT, f"frames {bad} are not held by this connection")
 

@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader
 from live_helpers import server_args
 from psana2_helpers import EXP, psana_python
 from psana_ipc.client import BatchLoader, Client, LiveRunDataset
+from psana_ipc.client.position import StateError
 from psana_ipc.server.sources.synthetic import expected
 
 RUN, EVENTS, RATE, PAUSE_AT = 31, 10, 20, 4
@@ -79,6 +80,8 @@ def test_dataloader_workers_and_ranks_split_a_growing_run_without_repeats(tmp_pa
                              arenas=rank == 0)
         with pytest.raises(TypeError):
             len(loader)
+        with pytest.raises(StateError, match="followed"):
+            loader.state_dict()
         batches = [np.array(batch) for batch in loader]
         assert [batch.shape[0] for batch in batches] == [3, 2]
         with Client(server.address) as c:
