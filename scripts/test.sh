@@ -4,6 +4,8 @@
 # --quick: only .venv (no psana environment), and only the in-process unit tests
 # (tests/unit) and the v1 server's, for the inner loop of development.
 # Each folder of tests/ is a marker: scripts/test.sh -m server runs that folder.
+# The full run spreads modules over 3 pytest processes (pytest-xdist; the tests
+# mostly wait on servers and subprocesses); -n 0 runs them in this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --quick ]; then
@@ -12,4 +14,4 @@ if [ "${1:-}" = --quick ]; then
   exec .venv/bin/python -m pytest tests/unit tests/server/test_v1.py "$@"
 fi
 bash scripts/setup_envs.sh all
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n 3 --dist loadgroup "$@"

@@ -110,11 +110,19 @@ FOLDERS = ("unit", "server", "client", "sources", "compat", "ops")
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Mark each test with its folder (`pytest -m unit`, `-m "not sources"`)."""
+    """Mark each test with its folder (`pytest -m unit`, `-m "not sources"`),
+    and keep a module's tests on one process of a parallel run (`-n`), where
+    they share the module's servers; the SLURM tests share one process too,
+    as they share the one SLURM the session starts."""
     tests = Path(__file__).parent
     for item in items:
-        if item.path.is_relative_to(tests) and item.path.relative_to(tests).parts[0] in FOLDERS:
-            item.add_marker(item.path.relative_to(tests).parts[0])
+        if not item.path.is_relative_to(tests):
+            continue
+        where = item.path.relative_to(tests)
+        if where.parts[0] in FOLDERS:
+            item.add_marker(where.parts[0])
+        group = "slurm" if item.get_closest_marker("slurm") else where.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionstart(session) -> None:
