@@ -29,7 +29,7 @@ def first_fit(index: Index, pool: int, pool_size: int, size: int,
     starts, ends = starts[order], starts[order] + index.size[rows][order]
     gap_starts = np.concatenate(([0], ends))
     gap_ends = np.minimum(np.concatenate((starts, [pool_size])), pool_size)
-    fits = np.flatnonzero(gap_ends - gap_starts >= size)
+    fits = (gap_ends - gap_starts >= size).nonzero()[0]
     if not fits.size:
         return None
     if from_top:
