@@ -217,6 +217,27 @@ def _servers(tmp: Path) -> Iterator[Callable[..., ServerProcess]]:
         if server.proc.poll() is None:
             code = server.stop()
             assert code == 0, f"server exited {code} on SIGTERM:\n{server.log()}"
+    left = _left_in_shm({server.pid for server in started})
+    assert not left, f"stopped servers left shared memory behind: {sorted(left)}"
+
+
+def _left_in_shm(pids: Set[int], grace: float = 5.0) -> Set[str]:
+    """Names in /dev/shm of these (stopped) servers, after a short grace for
+    their last unlinks; removed. The per-test guard cannot see what a server
+    a module's tests share made before the first of them began."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = set()
+        for name in os.listdir(SHM):
+            segment = parse_segment_name(name)
+            if (segment.server_pid if segment is not None else parse_lock_name(name)) in pids:
+                left.add(name)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for name in left:
+        (SHM / name).unlink(missing_ok=True)
+    return left
 
 
 @pytest.fixture
