@@ -212,7 +212,7 @@ class Run:
                transport: str = "auto") -> Dict[str, Any]:
         """The loader role on `client` over these servers, with the CPU their
         workers spent per frame (warm-up pass included)."""
-        from bench import cpu_seconds
+        from bench_common import cpu_seconds
         from psana_ipc.client.server_process import child_pids
         workers = [pid for s in servers for pid in child_pids(s.pid)]
         before = cpu_seconds(workers)
@@ -291,7 +291,7 @@ def print_table(result: Dict[str, Any]) -> None:
     print(f"{result['detector']} calib ({result['frame_mb']:.2f} MB frames), {result['frames']} "
           f"frames a pass, batches of {result['batch']}, {result['server_workers']} workers "
           f"per server")
-    from bench import print_head
+    from bench_common import print_head
     print_head("case", "path", "frames/s", "of the plain stream", "client CPU ms/frame",
                "server CPU ms/frame", "other")
     for r in result["rows"]:

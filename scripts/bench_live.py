@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-
 from psana_ipc.client import Client
 from psana_ipc.client.server_process import ServerProcess
 

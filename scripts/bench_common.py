@@ -1,0 +1,154 @@
+"""What every mode of scripts/bench.py shares: its synthetic server, timed
+passes with the CPU each side spends, the passes several modes time, and
+table headers."""
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from psana_ipc.client import BatchLoader, Client, IPCRemotePsanaDataset
+from psana_ipc.client.server_process import ServerProcess, child_pids
+from psana_ipc.server.sources.synthetic import expected
+
+WARM_BATCHES = 3    # batches of events past the measured ones, read before a measured epoch
+
+
+def cpu_seconds(pids: List[int]) -> float:
+    """User + system CPU time of processes, from /proc (no psutil needed)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def live_children(server: int) -> Dict[int, float]:
+    """CPU seconds of this process's live children other than the server
+    (persistent DataLoader workers: os.times counts children once reaped)."""
+    pids = set(child_pids(os.getpid()))
+    pids.discard(server)
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = cpu_seconds([pid])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
+def client_cpu(server: int, since: Dict[int, float]) -> float:
+    """This process's CPU, reaped children's, and live children's since `since`."""
+    live = live_children(server)
+    return sum(os.times()[:4]) + sum(t - since.get(pid, 0.0) for pid, t in live.items())
+
+
+def timed(run: Callable[[], int], repeats: int,
+          server: Optional[ServerProcess] = None) -> Dict[str, float]:
+    """Median frames/s of `repeats` passes after one warm-up pass; with a
+    server, also the CPU per frame of this process (DataLoader workers
+    included) and of the server's workers."""
+    run()
+    rates, frames = [], 0
+    if server is not None:
+        children0 = live_children(server.pid)
+        mine0, server0 = client_cpu(server.pid, children0), cpu_seconds(server.workers)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - t0))
+        frames += n
+    result = {"fps": statistics.median(rates)}
+    if server is not None:
+        result.update(client_ms=1e3 * (client_cpu(server.pid, children0) - mine0) / frames,
+                      server_ms=1e3 * (cpu_seconds(server.workers) - server0) / frames)
+    return result
+
+
+@contextlib.contextmanager
+def running_server(args: argparse.Namespace, *options: str) -> Iterator[ServerProcess]:
+    """A synthetic server with `--cost-ms` and these options, stopped on leaving;
+    its runs have the measured events and WARM_BATCHES batches more."""
+    server = ServerProcess(["--workers", str(args.server_workers), "--log-level", "WARNING",
+                            "--cost-ms", str(args.cost_ms),
+                            "--cost-kind", args.cost_kind or "burn", "--synthetic-events",
+                            str(args.frames + WARM_BATCHES * args.batch_size), *options])
+    try:
+        yield server
+        with Client(server.address) as c:
+            c.shutdown()
+        server.proc.wait(30)
+    finally:
+        server.stop()
+
+
+def epoch_fps(loader: Iterable, step_s: float = 0.0) -> float:
+    """Frames/s of one pass, until its last batch arrived, sleeping `step_s`
+    after each batch (a training step on a GPU): the step after the last
+    batch overlaps nothing, and in a pass of ten batches would count a tenth
+    of the pass as the loader's."""
+    t0 = arrived = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += batch.shape[0]
+        arrived = time.perf_counter()
+        if step_s:
+            time.sleep(step_s)
+    return n / (arrived - t0)
+
+
+def server_stats(address: str) -> Dict:
+    with Client(address) as c:
+        return c.stats()
+
+
+def dataset_pass(address: str, det: str, events: List[int], protocol: str, workers: int,
+                 batch: int, persistent: bool = False) -> Callable[[], int]:
+    requests = [("bench", 1, "idx", det, e) for e in events]
+    ds = IPCRemotePsanaDataset(address, requests, mode="calib", protocol=protocol)
+    held = {"loader": DataLoader(ds, batch_size=batch, num_workers=workers,
+                                 persistent_workers=persistent)}
+
+    def run() -> int:
+        return sum(b.shape[0] for b in held["loader"])
+
+    def close() -> None:
+        """What the path holds on the server goes before the next path: the
+        loader (and so its persistent workers), then the dataset's connections."""
+        held.clear()
+        ds.close()
+    run.close = close
+    return run
+
+
+def loader_pass(loader: BatchLoader, views: bool) -> Callable[[], int]:
+    def run() -> int:
+        if views:
+            return sum(len(frames) for frames in loader.views())
+        return sum(b.shape[0] for b in loader)
+    return run
+
+
+def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:
+    sources = np.stack([expected(det, "calib", e) for e in range(16)])
+    out = np.empty((batch,) + sources.shape[1:], sources.dtype)
+
+    def run() -> int:
+        for k in range(n):
+            np.copyto(out[k % batch], sources[k % len(sources)])
+        return n
+    return run
+
+
+def print_head(*columns: str) -> None:
+    """A markdown table's header: the first column, `path` and `other` read as text, the
+    rest as numbers (right-aligned)."""
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("---" if k == 0 or name in ("path", "other") else "---:"
+                            for k, name in enumerate(columns)) + " |")
+
