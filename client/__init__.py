@@ -8,7 +8,8 @@ from typing import Any
 
 from psana_ipc.protocol.errors import ServerError
 
-from .connection import Client, Frame
+from .connection import Client
+from .frame import Frame
 from .optional import require
 
 __all__ = ["Client", "Frame", "ServerError", "IPCRemotePsanaDataset", "RunDataset",

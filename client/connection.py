@@ -40,9 +40,11 @@ from psana_ipc.protocol.replies import (NO_REPLY, ArenaMade, ErrorReply, FrameRe
                                         Reply, Welcome, parse_reply)
 
 from . import pool
+from .frame import Frame
 from .discovery import find_token, resolve_address
 from .follow import Follower
-from .pool import Hold, Pools
+from .field_values import decode_values
+from .pool import Pools
 from .wire import ConnectionClosed, recv_head, recv_payload, send_message, socket_family
 
 RELEASE_BATCH = 16
@@ -70,42 +72,6 @@ def step_range(found: Dict[str, Any], step: int, exp: str, run: int) -> List[int
         raise ServerError(OUT_OF_RANGE, f"run {run} of {exp} has {len(steps)} steps; there is "
                                         f"no step {step}")
     return [steps[step][0], steps[step][1], 1]
-
-
-def decode_value(value: Dict[str, Any]) -> np.ndarray:
-    """One field's value as an array (0-d for a scalar), exactly what psana
-    returned: numbers, strings, or a record (a named tuple's members, its
-    dtype given as [name, type] pairs)."""
-    if isinstance(value["dtype"], list):
-        record = np.dtype([(name, kind) for name, kind in value["dtype"]])
-        return np.array(tuple(value["data"]), dtype=record).reshape(value["shape"])
-    return np.array(value["data"], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
-
-
-def decode_values(values: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """A reply's field values as arrays (see `decode_value`)."""
-    return {name: decode_value(v) for name, v in values.items()}
-
-
-def padded_stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Arrays stacked, events first; where their shapes differ (a digitizer's
-    peaks, a batch's list), each is padded with zeros at the end of every
-    axis to the largest (peak tables and `count(...)` say the true sizes)."""
-    shapes = {a.shape for a in arrays}
-    if len(shapes) == 1:
-        return np.stack(arrays)
-    largest = tuple(max(sizes) for sizes in zip(*shapes))
-    out = np.zeros((len(arrays),) + largest, np.result_type(*arrays))
-    for row, a in zip(out, arrays):
-        row[tuple(slice(0, n) for n in a.shape)] = a
-    return out
-
-
-def stack_values(per_event: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Per-event field values batched: one array per name, events first."""
-    if not per_event:
-        return {}
-    return {name: padded_stack([values[name] for values in per_event]) for name in per_event[0]}
 
 
 def chosen_events(client: "Client", exp: str, run: int, detector: str,
@@ -138,61 +104,6 @@ def _fresh(reply: Reply, size: int) -> np.ndarray:
         if frame_nbytes(reply.desc.shape, dtype.itemsize) == size:
             return np.empty(reply.desc.shape, dtype)
     return np.empty(size, np.uint8)
-
-
-class Frame:
-    """One event's frame with the reply that described it; holds its memory
-    in the server's pool until released."""
-
-    __slots__ = ("array", "reply", "landed", "_client", "_handle", "_hold", "_generation")
-
-    def __init__(self, array: np.ndarray, reply: FrameReply, client: "Client",
-                 handle: Optional[int] = None, hold: Optional[Hold] = None,
-                 landed: bool = False) -> None:
-        self.array = array
-        self.reply = reply
-        self.landed = landed      # inline, received into the memory the request's `land` gave
-        self._client = client
-        self._handle = handle
-        self._hold = hold
-        self._generation = client.generation
-
-    @property
-    def private(self) -> bool:
-        """Whether the array is this process's own memory (the frame came
-        inline), not the server's pool."""
-        return self._hold is None
-
-    @property
-    def desc(self) -> Dict[str, Any]:
-        """The reply's header: timestamp, calibrated, values, name, ..."""
-        return self.reply.to_header()
-
-    @property
-    def event(self) -> int:
-        """The event index this frame is of."""
-        return self.reply.event
-
-    @property
-    def values(self) -> Dict[str, np.ndarray]:
-        """The values of the fields the get named (see `Client.get`)."""
-        return decode_values(self.reply.desc.values)
-
-    def release(self) -> None:
-        """Let go of the frame's memory (the hold first, then the server is told
-        with the next message; a connection gone since needs no telling)."""
-        if self._hold is not None:
-            self._hold.close()
-            self._hold = None
-        if self._handle is not None and self._generation == self._client.generation:
-            self._client.release(self._handle)
-        self._handle = None
-
-    def __enter__(self) -> "Frame":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 class Client:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from psana_ipc.client.connection import decode_value, padded_stack
+from psana_ipc.client.field_values import decode_value, padded_stack
 from psana_ipc.protocol.errors import NOT_AN_ARRAY, ProtocolError
 from psana_ipc.server.sources.psana2_values import (MAX_FIELD_ELEMENTS, PEAK_COLUMNS, as_json,
                                                     reduced, to_array)
