@@ -43,7 +43,7 @@ from . import pool
 from .frame import Frame
 from .discovery import find_token, resolve_address
 from .follow import Follower
-from .field_values import decode_values
+from .field_values import decode_values, stack_values
 from .pool import Pools
 from .wire import ConnectionClosed, recv_head, recv_payload, send_message, socket_family
 
