@@ -107,10 +107,15 @@ class PoolBuffer(Buffer):
         return self.pools.door
 
     def held_elsewhere(self) -> bool:
-        return self.pools.held_elsewhere(self.pool, self.offset, self.size)
+        """Never asked of a server this process no longer talks to (its pool is
+        not open here): a buffer whose group went is never filled again, and
+        only this process's own use of it keeps it."""
+        return self.alive() and self.pools.held_elsewhere(self.pool, self.offset, self.size)
 
     def alive(self) -> bool:
-        """Its group lives while the connection that asked for it does."""
+        """Its group lives while the connection that asked for it does (one
+        the server closed, a restarted server's, is found gone here)."""
+        self.client.forget_if_closed()
         return self.generation == self.client.generation
 
     def hold(self) -> Hold:

@@ -128,6 +128,8 @@ class Client:
         group: a connection group id the server issued to another connection
             (batch buffers, a fair share); without one, the server issues a new
             one (`Client.group` once connected).
+        leader: that other connection, when this one should follow it into the
+            new group a restarted server issues it (a loader's connections).
 
     It connects on first use (and again in a forked child). Errors the server
     replies with raise `ServerError` (`.code`, `.message`); no server, or a
@@ -139,7 +141,7 @@ class Client:
     def __init__(self, address: Any = None, *, transport: str = "auto",
                  token: Optional[str] = None, window: int = 0, writable: bool = False,
                  timeout: Optional[float] = 300.0, connect_timeout: float = 10.0,
-                 group: Optional[str] = None) -> None:
+                 group: Optional[str] = None, leader: Optional["Client"] = None) -> None:
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'")
         self.address: Address = resolve_address(address)
@@ -151,6 +153,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.group = group
         self._issued: Optional[str] = None     # the group id a server gave this client
+        self._leader = leader
         self._pid = os.getpid()
         self._sock: Optional[socket.socket] = None
         self.generation = 0
@@ -203,7 +206,12 @@ class Client:
             self.group = self._issued = self.server.group
         except ServerError as e:
             self.close()
-            if e.code != BAD_ARENA or self.group is None or self.group != self._issued:
+            if e.code != BAD_ARENA or self.group is None:
+                raise
+            if self._leader is not None:
+                self._follow_leader()
+                return
+            if self.group != self._issued:
                 raise           # only a group a server issued before may be forgotten
             warnings.warn(f"the server no longer knows connection group {self.group} (it "
                           f"restarted?): this connection starts a new group")
@@ -223,6 +231,19 @@ class Client:
             except BaseException:
                 self.close()
                 raise
+
+    def _follow_leader(self) -> None:
+        """The server no longer knows the group: join the one it issues the
+        leader (asked again first, so it reconnects into it), not a group of
+        this connection's own."""
+        stale = self.group
+        self._leader.ping()
+        if self._leader.group in (None, stale):
+            raise ServerError(BAD_ARENA, f"the server no longer knows connection group "
+                                         f"{stale}, and the group's first connection is "
+                                         f"still in it")
+        self.group = self._leader.group
+        self._connect()
 
     def close(self) -> None:
         """Release what this connection holds and close it (the next request
@@ -258,7 +279,7 @@ class Client:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.group = self._issued = None
+        self.group = self._issued = self._leader = None
         self._pid = os.getpid()
         self.generation = 0
         self._reset()
@@ -313,6 +334,13 @@ class Client:
         except OSError:
             self.close()
             raise
+
+    def forget_if_closed(self) -> None:
+        """Forget a connection the server closed while it was idle (its idle
+        timeout, a restart): what was tied to it (batch buffers) is then known
+        gone, and the next request connects again."""
+        if self._sock is not None and self._pid == os.getpid() and self._closed_while_idle():
+            self.close()
 
     def send(self, request: Request) -> int:
         """Send a request without waiting; returns its id."""

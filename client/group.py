@@ -73,7 +73,7 @@ class Server:
         for _ in range(3 * size):
             if len(placed) >= size:
                 break
-            client = Client(self.first.address, group=self.first.group,
+            client = Client(self.first.address, group=self.first.group, leader=self.first,
                             **self.settings).connect()
             if client.worker in placed:
                 spare.append(client)

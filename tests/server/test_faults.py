@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from psana_ipc.client import Client, ServerError, legacy
+from psana_ipc.client import BatchLoader, Client, ServerError, legacy
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
 from psana_ipc.protocol.shm_names import lock_name, segment_path
@@ -322,6 +322,27 @@ def test_a_client_goes_on_with_a_server_restarted_at_its_address(start_server, t
     assert client.group not in (None, old_group)
     client.close()
     assert second.address == first.address
+
+
+def test_a_loader_goes_on_with_a_server_restarted_at_its_address(start_server, tmp_path):
+    """Its batch buffers went with the old server, and its connections follow
+    the first one into the new group the restarted server issues (one
+    warning): the next epoch is served in place, every frame the source's."""
+    args = ["--workers", "2", "--unix", str(tmp_path / "s.sock")]
+    first = start_server(args)
+    events = list(range(12))
+    loader = BatchLoader(first.address, "x", 1, "epix100", "raw", events, 4, output="numpy")
+    assert sum(batch.shape[0] for batch in loader) == len(events)
+    old_group = loader.group.group_id
+    first.stop()
+    start_server(args)
+    with pytest.warns(UserWarning, match="no longer knows connection group") as warned:
+        frames = np.concatenate([np.array(batch) for batch in loader])
+    assert len(warned) == 1
+    assert np.array_equal(frames, np.stack([expected("epix100", "raw", e) for e in events]))
+    groups = {client.group for client in loader.group.clients}
+    assert len(loader.group.clients) == 2 and groups == {loader.group.group_id} != {old_group}
+    loader.close()
 
 
 # -- shared memory running out ------------------------------------------------------------------
