@@ -58,6 +58,7 @@ class FrameMemory:
         self.maps: Dict[int, Mapping] = {}
         self.heartbeat: Callable[[], None] = lambda: None
         self._mapped_to = 0         # this worker's page tables cover the cache's pages below
+        self._kept: Dict[int, List[Extent]] = {}      # connection -> extents it released
 
     def start(self, heartbeat: Callable[[], None]) -> None:
         """In the worker: map the pools, then reclaim what this slot's dead
@@ -99,6 +100,7 @@ class FrameMemory:
         reservations are given back; the group's batch buffers go too if it
         was the group's last connection."""
         ix = self.index
+        self._kept.pop(conn, None)      # TRANSFER rows: orphaned below, freed once unheld
         with self.locked():
             mine = ix.rows_where((CONN, TRANSFER, RESERVED, BATCH), owner=self.slot, conn=conn)
             for row in mine[ix.alive(mine)]:
@@ -115,9 +117,39 @@ class FrameMemory:
 
     # -- frames of their own ----------------------------------------------------------------
     def take(self, conn: int, group: int, nbytes: int) -> Tuple[Grant, Optional[Extent]]:
-        """An extent for a frame of `nbytes` handed to a connection, within
-        the budget and the group's fair share."""
-        return self._extent(TRANSFER, extent_size(nbytes), self._owned(conn, group))
+        """An extent for a frame of `nbytes` handed to a connection: one it
+        released and kept (see `release`), else a new one within the budget
+        and the group's fair share."""
+        size = extent_size(nbytes)
+        kept = self._kept.get(conn)
+        fits = [e for e in kept or () if size <= e.size <= 2 * size]
+        if not fits:
+            self.drop_kept(conn)        # never holding budget a frame of another size waits for
+            return self._extent(TRANSFER, size, self._owned(conn, group))
+        old = min(fits, key=lambda e: e.size)
+        kept.remove(old)
+        extent = Extent(old.row, old.pool, old.offset, old.size, new_ticket())
+        self.index.ticket[extent.row] = extent.ticket   # the row is this worker's alone
+        self.ready(extent)
+        return Grant.GRANTED, extent
+
+    def release(self, conn: int, extents: List[Extent], keep: bool) -> None:
+        """Extents a connection's client released: kept for its next frames
+        while it has more queued (`keep`; still charged to it, as its frames
+        in flight are, and written again only under the extent's exclusive
+        lock), else given back. A frame taken from them costs no index work:
+        a shared table and its lock for every frame is what made the
+        zero-copy path slower than a slot per connection."""
+        if keep:
+            self._kept.setdefault(conn, []).extend(extents)
+        else:
+            self.give(*extents, *self._kept.pop(conn, ()))
+
+    def drop_kept(self, conn: int) -> None:
+        """The connection has nothing queued: give its kept extents back."""
+        kept = self._kept.pop(conn, None)
+        if kept:
+            self.give(*kept)
 
     def give(self, *extents: Extent, state: int = TRANSFER) -> None:
         """Extents the client released (its holds went before), under one lock."""

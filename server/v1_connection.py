@@ -225,7 +225,7 @@ class V1Connection(Channel):
                 self.ctx.cache.unpin(held)
             else:
                 given.append(held)
-        self.memory.give(*given)
+        self.memory.release(self.conn, given, keep=bool(self.queue))
         if bad:
             self._fail(rid, BAD_SLOT, f"frames {bad} are not held by this connection")
 
@@ -315,16 +315,24 @@ class V1Connection(Channel):
                                                    "a batch buffer"))
         return grant
 
+    def _next(self) -> Item:
+        """The queue's first item, taken off; a connection left with nothing
+        queued gives back the extents it kept (FrameMemory.release)."""
+        item = self.queue.popleft()
+        if not self.queue:
+            self.memory.drop_kept(self.conn)
+        return item
+
     def refuse(self, grant: Grant) -> None:
         """The request's other events would wait as long: it ends here."""
-        item = self.queue.popleft()
+        item = self._next()
         self._drop(item.rid)
         what = "a batch buffer" if isinstance(item.get, MakeArena) else "a frame"
         self._fail(item.rid, NO_MEMORY, refusal(grant, item.nbytes, self.memory.index.budget, what),
                    True, *item.where())
 
     def work(self) -> None:
-        item = self.queue.popleft()
+        item = self._next()
         if item.error is None and isinstance(item.get, MakeArena):
             made = item.made
             self._reply(ArenaMade(item.rid, made.ticket, made.pool, made.offset, made.size))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from psana_ipc.client import Client, ServerError, legacy
+from psana_ipc.client.pool import FrameLost
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.address import parse_address
 from psana_ipc.protocol.framing import encode_frame
@@ -114,3 +115,28 @@ def test_a_frame_waiting_for_memory_is_read_once(start_server, tmp_path):
     assert log.read_text().split() == ["1", "2"]
     holder.close()
     waiter.close()
+
+
+def test_released_frames_are_written_again_for_the_same_connection(start_server):
+    """A connection that releases frames while more are queued gets its next
+    frames in that memory again (with new tickets: a hold on an old one is
+    refused), every frame the source's; once nothing is queued and every
+    frame is released, the budget holds nothing."""
+    server = start_server(["--workers", "1"])
+    events = list(range(16))
+    with Client(server.address, window=2) as client:
+        places, tickets, first = set(), set(), None
+        for frame in client.frames(client.submit("x", 1, "epix100", events, mode="raw")):
+            with frame:
+                assert np.array_equal(frame.array, expected("epix100", "raw", frame.event))
+                where = frame.reply.where
+                first = first or where
+                places.add(where.offset)
+                tickets.add(where.ticket)
+        assert len(tickets) == len(events) and len(places) <= 3
+        with pytest.raises(FrameLost):
+            client.pools.hold(first.pool, first.offset, first.size, first.ticket)
+        client.flush_releases()
+        assert client.ping()
+        stats = client.stats()
+    assert stats["shm_bytes"] == 0 and stats["errors"] == {}

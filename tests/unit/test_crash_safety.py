@@ -115,6 +115,11 @@ def _idle_buffer(memory: FrameMemory):
     return extent
 
 
+def _kept_extent(memory: FrameMemory):
+    """An extent a connection's client released while it had more queued."""
+    memory.release(1, [memory.take(1, 5, 3 * PAGE)[1]], keep=True)
+
+
 def _fill_and_serve(memory: FrameMemory, state) -> None:
     cache = FrameCache(memory, "test", 0)
     found = cache.claim(cache.key(GET, 99), 2 * PAGE)
@@ -133,6 +138,8 @@ OPERATIONS = {
     "take a frame": (_nothing, lambda m, s: m.take(1, 5, 3 * PAGE)),
     "take and give back": (_nothing, lambda m, s: m.give(m.take(1, 5, 3 * PAGE)[1])),
     "reserve and give back": (_nothing, lambda m, s: m.unreserve(m.reserve(1, 5, PAGE)[1])),
+    "take a kept extent again": (_kept_extent, lambda m, s: m.take(1, 5, 3 * PAGE)),
+    "give kept extents back": (_kept_extent, lambda m, s: m.drop_kept(1)),
     "connect and disconnect": (_nothing, lambda m, s: (m.connect(1, 5), m.disconnect(1, 5))),
     "a new batch buffer": (_nothing, lambda m, s: (m.connect(1, 5), m.batch(1, 5, 5 * PAGE))),
     "claim an idle batch buffer": (_idle_buffer, lambda m, s: m.batch(1, 5, 3 * PAGE)),
