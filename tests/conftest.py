@@ -109,6 +109,7 @@ class ShmGuard:
 FOLDERS = ("unit", "server", "client", "sources", "compat", "ops")
 
 
+@pytest.hookimpl(tryfirst=True)     # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items) -> None:
     """Mark each test with its folder (`pytest -m unit`, `-m "not sources"`),
     and keep a module's tests on one process of a parallel run (`-n`), where
