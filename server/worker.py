@@ -142,9 +142,9 @@ class Worker:
                     self._sort(key.fileobj)
                 else:
                     self._io(key.data, mask)
-            self._work_one()
+            self._tick(time.monotonic())    # judged on what was read, never after a long unit
+            self._work_one()                # of work that kept the loop from reading
             now = time.monotonic()
-            self._tick(now)
             if self.accept_paused_until is not None and now >= self.accept_paused_until:
                 self.accept_paused_until = None
                 self.sel.register(self.listener, selectors.EVENT_READ, "listen")

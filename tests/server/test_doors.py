@@ -133,3 +133,25 @@ def test_out_of_descriptors_the_oldest_silent_connections_make_room(start_server
                                 f"next client served")
     for sock in attackers:
         sock.close()
+
+
+def test_a_hello_sent_while_the_worker_was_busy_is_read_before_its_deadline_is_judged(
+        start_server):
+    """A unit of work longer than the hello's deadline (psana setting calib up
+    on a loaded node) must not close a connection accepted just before it
+    whose hello arrived in time and waited in its socket: the loop reads what
+    came before judging deadlines."""
+    server = start_server(["--workers", "1", "--idle-timeout", "1", "--cost-kind", "wait",
+                           "--cost-ms", "2500"])
+    with Client(server.address) as busy:
+        assert busy.ping()
+        late = connect(server.address)              # accepted with the request below
+        rid = busy.submit("x", 1, "epix100", [1], mode="raw")     # 2.5 s of the only worker
+        time.sleep(0.3)
+        try:
+            assert hello(late)["ok"]                # sent 0.3 s after connecting, in time
+        finally:
+            late.close()
+        frames = list(busy.frames(rid))
+        assert len(frames) == 1
+        frames[0].release()
