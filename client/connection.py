@@ -337,9 +337,11 @@ class Client:
 
     def forget_if_closed(self) -> None:
         """Forget a connection the server closed while it was idle (its idle
-        timeout, a restart): what was tied to it (batch buffers) is then known
-        gone, and the next request connects again."""
-        if self._sock is not None and self._pid == os.getpid() and self._closed_while_idle():
+        timeout, a restart between epochs): what was tied to it (batch buffers)
+        is then known gone, and the next request connects again. One closed
+        under requests still waiting for replies is left for them to report."""
+        if self._sock is not None and self._pid == os.getpid() and not self._waiting \
+                and self._closed_while_idle():
             self.close()
 
     def send(self, request: Request) -> int:
