@@ -110,12 +110,16 @@ class PoolBuffer(Buffer):
         """Never asked of a server this process no longer talks to (its pool is
         not open here): a buffer whose group went is never filled again, and
         only this process's own use of it keeps it."""
-        return self.alive() and self.pools.held_elsewhere(self.pool, self.offset, self.size)
+        return self._current() and self.pools.held_elsewhere(self.pool, self.offset, self.size)
 
     def alive(self) -> bool:
         """Its group lives while the connection that asked for it does (one
         the server closed, a restarted server's, is found gone here)."""
         self.client.forget_if_closed()
+        return self._current()
+
+    def _current(self) -> bool:
+        """Made on the connection as it is now (not one forgotten since)."""
         return self.generation == self.client.generation
 
     def hold(self) -> Hold:

@@ -178,8 +178,9 @@ class Index:
     def locked(self, slot: int, heartbeat: Callable[[], None], held: Held) -> Iterator[None]:
         """The lock, with what dead workers left reclaimed first."""
         with self.lock.held(slot, heartbeat):
-            if (self.generation != self.reclaimed).any():
-                self.reclaim(np.flatnonzero(self.generation != self.reclaimed), held)
+            stale = (self.generation != self.reclaimed).nonzero()[0]
+            if stale.size:
+                self.reclaim(stale, held)
             yield
 
     def new_row(self) -> Optional[int]:

@@ -95,15 +95,21 @@ class ShmGuard:
     def leaked(self, grace: float = 5.0) -> Set[str]:
         """Ours left after a short grace for servers still unlinking; removed, so
         the next test starts clean."""
-        deadline = time.monotonic() + grace
-        while True:
-            leaked = self.new_entries()
-            if not leaked or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        for name in leaked:
-            (SHM / name).unlink(missing_ok=True)
-        return leaked
+        return removed_after(self.new_entries, grace)
+
+
+def removed_after(find: Callable[[], Set[str]], grace: float) -> Set[str]:
+    """Names in /dev/shm `find` still gives after up to `grace` seconds (for
+    servers still unlinking), removed so what comes next starts clean."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = find()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for name in left:
+        (SHM / name).unlink(missing_ok=True)
+    return left
 
 
 FOLDERS = ("unit", "server", "client", "sources", "compat", "ops")
@@ -226,19 +232,15 @@ def _left_in_shm(pids: Set[int], grace: float = 5.0) -> Set[str]:
     """Names in /dev/shm of these (stopped) servers, after a short grace for
     their last unlinks; removed. The per-test guard cannot see what a server
     a module's tests share made before the first of them began."""
-    deadline = time.monotonic() + grace
-    while True:
-        left = set()
-        for name in os.listdir(SHM):
-            segment = parse_segment_name(name)
-            if (segment.server_pid if segment is not None else parse_lock_name(name)) in pids:
-                left.add(name)
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    for name in left:
-        (SHM / name).unlink(missing_ok=True)
-    return left
+    def theirs() -> Set[str]:
+        return {name for name in os.listdir(SHM) if _server_of(name) in pids}
+    return removed_after(theirs, grace)
+
+
+def _server_of(name: str) -> Optional[int]:
+    """The server pid a segment's or lock's name in /dev/shm carries, if any."""
+    segment = parse_segment_name(name)
+    return segment.server_pid if segment is not None else parse_lock_name(name)
 
 
 @pytest.fixture
