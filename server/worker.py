@@ -131,6 +131,7 @@ class Worker:
             busy = bool(self._ready(now)) or self._read_ahead_waiting() is not None \
                 or self._warm_due(now)
             timeout = 0 if busy else self._next_deadline(now)
+            looked = time.monotonic()
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
                     self._maybe_accept()
@@ -142,8 +143,8 @@ class Worker:
                     self._sort(key.fileobj)
                 else:
                     self._io(key.data, mask)
-            self._tick(time.monotonic())    # judged on what was read, never after a long unit
-            self._work_one()                # of work that kept the loop from reading
+            self._tick(looked)
+            self._work_one()
             now = time.monotonic()
             if self.accept_paused_until is not None and now >= self.accept_paused_until:
                 self.accept_paused_until = None
@@ -325,6 +326,10 @@ class Worker:
             conn.refuse(grant)
 
     def _tick(self, now: float) -> None:
+        """Close what missed its deadline, judged at `now`: when the loop last
+        looked at the sockets. Whatever arrived before then has been read,
+        even if a long unit of work (psana opening a run for an `info`, setting
+        calib up) ran since: a hello sent in time is never judged late."""
         for conn in list(self.conns.values()):
             self._step(conn, functools.partial(self._tick_one, conn, now))
         for fd, at in list(self.accepted_at.items()):

@@ -1,5 +1,7 @@
 """A test-only source that misbehaves on purpose: the synthetic source, except
-that event RAISE_EVENT raises and event HANG_EVENT never returns.
+that event RAISE_EVENT raises, event HANG_EVENT never returns and opening a run
+numbered SLOW_RUNS or above takes SLOW_OPEN_S (psana opening a run on a loaded
+node).
 
 Loaded by a server started with PSANA_IPC_SOURCES=faulty=faulty_source and
 tests/ on PYTHONPATH; `server_env()` gives that environment. Beside it:
@@ -20,6 +22,8 @@ from psana_ipc.server.sources.base import Allocator, FrameMeta, FrameSpec, Sourc
 
 RAISE_EVENT = 13
 HANG_EVENT = 17
+SLOW_RUNS = 100
+SLOW_OPEN_S = 2.0
 TESTS = Path(__file__).resolve().parents[1]
 
 
@@ -67,4 +71,6 @@ class Factory(synthetic.Factory):
         """Only the synthetic source's options, which iserver adds already."""
 
     def open(self, key: RunKey) -> Source:
+        if key.run >= SLOW_RUNS:
+            time.sleep(SLOW_OPEN_S)
         return FaultySource(super().open(key))

@@ -31,11 +31,17 @@ def connect(address: str, source: Optional[str] = None, timeout: float = 10.0) -
     return sock
 
 
+def send_hello(sock: socket.socket, token: Optional[str] = None, transport: str = "shm",
+               window: int = 0) -> None:
+    """Send a v1 hello; its reply is left to read."""
+    hello = Hello(PROTOCOL_VERSION, token, socket.gethostname(), transport, window)
+    sock.sendall(encode_frame(hello.to_header(0)))
+
+
 def hello(sock: socket.socket, token: Optional[str] = None, transport: str = "shm",
           window: int = 0) -> Dict:
     """Send a v1 hello and return the server's reply header."""
-    hello = Hello(PROTOCOL_VERSION, token, socket.gethostname(), transport, window)
-    sock.sendall(encode_frame(hello.to_header(0)))
+    send_hello(sock, token, transport, window)
     return recv_message(sock)[0]
 
 

@@ -13,10 +13,12 @@ from psana_ipc.client import Client
 from psana_ipc.client.wire import recv_message
 from psana_ipc.protocol import errors
 from psana_ipc.protocol.framing import encode_frame
-from psana_ipc.protocol.messages import Get, Hello, Ping, RunKey
+from psana_ipc.protocol.messages import Get, Hello, Info, Ping, RunKey
 from psana_ipc.server.sources.synthetic import expected
 
-from faulty_source.probes import closed_by_server, connect, hello, open_fds, record_figure
+from faulty_source import SLOW_RUNS, server_env
+from faulty_source.probes import (closed_by_server, connect, hello, open_fds, record_figure,
+                                  send_hello)
 
 
 def _served(client, event=1):
@@ -133,6 +135,28 @@ def test_out_of_descriptors_the_oldest_silent_connections_make_room(start_server
                                 f"next client served")
     for sock in attackers:
         sock.close()
+
+
+def test_a_hello_accepted_just_before_a_long_answer_is_read_before_its_deadline_is_judged(
+        start_server):
+    """A long answer given as a request is read (psana opening a run for an
+    `info`) must not close a connection the same pass accepted, whose hello
+    waited in its socket meanwhile: deadlines are judged at the time the loop
+    last looked at the sockets."""
+    server = start_server(["--source", "faulty", "--workers", "1", "--idle-timeout", "1"],
+                          env=server_env())
+    with Client(server.address) as slow:
+        assert slow.ping()
+        slow.send(Info("x", SLOW_RUNS, "epix100"))     # the only worker opens a run for 2 s
+        time.sleep(0.3)
+        late = connect(server.address)                 # the listener ready first ...
+        send_hello(late)
+        second = slow.send(Info("x", SLOW_RUNS + 1, "epix100"))   # ... this next: one pass
+        try:
+            assert recv_message(late)[0]["ok"]
+        finally:
+            late.close()
+        assert slow.reply(second)[0].info["events"] > 0
 
 
 def test_a_hello_sent_while_the_worker_was_busy_is_read_before_its_deadline_is_judged(
