@@ -8,6 +8,12 @@
 # mostly wait on servers and subprocesses); -n 0 runs them in this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The suite starts hundreds of Python processes (servers, ranks, clients): with
+# PYTHONDONTWRITEBYTECODE set (as many images set it) each compiles the project
+# anew, and in each that imports numpy OpenBLAS's idle threads spin for ~0.15 s
+# of CPU; the tests use no BLAS worth a thread.
+unset PYTHONDONTWRITEBYTECODE
+export OPENBLAS_NUM_THREADS=1
 if [ "${1:-}" = --quick ]; then
   shift
   bash scripts/setup_envs.sh client

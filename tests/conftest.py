@@ -1,5 +1,6 @@
 """Fixtures shared by every test: real servers on loopback and a guard that
 fails any test leaving shared memory behind."""
+import gc
 import json
 import os
 import shutil
@@ -21,16 +22,19 @@ pytest_plugins = ["psana2_helpers", "live_helpers"]   # psana2 runs, written onc
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
-WATCH_EVERY = 0.1
+WATCH_EVERY = 0.25     # seconds between looks at what the suite's processes map
 
 
 def _mapped_shm(pid: int) -> Set[str]:
     """Names in /dev/shm a process maps (MPI's files, btx's segments)."""
     try:
-        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        maps = Path(f"/proc/{pid}/maps").read_bytes()
     except OSError:
         return set()
-    return {line.split("/dev/shm/", 1)[1].split(" ")[0] for line in lines if "/dev/shm/" in line}
+    if b"/dev/shm/" not in maps:       # most processes: no lines to split (torch maps thousands)
+        return set()
+    return {line.split("/dev/shm/", 1)[1].split(" ")[0]
+            for line in maps.decode(errors="replace").splitlines() if "/dev/shm/" in line}
 
 
 class OurProcesses:
@@ -134,6 +138,14 @@ def pytest_collection_modifyitems(items) -> None:
 
 def pytest_sessionstart(session) -> None:
     OURS.start()
+
+
+def pytest_collection_finish(session) -> None:
+    """Freeze what collection made (torch, hypothesis, every test module): the
+    collector no longer walks it, in this process nor in the DataLoader workers
+    and other children forked from it, whose walks would also copy its pages."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_sessionfinish(session) -> None:
