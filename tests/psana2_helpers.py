@@ -1,12 +1,14 @@
 """What the psana2 tests share: the psana environment's python and the XTC2
 runs they read, written once per session with psana's own writer by
 scripts/make_xtc2_run.py (in that environment; pytest's has no psana)."""
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import pytest
@@ -84,10 +86,35 @@ class Runs:
         return args + (["--calib-dir", str(calib_dir)] if calib_dir else [])
 
 
+def written_once(tmp_path_factory, name: str, write: Callable[[Path], None]) -> Path:
+    """A folder of runs that several test modules read, written by the first
+    pytest process of a parallel run that asks (the others wait, then read
+    it): each would otherwise run psana's writer for the same runs."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent                    # the run's, shared by its processes
+    root, written = base / name, base / f"{name}.written"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not written.exists():
+            shutil.rmtree(root, ignore_errors=True)   # what a failed write left
+            root.mkdir()
+            write(root)
+            written.touch()
+    return root
+
+
+def _runs_in(root: Path) -> Runs:
+    return Runs(root / "xtc", root / "calib", root / "calib-no-geometry")
+
+
 @pytest.fixture(scope="session")
 def psana2_runs(tmp_path_factory) -> Runs:
-    root = tmp_path_factory.mktemp("psana2")
-    runs = Runs(root / "xtc", root / "calib", root / "calib-no-geometry")
+    return _runs_in(written_once(tmp_path_factory, "psana2", _write_runs))
+
+
+def _write_runs(root: Path) -> None:
+    runs = _runs_in(root)
     script = str(ROOT / "scripts" / "make_xtc2_run.py")
     common = [script, "--outdir", str(runs.data_dir), "--exp", EXP]
     for run, events in ((RUN, EVENTS), (OTHER_RUN, OTHER_EVENTS)):
@@ -105,7 +132,6 @@ def psana2_runs(tmp_path_factory) -> Runs:
         folder.mkdir(parents=True)
         for name in ("pedestals.npy", "pixel_gain.npy"):
             (folder / name).symlink_to(runs.calib_dir / detector / name)
-    return runs
 
 
 @dataclass(frozen=True)
@@ -162,15 +188,17 @@ class ChunkedRuns:
 
 @pytest.fixture(scope="session")
 def psana2_chunked(tmp_path_factory) -> ChunkedRuns:
-    runs = ChunkedRuns(tmp_path_factory.mktemp("psana2-chunked"))
-    common = [str(ROOT / "scripts" / "make_xtc2_run.py"), "--outdir", str(runs.data_dir),
+    return ChunkedRuns(written_once(tmp_path_factory, "psana2-chunked", _write_chunked))
+
+
+def _write_chunked(data_dir: Path) -> None:
+    common = [str(ROOT / "scripts" / "make_xtc2_run.py"), "--outdir", str(data_dir),
               "--exp", EXP]
     run_psana(common + ["--run", str(CHUNKED_RUN), "-n", str(CHUNKED_EVENTS),
                         "--chunk-events", str(CHUNK_EVENTS)])
     run_psana(common + ["--run", str(CORRUPT_RUN), "-n", str(CORRUPT_EVENTS),
                         "--detectors", "epix10k2M", "--chunk-events", "2",
                         "--corrupt-event", str(CORRUPT_EVENT)])
-    return runs
 
 
 @dataclass(frozen=True)
