@@ -17,6 +17,7 @@ to itself again once `meanwhile` returns.
 """
 import os
 import select
+import signal
 import threading
 from contextlib import contextmanager
 from typing import Iterable, Iterator, List
@@ -59,6 +60,10 @@ class Sender:
             pass
 
     def _run(self) -> None:
+        # SIGABRT, the master asking a frozen worker where it hung, is the loop's
+        # to take: faulthandler dumping the loop's thread from this one while the
+        # loop runs on (a SIGSTOPped worker is continued with it) can crash.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGABRT})
         while True:
             with self._cond:
                 while not self._channels:
