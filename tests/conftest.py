@@ -116,7 +116,7 @@ def removed_after(find: Callable[[], Set[str]], grace: float) -> Set[str]:
     return left
 
 
-FOLDERS = ("ops", "sources", "server", "client", "compat", "unit")   # slowest modules first
+FOLDERS = ("unit", "server", "client", "sources", "compat", "ops")
 
 
 @pytest.hookimpl(tryfirst=True)     # before pytest-xdist reads the groups
@@ -124,9 +124,7 @@ def pytest_collection_modifyitems(items) -> None:
     """Mark each test with its folder (`pytest -m unit`, `-m "not sources"`),
     and keep a module's tests on one process of a parallel run (`-n`), where
     they share the module's servers; the SLURM tests share one process too,
-    as they share the one SLURM the session starts. The SLURM tests, then the
-    folders of the slowest modules, come first: a parallel run hands modules
-    out in this order, and short ones last keep its processes ending together."""
+    as they share the one SLURM the session starts."""
     tests = Path(__file__).parent
     for item in items:
         if not item.path.is_relative_to(tests):
@@ -136,13 +134,6 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(where.parts[0])
         group = "slurm" if item.get_closest_marker("slurm") else where.as_posix()
         item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=_slowest_first)
-
-
-def _slowest_first(item) -> Tuple[bool, int]:
-    folder = next((m.name for m in item.iter_markers() if m.name in FOLDERS), None)
-    return (item.get_closest_marker("slurm") is None,
-            FOLDERS.index(folder) if folder else len(FOLDERS))
 
 
 def pytest_sessionstart(session) -> None:
