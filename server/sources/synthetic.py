@@ -111,9 +111,10 @@ class SyntheticSource(Source):
         self._events = events
         self._cost_s = cost_s
         self._pay = COST_KINDS[cost_kind]
-        ring = np.arange(self._n + PERIOD, dtype=np.int64) & (PERIOD - 1)
-        self._raw = ring.astype(np.uint16)
-        self._calib = ((ring - PEDESTAL) / GAIN).astype(np.float32)
+        period = np.arange(PERIOD, dtype=np.int64)       # one period, repeated past n
+        repeats = -(-(self._n + PERIOD) // PERIOD)
+        self._raw = np.tile(period.astype(np.uint16), repeats)
+        self._calib = np.tile(((period - PEDESTAL) / GAIN).astype(np.float32), repeats)
         self._mask = panel_mask(shape)
         image_shape = assemble(np.zeros(shape, np.uint8), self._grid).shape
         self._specs = {
