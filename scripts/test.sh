@@ -20,4 +20,6 @@ if [ "${1:-}" = --quick ]; then
   exec .venv/bin/python -m pytest tests/unit tests/server/test_v1.py "$@"
 fi
 bash scripts/setup_envs.sh all
+# compiled once here, not by each of the first processes at once on a fresh clone
+.venv/bin/python -m compileall -q -j 0 protocol server client > /dev/null
 exec .venv/bin/python -m pytest -n 3 --dist loadgroup "$@"
