@@ -51,6 +51,8 @@ OWN_WAIT = 30.0                 # seconds a ring the server has no room for wait
 class Buffer:
     """One batch's memory (see the module docstring)."""
 
+    client: Optional[Client] = None      # the connection it was made on, if any
+
     def __init__(self, capacity: int, memory: Any, pinned: bool) -> None:
         self.capacity = capacity
         self.memory = memory                 # what keeps the bytes mapped
@@ -110,16 +112,12 @@ class PoolBuffer(Buffer):
         """Never asked of a server this process no longer talks to (its pool is
         not open here): a buffer whose group went is never filled again, and
         only this process's own use of it keeps it."""
-        return self._current() and self.pools.held_elsewhere(self.pool, self.offset, self.size)
+        return self.alive() and self.pools.held_elsewhere(self.pool, self.offset, self.size)
 
     def alive(self) -> bool:
-        """Its group lives while the connection that asked for it does (one
-        the server closed, a restarted server's, is found gone here)."""
-        self.client.forget_if_closed()
-        return self._current()
-
-    def _current(self) -> bool:
-        """Made on the connection as it is now (not one forgotten since)."""
+        """Its group lives while the connection that asked for it does: made on
+        the connection as it is now, not one forgotten since (one the server
+        closed, a restarted server's: see BatchRing.lease)."""
         return self.generation == self.client.generation
 
     def hold(self) -> Hold:
@@ -230,6 +228,8 @@ class BatchRing:
         `handed_over`): an idle one old enough, else a new one."""
         if self._pid != os.getpid():      # forked: the parent's buffers are not ours to fill
             self._buffers, self._count, self._pid = [], 0, os.getpid()
+        for client in {b.client for b in self._buffers} - {None}:
+            client.forget_if_closed()     # closed while idle (a restart): its buffers went
         spacing = 0 if handed_over else self.keep
         chosen = self._idle(nbytes, pinned, spacing) or self._new(nbytes, pinned, spacing)
         if self.keep and not chosen.kept:

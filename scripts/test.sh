@@ -4,8 +4,8 @@
 # --quick: only .venv (no psana environment), and only the in-process unit tests
 # (tests/unit) and the v1 server's, for the inner loop of development.
 # Each folder of tests/ is a marker: scripts/test.sh -m server runs that folder.
-# The full run spreads modules over 3 pytest processes (pytest-xdist; the tests
-# mostly wait on servers and subprocesses); -n 0 runs them in this one.
+# The full run spreads modules over 3 pytest processes (pytest-xdist: one's waits
+# on servers and subprocesses are another's CPU); -n 0 runs them in this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The suite starts hundreds of Python processes (servers, ranks, clients): with

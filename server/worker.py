@@ -131,7 +131,6 @@ class Worker:
             busy = bool(self._ready(now)) or self._read_ahead_waiting() is not None \
                 or self._warm_due(now)
             timeout = 0 if busy else self._next_deadline(now)
-            looked = time.monotonic()
             for key, mask in self.sel.select(timeout):
                 if key.data == "listen":
                     self._maybe_accept()
@@ -143,7 +142,7 @@ class Worker:
                     self._sort(key.fileobj)
                 else:
                     self._io(key.data, mask)
-            self._tick(looked)
+            self._tick(now)         # as of before the sockets were looked at
             self._work_one()
             now = time.monotonic()
             if self.accept_paused_until is not None and now >= self.accept_paused_until:

@@ -253,7 +253,8 @@ def test_a_frozen_worker_logs_its_traceback_and_is_replaced(start_server, pytest
     log = server.log()
     assert f"worker {frozen_pid} made no progress" in log
     # faulthandler's dump, taken by the loop's own thread (never dumped while it runs on)
-    assert "worker.py" in log.split("Current thread", 1)[-1].split("\n\n")[0], log
+    assert "Current thread" in log, log
+    assert "worker.py" in log.split("Current thread", 1)[1].split("\n\n")[0], log
     assert _served(frozen) and _served(other)
     record_figure(pytestconfig, f"frozen worker (SIGSTOP, --request-timeout 2): its client's "
                                 f"connection closed after {noticed:.1f} s, traceback logged, "
