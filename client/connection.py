@@ -426,8 +426,9 @@ class Client:
     def flush_releases(self) -> None:
         """Send the releases not sent yet (they go in batches); a connection
         lost meanwhile raises ConnectionClosed."""
-        with self._stream():
-            self._send_releases()
+        if self._to_release or self._to_free:
+            with self._stream():
+                self._send_releases()
 
     def _send_releases(self) -> None:
         if self._to_release and self._sock is not None:
@@ -441,16 +442,11 @@ class Client:
                 tickets.append(self._to_free.pop())
             self._send_request(FreeArenas(tuple(tickets)))
 
-    def has_reply(self, rid: int) -> bool:
-        """Whether reading the next reply to `rid` needs no waiting for the
-        server to start sending: one was read already, none is to come, bytes
-        are waiting on the connection, or the connection is gone (reading
-        then raises)."""
-        if self._pending.get(rid) or rid not in self._waiting or self._sock is None:
-            return True
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        return bool(poller.poll(0))
+    def answered(self, rid: int) -> bool:
+        """Whether the next reply to `rid` is had without reading the socket:
+        one was read already, none is to come, or the connection is gone
+        (reading then raises)."""
+        return bool(self._pending.get(rid)) or rid not in self._waiting or self._sock is None
 
     def fileno(self) -> int:
         """The connection's socket (-1 when not connected)."""
@@ -613,7 +609,7 @@ class Client:
                 array = array.reshape(-1).view(np.uint8).view(dtype).reshape(shape)
             return Frame(array, reply, self, landed=payload is not None and payload.landed)
         try:
-            hold = self.pools.hold(where.pool, where.offset, where.size, where.ticket)
+            hold = self.pools.hold(where.pool, where.offset, where.size, where.ticket, reuse=True)
         except ConnectionError:
             self.release(where.handle)
             raise

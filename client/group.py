@@ -260,15 +260,15 @@ class ConnectionGroup:
 
     def stream(self, shares: List[Share]) -> Iterator[Tuple[int, Frame]]:
         """(position, frame) for every event of a submitted split, round-robin;
-        an event the server skipped leaves its position out. Before waiting on
-        one connection, the frames let go on the others are released: the
-        group shares one fair share of each server's budget. The events a
-        lost server still owed are asked of the others and come after."""
+        an event the server skipped leaves its position out. Before waiting
+        for any connection, the frames let go on all are released: the group
+        shares one fair share of each server's budget (the frames of one pass
+        over the connections are there already). The events a lost server
+        still owed are asked of the others and come after."""
         cursors = [_Cursor(share) for share in shares]
         while cursors:
             self.flush_releases()
             for cursor in _arriving(cursors):
-                self.flush_releases()
                 try:
                     frame = next(cursor.frames, None)
                 except LOST as e:
@@ -320,9 +320,9 @@ def rows_of(batch: np.ndarray) -> Land:
 def _arriving(cursors: List["_Cursor"]) -> List["_Cursor"]:
     """The cursors whose next frame is arriving, waiting for one if none is
     (all of them after the connections' timeout, whose read then says so)."""
-    ready = [c for c in cursors if c.share.client.has_reply(c.share.rid)]
-    if ready:
-        return ready
+    ready = [c for c in cursors if c.share.client.answered(c.share.rid)]
+    if ready or len(cursors) == 1:
+        return ready or cursors
     poller = select.poll()
     by_fd = {}
     for cursor in cursors:

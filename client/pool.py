@@ -11,14 +11,18 @@ buffer of the client's group is also mapped writable on its own
 (`buffer`), so training code may change a batch in place. No descriptor
 can change a pool's size (the server sealed it).
 
-A hold is a read lock on one extent through a descriptor of its own: while
-it is open, the server neither writes into the extent nor gives it to
-another use, whatever happens to the connection or the server worker that
-served it. It goes when its last descriptor closes (`close`, or when the
-process ends; another process may have a copy: batch_handoff.py). A hold
-is only good once the extent's ticket is the one its reply named; else
-the extent went to another use first (`FrameLost`). A forked child closes
-the holds it inherited, without touching its parent's.
+A hold is a read lock on one extent through a descriptor of its own (the
+locks of one open file description merge, so two holds never share one):
+while it is open, the server neither writes into the extent nor gives it
+to another use, whatever happens to the connection or the server worker
+that served it. It goes when its last descriptor closes (`close`, or when
+the process ends; another process may have a copy: batch_handoff.py). A
+frame's hold, which never leaves this process, unlocks its descriptor at
+`close` instead and leaves it for the next hold: opening one costs more
+than the lock. A hold is only good once the extent's ticket is the one
+its reply named; else the extent went to another use first
+(`FrameLost`). A forked child closes the holds it inherited, without
+touching its parent's.
 """
 import errno
 import fcntl
@@ -28,7 +32,7 @@ import socket
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,6 +42,7 @@ from psana_ipc.protocol.pool import (F_OFD_GETLK, F_OFD_SETLK, F_RDLCK, F_UNLCK,
 
 
 BUFFER_MAPS = 64      # batch buffers' own mappings kept per server
+SPARE_HOLDS = 64      # unlocked descriptors kept per pool for the next holds
 
 
 class FrameLost(ConnectionError):
@@ -48,19 +53,58 @@ class FrameLost(ConnectionError):
 class Hold:
     """A read lock on one extent (see the module docstring)."""
 
-    __slots__ = ("fd", "__weakref__")
+    __slots__ = ("fd", "_spares", "_range", "__weakref__")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, spares: Optional["_Spares"] = None, offset: int = 0,
+                 size: int = 0) -> None:
         self.fd: Optional[int] = fd
+        self._spares = spares         # where its descriptor goes back, unlocked, at close
+        self._range = (offset, size)
         _holds.add(self)
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
-        if fd is not None:
+        if fd is not None and not (self._spares is not None
+                                   and self._spares.take_back(fd, *self._range)):
             os.close(fd)
+
+    def disown(self) -> None:
+        """In a forked child: its descriptor is its parent's too, never unlocked here."""
+        self._spares = None
 
     def __del__(self) -> None:
         self.close()
+
+
+class _Spares:
+    """A pool's descriptors with no lock on them, for the next holds."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: Optional[int] = fd       # the pool's, new ones are opened from it
+        self.free: List[int] = []
+
+    def take(self) -> int:
+        try:
+            return self.free.pop()
+        except IndexError:
+            return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def take_back(self, fd: int, offset: int, size: int) -> bool:
+        if self.fd is None or len(self.free) >= SPARE_HOLDS:
+            return False
+        fcntl.fcntl(fd, F_OFD_SETLK, lock_request(F_UNLCK, offset, size))
+        self.free.append(fd)
+        if self.fd is None:         # closed meanwhile, by another thread
+            self.close()
+        return True
+
+    def close(self) -> None:
+        self.fd = None
+        while self.free:
+            try:
+                os.close(self.free.pop())
+            except IndexError:      # emptied meanwhile, by another thread
+                break
 
 
 class Pools:
@@ -80,11 +124,13 @@ class Pools:
         if len(pools) != len(fds):
             raise ConnectionError("the server's door sent a message this client cannot read")
         self.fds: Dict[int, int] = {}
+        self.spares: Dict[int, _Spares] = {}
         self.maps: Dict[int, mmap.mmap] = {}
         self._buffers: "OrderedDict[Tuple[int, int, int], mmap.mmap]" = OrderedDict()
         for (pool, size), fd in zip(pools, fds):
             os.set_inheritable(fd, False)
             self.fds[pool] = fd
+            self.spares[pool] = _Spares(fd)
             writes = writable and _writable(fd)
             self.maps[pool] = mmap.mmap(fd, size, prot=mmap.PROT_READ
                                         | (mmap.PROT_WRITE if writes else 0))
@@ -105,11 +151,16 @@ class Pools:
         self._buffers.move_to_end(key)
         return np.frombuffer(found, np.uint8, nbytes)
 
-    def hold(self, pool: int, offset: int, size: int, ticket: int) -> Hold:
-        """Hold an extent whose reply named `ticket` (FrameLost if it is no longer that)."""
+    def hold(self, pool: int, offset: int, size: int, ticket: int, reuse: bool = False) -> Hold:
+        """Hold an extent whose reply named `ticket` (FrameLost if it is no longer
+        that). `reuse`: the hold never leaves this process, and its descriptor
+        is reused once it is closed (see the module docstring)."""
+        spares = self.spares[pool]
+        hold = Hold(spares.take(), spares if reuse else None, offset, size)
         try:
-            hold = hold_range(self.fds[pool], offset, size)
+            lock_range(hold.fd, offset, size)
         except BlockingIOError:
+            hold.close()
             raise FrameLost("the frame's memory is being rewritten: the server worker that "
                             "served it died before it was held") from None
         at = ticket_offset(offset, size)
@@ -138,7 +189,10 @@ class Pools:
         """Drop the descriptors; each mapping goes when the last array over it does."""
         for fd in self.fds.values():
             os.close(fd)
+        for spares in self.spares.values():
+            spares.close()
         self.fds.clear()
+        self.spares.clear()
         self.maps.clear()
         self._buffers.clear()
 
@@ -149,6 +203,8 @@ class Pools:
             flags = os.O_RDWR if _writable(fd) else os.O_RDONLY
             self.fds[pool] = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
             os.close(fd)
+            self.spares[pool].close()
+            self.spares[pool] = _Spares(self.fds[pool])
 
 
 def _writable(fd: int) -> bool:
@@ -160,13 +216,21 @@ def hold_range(fd: int, offset: int = 0, size: int = 0) -> Hold:
     new descriptor; BlockingIOError while someone writes there."""
     hold = Hold(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
     try:
-        fcntl.fcntl(hold.fd, F_OFD_SETLK, lock_request(F_RDLCK, offset, size))
-    except OSError as e:
+        lock_range(hold.fd, offset, size)
+    except OSError:
         hold.close()
+        raise
+    return hold
+
+
+def lock_range(fd: int, offset: int, size: int) -> None:
+    """A read lock on a range through `fd`; BlockingIOError while someone writes there."""
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, lock_request(F_RDLCK, offset, size))
+    except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             raise BlockingIOError(e.errno, "the range is being written") from None
         raise
-    return hold
 
 
 _lock = threading.Lock()
@@ -205,6 +269,7 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
     for hold in list(_holds):
+        hold.disown()
         hold.close()
     for pools, _ in _pools.values():
         pools.reopen()

@@ -12,7 +12,8 @@ import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+from typing import (Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple,
+                    TypeVar)
 
 from psana_ipc.protocol.errors import BAD_ARENA, NO_MEMORY, ProtocolError
 from psana_ipc.protocol.pool import TICKET_BYTES
@@ -24,6 +25,7 @@ from .pool_pages import PAGE, Held, Mapping, NoRoom, PoolFile, round_up
 WARM_BYTES = 8 << 20        # pages taken (or mapped in) at a time by an idle worker
 WARM_WAIT = 0.005           # how long a worker waits for the others' steps to end
 SHM_POOL = 0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class FrameMemory:
         reservations are given back; the group's batch buffers go too if it
         was the group's last connection."""
         ix = self.index
-        self._kept.pop(conn, None)      # TRANSFER rows: orphaned below, freed once unheld
+        self._count_kept(self._kept.pop(conn, ()), -1)  # TRANSFER rows: orphaned below
         with self.locked():
             mine = ix.rows_where((CONN, TRANSFER, RESERVED, BATCH), owner=self.slot, conn=conn)
             for row in mine[ix.alive(mine)]:
@@ -121,35 +123,59 @@ class FrameMemory:
         released and kept (see `release`), else a new one within the budget
         and the group's fair share."""
         size = extent_size(nbytes)
-        kept = self._kept.get(conn)
-        fits = [e for e in kept or () if size <= e.size <= 2 * size]
-        if not fits:
+        kept = self._kept.get(conn, ())
+        at = next((k for k in range(len(kept) - 1, -1, -1)      # the last released first
+                   if size <= kept[k].size <= 2 * size), None)
+        if at is None:
             self.drop_kept(conn)        # never holding budget a frame of another size waits for
-            return self._extent(TRANSFER, size, self._owned(conn, group))
-        old = min(fits, key=lambda e: e.size)
-        kept.remove(old)
+            return self._short_of_room(
+                lambda: self._extent(TRANSFER, size, self._owned(conn, group)))
+        old = kept.pop(at)
+        self._count_kept((old,), -1)
         extent = Extent(old.row, old.pool, old.offset, old.size, new_ticket())
         self.index.ticket[extent.row] = extent.ticket   # the row is this worker's alone
-        self.ready(extent)
+        self.maps[extent.pool].stamp(extent.offset, extent.size, extent.ticket)  # pages ready
         return Grant.GRANTED, extent
 
     def release(self, conn: int, extents: List[Extent], keep: bool) -> None:
         """Extents a connection's client released: kept for its next frames
-        while it has more queued (`keep`; still charged to it, as its frames
-        in flight are, and written again only under the extent's exclusive
-        lock), else given back. A frame taken from them costs no index work:
-        a shared table and its lock for every frame is what made the
-        zero-copy path slower than a slot per connection."""
+        (`keep`: the connection decides for how long; still charged to it,
+        as its frames in flight are, and written again only under the
+        extent's exclusive lock), else given back. A frame taken from them
+        costs no index work: a shared table and its lock for every frame is
+        what made the zero-copy path slower than a slot per connection."""
         if keep:
             self._kept.setdefault(conn, []).extend(extents)
+            self._count_kept(extents, 1)
         else:
-            self.give(*extents, *self._kept.pop(conn, ()))
+            kept = self._kept.pop(conn, [])
+            self.give(*extents, *kept)
+            self._count_kept(kept, -1)
+
+    def keeps(self, conn: int) -> bool:
+        return bool(self._kept.get(conn))
 
     def drop_kept(self, conn: int) -> None:
-        """The connection has nothing queued: give its kept extents back."""
+        """Give a connection's kept extents back."""
         kept = self._kept.pop(conn, None)
         if kept:
             self.give(*kept)
+            self._count_kept(kept, -1)
+
+    def _count_kept(self, extents: Sequence[Extent], sign: int) -> None:
+        """What this worker keeps, for stats: kept extents are no client's frames."""
+        self.index.kept_frames[self.slot] += sign * len(extents)
+        self.index.kept_bytes[self.slot] += sign * sum(e.size for e in extents)
+
+    def _short_of_room(self, ask: Callable[[], Tuple[Grant, T]]) -> Tuple[Grant, T]:
+        """`ask` for budget; when it must wait, the extents this worker keeps
+        for its connections' next frames give way first, and it asks again."""
+        grant, got = ask()
+        if grant is Grant.WAIT and self._kept:
+            for conn in list(self._kept):
+                self.drop_kept(conn)
+            grant, got = ask()
+        return grant, got
 
     def give(self, *extents: Extent, state: int = TRANSFER) -> None:
         """Extents the client released (its holds went before), under one lock."""
@@ -210,7 +236,9 @@ class FrameMemory:
     def reserve(self, conn: int, group: int, nbytes: int) -> Tuple[Grant, Optional[int]]:
         """Budget for a frame that lives elsewhere (inline, a legacy segment):
         the row to give back with `unreserve`."""
-        size = round_up(nbytes)
+        return self._short_of_room(lambda: self._reserve(conn, group, round_up(nbytes)))
+
+    def _reserve(self, conn: int, group: int, size: int) -> Tuple[Grant, Optional[int]]:
         with self.locked():
             grant = self.index.grant(group, size, self.slot, conn)
             if grant is not Grant.GRANTED:
@@ -244,7 +272,8 @@ class FrameMemory:
             else:
                 extent = None
         if extent is None:
-            return self._extent(BATCH, size, self._owned(conn, group), from_top=True)
+            return self._short_of_room(
+                lambda: self._extent(BATCH, size, self._owned(conn, group), from_top=True))
         self.ready(extent)
         return Grant.GRANTED, extent
 

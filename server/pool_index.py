@@ -7,7 +7,9 @@ group. A row's `state` says what it is:
 
   CONN      an open shared-memory connection (no memory): a group's batch
             buffers live while one of its connections does
-  TRANSFER  a frame handed to a connection, until it releases it
+  TRANSFER  a frame handed to a connection, until it releases it, and kept
+            for the connection's next frames after (frame_memory.py; each
+            worker counts what it keeps in `kept_frames` and `kept_bytes`)
   BATCH     a batch buffer of a group, claimed by one connection at a time
   RESERVED  budget without pool memory: a frame sent inline, a legacy segment
   ORPHAN    memory whose owner is gone and that a client may still hold:
@@ -62,7 +64,7 @@ COLUMNS = ("state", "pool", "offset", "size", "owner", "gen", "conn", "group", "
            "key_a", "key_b", "last", "interval", "uses", "frame_bytes", "meta_len")
 HEADER = ("used", "tick", "hits", "misses", "read_ahead", "evictions", "horizon", "peak",
           "warm_claimed", "warm_taken", "warm_failed", "warm_mapped")
-PER_WORKER = ("generation", "reclaimed", "since")
+PER_WORKER = ("generation", "reclaimed", "since", "kept_frames", "kept_bytes")
 LOCK_LIMIT = 2.0        # seconds a holder may keep the lock before it counts as frozen
 BATCH_SHARE = 3         # quarters of the budget batch buffers may fill
 _F_GETLK = struct.Struct("hhqqi")     # POSIX struct flock, 64-bit off_t (l_pid last)
@@ -245,6 +247,7 @@ class Index:
                 self.state[row] = FREE
         for slot in slots:
             self.pins[:, slot] = 0
+            self.kept_frames[slot] = self.kept_bytes[slot] = 0
             self.reclaimed[slot] = self.generation[slot]
         self.close_groups(groups, held)
 
@@ -316,4 +319,6 @@ class Index:
                 "batch_buffers": int(batches.size), "batch_bytes": int(self.size[batches].sum()),
                 "shm_budget": self.budget, "holders": len(set(groups[groups != 0].tolist())),
                 "orphan_bytes": int(self.size[self.rows_where((ORPHAN,))].sum()),
-                "frames_held": int(self.rows_where((TRANSFER,)).size + self.pins[live].sum())}
+                "kept_bytes": int(self.kept_bytes.sum()),
+                "frames_held": int(self.rows_where((TRANSFER,)).size - self.kept_frames.sum()
+                                   + self.pins[live].sum())}

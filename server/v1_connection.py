@@ -20,6 +20,7 @@ until it lets go.
 """
 import hmac
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are refused
 MAX_BEFORE_HELLO = 4096        # bytes buffered before a hello is complete
 REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)  # no use going on
+KEEP_IDLE = 0.5       # seconds a connection with nothing queued keeps its released extents
 
 
 @dataclass
@@ -104,6 +106,7 @@ class V1Connection(Channel):
         self.written: Dict[int, List[WrittenFrame]] = {}   # per get into a batch buffer
         self.buffers: Dict[int, Extent] = {}     # batch buffers found, by ticket (checked at use)
         self.partial_since: Optional[float] = None   # a request begun but not complete
+        self.drained_at = time.monotonic()      # when its queue last ran empty
         self.read_ahead_queue = ReadAhead(ctx.cache, ctx.reader)
 
     # -- input ----------------------------------------------------------------------
@@ -225,7 +228,7 @@ class V1Connection(Channel):
                 self.ctx.cache.unpin(held)
             else:
                 given.append(held)
-        self.memory.release(self.conn, given, keep=bool(self.queue))
+        self.memory.release(self.conn, given, keep=self._keep_until(time.monotonic()) is not None)
         if bad:
             self._fail(rid, BAD_SLOT, f"frames {bad} are not held by this connection")
 
@@ -316,12 +319,22 @@ class V1Connection(Channel):
         return grant
 
     def _next(self) -> Item:
-        """The queue's first item, taken off; a connection left with nothing
-        queued gives back the extents it kept (FrameMemory.release)."""
+        """The queue's first item, taken off."""
         item = self.queue.popleft()
         if not self.queue:
-            self.memory.drop_kept(self.conn)
+            self.drained_at = time.monotonic()
         return item
+
+    def _keep_until(self, now: float) -> Optional[float]:
+        """Until when the extents its client released are kept for its next
+        frames (FrameMemory.release): while it has frames queued, and for
+        KEEP_IDLE after its queue ran empty, which spans a client's pause
+        between batches. Memory another frame of this worker waits for goes
+        sooner (FrameMemory); another worker's waits up to KEEP_IDLE."""
+        if self.queue:
+            return math.inf
+        until = self.drained_at + KEEP_IDLE
+        return until if now < until else None
 
     def refuse(self, grant: Grant) -> None:
         """The request's other events would wait as long: it ends here."""
@@ -445,16 +458,21 @@ class V1Connection(Channel):
     def tick(self, now: float) -> Optional[float]:
         """Deadlines: hello, and every request once begun, complete within
         `first_request_within`; holding nothing, a request at least every
-        --idle-timeout."""
+        --idle-timeout; kept extents given back in time (`_keep_until`)."""
+        keep_until = None
+        if self.memory.keeps(self.conn):
+            keep_until = self._keep_until(now)
+            if keep_until is None:
+                self.memory.drop_kept(self.conn)
         since = self.expendable_since()
         if since is None:
-            return None
+            return keep_until if keep_until != math.inf else None
         idle = self.hello is not None and self.partial_since is None
         deadline = since + (self.ctx.idle_timeout if idle else self.ctx.first_request_within)
         if now >= deadline:
             self.close()
             return None
-        return deadline
+        return min(deadline, keep_until or deadline)
 
     def _drop(self, rid: int) -> None:
         for item in self.queue:

@@ -291,6 +291,9 @@ class Worker:
         """A step of one connection while the sender sends what all have
         queued; then the loop runs the callbacks of what it sent."""
         queued = [c for c in self.conns.values() if c.out]
+        if not queued:
+            self._step(conn, step)
+            return
         with self.sender.meanwhile(queued):
             self._step(conn, step)
         for channel in queued:

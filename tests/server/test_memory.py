@@ -19,7 +19,8 @@ from psana_ipc.server.frame_memory import extent_size
 from psana_ipc.server.sources.synthetic import expected
 
 from faulty_source import server_env
-from faulty_source.probes import connect, hello, record_figure, run_in_private_shm, status_kb
+from faulty_source.probes import (connect, hello, record_figure, run_in_private_shm, status_kb,
+                                  wait_for)
 
 EPIX100_RAW = extent_size(704 * 768 * 2)
 MB = 1e6
@@ -120,8 +121,10 @@ def test_a_frame_waiting_for_memory_is_read_once(start_server, tmp_path):
 def test_released_frames_are_written_again_for_the_same_connection(start_server):
     """A connection that releases frames while more are queued gets its next
     frames in that memory again (with new tickets: a hold on an old one is
-    refused), every frame the source's; once nothing is queued and every
-    frame is released, the budget holds nothing."""
+    refused), every frame the source's; once every frame is released, the
+    memory kept for the connection's next frames is charged to the budget
+    but no frame is held, and once nothing was queued for a while, the
+    budget holds nothing."""
     server = start_server(["--workers", "1"])
     events = list(range(16))
     with Client(server.address, window=2) as client:
@@ -139,4 +142,7 @@ def test_released_frames_are_written_again_for_the_same_connection(start_server)
         client.flush_releases()
         assert client.ping()
         stats = client.stats()
-    assert stats["shm_bytes"] == 0 and stats["errors"] == {}
+        assert stats["frames_held"] == 0 and stats["errors"] == {}
+        assert stats["shm_bytes"] == stats["kept_bytes"] <= 2 * EPIX100_RAW
+        wait_for(lambda: client.stats()["shm_bytes"] == 0, "kept memory given back")
+        assert client.stats()["kept_bytes"] == 0

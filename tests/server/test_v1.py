@@ -136,6 +136,29 @@ def test_a_forked_child_gets_its_own_connection(shared_server):
     c.close()
 
 
+def test_a_forked_child_leaves_its_parents_holds_alone(shared_server):
+    """A child closes the holds it inherited, whose descriptors are its
+    parent's too, without unlocking them; its own frames' holds are its own.
+    The parent's frame here is held through a descriptor an earlier hold
+    left for reuse."""
+    import os
+    with Client(shared_server.address) as c:
+        with c.view("x", 1, "epix100", 3, "raw"):
+            pass
+        frame = c.view("x", 1, "epix100", 4, "raw")
+        where = frame.reply.where
+        pid = os.fork()
+        if pid == 0:
+            with c.view("x", 1, "epix100", 5, "raw") as own:
+                ok = np.array_equal(own.array, expected("epix100", "raw", 5))
+            os._exit(0 if ok else 1)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert c.pools.held_elsewhere(where.pool, where.offset, where.size)
+        assert np.array_equal(frame.array, expected("epix100", "raw", 4))
+        frame.release()
+        assert not c.pools.held_elsewhere(where.pool, where.offset, where.size)
+
+
 def test_unix_socket_server(start_server, tmp_path):
     path = tmp_path / "iserver.sock"
     server = start_server(["--unix", str(path), "--workers", "1"])
