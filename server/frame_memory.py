@@ -97,12 +97,12 @@ class FrameMemory:
                                                "connections and frames")
 
     def disconnect(self, conn: int, group: int) -> None:
-        """The connection closed: what it was handed becomes orphaned (its
-        client may still read it), its claims on batch buffers go, its
-        reservations are given back; the group's batch buffers go too if it
-        was the group's last connection."""
+        """The connection closed: what it kept is given back, what it was
+        handed becomes orphaned (its client may still read it), its claims
+        on batch buffers go, its reservations are given back; the group's
+        batch buffers go too if it was the group's last connection."""
         ix = self.index
-        self._count_kept(self._kept.pop(conn, ()), -1)  # TRANSFER rows: orphaned below
+        self.drop_kept(conn)            # released: free now, where a held frame is orphaned
         with self.locked():
             mine = ix.rows_where((CONN, TRANSFER, RESERVED, BATCH), owner=self.slot, conn=conn)
             for row in mine[ix.alive(mine)]:
