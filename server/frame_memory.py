@@ -274,7 +274,8 @@ class FrameMemory:
         if extent is None:
             return self._short_of_room(
                 lambda: self._extent(BATCH, size, self._owned(conn, group), from_top=True))
-        self.ready(extent)
+        # its pages were taken when it was made; each writer maps what it writes
+        self.maps[extent.pool].stamp(extent.offset, extent.size, extent.ticket)
         return Grant.GRANTED, extent
 
     def _extent_of(self, row: int) -> Extent:
@@ -378,10 +379,7 @@ class FrameMemory:
                 if ix.ticket[buffer.row] != buffer.ticket \
                         or ix.state[buffer.row] not in (BATCH, ORPHAN):
                     raise Held("the batch buffer went to another use")
-                try:
-                    mapping.ready(buffer.offset + start, nbytes)    # no page faults per page
-                except NoRoom as e:
-                    raise ProtocolError(NO_MEMORY, str(e)) from None
+                mapping.map_in(buffer.offset + start, nbytes)   # pages taken when it was made
                 yield mapping, buffer.offset + start
         except Held:
             raise ProtocolError(BAD_ARENA, f"batch buffer {buffer.ticket} was given back") \
