@@ -87,7 +87,7 @@ class _Spares:
         try:
             return self.free.pop()
         except IndexError:
-            return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            return _own_descriptor(self.fd)
 
     def take_back(self, fd: int, offset: int, size: int) -> bool:
         if self.fd is None or len(self.free) >= SPARE_HOLDS:
@@ -214,13 +214,19 @@ def _writable(fd: int) -> bool:
 def hold_range(fd: int, offset: int = 0, size: int = 0) -> Hold:
     """A hold on a range (0: to the end) of the file behind `fd`, through a
     new descriptor; BlockingIOError while someone writes there."""
-    hold = Hold(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+    hold = Hold(_own_descriptor(fd))
     try:
         lock_range(hold.fd, offset, size)
     except OSError:
         hold.close()
         raise
     return hold
+
+
+def _own_descriptor(fd: int) -> int:
+    """A new open file description of the file behind `fd`, read-only: locks
+    through it are its own."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def lock_range(fd: int, offset: int, size: int) -> None:

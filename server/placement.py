@@ -16,6 +16,9 @@ how it is given back when the frame will not be served (`undo`):
           (a miss), then handed to a local client as it is, sent inline,
           or copied into its place in a batch buffer (`then`)
 
+A request's events wait in their connection's queue as `Item`s, each with
+its placement once its memory is reserved.
+
 The legacy dialect places every frame in a fresh segment of its own
 (legacy_connection.py), through the cache when there is one. What the
 client is told of where its bytes are is one union, `protocol.replies.Where`.
@@ -27,11 +30,12 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 
 from psana_ipc.protocol.errors import BAD_ARENA, ProtocolError
-from psana_ipc.protocol.messages import Into, frame_nbytes
+from psana_ipc.protocol.messages import Get, Into, MakeArena, frame_nbytes
 from psana_ipc.protocol.pool import TICKET_BYTES
 
 from .frame_cache import Entry, FrameCache, Fill
 from .frame_memory import Extent, FrameMemory
+from .frame_reader import Frame
 from .pool_pages import Held
 from .sources.base import Allocator
 
@@ -120,6 +124,33 @@ class Cached:
 
 
 Placement = Union[Own, Inline, Place, Cached]
+
+
+@dataclass
+class Item:
+    """One event of a get (or one batch buffer to make), and where it goes."""
+    rid: int
+    get: Union[Get, MakeArena]
+    seq: int
+    arrived: float
+    nbytes: Optional[int] = None          # the frame's size, once known
+    prefetched: Optional[Frame] = None    # read ahead: its size was not known before
+    placement: Optional[Placement] = None
+    bypass: bool = False                  # the frame cache had no room for it
+    made: Optional[Extent] = None         # a batch buffer, for MakeArena
+    error: Optional[ProtocolError] = None
+
+    @property
+    def event(self) -> int:
+        return self.get.events[self.seq]
+
+    @property
+    def done(self) -> bool:
+        return isinstance(self.get, MakeArena) or self.seq == len(self.get.events) - 1
+
+    def where(self) -> Tuple[Optional[int], Optional[int]]:
+        """The seq and event a reply about this item names (none for a buffer)."""
+        return (None, None) if isinstance(self.get, MakeArena) else (self.seq, self.event)
 
 
 def _dtype(text: str) -> np.dtype:

@@ -24,7 +24,6 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
 from psana_ipc.protocol import PROTOCOL_VERSION
@@ -46,10 +45,10 @@ from .channel import Channel
 from .context import WorkerContext, is_local_peer
 from .frame_cache import PENDING, Entry
 from .frame_memory import Extent
-from .frame_reader import Frame, frame_desc
+from .frame_reader import frame_desc
 from .groups import group_is_ours, group_key, issue_group
 from .live import follow_reply
-from .placement import Cached, Inline, Own, Place, Placement
+from .placement import Cached, Inline, Item, Own, Place, Placement
 from .pool_index import Grant, refusal
 from .pool_pages import Held
 
@@ -58,33 +57,6 @@ MAX_QUEUED_EVENTS = 8192       # events queued per connection before gets are re
 MAX_BEFORE_HELLO = 4096        # bytes buffered before a hello is complete
 REQUEST_ERRORS = (NOT_FOUND, UNKNOWN_DETECTOR, UNKNOWN_SOURCE, BAD_ARENA)  # no use going on
 KEEP_IDLE = 0.5       # seconds a connection with nothing queued keeps its released extents
-
-
-@dataclass
-class Item:
-    """One event of a get (or one batch buffer to make), and where it goes."""
-    rid: int
-    get: Union[Get, MakeArena]
-    seq: int
-    arrived: float
-    nbytes: Optional[int] = None          # the frame's size, once known
-    prefetched: Optional[Frame] = None    # read ahead: its size was not known before
-    placement: Optional[Placement] = None
-    bypass: bool = False                  # the frame cache had no room for it
-    made: Optional[Extent] = None         # a batch buffer, for MakeArena
-    error: Optional[ProtocolError] = None
-
-    @property
-    def event(self) -> int:
-        return self.get.events[self.seq]
-
-    @property
-    def done(self) -> bool:
-        return isinstance(self.get, MakeArena) or self.seq == len(self.get.events) - 1
-
-    def where(self) -> Tuple[Optional[int], Optional[int]]:
-        """The seq and event a reply about this item names (none for a buffer)."""
-        return (None, None) if isinstance(self.get, MakeArena) else (self.seq, self.event)
 
 
 class V1Connection(Channel):
