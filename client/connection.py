@@ -32,7 +32,6 @@ from psana_ipc.protocol import PROTOCOL_VERSION
 from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import (BAD_ARENA, OUT_OF_RANGE, UNKNOWN_DETECTOR, ProtocolError,
                                        ServerError)
-from psana_ipc.protocol.framing import FrameDecoder
 from psana_ipc.protocol.messages import (CodeFilter, FieldRef, FreeArenas, Get, Hello, Info, Into,
                                          MakeArena, Ping, Prefetch, Release, Request, RunKey,
                                          Shutdown, Stats, frame_nbytes)
@@ -45,7 +44,7 @@ from .discovery import find_token, resolve_address
 from .follow import Follower
 from .field_values import decode_values, stack_values
 from .pool import Pools
-from .wire import ConnectionClosed, recv_head, recv_payload, send_message, socket_family
+from .wire import ConnectionClosed, Receiver, send_message, socket_family
 
 RELEASE_BATCH = 16
 Fields = Optional[Sequence[str]]
@@ -163,6 +162,7 @@ class Client:
         """Forget the connection; frames handed out before now no longer release."""
         self.generation += 1
         self._sock = None
+        self._receiver: Optional[Receiver] = None
         self.pools: Optional[Pools] = None      # the server's memory, shared by the process
         self._hints: Set[int] = set()    # prefetch requests whose replies nobody waits for
         self._next_id = 0
@@ -198,6 +198,7 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
         self._sock = sock
+        self._receiver = Receiver(sock)
         transport = "inline" if self.transport == "inline" else "shm"
         try:
             hello = Hello(PROTOCOL_VERSION, find_token(self.token, self.address),
@@ -307,7 +308,7 @@ class Client:
         """The server closes a connection that stays idle holding nothing past its
         --idle-timeout: an end of stream with no reply pending and no frame
         held, which the next request simply reconnects from."""
-        if self._sock is None or self._pending or self._held:
+        if self._sock is None or self._pending or self._held or self._receiver.buffered():
             return False
         try:
             poller = select.poll()      # not select(): descriptors past 1024 are common
@@ -366,13 +367,13 @@ class Client:
                 raise ConnectionClosed(self._lost())
             with self._stream():
                 self._send_releases()
-                decoder, head = recv_head(self._sock)
+                head = self._receiver.head()
                 try:
                     reply = parse_reply(head.header, self._waiting)
                 except ProtocolError:
                     self.close()       # its payload, if any, is still in the stream
                     raise
-                payload = self._receive(decoder, head.size, reply) if head.size else None
+                payload = self._receive(head.size, reply) if head.size else None
             if reply.last:
                 self._waiting.pop(reply.rid, None)
                 self._land.pop(reply.rid, None)
@@ -387,12 +388,12 @@ class Client:
             del self._pending[rid]
         return item
 
-    def _receive(self, decoder: FrameDecoder, size: int, reply: Reply) -> Payload:
+    def _receive(self, size: int, reply: Reply) -> Payload:
         """A payload, received where the request's `land` says (a row of its
         batch), else into new memory."""
         landing = self._landing(reply, size)
         array = landing if landing is not None else _fresh(reply, size)
-        recv_payload(self._sock, decoder, memoryview(array.reshape(-1)).cast("B"))
+        self._receiver.payload(memoryview(array.reshape(-1)).cast("B"))
         return Payload(array, landing is not None)
 
     def _landing(self, reply: Reply, size: int) -> Optional[np.ndarray]:
@@ -443,10 +444,11 @@ class Client:
             self._send_request(FreeArenas(tuple(tickets)))
 
     def answered(self, rid: int) -> bool:
-        """Whether the next reply to `rid` is had without reading the socket:
-        one was read already, none is to come, or the connection is gone
-        (reading then raises)."""
-        return bool(self._pending.get(rid)) or rid not in self._waiting or self._sock is None
+        """Whether the next reply to `rid` is had without waiting for the
+        server: one was read already (whole, or begun), none is to come, or the
+        connection is gone (reading then raises)."""
+        return bool(self._pending.get(rid)) or rid not in self._waiting or self._sock is None \
+            or self._receiver.buffered()
 
     def fileno(self) -> int:
         """The connection's socket (-1 when not connected)."""

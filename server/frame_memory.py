@@ -8,7 +8,8 @@ tables, testing locks of many rows) outside it. The memory of an extent
 given out has pages (`Mapping.ready`) before anything is written into it:
 a node out of memory is the error `no_memory`, never a fault.
 """
-import secrets
+import os
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +40,14 @@ class Extent:
     ticket: int
 
 
+_tickets = random.Random()       # seeded from the OS, and again in every forked process
+os.register_at_fork(after_in_child=_tickets.seed)
+
+
 def new_ticket() -> int:
-    return secrets.randbits(62) | 1
+    """A ticket for a new use of an extent: an identity, not a secret, so a
+    generator seeded per process, not a system call per frame."""
+    return _tickets.getrandbits(62) | 1
 
 
 def extent_size(nbytes: int) -> int:
@@ -61,6 +68,7 @@ class FrameMemory:
         self.heartbeat: Callable[[], None] = lambda: None
         self._mapped_to = 0         # this worker's page tables cover the cache's pages below
         self._kept: Dict[int, List[Extent]] = {}      # connection -> extents it released
+        self._kept_tally = [0, 0]       # their frames and bytes, told to the index for stats
 
     def start(self, heartbeat: Callable[[], None]) -> None:
         """In the worker: map the pools, then reclaim what this slot's dead
@@ -124,9 +132,10 @@ class FrameMemory:
         and the group's fair share."""
         size = extent_size(nbytes)
         kept = self._kept.get(conn, ())
-        at = next((k for k in range(len(kept) - 1, -1, -1)      # the last released first
-                   if size <= kept[k].size <= 2 * size), None)
-        if at is None:
+        for at in range(len(kept) - 1, -1, -1):         # the last released first
+            if size <= kept[at].size <= 2 * size:
+                break
+        else:
             self.drop_kept(conn)        # never holding budget a frame of another size waits for
             return self._short_of_room(
                 lambda: self._extent(TRANSFER, size, self._owned(conn, group)))
@@ -164,8 +173,11 @@ class FrameMemory:
 
     def _count_kept(self, extents: Sequence[Extent], sign: int) -> None:
         """What this worker keeps, for stats: kept extents are no client's frames."""
-        self.index.kept_frames[self.slot] += sign * len(extents)
-        self.index.kept_bytes[self.slot] += sign * sum(e.size for e in extents)
+        tally = self._kept_tally
+        tally[0] += sign * len(extents)
+        for extent in extents:
+            tally[1] += sign * extent.size
+        self.index.kept_frames[self.slot], self.index.kept_bytes[self.slot] = tally
 
     def _short_of_room(self, ask: Callable[[], Tuple[Grant, T]]) -> Tuple[Grant, T]:
         """`ask` for budget; when it must wait, the extents this worker keeps
@@ -352,16 +364,15 @@ class FrameMemory:
             ix.count("warm_mapped")
         return False
 
-    @contextmanager
-    def writing(self, extent: Extent) -> Iterator[None]:
+    def writing(self, extent: Extent) -> ContextManager[None]:
         """Write into an extent of this worker's own (a frame, a cache entry
         being filled), under its exclusive lock: Held if a client of an
         earlier use still holds some of it."""
-        with self.maps[extent.pool].locked(extent.offset, extent.size, exclusive=True):
-            yield
+        return self.maps[extent.pool].locked(extent.offset, extent.size, exclusive=True)
 
     @contextmanager
-    def writing_into(self, buffer: Extent, start: int, nbytes: int) -> Iterator[Tuple[Mapping, int]]:
+    def writing_into(self, buffer: Extent, start: int,
+                     nbytes: int) -> Iterator[Tuple[Mapping, int]]:
         """Write `nbytes` at `start` of a batch buffer (as `find_batch` gave it):
         under a lock shared with its client and the group's other writers,
         which keeps the memory from going to another use meanwhile. Before

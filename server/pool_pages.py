@@ -36,8 +36,7 @@ import fcntl
 import logging
 import mmap
 import os
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -176,23 +175,12 @@ class Mapping:
         """Whether a client holds any part of the range."""
         return _first_held(self.fd, offset, size) is not None
 
-    @contextmanager
-    def locked(self, offset: int, size: int, exclusive: bool) -> Iterator[None]:
+    def locked(self, offset: int, size: int, exclusive: bool) -> "RangeLock":
         """Hold a range while writing into it: `exclusive`ly (a frame's own
         extent: Held if anyone holds any of it), or shared with its client and
         other workers (a batch buffer: Held only while the range is being
         given to another use)."""
-        kind = F_WRLCK if exclusive else F_RDLCK
-        try:
-            fcntl.fcntl(self.fd, F_OFD_SETLK, lock_request(kind, offset, size))
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise Held(f"{size} bytes at {offset} are held") from None
-            raise
-        try:
-            yield
-        finally:
-            fcntl.fcntl(self.fd, F_OFD_SETLK, lock_request(F_UNLCK, offset, size))
+        return RangeLock(self.fd, offset, size, F_WRLCK if exclusive else F_RDLCK)
 
     # -- bytes ----------------------------------------------------------------------------
     def array(self, offset: int, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -214,6 +202,27 @@ class Mapping:
     def stamp(self, offset: int, size: int, ticket: int) -> None:
         """Write the extent's ticket at its end (protocol.pool)."""
         self.write(ticket_offset(offset, size), encode_ticket(ticket))
+
+
+class RangeLock:
+    """A lock on a range of a pool for a `with` block (a class, not a
+    generator: it is taken for every frame written)."""
+
+    __slots__ = ("fd", "offset", "size", "kind")
+
+    def __init__(self, fd: int, offset: int, size: int, kind: int) -> None:
+        self.fd, self.offset, self.size, self.kind = fd, offset, size, kind
+
+    def __enter__(self) -> None:
+        try:
+            fcntl.fcntl(self.fd, F_OFD_SETLK, lock_request(self.kind, self.offset, self.size))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise Held(f"{self.size} bytes at {self.offset} are held") from None
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.fcntl(self.fd, F_OFD_SETLK, lock_request(F_UNLCK, self.offset, self.size))
 
 
 def take(fd: int, offset: int, size: int) -> None:
