@@ -8,7 +8,7 @@ from typing import Any
 
 from psana_ipc.protocol.errors import ServerError
 
-from .connection import Client
+from .client import Client
 from .frame import Frame
 from .optional import require
 

@@ -62,7 +62,7 @@ from psana_ipc.protocol.errors import NO_MEMORY, ServerError
 from psana_ipc.protocol.messages import frame_nbytes
 
 from .batch_ring import BatchRing, Buffer, GroupBuffers, MemfdBuffer, PoolBuffer
-from .connection import Codes, chosen_events
+from .client import Codes, chosen_events
 from .field_values import decode_values, stack_values
 from .frame import Frame
 from .distributed import rank_and_world

@@ -39,7 +39,7 @@ from psana_ipc.protocol.messages import Into, frame_nbytes
 from psana_ipc.protocol.pool import (F_OFD_GETLK, F_WRLCK, TICKET_BYTES, lock_found,
                                      lock_request)
 
-from .connection import Client
+from .client import Client
 from .group import ConnectionGroup
 from .pool import Hold, hold_range
 

@@ -25,7 +25,7 @@ from psana_ipc.protocol.errors import ServerError
 from psana_ipc.protocol.messages import MODES
 from . import cli_output, slurm, stop
 from .cleanup import cleanup
-from .connection import Client
+from .client import Client
 from .discovery import ENV_ADDRESS, ENV_READY_FILE, resolve_address
 from .optional import require
 from .position import StateError, where

@@ -52,7 +52,7 @@ from psana_ipc.protocol.messages import MODES, Into
 from . import legacy
 from .batch_collate import RingBatch
 from .batch_ring import BatchRing, GroupBuffers, MemfdBuffer
-from .connection import Codes, chosen_events
+from .client import Codes, chosen_events
 from .field_values import decode_values, padded_stack
 from .group import ConnectionGroup, rows_of
 from .read_ahead import SequentialReadAhead

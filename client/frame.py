@@ -11,7 +11,7 @@ from .field_values import decode_values
 from .pool import Hold
 
 if TYPE_CHECKING:
-    from .connection import Client
+    from .connection import Connection
 
 
 class Frame:
@@ -20,7 +20,7 @@ class Frame:
 
     __slots__ = ("array", "reply", "landed", "_client", "_handle", "_hold", "_generation")
 
-    def __init__(self, array: np.ndarray, reply: FrameReply, client: "Client",
+    def __init__(self, array: np.ndarray, reply: FrameReply, client: "Connection",
                  handle: Optional[int] = None, hold: Optional[Hold] = None,
                  landed: bool = False) -> None:
         self.array = array

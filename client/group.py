@@ -32,7 +32,7 @@ from psana_ipc.protocol.address import format_address
 from psana_ipc.protocol.messages import Into
 from psana_ipc.protocol.replies import FrameReply, WrittenFrame
 
-from .connection import Client, fitting
+from .client import Client, fitting
 from .frame import Frame
 from .discovery import resolve_addresses
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .connection import Client, Codes
+from .client import Client, Codes
 from .dataset import plain
 from .distributed import rank_and_world
 from .follow import EVERY, POLL, TIMEOUT, LiveEvent

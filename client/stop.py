@@ -18,7 +18,7 @@ from psana_ipc.protocol.address import Address, format_address
 from psana_ipc.protocol.errors import ProtocolError, ServerError
 from psana_ipc.protocol.legacy import Done, LegacyError, is_ours
 
-from .connection import Client
+from .client import Client
 from .legacy import recv_reply
 from .wire import ConnectionClosed, socket_family
 
