@@ -11,7 +11,7 @@ event, as psana does) and times, per detector, calib frames through:
   dataset-w2p   the same with persistent_workers=True
   batchloader   BatchLoader: requests in flight on every server worker, one
                 copy per frame into a reused batch buffer
-  zero-copy     BatchLoader.views(): the slots themselves, no client copy
+  zero-copy     BatchLoader.views(): the frames in the server's pool, no client copy
   arena         BatchLoader over batch arenas: the server's workers write every
                 frame in place, the batch is one contiguous tensor, no client copy
   collate-wN    DataLoader alone over frames already in memory (no server): the
@@ -25,6 +25,10 @@ comparison, reaching that position by reading the first half again.
 
 `--across-nodes` measures instead what crosses a network, each figure beside
 a plain TCP stream of the same run (scripts/bench_across_nodes.py; root).
+
+`--against CHECKOUT` compares instead this checkout with another, path by
+path, their passes taken in turn (scripts/bench_against.py): whether a change
+made any path slower, which separate runs on a shared machine cannot tell.
 
 Each figure is the median of `--repeats` timed passes after one warm-up pass;
 every pass of a path iterates the same DataLoader, as epochs of training do.
@@ -44,16 +48,15 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from psana_ipc.client import BatchLoader
 from psana_ipc.client.server_process import ServerProcess
 from psana_ipc.server.sources.synthetic import expected
 
 import bench_across_nodes  # this directory's modules
+import bench_against
 import bench_frame_cache
 import bench_new_consumers
 import bench_resume
-from bench_common import (dataset_pass, loader_pass, memcpy_pass, running_server, server_stats,
-                          timed)
+from bench_common import memcpy_pass, running_server, server_paths, server_stats, timed
 
 
 class InMemory(Dataset):
@@ -78,39 +81,16 @@ def collate_pass(det: str, n: int, workers: int, batch: int) -> Callable[[], int
     return run
 
 
-def in_place_pass(loader: BatchLoader) -> Callable[[], int]:
-    """Batches written in place into arenas, which the loader gives back once timed."""
-    run = loader_pass(loader, views=False)
-    run.close = loader.close
-    return run
-
-
 def bench_detector(server: ServerProcess, det: str,
                    args: argparse.Namespace) -> List[Dict]:
-    address = server.address
     events = list(range(args.frames))
     frame_bytes = expected(det, "calib", 0).nbytes
-    loader = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
-                         arenas=False)
-    in_place = BatchLoader(address, "bench", 1, det, "calib", events, args.batch_size,
-                           arenas=True)
-    paths = {
-        "legacy": dataset_pass(address, det, events, "legacy", args.loader_workers,
-                               args.batch_size),
-        "dataset-w0": dataset_pass(address, det, events, "v1", 0, args.batch_size),
-        f"dataset-w{args.loader_workers}": dataset_pass(address, det, events, "v1",
-                                                        args.loader_workers, args.batch_size),
-        f"dataset-w{args.loader_workers}p": dataset_pass(address, det, events, "v1",
-                                                         args.loader_workers, args.batch_size,
-                                                         persistent=True),
-        "batchloader": loader_pass(loader, views=False),
-        "zero-copy": loader_pass(loader, views=True),
-        "arena": in_place_pass(in_place),
-        "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
-        f"collate-w{args.loader_workers}": collate_pass(det, args.frames, args.loader_workers,
-                                                        args.batch_size),
-        "memcpy": memcpy_pass(det, args.frames, args.batch_size),
-    }
+    made = server_paths(server.address, det, events, args.loader_workers, args.batch_size)
+    paths = {**{name: make() for name, make in made.items()},
+             "collate-w0": collate_pass(det, args.frames, 0, args.batch_size),
+             f"collate-w{args.loader_workers}": collate_pass(det, args.frames,
+                                                             args.loader_workers, args.batch_size),
+             "memcpy": memcpy_pass(det, args.frames, args.batch_size)}
     measured = {}
     progress = tqdm(paths.items(), desc=det, unit="path", file=sys.stderr)
     for name, run in progress:
@@ -118,7 +98,6 @@ def bench_detector(server: ServerProcess, det: str,
         measured[name] = timed(run, args.repeats, server)
         progress.write(f"  {det} {name}: {measured[name]['fps']:.0f} frames/s", file=sys.stderr)
         getattr(run, "close", lambda: None)()
-    loader.close()
     rows = []
     for name, m in measured.items():
         rows.append({"name": name, "detector": det, "frames_per_s": round(m["fps"], 1),
@@ -203,8 +182,20 @@ def main() -> int:
                          "across a veth pair, TLS on that stream, two servers on two hosts "
                          "against one with --cost-ms (40 by default) of waiting per event, "
                          "byte-identical frames, and a server killed mid-epoch")
+    ap.add_argument("--against", metavar="CHECKOUT",
+                    help="compare this checkout with another (an earlier release's) instead, "
+                         "path by path: each side with a server of its own, their passes taken "
+                         "in turn (needs CHECKOUT/.venv, as scripts/test.sh builds it, or "
+                         "--against-python)")
+    ap.add_argument("--against-python", metavar="PYTHON",
+                    help="the python of the --against checkout's environment")
+    ap.add_argument("--pairs", type=int, default=16,
+                    help="passes of each side per path with --against (default: %(default)s)")
+    ap.add_argument("--paths", nargs="+", metavar="PATH",
+                    help="the paths --against compares (default: every path through a server)")
     args = ap.parse_args()
-    for wanted, mode in ((args.new_consumers, bench_new_consumers), (args.resume, bench_resume),
+    for wanted, mode in ((args.against, bench_against),
+                         (args.new_consumers, bench_new_consumers), (args.resume, bench_resume),
                          (args.frame_cache, bench_frame_cache),
                          (args.across_nodes, bench_across_nodes)):
         if wanted:

@@ -126,12 +126,37 @@ def dataset_pass(address: str, det: str, events: List[int], protocol: str, worke
     return run
 
 
-def loader_pass(loader: BatchLoader, views: bool) -> Callable[[], int]:
+def loader_pass(loader: BatchLoader, views: bool, owned: bool = False) -> Callable[[], int]:
+    """Passes over a loader's batches (`views`: zero-copy); an `owned` loader
+    closes with the pass (`run.close`)."""
     def run() -> int:
         if views:
             return sum(len(frames) for frames in loader.views())
         return sum(b.shape[0] for b in loader)
+    if owned:
+        run.close = loader.close
     return run
+
+
+def server_paths(address: str, det: str, events: List[int], workers: int,
+                 batch: int) -> Dict[str, Callable[[], Callable[[], int]]]:
+    """Every path through a server by its row name, each made when asked for
+    (a pass to time; its `close` gives back what it holds). They use only the
+    client API every release has: `bench.py --against` runs them under
+    another checkout's package too."""
+    def loader(arenas: bool, views: bool) -> Callable[[], int]:
+        return loader_pass(BatchLoader(address, "bench", 1, det, "calib", events, batch,
+                                       arenas=arenas), views, owned=True)
+    return {
+        "legacy": lambda: dataset_pass(address, det, events, "legacy", workers, batch),
+        "dataset-w0": lambda: dataset_pass(address, det, events, "v1", 0, batch),
+        f"dataset-w{workers}": lambda: dataset_pass(address, det, events, "v1", workers, batch),
+        f"dataset-w{workers}p": lambda: dataset_pass(address, det, events, "v1", workers, batch,
+                                                     persistent=True),
+        "batchloader": lambda: loader(arenas=False, views=False),
+        "zero-copy": lambda: loader(arenas=False, views=True),
+        "arena": lambda: loader(arenas=True, views=False),
+    }
 
 
 def memcpy_pass(det: str, n: int, batch: int) -> Callable[[], int]:

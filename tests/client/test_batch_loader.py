@@ -1,6 +1,7 @@
 """Every path the benchmark times, checked for bytes, order, sharding and
 slot hygiene (never for speed)."""
 import gc
+import sys
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from psana_ipc.client.epoch_order import epoch_order
 from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.server.sources.synthetic import expected
 
-from conftest import run_bench
+from conftest import ROOT, run_bench
 from faulty_source.probes import wait_for
 
 
@@ -144,6 +145,29 @@ def test_bench_runs_and_writes_its_json(tmp_path):
         assert set(r) >= {"name", "detector", "frames_per_s", "gb_per_s", "ratio_vs_legacy",
                           "fraction_of_memcpy"} and r["frames_per_s"] > 0
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_against_a_checkout_pairs_every_pass_and_writes_its_json(tmp_path):
+    """Against this same checkout (with the test's own python): each path's
+    passes pair up, and the ratio is the median of the pairs'."""
+    result, report = run_bench(tmp_path, "--against", str(ROOT), "--against-python",
+                               sys.executable, "--detectors", "epix100", "--frames", "8",
+                               "--batch-size", "4", "--pairs", "3", "--paths", "zero-copy",
+                               "dataset-w0")
+    assert result.returncode == 0, result.stderr
+    assert [(r["path"], r["pairs"]) for r in report["rows"]] == [("zero-copy", 3),
+                                                                  ("dataset-w0", 3)]
+    for r in report["rows"]:
+        assert min(r["this_fps"], r["other_fps"]) > 0
+        assert 0 < r["lowest"] <= r["ratio"] <= r["highest"]
+        assert 0 <= r["this_faster"] <= 3
+    assert "| zero-copy | epix100 |" in result.stdout
+
+
+def test_bench_against_without_the_checkouts_python_says_so(tmp_path):
+    result, _ = run_bench(tmp_path, "--against", str(tmp_path), "--detectors", "epix100")
+    assert result.returncode != 0
+    assert "--against needs a checkout and its python" in result.stderr
 
 
 def test_bench_frame_cache_runs_and_writes_its_json(tmp_path):

@@ -1,0 +1,146 @@
+"""`scripts/bench.py --against CHECKOUT`: this checkout against another (an
+earlier release's), path by path. Each side has a server of its own and a
+process that keeps one path open, and their passes are taken in turn (ABBA),
+so that whatever the machine does meanwhile falls on both alike: on a shared
+VM, memory bandwidth drifts by tens of percent over minutes, which separate
+runs of bench.py would compare as if it were the code.
+
+Each side runs this file under its own python (`python bench_against.py
+SPEC`: one timed pass for every line "pass" on stdin, answered with a JSON
+line), with the paths of this checkout's bench_common.py, which use only the
+client API every release has.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Dict, List
+
+from psana_ipc.client.server_process import ServerProcess
+
+from bench_common import (client_cpu, cpu_seconds, live_children,  # this directory's module
+                          print_head, server_paths)
+
+HERE = Path(__file__).resolve()
+WARM_PASSES = 2
+
+
+def serve_passes(spec: Dict[str, Any]) -> None:
+    """One side: its own server and one path, a pass per "pass" line on stdin."""
+    server = ServerProcess(["--workers", str(spec["server_workers"]), "--log-level", "WARNING",
+                            "--cost-ms", str(spec["cost_ms"]), "--synthetic-events",
+                            str(spec["frames"]), "--shm-budget", spec["shm_budget"]])
+    try:
+        run = server_paths(server.address, spec["detector"], list(range(spec["frames"])),
+                           spec["loader_workers"], spec["batch_size"])[spec["path"]]()
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "pass":
+                break
+            children = live_children(server.pid)
+            mine, theirs = client_cpu(server.pid, children), cpu_seconds(server.workers)
+            t0 = time.perf_counter()
+            frames = run()
+            seconds = time.perf_counter() - t0
+            print(json.dumps({
+                "fps": frames / seconds,
+                "client_ms": 1e3 * (client_cpu(server.pid, children) - mine) / frames,
+                "server_ms": 1e3 * (cpu_seconds(server.workers) - theirs) / frames}), flush=True)
+        getattr(run, "close", lambda: None)()
+    finally:
+        server.stop()
+
+
+class _Side:
+    """A side's pass process, started in its checkout with its python."""
+
+    def __init__(self, python: str, checkout: str, spec: Dict[str, Any]) -> None:
+        self.errors: IO[str] = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([python, str(HERE), json.dumps(spec)], cwd=checkout,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.errors, text=True)
+        self._answer()
+
+    def one(self) -> Dict[str, float]:
+        self.proc.stdin.write("pass\n")
+        self.proc.stdin.flush()
+        return json.loads(self._answer())
+
+    def _answer(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.errors.seek(0)
+            raise RuntimeError(f"{self.proc.args[0]} failed:\n{self.errors.read()[-3000:]}")
+        return line
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+            self.proc.wait(120)
+        self.errors.close()
+
+
+def _row(path: str, det: str, this: List[Dict], other: List[Dict]) -> Dict[str, Any]:
+    ratios = [a["fps"] / b["fps"] for a, b in zip(this, other)]
+    med = statistics.median
+    return {"path": path, "detector": det, "pairs": len(ratios),
+            "this_fps": med(p["fps"] for p in this), "other_fps": med(p["fps"] for p in other),
+            "ratio": med(ratios), "this_faster": sum(r >= 1 for r in ratios),
+            "lowest": min(ratios), "highest": max(ratios),
+            **{f"{side}_{cpu}": med(p[cpu] for p in passes)
+               for side, passes in (("this", this), ("other", other))
+               for cpu in ("server_ms", "client_ms")}}
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    python = args.against_python or os.path.join(args.against, ".venv", "bin", "python")
+    if not os.path.isdir(args.against) or not os.access(python, os.X_OK):
+        raise SystemExit(f"bench.py: --against needs a checkout and its python; {python} is "
+                         f"not there (build it with the checkout's scripts/test.sh, or give "
+                         f"--against-python)")
+    sides = {"this": (sys.executable, str(HERE.parent.parent)), "other": (python, args.against)}
+    rows = []
+    for det in args.detectors:
+        paths = args.paths or list(server_paths("", det, [], args.loader_workers, 1))
+        for path in paths:
+            spec = {"detector": det, "path": path, "frames": args.frames,
+                    "batch_size": args.batch_size, "server_workers": args.server_workers,
+                    "loader_workers": args.loader_workers, "cost_ms": args.cost_ms,
+                    "shm_budget": args.shm_budget}
+            started = {name: _Side(py, checkout, spec) for name, (py, checkout) in sides.items()}
+            try:
+                for _ in range(WARM_PASSES):
+                    for side in started.values():
+                        side.one()
+                passes: Dict[str, List[Dict]] = {"this": [], "other": []}
+                for k in range(args.pairs):
+                    for name in (("this", "other") if k % 2 else ("other", "this")):
+                        passes[name].append(started[name].one())
+            finally:
+                for side in started.values():
+                    side.close()
+            rows.append(_row(path, det, passes["this"], passes["other"]))
+            print(f"  {det} {path}: {rows[-1]['ratio']:.2f}", file=sys.stderr)
+    return {"against": args.against, "frames": args.frames, "pairs": args.pairs, "rows": rows}
+
+
+def print_table(result: Dict[str, Any]) -> None:
+    print(f"this checkout against {result['against']}, {result['pairs']} pairs of passes of "
+          f"{result['frames']} frames (ratio: median of this/other per pair)\n")
+    print_head("path", "detector", "other frames/s", "this frames/s", "ratio", "this faster",
+               "lowest", "highest", "server ms other", "this", "client ms other", "this")
+    for r in result["rows"]:
+        print(f"| {r['path']} | {r['detector']} | {r['other_fps']:.0f} | {r['this_fps']:.0f} | "
+              f"{r['ratio']:.3f} | {r['this_faster']}/{r['pairs']} | {r['lowest']:.2f} | "
+              f"{r['highest']:.2f} | {r['other_server_ms']:.2f} | {r['this_server_ms']:.2f} | "
+              f"{r['other_client_ms']:.3f} | {r['this_client_ms']:.3f} |")
+
+
+if __name__ == "__main__":
+    serve_passes(json.loads(sys.argv[1]))
