@@ -93,6 +93,7 @@ def _row(path: str, det: str, this: List[Dict], other: List[Dict]) -> Dict[str, 
             "this_fps": med(p["fps"] for p in this), "other_fps": med(p["fps"] for p in other),
             "ratio": med(ratios), "this_faster": sum(r >= 1 for r in ratios),
             "lowest": min(ratios), "highest": max(ratios),
+            "passes_fps": {"this": [p["fps"] for p in this], "other": [p["fps"] for p in other]},
             **{f"{side}_{cpu}": med(p[cpu] for p in passes)
                for side, passes in (("this", this), ("other", other))
                for cpu in ("server_ms", "client_ms")}}

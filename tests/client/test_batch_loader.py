@@ -161,6 +161,7 @@ def test_bench_against_a_checkout_pairs_every_pass_and_writes_its_json(tmp_path)
         assert min(r["this_fps"], r["other_fps"]) > 0
         assert 0 < r["lowest"] <= r["ratio"] <= r["highest"]
         assert 0 <= r["this_faster"] <= 3
+        assert [len(fps) for fps in r["passes_fps"].values()] == [3, 3]
     assert "| zero-copy | epix100 |" in result.stdout
 
 
