@@ -12,6 +12,7 @@ DistributedSampler: the shuffle is `torch.randperm` seeded with
 `seed + epoch`, the order is padded by wrapping around to a multiple of the
 world size, and rank r takes every world-th event from r.
 """
+import importlib.util
 import math
 from typing import Sequence
 
@@ -22,12 +23,10 @@ PADDINGS = ("none", "wrap")
 
 def generator_name() -> str:
     """Which shuffle this process makes: torch's when torch is installed
-    (DistributedSampler's), else numpy's. A saved position records it."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return "numpy"
-    return "torch"
+    (DistributedSampler's), else numpy's. A saved position records it.
+    Looked up, not imported: a loader that never shuffles never pays
+    torch's import (seconds)."""
+    return "numpy" if importlib.util.find_spec("torch") is None else "torch"
 
 
 def permutation(n: int, seed: int) -> np.ndarray:

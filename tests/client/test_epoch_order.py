@@ -1,5 +1,7 @@
 """An epoch's order depends only on (seed, epoch, events), a saved position resumes it on any number of ranks without repeating or skipping an event, and the state is small, JSON and refused for other events or another order."""
 import json
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -141,3 +143,15 @@ def test_wrap_padding_and_drop_last_give_every_rank_as_many_batches():
         ranks = cursors(31, 4, batch_size=2, padding=padding, drop_last=drop_last)
         lengths = {len(c.begin()) for c in ranks}
         assert len(lengths) == 1
+
+
+def test_an_epoch_without_shuffle_never_imports_torch():
+    """Which shuffle a position records is looked up, not imported: a loader
+    that never shuffles costs no torch import (seconds) in a process without it."""
+    code = ("import sys; from psana_ipc.client.position import EpochCursor; "
+            "c = EpochCursor(4, lambda: [0, 1, 2, 3], 0, False, 'none', False, 2, 0, 1); "
+            "print(c.begin(), c.state_dict()['generator'], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["torch", "False"]
