@@ -106,10 +106,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                          f"not there (build it with the checkout's scripts/test.sh, or give "
                          f"--against-python)")
     sides = {"this": (sys.executable, str(HERE.parent.parent)), "other": (python, args.against)}
+    known = list(server_paths("", "", [], args.loader_workers, 1))     # made only when asked
+    unknown = sorted(set(args.paths or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"bench.py: no path {', '.join(unknown)} to compare; the paths are "
+                         f"{', '.join(known)}")
     rows = []
     for det in args.detectors:
-        paths = args.paths or list(server_paths("", det, [], args.loader_workers, 1))
-        for path in paths:
+        for path in args.paths or known:
             spec = {"detector": det, "path": path, "frames": args.frames,
                     "batch_size": args.batch_size, "server_workers": args.server_workers,
                     "loader_workers": args.loader_workers, "cost_ms": args.cost_ms,

@@ -23,6 +23,7 @@ The legacy dialect places every frame in a fresh segment of its own
 (legacy_connection.py), through the cache when there is one. What the
 client is told of where its bytes are is one union, `protocol.replies.Where`.
 """
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
@@ -153,8 +154,10 @@ class Item:
         return (None, None) if isinstance(self.get, MakeArena) else (self.seq, self.event)
 
 
+@functools.lru_cache(maxsize=64)
 def _dtype(text: str) -> np.dtype:
-    """A batch buffer's frame dtype: a plain numeric one."""
+    """A batch buffer's frame dtype: a plain numeric one (parsed once per
+    text, not for every frame placed; a refused text raises every time)."""
     try:
         dtype = np.dtype(text)
     except (TypeError, ValueError):

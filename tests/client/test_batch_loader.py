@@ -171,6 +171,13 @@ def test_bench_against_without_the_checkouts_python_says_so(tmp_path):
     assert "--against needs a checkout and its python" in result.stderr
 
 
+def test_bench_against_an_unknown_path_names_the_known_ones(tmp_path):
+    result, _ = run_bench(tmp_path, "--against", str(ROOT), "--against-python", sys.executable,
+                          "--paths", "zero-copy", "warp-drive")
+    assert result.returncode != 0
+    assert "no path warp-drive to compare" in result.stderr and "zero-copy" in result.stderr
+
+
 def test_bench_frame_cache_runs_and_writes_its_json(tmp_path):
     result, report = run_bench(tmp_path, "--frame-cache", "--detectors", "epix100", "--frames",
                                "8", "--repeats", "1", "--batch-size", "4", "--cost-ms", "1")
