@@ -4,8 +4,7 @@ part of serving that both dialects share."""
 import dataclasses
 import logging
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -60,6 +59,29 @@ class OpenSources:
             self._open.popitem()[1].close()
 
 
+class SourceCall:
+    """A call into a source, marked busy for the master's watchdog meanwhile.
+    Errors a user can cause pass through; a source's own failure becomes
+    `code` (it must not take the worker down). A class, not a generator, and
+    its message formatted only on failure: every frame makes two."""
+
+    __slots__ = ("counters", "code", "what", "args")
+
+    def __init__(self, counters: Counters, code: str, what: str, args: Tuple[Any, ...]) -> None:
+        self.counters, self.code, self.what, self.args = counters, code, what, args
+
+    def __enter__(self) -> None:
+        self.counters.busy(True)
+
+    def __exit__(self, kind: Any, e: Optional[BaseException], trace: Any) -> None:
+        self.counters.busy(False)
+        if e is None or isinstance(e, ProtocolError) or not isinstance(e, Exception):
+            return
+        what = self.what % self.args
+        log.error("%s failed", what, exc_info=(kind, e, trace))
+        raise SourceError(self.code, f"{what} failed: {type(e).__name__}: {e}") from e
+
+
 class FrameReader:
     """Reads one event into memory a connection reserved, counting it."""
 
@@ -67,24 +89,14 @@ class FrameReader:
         self.sources = sources
         self.counters = counters
 
-    @contextmanager
-    def _source_call(self, what: str, code: str) -> Iterator[None]:
-        """Errors a user can cause pass through; a source's own failure becomes
-        `code` (it must not take the worker down)."""
-        try:
-            with self.counters.busy():
-                yield
-        except ProtocolError:
-            raise
-        except Exception as e:
-            log.exception("%s failed", what)
-            raise SourceError(code, f"{what} failed: {type(e).__name__}: {e}") from e
+    def _source_call(self, code: str, what: str, *args: Any) -> SourceCall:
+        return SourceCall(self.counters, code, what, args)
 
     def frame_size(self, get: Get, event: int) -> Optional[int]:
         """The bytes the frame of this event will take, before reading it (None:
         the source cannot tell ahead, or failed to; read it with `read_private`
         first)."""
-        with self._source_call(f"opening {get.key}", READ_FAILED):
+        with self._source_call(READ_FAILED, "opening %s", get.key):
             source = self.sources.get(get.key)
             source.check(event, get.mode)
         try:
@@ -110,7 +122,7 @@ class FrameReader:
             out = allocate(data.shape, data.dtype)
             np.copyto(out, data, casting="no")
             return out, _with_values(meta, values)
-        with self._source_call(f"reading event {event}", READ_FAILED):
+        with self._source_call(READ_FAILED, "reading event %d", event):
             data, meta = self.sources.get(get.key).read_into(event, get.mode, allocate)
         self.counters.frame(data.nbytes)
         return data, _with_values(meta, values)
@@ -120,14 +132,14 @@ class FrameReader:
         without one fails before the frame is written)."""
         if not get.fields:
             return {}
-        with self._source_call(f"reading fields of event {event}", READ_FAILED):
+        with self._source_call(READ_FAILED, "reading fields of event %d", event):
             source = self.sources.get(get.key)
             return {ref.name: source.field(event, ref) for ref in get.fields}
 
     def read_private(self, get: Get, event: int) -> Frame:
         """The frame in fresh private memory: for a source whose frame size is
         known only once read."""
-        with self._source_call(f"reading event {event}", READ_FAILED):
+        with self._source_call(READ_FAILED, "reading event %d", event):
             data, meta = self.sources.get(get.key).read_into(event, get.mode, np.empty)
         self.counters.frame(data.nbytes)
         return data, meta
@@ -137,7 +149,7 @@ class FrameReader:
         [start, stop, step] ranges. Detector-level: its events and modes.
         With `codes`, events count (and `present` lists) only the events
         those event codes choose."""
-        with self._source_call(f"info for {request}", INTERNAL):
+        with self._source_call(INTERNAL, "info for %s", request):
             if request.detector is None:
                 found = self.sources.factory.detectors(request.exp, request.run)
                 chosen = self._chosen(request)
@@ -164,7 +176,7 @@ class FrameReader:
     def follow(self, request: Follow) -> Dict[str, Any]:
         """Where a run stands and the detector's events past `request.after`
         (see live.py)."""
-        with self._source_call(f"follow for {request}", INTERNAL):
+        with self._source_call(INTERNAL, "follow for %s", request):
             return progress(self.sources, request)
 
     def _chosen(self, request: Info) -> Optional[Set[int]]:

@@ -6,8 +6,7 @@ lock. The column layout is private to this module.
 """
 import mmap
 import time
-from contextlib import contextmanager
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import numpy as np
 
@@ -55,14 +54,10 @@ class Counters:
         """The worker's loop went round: it is neither frozen nor stuck in a source."""
         self._row[_COL["progress_ns"]] = time.monotonic_ns()
 
-    @contextmanager
-    def busy(self) -> Iterator[None]:
-        """Mark the worker as inside a source call, for the master's watchdog."""
-        self._row[_COL["busy_since_ns"]] = time.monotonic_ns()
-        try:
-            yield
-        finally:
-            self._row[_COL["busy_since_ns"]] = 0
+    def busy(self, inside: bool) -> None:
+        """Mark the worker as inside a source call (or out of it), for the
+        master's watchdog."""
+        self._row[_COL["busy_since_ns"]] = time.monotonic_ns() if inside else 0
 
 
 class SharedState:
