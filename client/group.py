@@ -60,8 +60,15 @@ class Server:
 
     def connections(self) -> List[Client]:
         if not self.clients:
-            self.clients = self._place(self.size or self.first.stats()["workers"])
+            self.clients = self._place(self.size or self._workers())
         return self.clients
+
+    def _workers(self) -> int:
+        """How many workers the server has: told in its hello reply (asked of
+        a server that does not tell, which costs a round trip in every new
+        DataLoader worker)."""
+        self.first.connect()
+        return self.first.server.workers or self.first.stats()["workers"]
 
     def _place(self, size: int) -> List[Client]:
         """Open connections until `size` distinct workers serve them. The server

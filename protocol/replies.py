@@ -146,10 +146,13 @@ class ErrorReply:
 
 class _Flat:
     """A reply whose header is `ok`, `id`, its fields by name (`_KINDS`: name
-    and type, in header order), then the flags it always sets (`_FLAGS`)."""
+    and type, in header order), then the flags it always sets (`_FLAGS`).
+    A field added in a later release has a default (`_SINCE`) for replies of
+    servers that do not send it."""
     rid: int
     _KINDS: Dict[str, Any] = {}
     _FLAGS: Tuple[str, ...] = ()
+    _SINCE: Dict[str, Any] = {}
     last = True
 
     def to_header(self) -> Dict[str, Any]:
@@ -162,7 +165,8 @@ class _Flat:
     def from_header(cls, h: Dict[str, Any]) -> Any:
         for flag in cls._FLAGS:
             _want(h, flag, bool)
-        return cls(request_id(h), *(_want(h, name, kind) for name, kind in cls._KINDS.items()))
+        return cls(request_id(h), *(_want(h, name, kind, cls._SINCE.get(name, _MISSING))
+                                    for name, kind in cls._KINDS.items()))
 
 
 @dataclass(frozen=True)
@@ -176,9 +180,11 @@ class Welcome(_Flat):
     worker: int           # the pid of the worker serving this connection
     group: str            # the connection group id (batch buffers)
     door: str             # the abstract UNIX socket handing out the pools ("" inline)
+    workers: int = 0      # how many workers the server has (0: a server that does not say)
 
     _KINDS = {"version": int, "transport": str, "window": int, "source": str, "worker": int,
-              "group": str, "door": str}
+              "group": str, "door": str, "workers": int}
+    _SINCE = {"workers": 0}
 
 
 @dataclass(frozen=True)

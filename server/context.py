@@ -25,6 +25,7 @@ class WorkerContext:
     stats: Callable[[], Dict[str, object]]
     source: str
     server_pid: int
+    workers: int = 1                        # the server's, told in the hello reply
     window: int = 8
     max_window: int = 64
     token: Optional[str] = None

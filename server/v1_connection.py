@@ -1,6 +1,7 @@
 """The v1 dialect on one persistent connection.
 
-Requests are handled in arrival order and may be pipelined. A `get` becomes
+Requests are handled in arrival order and may be pipelined (a batch buffer
+with room is answered at once: `_make_buffer`). A `get` becomes
 one work item per event; the worker's loop runs one item at a time across
 all its connections, so a long `get` does not starve other clients. Each
 event gets its own reply (with `seq`); the last reply of a request carries
@@ -124,7 +125,7 @@ class V1Connection(Channel):
         elif isinstance(request, Prefetch):
             self._reply(Queued(rid, self.read_ahead_queue.hint(request.get())))
         elif isinstance(request, MakeArena):
-            self.queue.append(Item(rid, request, 0, time.monotonic()))
+            self._make_buffer(Item(rid, request, 0, time.monotonic()))
         elif isinstance(request, FreeArenas):
             self._free_arenas(rid, request.arenas)
         elif isinstance(request, Release):
@@ -175,7 +176,8 @@ class V1Connection(Channel):
         self.hello, self.group, self.inline = hello, group_key(group), inline
         self.window = min(hello.window or self.ctx.window, self.ctx.max_window)
         self._reply(Welcome(rid, PROTOCOL_VERSION, "inline" if inline else "shm", self.window,
-                            self.ctx.source, os.getpid(), group, "" if inline else self.ctx.door))
+                            self.ctx.source, os.getpid(), group, "" if inline else self.ctx.door,
+                            self.ctx.workers))
 
     def _info(self, rid: int, request: Info) -> None:
         try:
@@ -228,7 +230,9 @@ class V1Connection(Channel):
         return item.nbytes
 
     def reserve(self) -> Grant:
-        item = self.queue[0]
+        return self._reserve_item(self.queue[0])
+
+    def _reserve_item(self, item: Item) -> Grant:
         try:
             if isinstance(item.get, MakeArena):
                 return self._reserve_buffer(item)
@@ -279,6 +283,25 @@ class V1Connection(Channel):
                                            f"{place.nbytes}")
         return place
 
+    def _make_buffer(self, item: Item) -> None:
+        """A batch buffer is answered at once when there is room for it: it is
+        what the client's next batch waits for, and queued it would wait for
+        every frame asked before it on this worker (a DataLoader worker's
+        first batch of an epoch behind another's). Only one that must wait
+        for memory is queued, and waits as frames do."""
+        grant = self._reserve_item(item)
+        if grant is Grant.GRANTED:
+            self._answer_buffer(item)
+        else:
+            self.queue.append(item)
+
+    def _answer_buffer(self, item: Item) -> None:
+        if item.error is not None:
+            self._failed(item, item.error)
+        else:
+            made = item.made
+            self._reply(ArenaMade(item.rid, made.ticket, made.pool, made.offset, made.size))
+
     def _reserve_buffer(self, item: Item) -> Grant:
         if self.inline:
             raise ProtocolError(BAD_ARENA, "batch buffers need shared memory with the server "
@@ -318,9 +341,8 @@ class V1Connection(Channel):
 
     def work(self) -> None:
         item = self._next()
-        if item.error is None and isinstance(item.get, MakeArena):
-            made = item.made
-            self._reply(ArenaMade(item.rid, made.ticket, made.pool, made.offset, made.size))
+        if isinstance(item.get, MakeArena):
+            self._answer_buffer(item)
             return
         try:
             if item.error is not None:

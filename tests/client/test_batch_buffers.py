@@ -269,6 +269,22 @@ def test_making_a_buffer_without_waiting_fails_at_once_without_room(start_server
         assert first.stats()["batch_buffers"] == 1
 
 
+def test_a_buffer_is_answered_ahead_of_frames_asked_before_it(start_server):
+    """A DataLoader worker's first batch of an epoch waits for its buffer: the
+    server answers it at once, not after the frames queued before it (nor
+    never, while the client holds a window full of them and waits)."""
+    server = start_server(["--workers", "1", "--cost-ms", "50"])
+    with Client(server.address, timeout=30) as c:
+        rid = c.submit("x", 1, "epix100", list(range(20)), "raw")
+        made = c.make_arena(1 << 20)
+        assert c.stats()["events"] < 20
+        assert made.size >= 1 << 20
+        for k, frame in enumerate(c.frames(rid)):
+            with frame:
+                assert np.array_equal(frame.array, expected("epix100", "raw", k))
+        assert k == 19
+
+
 def test_a_groups_buffers_count_against_its_fair_share(start_server):
     """Two groups hold memory: a share is 8M / 3. The first group may take no
     more on the connection that holds, while another connection of it

@@ -148,7 +148,7 @@ written = st.builds(WrittenFrame, ids, counts, descs)
 any_get = Get(RunKey("x", 1, "d"), "raw", (1,))
 into_get = Get(RunKey("x", 1, "d"), "raw", (1,), into=Into(5, (0,), (2,), "<f4"))
 REPLIES = [
-    (st.builds(Welcome, ids, ids, st.sampled_from(TRANSPORTS), ids, text, ids, text, text),
+    (st.builds(Welcome, ids, ids, st.sampled_from(TRANSPORTS), ids, text, ids, text, text, ids),
      Hello(PROTOCOL_VERSION)),
     (st.builds(InfoReply, ids, json_objects(frozenset({"ok", "id", "nbytes"}))),
      Info("x", 1)),
@@ -180,6 +180,15 @@ def test_every_reply_round_trips(replies, request_, data):
     frame = through_the_wire(reply.to_header(), payload, max_payload=64)
     waiting = {} if request_ is None else {reply.rid: request_}
     assert parse_reply(frame.header, waiting) == reply
+
+
+def test_a_hello_reply_without_the_workers_count_reads_as_not_told():
+    """A server of an earlier release does not say how many workers it has:
+    0, which has the client ask it (`stats`)."""
+    header = Welcome(3, PROTOCOL_VERSION, "shm", 8, "synthetic", 11, "g", "door", 4).to_header()
+    assert parse_reply(header, {3: Hello(PROTOCOL_VERSION)}).workers == 4
+    del header["workers"]
+    assert parse_reply(header, {3: Hello(PROTOCOL_VERSION)}).workers == 0
 
 
 def test_an_error_answers_any_id_and_only_an_error_answers_what_waits_for_none():
