@@ -17,21 +17,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any, Dict, List
 
 from psana_ipc.client.server_process import ServerProcess
 
-from bench_common import (client_cpu, cpu_seconds, live_children,  # this directory's module
-                          print_head, server_paths)
+from bench_common import measured_pass, print_head, server_paths  # this directory's module
 
 HERE = Path(__file__).resolve()
 WARM_PASSES = 2
 
 
 def serve_passes(spec: Dict[str, Any]) -> None:
-    """One side: its own server and one path, a pass per "pass" line on stdin."""
+    """One side: its own server and one path, a pass per "pass" line on stdin
+    (the server started with the options every release has: no --cost-kind)."""
     server = ServerProcess(["--workers", str(spec["server_workers"]), "--log-level", "WARNING",
                             "--cost-ms", str(spec["cost_ms"]), "--synthetic-events",
                             str(spec["frames"]), "--shm-budget", spec["shm_budget"]])
@@ -42,15 +41,7 @@ def serve_passes(spec: Dict[str, Any]) -> None:
         for line in sys.stdin:
             if line.strip() != "pass":
                 break
-            children = live_children(server.pid)
-            mine, theirs = client_cpu(server.pid, children), cpu_seconds(server.workers)
-            t0 = time.perf_counter()
-            frames = run()
-            seconds = time.perf_counter() - t0
-            print(json.dumps({
-                "fps": frames / seconds,
-                "client_ms": 1e3 * (client_cpu(server.pid, children) - mine) / frames,
-                "server_ms": 1e3 * (cpu_seconds(server.workers) - theirs) / frames}), flush=True)
+            print(json.dumps(measured_pass(run, server)), flush=True)
         getattr(run, "close", lambda: None)()
     finally:
         server.stop()

@@ -48,25 +48,34 @@ def client_cpu(server: int, since: Dict[int, float]) -> float:
     return sum(os.times()[:4]) + sum(t - since.get(pid, 0.0) for pid, t in live.items())
 
 
+def measured_pass(run: Callable[[], int],
+                  server: Optional[ServerProcess] = None) -> Dict[str, float]:
+    """One pass: its frames and frames/s; with a server, also the CPU per
+    frame of this process (DataLoader workers included) and of the server's
+    workers."""
+    if server is not None:
+        children = live_children(server.pid)
+        mine, theirs = client_cpu(server.pid, children), cpu_seconds(server.workers)
+    t0 = time.perf_counter()
+    frames = run()
+    result = {"frames": frames, "fps": frames / (time.perf_counter() - t0)}
+    if server is not None:
+        result.update(client_ms=1e3 * (client_cpu(server.pid, children) - mine) / frames,
+                      server_ms=1e3 * (cpu_seconds(server.workers) - theirs) / frames)
+    return result
+
+
 def timed(run: Callable[[], int], repeats: int,
           server: Optional[ServerProcess] = None) -> Dict[str, float]:
     """Median frames/s of `repeats` passes after one warm-up pass; with a
-    server, also the CPU per frame of this process (DataLoader workers
-    included) and of the server's workers."""
+    server, also the CPU per frame over all of them (`measured_pass`)."""
     run()
-    rates, frames = [], 0
+    passes = [measured_pass(run, server) for _ in range(repeats)]
+    result = {"fps": statistics.median(p["fps"] for p in passes)}
     if server is not None:
-        children0 = live_children(server.pid)
-        mine0, server0 = client_cpu(server.pid, children0), cpu_seconds(server.workers)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = run()
-        rates.append(n / (time.perf_counter() - t0))
-        frames += n
-    result = {"fps": statistics.median(rates)}
-    if server is not None:
-        result.update(client_ms=1e3 * (client_cpu(server.pid, children0) - mine0) / frames,
-                      server_ms=1e3 * (cpu_seconds(server.workers) - server0) / frames)
+        frames = sum(p["frames"] for p in passes)
+        result.update({cpu: sum(p[cpu] * p["frames"] for p in passes) / frames
+                       for cpu in ("client_ms", "server_ms")})
     return result
 
 
