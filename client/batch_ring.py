@@ -38,6 +38,7 @@ from psana_ipc.protocol.errors import NO_MEMORY, ServerError
 from psana_ipc.protocol.messages import Into, frame_nbytes
 from psana_ipc.protocol.pool import (F_OFD_GETLK, F_WRLCK, TICKET_BYTES, lock_found,
                                      lock_request)
+from psana_ipc.protocol.replies import ArenaMade
 
 from .client import Client
 from .group import ConnectionGroup
@@ -93,8 +94,7 @@ class Buffer:
 class PoolBuffer(Buffer):
     """A batch buffer of the client's group in the server's pool."""
 
-    def __init__(self, client: Client, capacity: int, pinned: bool, wait: bool = False) -> None:
-        made = client.make_arena(capacity, wait=wait)
+    def __init__(self, client: Client, made: ArenaMade, capacity: int, pinned: bool) -> None:
         self.client, self.generation, self.pools = client, client.generation, client.pools
         self.ticket, self.pool, self.offset = made.arena, made.pool, made.offset
         self.size = made.size
@@ -151,9 +151,30 @@ class GroupBuffers:
         self._made = 0
 
     def __call__(self, nbytes: int, pinned: bool) -> Buffer:
+        return self.several(1, nbytes, pinned)[0]
+
+    def several(self, count: int, nbytes: int, pinned: bool, least: int = 1) -> List[Buffer]:
+        """`count` buffers asked at once, so that their round trips overlap:
+        as many as the budget has room for, at least `least` (else none, and
+        ServerError `no_memory` as for one)."""
         clients = self.group.clients
-        self._made += 1
-        return PoolBuffer(clients[self._made % len(clients)], nbytes, pinned, self.wait)
+        asked = []
+        for _ in range(count):
+            self._made += 1
+            client = clients[self._made % len(clients)]
+            asked.append((client, client.ask_arena(nbytes, self.wait)))
+        made, refusals = [], []
+        for client, rid in asked:        # every reply read before anything is raised
+            try:
+                made.append((client, client.arena_made(rid)))
+            except ServerError as e:
+                refusals.append(e)
+        failed = [e for e in refusals if e.code != NO_MEMORY]
+        if failed or len(made) < least:
+            for client, reply in made:
+                client.free_arena(reply.arena)
+            raise (failed or refusals)[0]
+        return [PoolBuffer(client, reply, nbytes, pinned) for client, reply in made]
 
 
 class MemfdBuffer(Buffer):
@@ -226,8 +247,7 @@ class BatchRing:
     def lease(self, nbytes: int, handed_over: bool, pinned: bool = False) -> Buffer:
         """A buffer of at least `nbytes` for a batch (for another process if
         `handed_over`): an idle one old enough, else a new one."""
-        if self._pid != os.getpid():      # forked: the parent's buffers are not ours to fill
-            self._buffers, self._count, self._pid = [], 0, os.getpid()
+        self._own()
         for client in {b.client for b in self._buffers} - {None}:
             client.forget_if_closed()     # closed while idle (a restart): its buffers went
         spacing = 0 if handed_over else self.keep
@@ -239,6 +259,10 @@ class BatchRing:
         chosen.serial = self._count
         self._count += 1
         return chosen
+
+    def _own(self) -> None:
+        if self._pid != os.getpid():      # forked: the parent's buffers are not ours to fill
+            self._buffers, self._count, self._pid = [], 0, os.getpid()
 
     def _idle(self, nbytes: int, pinned: bool, spacing: int) -> Optional[Buffer]:
         """The oldest idle buffer that fits, at least `spacing` batches old."""
@@ -253,7 +277,7 @@ class BatchRing:
         loop has used them), one of the ring's own once it comes back, waited
         for at most OWN_WAIT."""
         try:
-            return self._make(nbytes, pinned)
+            return self._made(nbytes, pinned)
         except ServerError as e:
             if e.code != NO_MEMORY or not any(b.alive() and b.capacity >= nbytes
                                               for b in self._buffers):
@@ -266,15 +290,35 @@ class BatchRing:
                     return chosen
             raise
 
+    def _made(self, nbytes: int, pinned: bool) -> Buffer:
+        """A new buffer. A group's are asked for together, one round trip for
+        all those the ring keeps (up to `spare`), which a new DataLoader
+        worker's first batches would otherwise wait for in turn."""
+        if not isinstance(self._make, GroupBuffers):
+            return self._make(nbytes, pinned)
+        first, *rest = self._make.several(max(1, self.spare - len(self._buffers)), nbytes,
+                                          pinned)
+        self._keep_idle(rest)
+        return first
+
+    def _keep_idle(self, buffers: List[Buffer]) -> None:
+        for buffer in buffers:
+            buffer.kept = True
+            buffer.serial = self._count - self.keep       # free to use at once
+            self._buffers.append(buffer)
+
     def fill(self, count: int, nbytes: int, pinned: bool = False) -> None:
         """Make buffers until the ring has `count` (a loader's buffers taken
         before its first request: where they cannot all be had, it knows
         before anything was asked)."""
-        while len(self._buffers) < min(count, self.spare):
-            buffer = self._make(nbytes, pinned)
-            buffer.kept = True
-            buffer.serial = self._count - self.keep       # free to use at once
-            self._buffers.append(buffer)
+        self._own()
+        missing = min(count, self.spare) - len(self._buffers)
+        if missing <= 0:
+            return
+        if isinstance(self._make, GroupBuffers):
+            self._keep_idle(self._make.several(missing, nbytes, pinned, least=missing))
+        else:
+            self._keep_idle([self._make(nbytes, pinned) for _ in range(missing)])
 
     def _trim(self, chosen: Buffer) -> None:
         """Close idle buffers beyond `spare` (the oldest first), and dead ones."""

@@ -233,7 +233,16 @@ class Client(Connection):
         else a new one. It lives until the group's last connection closes, or
         `free_arena`. Without `wait`, ServerError `no_memory` at once when the
         budget has no room now."""
-        return self.call(MakeArena(int(nbytes), wait))
+        return self.arena_made(self.ask_arena(nbytes, wait))
+
+    def ask_arena(self, nbytes: int, wait: bool = True) -> int:
+        """`make_arena` without waiting for its reply (buffers asked on several
+        connections at once cost one round trip); the id `arena_made` takes."""
+        return self.send(MakeArena(int(nbytes), wait))
+
+    def arena_made(self, rid: int) -> ArenaMade:
+        """The reply to `ask_arena`; an error reply raises ServerError."""
+        return self._result(rid)
 
     def _frame(self, reply: FrameReply, payload: Optional[Payload]) -> Frame:
         dtype, shape, where = np.dtype(reply.desc.dtype), reply.desc.shape, reply.where

@@ -16,7 +16,8 @@ import select
 import socket
 import warnings
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence,
+                    Set, Tuple)
 
 import numpy as np
 
@@ -101,16 +102,25 @@ class Connection:
 
     # -- connection ---------------------------------------------------------------------
     def _ensure(self) -> socket.socket:
+        if not self.connected():
+            self._connect()
+        return self._sock
+
+    def connected(self) -> bool:
+        """Whether this process has the connection open (false in a forked child
+        until it connects again)."""
         if self._pid != os.getpid():   # forked: the parent's connection is not ours to use
             if self._sock is not None:
                 self._sock.close()
             self._pid = os.getpid()
             self._reset()
-        if self._sock is None:
-            self._connect()
-        return self._sock
+        return self._sock is not None
 
     def _connect(self) -> None:
+        self._welcomed(self._open())
+
+    def _open(self) -> int:
+        """Connect the socket and send the hello; its request id."""
         sock = socket.socket(socket_family(self.address), socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
         try:
@@ -126,9 +136,17 @@ class Connection:
         self._receiver = Receiver(sock)
         transport = "inline" if self.transport == "inline" else "shm"
         try:
-            hello = Hello(PROTOCOL_VERSION, find_token(self.token, self.address),
-                          socket.gethostname(), transport, self.window, self.group)
-            self.server = self._result(self._send_request(hello))
+            return self._send_request(Hello(PROTOCOL_VERSION, find_token(self.token, self.address),
+                                            socket.gethostname(), transport, self.window,
+                                            self.group))
+        except BaseException:
+            self.close()
+            raise
+
+    def _welcomed(self, rid: int) -> None:
+        """Read the hello's reply: joined the group, and the server's memory mapped."""
+        try:
+            self.server = self._result(rid)
             self.group = self._issued = self.server.group
         except ServerError as e:
             self.close()
@@ -383,6 +401,23 @@ class Connection:
         """Connect now rather than on first use."""
         self._ensure()
         return self
+
+    @staticmethod
+    def connect_all(connections: Sequence["Connection"]) -> None:
+        """Connect those not connected yet, their hellos in flight together (one
+        round trip for all, which a new DataLoader worker's first batch waits for)."""
+        opened = []
+        try:
+            for connection in connections:
+                if not connection.connected():
+                    opened.append((connection, connection._open()))
+            while opened:
+                connection, rid = opened.pop(0)
+                connection._welcomed(rid)
+        except BaseException:
+            for connection, _ in opened:
+                connection.close()
+            raise
 
     @property
     def worker(self) -> int:

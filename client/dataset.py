@@ -118,6 +118,8 @@ class IPCRemotePsanaDataset(Dataset):
             try:
                 if self._dialect() == "v1":
                     self._group.connect()       # the group id DataLoader workers inherit
+                    exp, run, _, det = requests_list[0][:4]
+                    self._spec(exp, run, det)   # and the frames' spec, which they would each ask
             except (OSError, ServerError):
                 pass   # not reachable yet, or refused: each process finds out on its first fetch
 

@@ -53,6 +53,7 @@ class Server:
         self.settings = settings
         self.clients: List[Client] = []
         self.lost = False
+        self.workers = 0     # the server's, once known (a forked DataLoader worker inherits it)
 
     @property
     def name(self) -> str:
@@ -63,25 +64,35 @@ class Server:
             self.clients = self._place(self.size or self._workers())
         return self.clients
 
-    def _workers(self) -> int:
-        """How many workers the server has: told in its hello reply (asked of
-        a server that does not tell, which costs a round trip in every new
-        DataLoader worker)."""
+    def connect(self) -> None:
+        """Connect the first connection, which fixes the group id, and learn
+        how many workers the server has: told in its hello reply (asked of a
+        server that does not tell)."""
         self.first.connect()
-        return self.first.server.workers or self.first.stats()["workers"]
+        self.workers = self.first.server.workers or self.first.stats()["workers"]
+
+    def _workers(self) -> int:
+        if not self.workers:
+            self.connect()
+        return self.workers
 
     def _place(self, size: int) -> List[Client]:
-        """Open connections until `size` distinct workers serve them. The server
-        balances by connection count, which idle connections of other clients
-        skew, so a duplicate is kept open while searching (it steers the next
-        accept elsewhere) and closed once the search ends."""
+        """Open connections until `size` distinct workers serve them: the first
+        `size` together, then one at a time. The server balances by connection
+        count, which idle connections of other clients skew, so a duplicate is
+        kept open while searching (it steers the next accept elsewhere) and
+        closed once the search ends."""
+        def another() -> Client:
+            return Client(self.first.address, group=self.first.group, leader=self.first,
+                          **self.settings)
+        opened = [another() for _ in range(size - 1)]
+        Client.connect_all([self.first] + opened)
         placed = {self.first.worker: self.first}
         spare: List[Client] = []
         for _ in range(3 * size):
             if len(placed) >= size:
                 break
-            client = Client(self.first.address, group=self.first.group, leader=self.first,
-                            **self.settings).connect()
+            client = opened.pop() if opened else another().connect()
             if client.worker in placed:
                 spare.append(client)
             else:
@@ -142,7 +153,7 @@ class ConnectionGroup:
     def connect(self) -> "ConnectionGroup":
         """Connect to every server now, which fixes their group ids."""
         for server in self.servers:
-            server.first.connect()
+            server.connect()
         return self
 
     @property

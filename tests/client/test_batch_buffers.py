@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from psana_ipc.client import (BatchLoader, Client, IPCRemotePsanaDataset, RunDataset,
                               ServerError)
+from psana_ipc.client.batch_ring import GroupBuffers
+from psana_ipc.client.group import ConnectionGroup
 from psana_ipc.protocol.errors import ProtocolError
 from psana_ipc.protocol.messages import FreeArenas, Into
 from psana_ipc.protocol.pool import TICKET_BYTES
@@ -267,6 +269,24 @@ def test_making_a_buffer_without_waiting_fails_at_once_without_room(start_server
             other.make_arena(4 << 20, wait=False)
         assert err.value.code == "no_memory" and "a batch buffer" in err.value.message
         assert first.stats()["batch_buffers"] == 1
+
+
+def test_buffers_asked_together_are_what_the_budget_has_room_for(start_server):
+    """A new DataLoader worker asks for its buffers at once: it gets those
+    there is room for; one that needs them all gets none, and what was made
+    for it goes back."""
+    server = start_server(["--workers", "2", "--shm-budget", "8M"])
+    group = ConnectionGroup(server.address).connect()
+    made = GroupBuffers(group).several(2, 5 << 20, pinned=False)
+    assert len(made) == 1
+    made[0].close()
+    with pytest.raises(ServerError) as err:
+        GroupBuffers(group).several(2, 5 << 20, pinned=False, least=2)
+    assert err.value.code == "no_memory"
+    for client in group.clients:
+        client.flush_releases()
+    assert group.clients[0].stats()["batch_buffers"] == 0
+    group.close()
 
 
 def test_a_buffer_is_answered_ahead_of_frames_asked_before_it(start_server):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from psana_ipc.client import IPCRemotePsanaDataset, RunDataset
+from psana_ipc.client import Client, IPCRemotePsanaDataset, RunDataset
 from psana_ipc.server.sources.synthetic import expected
 
 from conftest import in_pool, pool_place
@@ -119,3 +119,18 @@ def test_workers_whose_batch_buffers_fill_the_share_still_get_frames(start_serve
     for _ in range(2):
         got = torch.cat([b.clone() for b in loader]).numpy()
         assert np.array_equal(got, _reference(range(40)))
+
+
+def test_dataloader_workers_learn_the_frames_spec_from_the_dataset(shared_server, monkeypatch):
+    """Every epoch's new workers would otherwise each ask the server before
+    their first batch: the dataset asks once when it is made, and forked
+    workers inherit the answer."""
+    events = list(range(8))
+    ds = _dataset(shared_server, events)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("a DataLoader worker asked the server for the frames' spec")
+    monkeypatch.setattr(Client, "info", asked)
+    batches = [b.clone() for b in DataLoader(ds, batch_size=4, num_workers=2)]
+    assert np.array_equal(torch.cat(batches).numpy(), _reference(events))
+    ds.close()

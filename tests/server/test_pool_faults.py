@@ -156,7 +156,7 @@ def test_no_client_action_on_its_memory_crashes_a_worker(start_server):
     server = start_server(["--workers", "1"])
     [worker] = worker_pids(server.pid)
     with Client(server.address) as hostile, Client(server.address) as other:
-        buffer = PoolBuffer(hostile, 4 * MB, pinned=False)
+        buffer = PoolBuffer(hostile, hostile.make_arena(4 * MB), 4 * MB, pinned=False)
         fds = [hostile.pools.fds[0]]
         for name in os.listdir(f"/proc/{worker}/fd"):
             try:

@@ -70,6 +70,21 @@ def test_hello_without_the_right_token_is_refused_and_closed(shared_token_server
     assert e.value.code == errors.UNAUTHORIZED
 
 
+def test_connections_opened_together_close_those_not_welcomed_when_one_is_refused(
+        shared_token_server):
+    """A group opens its connections with their hellos in flight together: one
+    refused leaves none half-open (a hello sent and its reply never read)."""
+    server, token = shared_token_server
+    first, refused, after = (Client(server.address, token=t) for t in (token, "0" * 32, token))
+    with pytest.raises(ServerError) as e:
+        Client.connect_all([first, refused, after])
+    assert e.value.code == errors.UNAUTHORIZED
+    assert [c.connected() for c in (first, refused, after)] == [True, False, False]
+    assert first.ping() and after.ping()
+    first.close()
+    after.close()
+
+
 @pytest.mark.parametrize("where", ["argument", "PSANA_IPC_TOKEN", "PSANA_IPC_TOKEN_FILE",
                                    "PSANA_IPC_READY_FILE"])
 def test_the_right_token_from_each_place_the_client_looks(shared_token_server, monkeypatch,
