@@ -157,8 +157,9 @@ def main() -> int:
     ap.add_argument("--cost-kind", choices=["burn", "wait"],
                     help="burn: CPU time (the default); wait: a sleep, as a network file "
                          "system's (the default of --across-nodes)")
-    ap.add_argument("--shm-budget", default="2G",
-                    help="room for three in-flight batch arenas of jungfrau4M on top of the slots")
+    ap.add_argument("--shm-budget", default="4G",
+                    help="a lone client may hold half of it: room for the arena row's four "
+                         "batch buffers of jungfrau4M beside the frames in flight")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     ap.add_argument("--new-consumers", action="store_true",
