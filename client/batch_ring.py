@@ -294,7 +294,7 @@ class BatchRing:
         """A new buffer. A group's are asked for together, one round trip for
         all those the ring keeps (up to `spare`), which a new DataLoader
         worker's first batches would otherwise wait for in turn."""
-        if not isinstance(self._make, GroupBuffers):
+        if not isinstance(self._make, GroupBuffers) or not self.keep:
             return self._make(nbytes, pinned)
         first, *rest = self._make.several(max(1, self.spare - len(self._buffers)), nbytes,
                                           pinned)
