@@ -78,13 +78,16 @@ class Server:
 
     def _place(self, size: int) -> List[Client]:
         """Open connections until `size` distinct workers serve them: the first
-        `size` together, then one at a time. The server balances by connection
-        count, which idle connections of other clients skew, so a duplicate is
-        kept open while searching (it steers the next accept elsewhere) and
-        closed once the search ends."""
+        `size` together (once the group's id is known: inherited by a forked
+        DataLoader worker, else issued to the first), then one at a time. The
+        server balances by connection count, which idle connections of other
+        clients skew, so a duplicate is kept open while searching (it steers
+        the next accept elsewhere) and closed once the search ends."""
         def another() -> Client:
             return Client(self.first.address, group=self.first.group, leader=self.first,
                           **self.settings)
+        if self.first.group is None:
+            self.first.connect()
         opened = [another() for _ in range(size - 1)]
         Client.connect_all([self.first] + opened)
         placed = {self.first.worker: self.first}

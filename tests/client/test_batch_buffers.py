@@ -290,6 +290,24 @@ def test_buffers_asked_together_are_what_the_budget_has_room_for(start_server):
     group.close()
 
 
+@pytest.mark.parametrize("size", [0, 2])
+def test_connections_opened_together_are_one_group_over_every_worker(server, size):
+    """A group's connections are opened with their hellos in flight together,
+    each naming the group: one its first connection was issued when nothing
+    was connected before (a spawned DataLoader worker's, or a group of a
+    given size), so that any of them may fill the group's buffers."""
+    group = ConnectionGroup(server.address, size)
+    clients = group.clients
+    assert len(clients) == 2 and len({c.worker for c in clients}) == 2
+    assert {c.group for c in clients} == {group.group_id} != {None}
+    buffer = GroupBuffers(group)(FRAME.nbytes, pinned=False)
+    other = next(c for c in clients if c is not buffer.client)
+    assert _get_into(other, buffer.into(0, 1, FRAME.shape, FRAME.dtype), events=[0])
+    assert np.array_equal(buffer.lease(FRAME.shape, FRAME.dtype), FRAME)
+    buffer.close()
+    group.close()
+
+
 def test_a_buffer_is_answered_ahead_of_frames_asked_before_it(start_server):
     """A DataLoader worker's first batch of an epoch waits for its buffer: the
     server answers it at once, not after the frames queued before it (nor
