@@ -291,15 +291,21 @@ class BatchRing:
             raise
 
     def _made(self, nbytes: int, pinned: bool) -> Buffer:
-        """A new buffer. A group's are asked for together, one round trip for
-        all those the ring keeps (up to `spare`), which a new DataLoader
-        worker's first batches would otherwise wait for in turn."""
-        if not isinstance(self._make, GroupBuffers) or not self.keep:
-            return self._make(nbytes, pinned)
-        first, *rest = self._make.several(max(1, self.spare - len(self._buffers)), nbytes,
-                                          pinned)
+        """A new buffer. A group's come with the rest the ring keeps (up to
+        `spare`), asked in one round trip, which a new DataLoader worker's
+        first batches would otherwise wait for in turn."""
+        ahead = self.keep and isinstance(self._make, GroupBuffers)
+        first, *rest = self._several(max(1, self.spare - len(self._buffers)) if ahead else 1,
+                                     nbytes, pinned, least=1)
         self._keep_idle(rest)
         return first
+
+    def _several(self, count: int, nbytes: int, pinned: bool, least: int) -> List[Buffer]:
+        """`count` new buffers (at least `least`): a group's asked for together,
+        this process's made one by one."""
+        if isinstance(self._make, GroupBuffers):
+            return self._make.several(count, nbytes, pinned, least)
+        return [self._make(nbytes, pinned) for _ in range(count)]
 
     def _keep_idle(self, buffers: List[Buffer]) -> None:
         for buffer in buffers:
@@ -313,12 +319,8 @@ class BatchRing:
         before anything was asked)."""
         self._own()
         missing = min(count, self.spare) - len(self._buffers)
-        if missing <= 0:
-            return
-        if isinstance(self._make, GroupBuffers):
-            self._keep_idle(self._make.several(missing, nbytes, pinned, least=missing))
-        else:
-            self._keep_idle([self._make(nbytes, pinned) for _ in range(missing)])
+        if missing > 0:
+            self._keep_idle(self._several(missing, nbytes, pinned, least=missing))
 
     def _trim(self, chosen: Buffer) -> None:
         """Close idle buffers beyond `spare` (the oldest first), and dead ones."""

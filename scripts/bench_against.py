@@ -84,8 +84,8 @@ def _pairs(sides: Dict[str, Tuple[str, str]], first: str, spec: Dict[str, Any], 
            passes: Dict[str, List[Dict]]) -> None:
     """`count` pairs of passes (ABBA) of sides started with `first` first,
     after WARM_PASSES each, added to `passes`."""
-    started = {name: _Side(*sides[name], spec)
-               for name in sorted(sides, key=lambda name: name != first)}
+    order = [first] + [name for name in sides if name != first]
+    started = {name: _Side(*sides[name], spec) for name in order}
     try:
         for _ in range(WARM_PASSES):
             for side in started.values():
